@@ -1,0 +1,622 @@
+//! The embedded software HSM: keys in a redb database, encrypted at rest.
+//!
+//! Each token key is stored as its material sealed with AES-256-GCM under
+//! an at-rest key derived (HKDF-SHA-256) from the domain key and this HSM's
+//! id, with the key id, type and fingerprint as associated data, so a record
+//! cannot be moved to another id or altered unnoticed. A redb write
+//! transaction is atomic and durable on commit. Keys are decrypted once at
+//! start and held in memory in zeroizing types; session keys live only
+//! there.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
+use keysync_schemas::{
+    CloneFailure, CloneKey, DomainId, Fingerprint, HsmId, KeyAttributes, KeyId, KeyInfo, KeyType,
+    Timestamp,
+};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{CloneOutcome, CreatedKey, KeySource, Keystore, KeystoreError, NewKey, OutboxEntry};
+use crate::domain::{unwrap_with, DomainKey};
+use crate::material::{open, random_bytes, seal, KeyMaterial, GCM_NONCE_LEN};
+
+const KEYS: TableDefinition<u128, &[u8]> = TableDefinition::new("keys");
+const OUTBOX: TableDefinition<u128, &[u8]> = TableDefinition::new("outbox");
+const RECORD_VERSION: u8 = 1;
+
+/// The on-disk record of one token key (the agent's private format).
+#[derive(Serialize, Deserialize)]
+struct StoredRecord {
+    version: u8,
+    key_type: KeyType,
+    fingerprint: Fingerprint,
+    attributes: KeyAttributes,
+    stored_at: Timestamp,
+    /// nonce ‖ AES-256-GCM(material) ‖ tag.
+    sealed: Vec<u8>,
+}
+
+struct Entry {
+    info: KeyInfo,
+    material: KeyMaterial,
+}
+
+/// A software HSM in one directory.
+pub struct EmbeddedKeystore {
+    hsm: HsmId,
+    domain: DomainKey,
+    at_rest: Aes256Gcm,
+    db: redb::Database,
+    keys: RwLock<HashMap<KeyId, Arc<Entry>>>,
+}
+
+fn storage(e: impl std::fmt::Display) -> KeystoreError {
+    KeystoreError::Storage(e.to_string())
+}
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+fn aad(id: &KeyId, key_type: KeyType, fp: &Fingerprint) -> Vec<u8> {
+    let mut a = Vec::with_capacity(80);
+    a.extend_from_slice(b"keysync at-rest v1\0");
+    a.extend_from_slice(id.0.as_bytes());
+    a.extend_from_slice(key_type.as_str().as_bytes());
+    a.push(0);
+    a.extend_from_slice(&fp.0);
+    a
+}
+
+impl EmbeddedKeystore {
+    /// Opens (or creates) the store in `dir` and loads every token key.
+    /// Fails if any stored key cannot be decrypted: a wrong domain key or a
+    /// corrupt store is not something to serve around.
+    pub fn open(dir: &Path, hsm: HsmId, domain: DomainKey) -> Result<Self, KeystoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| KeystoreError::Open(format!("{}: {e}", dir.display())))?;
+        let db = redb::Database::create(dir.join("keystore.redb")).map_err(|e| {
+            KeystoreError::Open(format!("{}: {e}", dir.join("keystore.redb").display()))
+        })?;
+        let at_rest_key = domain.derive(hsm.as_str().as_bytes(), b"keysync at-rest v1");
+        let at_rest = Aes256Gcm::new_from_slice(at_rest_key.as_ref()).map_err(storage)?;
+        {
+            let txn = db.begin_write().map_err(storage)?;
+            txn.open_table(KEYS).map_err(storage)?;
+            txn.open_table(OUTBOX).map_err(storage)?;
+            txn.commit().map_err(storage)?;
+        }
+        let store = EmbeddedKeystore {
+            hsm,
+            domain,
+            at_rest,
+            db,
+            keys: RwLock::new(HashMap::new()),
+        };
+        store.load()?;
+        Ok(store)
+    }
+
+    fn load(&self) -> Result<(), KeystoreError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(KEYS).map_err(storage)?;
+        let mut loaded = HashMap::new();
+        let mut bad = 0usize;
+        for row in table.iter().map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            let id = KeyId(uuid::Uuid::from_u128(k.value()));
+            match self.decode_record(&id, v.value()) {
+                Ok(entry) => {
+                    loaded.insert(id, Arc::new(entry));
+                }
+                Err(e) => {
+                    tracing::error!(key_id = %id, error = %e, "stored key cannot be opened");
+                    bad += 1;
+                }
+            }
+        }
+        if bad > 0 {
+            return Err(KeystoreError::Open(format!(
+                "{bad} stored keys cannot be decrypted: wrong domain key for this HSM, or a corrupt store"
+            )));
+        }
+        *self.keys.write().map_err(storage)? = loaded;
+        Ok(())
+    }
+
+    fn decode_record(&self, id: &KeyId, bytes: &[u8]) -> Result<Entry, KeystoreError> {
+        let (rec, _): (StoredRecord, usize) =
+            bincode::serde::decode_from_slice(bytes, bincode_config()).map_err(storage)?;
+        if rec.version != RECORD_VERSION {
+            return Err(storage(format!("unknown record version {}", rec.version)));
+        }
+        let plain = open(
+            &self.at_rest,
+            &rec.sealed,
+            &aad(id, rec.key_type, &rec.fingerprint),
+        )?;
+        let material = KeyMaterial::from_bytes(rec.key_type, &plain)?;
+        if material.fingerprint()? != rec.fingerprint {
+            return Err(storage("fingerprint of stored material does not match"));
+        }
+        Ok(Entry {
+            info: KeyInfo {
+                key_id: *id,
+                key_type: rec.key_type,
+                fingerprint: rec.fingerprint,
+                session: false,
+                attributes: rec.attributes,
+                hsm: self.hsm.clone(),
+                stored_at: rec.stored_at,
+            },
+            material,
+        })
+    }
+
+    fn encode_record(
+        &self,
+        info: &KeyInfo,
+        material: &KeyMaterial,
+    ) -> Result<Vec<u8>, KeystoreError> {
+        let plain = material.to_bytes()?;
+        let mut nonce = [0u8; GCM_NONCE_LEN];
+        random_bytes(&mut nonce)?;
+        let sealed = seal(
+            &self.at_rest,
+            &nonce,
+            &plain,
+            &aad(&info.key_id, info.key_type, &info.fingerprint),
+        )?;
+        let rec = StoredRecord {
+            version: RECORD_VERSION,
+            key_type: info.key_type,
+            fingerprint: info.fingerprint,
+            attributes: info.attributes.clone(),
+            stored_at: info.stored_at,
+            sealed,
+        };
+        bincode::serde::encode_to_vec(&rec, bincode_config()).map_err(storage)
+    }
+
+    fn entry(&self, id: &KeyId) -> Result<Arc<Entry>, KeystoreError> {
+        self.keys
+            .read()
+            .map_err(storage)?
+            .get(id)
+            .cloned()
+            .ok_or(KeystoreError::NotFound(*id))
+    }
+
+    fn material_for(&self, key: &NewKey<'_>) -> Result<KeyMaterial, KeystoreError> {
+        match &key.source {
+            KeySource::Generate => Ok(KeyMaterial::generate(key.key_type)?),
+            KeySource::Import(bytes) => Ok(KeyMaterial::from_bytes(key.key_type, bytes)?),
+            KeySource::Unwrap { wrapping_key, blob } => {
+                let wk = self.entry(wrapping_key)?;
+                let KeyMaterial::Aes256(kek) = &wk.material else {
+                    return Err(KeystoreError::NotAWrappingKey(*wrapping_key));
+                };
+                let plain = unwrap_with(kek, blob).map_err(|_| KeystoreError::Integrity)?;
+                Ok(KeyMaterial::from_bytes(key.key_type, &plain)?)
+            }
+        }
+    }
+
+    /// Checks one clone and returns what to store, without storing it.
+    fn check_clone(&self, cmd: &CloneKey) -> Result<Option<(KeyInfo, KeyMaterial)>, CloneFailure> {
+        let k = &cmd.key;
+        if k.domain != self.domain.id() {
+            return Err(CloneFailure::WrongDomain);
+        }
+        if let Ok(existing) = self.entry(&k.key_id) {
+            return if existing.info.fingerprint == k.fingerprint && !existing.info.session {
+                Ok(None)
+            } else {
+                Err(CloneFailure::Conflict)
+            };
+        }
+        let plain = self
+            .domain
+            .unwrap(&k.wrapped)
+            .map_err(|_| CloneFailure::Integrity)?;
+        let material = KeyMaterial::from_bytes(k.key_type, &plain)
+            .map_err(|_| CloneFailure::InvalidMaterial)?;
+        let fp = material
+            .fingerprint()
+            .map_err(|_| CloneFailure::InvalidMaterial)?;
+        if fp != k.fingerprint {
+            return Err(CloneFailure::FingerprintMismatch);
+        }
+        let info = KeyInfo {
+            key_id: k.key_id,
+            key_type: k.key_type,
+            fingerprint: fp,
+            session: false,
+            attributes: k.attributes.clone(),
+            hsm: self.hsm.clone(),
+            stored_at: Timestamp::now(),
+        };
+        Ok(Some((info, material)))
+    }
+}
+
+impl Keystore for EmbeddedKeystore {
+    fn hsm_id(&self) -> &HsmId {
+        &self.hsm
+    }
+
+    fn domain_id(&self) -> DomainId {
+        self.domain.id()
+    }
+
+    fn create(
+        &self,
+        key: NewKey<'_>,
+        outbox: &mut dyn FnMut(&CreatedKey) -> Result<OutboxEntry, String>,
+    ) -> Result<CreatedKey, KeystoreError> {
+        if self.entry(&key.id).is_ok() {
+            return Err(KeystoreError::AlreadyExists(key.id));
+        }
+        let material = self.material_for(&key)?;
+        let info = KeyInfo {
+            key_id: key.id,
+            key_type: key.key_type,
+            fingerprint: material.fingerprint()?,
+            session: key.session,
+            attributes: key.attributes,
+            hsm: self.hsm.clone(),
+            stored_at: Timestamp::now(),
+        };
+        let public_key = material.public_key_der()?;
+        let wrapped = if key.session {
+            Vec::new()
+        } else {
+            let plain: Zeroizing<Vec<u8>> = material.to_bytes()?;
+            self.domain.wrap(&plain).map_err(storage)?
+        };
+        let created = CreatedKey {
+            info: info.clone(),
+            origin: key.source.origin(),
+            wrapped,
+            public_key,
+            domain: self.domain.id(),
+        };
+        if !key.session {
+            let record = self.encode_record(&info, &material)?;
+            let event = outbox(&created).map_err(storage)?;
+            let txn = self.db.begin_write().map_err(storage)?;
+            {
+                let mut keys = txn.open_table(KEYS).map_err(storage)?;
+                if keys.get(key.id.0.as_u128()).map_err(storage)?.is_some() {
+                    return Err(KeystoreError::AlreadyExists(key.id));
+                }
+                keys.insert(key.id.0.as_u128(), record.as_slice())
+                    .map_err(storage)?;
+                let mut ob = txn.open_table(OUTBOX).map_err(storage)?;
+                ob.insert(key.id.0.as_u128(), event.as_slice())
+                    .map_err(storage)?;
+            }
+            txn.commit().map_err(storage)?;
+        }
+        let mut keys = self.keys.write().map_err(storage)?;
+        if keys.contains_key(&key.id) {
+            // A concurrent create of a session key with the same id won.
+            return Err(KeystoreError::AlreadyExists(key.id));
+        }
+        keys.insert(key.id, Arc::new(Entry { info, material }));
+        Ok(created)
+    }
+
+    fn apply_clones(&self, clones: &[&CloneKey]) -> Vec<Result<CloneOutcome, CloneFailure>> {
+        let mut results: Vec<Result<CloneOutcome, CloneFailure>> = Vec::with_capacity(clones.len());
+        let mut staged: Vec<(usize, KeyInfo, KeyMaterial, Vec<u8>)> = Vec::new();
+        let mut staged_ids: HashMap<KeyId, Fingerprint> = HashMap::new();
+        for (i, cmd) in clones.iter().enumerate() {
+            if let Some(fp) = staged_ids.get(&cmd.key.key_id) {
+                results.push(if *fp == cmd.key.fingerprint {
+                    Ok(CloneOutcome::AlreadyPresent)
+                } else {
+                    Err(CloneFailure::Conflict)
+                });
+                continue;
+            }
+            match self.check_clone(cmd) {
+                Ok(None) => results.push(Ok(CloneOutcome::AlreadyPresent)),
+                Ok(Some((info, material))) => match self.encode_record(&info, &material) {
+                    Ok(record) => {
+                        staged_ids.insert(info.key_id, info.fingerprint);
+                        staged.push((i, info, material, record));
+                        results.push(Ok(CloneOutcome::Stored));
+                    }
+                    Err(e) => results.push(Err(CloneFailure::Storage(e.to_string()))),
+                },
+                Err(f) => results.push(Err(f)),
+            }
+        }
+        if staged.is_empty() {
+            return results;
+        }
+        let committed = (|| -> Result<(), redb::Error> {
+            let txn = self.db.begin_write()?;
+            {
+                let mut keys = txn.open_table(KEYS)?;
+                for (_, info, _, record) in &staged {
+                    keys.insert(info.key_id.0.as_u128(), record.as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        match committed {
+            Ok(()) => match self.keys.write() {
+                Ok(mut keys) => {
+                    for (_, info, material, _) in staged {
+                        keys.insert(info.key_id, Arc::new(Entry { info, material }));
+                    }
+                }
+                Err(e) => {
+                    for (i, ..) in staged {
+                        results[i] = Err(CloneFailure::Storage(e.to_string()));
+                    }
+                }
+            },
+            Err(e) => {
+                for (i, ..) in staged {
+                    results[i] = Err(CloneFailure::Storage(e.to_string()));
+                }
+            }
+        }
+        results
+    }
+
+    fn sign(&self, id: &KeyId, data: &[u8]) -> Result<Vec<u8>, KeystoreError> {
+        Ok(self.entry(id)?.material.sign(data)?)
+    }
+
+    fn verify(&self, id: &KeyId, data: &[u8], signature: &[u8]) -> Result<bool, KeystoreError> {
+        Ok(self.entry(id)?.material.verify(data, signature)?)
+    }
+
+    fn encrypt(&self, id: &KeyId, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeystoreError> {
+        Ok(self.entry(id)?.material.encrypt(plaintext, aad)?)
+    }
+
+    fn decrypt(
+        &self,
+        id: &KeyId,
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
+        Ok(self.entry(id)?.material.decrypt(ciphertext, aad)?)
+    }
+
+    fn public_key(&self, id: &KeyId) -> Result<Vec<u8>, KeystoreError> {
+        let e = self.entry(id)?;
+        e.material.public_key_der()?.ok_or(KeystoreError::Material(
+            crate::material::MaterialError::Unsupported {
+                key_type: e.info.key_type,
+                op: "export a public key",
+            },
+        ))
+    }
+
+    fn info(&self, id: &KeyId) -> Result<KeyInfo, KeystoreError> {
+        Ok(self.entry(id)?.info.clone())
+    }
+
+    fn list(&self) -> Vec<KeyInfo> {
+        let mut out: Vec<KeyInfo> = match self.keys.read() {
+            Ok(keys) => keys.values().map(|e| e.info.clone()).collect(),
+            Err(_) => Vec::new(),
+        };
+        out.sort_by_key(|i| i.key_id);
+        out
+    }
+
+    fn token_key_count(&self) -> u64 {
+        self.keys
+            .read()
+            .map(|k| k.values().filter(|e| !e.info.session).count() as u64)
+            .unwrap_or(0)
+    }
+
+    fn outbox(&self) -> Result<Vec<(KeyId, OutboxEntry)>, KeystoreError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(OUTBOX).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            out.push((KeyId(uuid::Uuid::from_u128(k.value())), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn outbox_done(&self, ids: &[KeyId]) -> Result<(), KeystoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut ob = txn.open_table(OUTBOX).map_err(storage)?;
+            for id in ids {
+                ob.remove(id.0.as_u128()).map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keysync_schemas::{Durability, KeyCreated};
+
+    fn hsm(s: &str) -> HsmId {
+        HsmId::new(s).expect("id")
+    }
+
+    fn new_key(t: KeyType, session: bool) -> NewKey<'static> {
+        NewKey {
+            id: KeyId::new(),
+            key_type: t,
+            session,
+            attributes: KeyAttributes::default(),
+            source: KeySource::Generate,
+        }
+    }
+
+    fn no_outbox(_: &CreatedKey) -> Result<OutboxEntry, String> {
+        Ok(b"event".to_vec())
+    }
+
+    fn clone_of(c: &CreatedKey, target: &str) -> CloneKey {
+        CloneKey {
+            target: hsm(target),
+            created_seq: 1,
+            key: KeyCreated {
+                key_id: c.info.key_id,
+                key_type: c.info.key_type,
+                fingerprint: c.info.fingerprint,
+                hsm: c.info.hsm.clone(),
+                origin: c.origin,
+                attributes: c.info.attributes.clone(),
+                durability: Durability::Logged,
+                domain: c.domain,
+                wrapped: c.wrapped.clone(),
+                public_key: c.public_key.clone(),
+            },
+        }
+    }
+
+    #[test]
+    fn token_keys_survive_reopen_and_session_keys_do_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dk = [7u8; 32];
+        let store =
+            EmbeddedKeystore::open(dir.path(), hsm("a"), DomainKey::from_bytes(dk)).expect("open");
+        let token = store
+            .create(new_key(KeyType::P256, false), &mut no_outbox)
+            .expect("create");
+        let session = store
+            .create(new_key(KeyType::Ed25519, true), &mut no_outbox)
+            .expect("create");
+        assert_eq!(store.outbox().expect("outbox").len(), 1);
+        store.outbox_done(&[token.info.key_id]).expect("done");
+        let sig = store.sign(&token.info.key_id, b"m").expect("sign");
+        drop(store);
+        let store = EmbeddedKeystore::open(dir.path(), hsm("a"), DomainKey::from_bytes(dk))
+            .expect("reopen");
+        assert!(store
+            .verify(&token.info.key_id, b"m", &sig)
+            .expect("verify"));
+        assert!(matches!(
+            store.info(&session.info.key_id),
+            Err(KeystoreError::NotFound(_))
+        ));
+        assert!(store.outbox().expect("outbox").is_empty());
+        drop(store);
+        // Another domain key cannot open this store.
+        assert!(matches!(
+            EmbeddedKeystore::open(dir.path(), hsm("a"), DomainKey::from_bytes([8u8; 32])),
+            Err(KeystoreError::Open(_))
+        ));
+    }
+
+    #[test]
+    fn clones_are_idempotent_and_checked() {
+        let d1 = tempfile::tempdir().expect("tempdir");
+        let d2 = tempfile::tempdir().expect("tempdir");
+        let d3 = tempfile::tempdir().expect("tempdir");
+        let a = EmbeddedKeystore::open(d1.path(), hsm("a"), DomainKey::from_bytes([1; 32]))
+            .expect("open");
+        let b = EmbeddedKeystore::open(d2.path(), hsm("b"), DomainKey::from_bytes([1; 32]))
+            .expect("open");
+        let other = EmbeddedKeystore::open(d3.path(), hsm("c"), DomainKey::from_bytes([2; 32]))
+            .expect("open");
+        let c = a
+            .create(new_key(KeyType::Ed25519, false), &mut no_outbox)
+            .expect("create");
+        let cmd = clone_of(&c, "b");
+        assert_eq!(
+            b.apply_clones(&[&cmd, &cmd]),
+            vec![Ok(CloneOutcome::Stored), Ok(CloneOutcome::AlreadyPresent)]
+        );
+        assert_eq!(
+            b.apply_clones(&[&cmd]),
+            vec![Ok(CloneOutcome::AlreadyPresent)]
+        );
+        assert_eq!(
+            b.info(&c.info.key_id).expect("info").fingerprint,
+            c.info.fingerprint
+        );
+        assert_eq!(
+            other.apply_clones(&[&cmd]),
+            vec![Err(CloneFailure::WrongDomain)]
+        );
+
+        let mut tampered = clone_of(&c, "b");
+        tampered.key.key_id = KeyId::new();
+        tampered.key.wrapped[5] ^= 1;
+        assert_eq!(
+            b.apply_clones(&[&tampered]),
+            vec![Err(CloneFailure::Integrity)]
+        );
+        let mut wrong_fp = clone_of(&c, "b");
+        wrong_fp.key.key_id = KeyId::new();
+        wrong_fp.key.fingerprint = Fingerprint([0; 32]);
+        assert_eq!(
+            b.apply_clones(&[&wrong_fp]),
+            vec![Err(CloneFailure::FingerprintMismatch)]
+        );
+        assert!(matches!(
+            b.info(&wrong_fp.key.key_id),
+            Err(KeystoreError::NotFound(_))
+        ));
+        let mut conflict = clone_of(&c, "b");
+        conflict.key.fingerprint = Fingerprint([9; 32]);
+        assert_eq!(
+            b.apply_clones(&[&conflict]),
+            vec![Err(CloneFailure::Conflict)]
+        );
+    }
+
+    #[test]
+    fn unwrap_under_a_held_aes_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedKeystore::open(dir.path(), hsm("a"), DomainKey::from_bytes([3; 32]))
+            .expect("open");
+        let kek = store
+            .create(new_key(KeyType::Aes256, false), &mut no_outbox)
+            .expect("create");
+        // Wrap a P-256 key under the KEK the way a PKCS#11 HSM would.
+        let KeyMaterial::Aes256(kek_bytes) = &store.entry(&kek.info.key_id).expect("kek").material
+        else {
+            unreachable!("created an AES key")
+        };
+        let inner = KeyMaterial::generate(KeyType::P256).expect("gen");
+        let blob =
+            crate::domain::wrap_with(kek_bytes, &inner.to_bytes().expect("der")).expect("wrap");
+        let unwrapped = store
+            .create(
+                NewKey {
+                    id: KeyId::new(),
+                    key_type: KeyType::P256,
+                    session: false,
+                    attributes: KeyAttributes::default(),
+                    source: KeySource::Unwrap {
+                        wrapping_key: kek.info.key_id,
+                        blob: &blob,
+                    },
+                },
+                &mut no_outbox,
+            )
+            .expect("unwrap");
+        assert_eq!(unwrapped.info.fingerprint, inner.fingerprint().expect("fp"));
+    }
+}

@@ -1,0 +1,176 @@
+//! The HSM behind an agent, as a trait.
+//!
+//! An agent fronts one HSM. The trait speaks at the level of an HSM (create
+//! a key, clone one in from its wrapped form, sign with a key) rather than
+//! of raw storage, so a PKCS#11 backend can implement it with the material
+//! never leaving the device. The embedded backend ([`embedded`]) is a
+//! software HSM on a redb database; it is the default.
+
+pub mod embedded;
+
+use keysync_schemas::{
+    CloneFailure, CloneKey, DomainId, HsmId, KeyAttributes, KeyId, KeyInfo, KeyOrigin, KeyType,
+    OpErrorKind,
+};
+
+use crate::material::MaterialError;
+
+/// What a keystore operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum KeystoreError {
+    /// No such key on this HSM.
+    #[error("key {0} is not on this HSM")]
+    NotFound(KeyId),
+    /// A key with this id exists already.
+    #[error("key {0} already exists")]
+    AlreadyExists(KeyId),
+    /// The key cannot do this.
+    #[error(transparent)]
+    Material(#[from] MaterialError),
+    /// The wrapped blob did not unwrap (wrong key or tampered).
+    #[error("unwrap failed its integrity check")]
+    Integrity,
+    /// The wrapping key is not an AES-256 key.
+    #[error("key {0} is not an AES-256 wrapping key")]
+    NotAWrappingKey(KeyId),
+    /// The store itself failed.
+    #[error("key store: {0}")]
+    Storage(String),
+    /// The stored keys cannot be decrypted (wrong domain key or corrupt store).
+    #[error("cannot open key store: {0}")]
+    Open(String),
+}
+
+impl KeystoreError {
+    /// The operation error kind a client sees.
+    pub fn kind(&self) -> OpErrorKind {
+        match self {
+            KeystoreError::NotFound(_) => OpErrorKind::KeyNotFound,
+            KeystoreError::AlreadyExists(_) => OpErrorKind::AlreadyExists,
+            KeystoreError::Material(MaterialError::Unsupported { .. }) => OpErrorKind::Unsupported,
+            KeystoreError::Material(MaterialError::Invalid(_)) => OpErrorKind::BadRequest,
+            KeystoreError::Material(MaterialError::Integrity) | KeystoreError::Integrity => {
+                OpErrorKind::IntegrityFailed
+            }
+            KeystoreError::NotAWrappingKey(_) => OpErrorKind::BadRequest,
+            KeystoreError::Material(_) | KeystoreError::Open(_) => OpErrorKind::Internal,
+            KeystoreError::Storage(_) => OpErrorKind::Unavailable,
+        }
+    }
+}
+
+/// Where a new key's material comes from.
+pub enum KeySource<'a> {
+    /// Generate it inside the HSM.
+    Generate,
+    /// Plaintext PKCS#8 DER or raw AES bytes.
+    Import(&'a [u8]),
+    /// An RFC 5649 blob under an AES-256 key this HSM holds.
+    Unwrap {
+        /// The wrapping key.
+        wrapping_key: KeyId,
+        /// The blob.
+        blob: &'a [u8],
+    },
+}
+
+impl KeySource<'_> {
+    /// The origin recorded in `KeyCreated`.
+    pub fn origin(&self) -> KeyOrigin {
+        match self {
+            KeySource::Generate => KeyOrigin::Generated,
+            KeySource::Import(_) => KeyOrigin::Imported,
+            KeySource::Unwrap { .. } => KeyOrigin::Unwrapped,
+        }
+    }
+}
+
+/// A request to create a key.
+pub struct NewKey<'a> {
+    /// Its id.
+    pub id: KeyId,
+    /// Its type.
+    pub key_type: KeyType,
+    /// Session keys stay in memory on this HSM only.
+    pub session: bool,
+    /// Attributes.
+    pub attributes: KeyAttributes,
+    /// Where the material comes from.
+    pub source: KeySource<'a>,
+}
+
+/// A token key just created, in the form it is announced to the cluster.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    /// What the HSM holds.
+    pub info: KeyInfo,
+    /// How it was made.
+    pub origin: KeyOrigin,
+    /// The material wrapped under the domain key (empty for session keys).
+    pub wrapped: Vec<u8>,
+    /// SPKI DER, for asymmetric keys.
+    pub public_key: Option<Vec<u8>>,
+    /// The domain key `wrapped` is under.
+    pub domain: DomainId,
+}
+
+/// A key clone applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloneOutcome {
+    /// Stored now.
+    Stored,
+    /// Already held with the same fingerprint (idempotent no-op).
+    AlreadyPresent,
+}
+
+/// Bytes of an event to publish later, stored atomically with a new key so
+/// a key never exists without its `KeyCreated` eventually being logged.
+pub type OutboxEntry = Vec<u8>;
+
+/// One HSM.
+pub trait Keystore: Send + Sync + 'static {
+    /// This HSM's id.
+    fn hsm_id(&self) -> &HsmId;
+    /// The domain key this HSM holds.
+    fn domain_id(&self) -> DomainId;
+
+    /// Creates a key. For token keys, `outbox` is called with the created
+    /// key and the event bytes it returns are stored in the same
+    /// transaction, to be published (and then forgotten) by the agent.
+    fn create(
+        &self,
+        key: NewKey<'_>,
+        outbox: &mut dyn FnMut(&CreatedKey) -> Result<OutboxEntry, String>,
+    ) -> Result<CreatedKey, KeystoreError>;
+
+    /// Applies clones in one transaction; one result per command, in order.
+    /// A failed clone stores nothing.
+    fn apply_clones(&self, clones: &[&CloneKey]) -> Vec<Result<CloneOutcome, CloneFailure>>;
+
+    /// Signs with a key.
+    fn sign(&self, id: &KeyId, data: &[u8]) -> Result<Vec<u8>, KeystoreError>;
+    /// Verifies a signature.
+    fn verify(&self, id: &KeyId, data: &[u8], signature: &[u8]) -> Result<bool, KeystoreError>;
+    /// AES-256-GCM encryption.
+    fn encrypt(&self, id: &KeyId, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeystoreError>;
+    /// AES-256-GCM decryption.
+    fn decrypt(
+        &self,
+        id: &KeyId,
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeystoreError>;
+    /// SPKI DER of a key.
+    fn public_key(&self, id: &KeyId) -> Result<Vec<u8>, KeystoreError>;
+    /// One key's metadata.
+    fn info(&self, id: &KeyId) -> Result<KeyInfo, KeystoreError>;
+    /// Every key's metadata, ordered by id.
+    fn list(&self) -> Vec<KeyInfo>;
+    /// Number of token keys.
+    fn token_key_count(&self) -> u64;
+
+    /// Events stored by `create` and not yet confirmed published.
+    fn outbox(&self) -> Result<Vec<(KeyId, OutboxEntry)>, KeystoreError>;
+    /// Forgets outbox entries whose publication was acknowledged.
+    fn outbox_done(&self, ids: &[KeyId]) -> Result<(), KeystoreError>;
+}

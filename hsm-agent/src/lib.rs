@@ -1,0 +1,323 @@
+//! `hsm-agent`: fronts one HSM.
+//!
+//! It serves key operations over NATS request/reply, announces every token
+//! key it creates as a `KeyCreated` event in JetStream (wrapped under the
+//! cluster domain key), and applies the clone commands the orchestrator
+//! queues for it. See [`run`].
+
+pub mod clones;
+pub mod domain;
+pub mod keystore;
+pub mod material;
+pub mod ops;
+pub mod rejections;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use futures::StreamExt;
+use keysync_schemas::{
+    decode, encode, headers, subjects::ANY_OP_QUEUE, Envelope, Event, HsmId, HsmJoined, KeyId,
+    OpReply, OpRequest, Source, Subjects, Timestamp,
+};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::domain::DomainKey;
+use crate::keystore::{embedded::EmbeddedKeystore, Keystore};
+use crate::rejections::Rejections;
+
+/// How an agent is configured.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This HSM's id.
+    pub hsm: HsmId,
+    /// Where the embedded keystore keeps its database.
+    pub data_dir: PathBuf,
+    /// The cluster domain key file.
+    pub domain_key: PathBuf,
+    /// Subject prefix of the cluster.
+    pub subjects: Subjects,
+    /// How long a `logged` create waits for its PubAck.
+    pub publish_timeout: Duration,
+    /// Operations handled at once.
+    pub max_concurrent_ops: usize,
+}
+
+/// The running agent, shared by its tasks.
+pub struct Agent {
+    /// The HSM.
+    pub store: Arc<dyn Keystore>,
+    /// This HSM's id.
+    pub hsm: HsmId,
+    /// Subject layout.
+    pub subjects: Subjects,
+    /// Rejected-input counters.
+    pub rejections: Rejections,
+    /// Clones applied since start.
+    pub clones_applied: AtomicU64,
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    outbox_done: mpsc::UnboundedSender<KeyId>,
+    publish_timeout: Duration,
+}
+
+impl Agent {
+    /// Publishes an event to JetStream with `Nats-Msg-Id` set, so a retried
+    /// publish is stored once. Returns the PubAck future.
+    pub async fn publish_event(
+        &self,
+        subject: String,
+        msg_id: uuid::Uuid,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<PublishAckFuture> {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::MSG_ID, msg_id.to_string().as_str());
+        Ok(self
+            .js
+            .publish_with_headers(subject, h, payload.into())
+            .await?)
+    }
+
+    /// Marks a key's `KeyCreated` as logged (forgotten from the outbox in
+    /// the next batch).
+    pub fn outbox_confirmed(&self, key: KeyId) {
+        let _ = self.outbox_done.send(key);
+    }
+
+    /// Waits until a stream exists (the orchestrator creates them).
+    pub async fn wait_for_stream(&self, name: &str) -> anyhow::Result<jetstream::stream::Stream> {
+        let mut warned = false;
+        loop {
+            match self.js.get_stream(name).await {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    if !warned {
+                        tracing::info!(stream = name, error = %e, "waiting for the orchestrator to create the stream");
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Opens the keystore and runs the agent until `shutdown` resolves or a
+/// fatal error occurs.
+pub async fn run(
+    config: Config,
+    nats: async_nats::Client,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let domain = DomainKey::load(&config.domain_key)?;
+    let store = EmbeddedKeystore::open(&config.data_dir, config.hsm.clone(), domain)
+        .context("opening the embedded keystore")?;
+    tracing::info!(
+        hsm = %config.hsm,
+        token_keys = store.token_key_count(),
+        domain = %store.domain_id(),
+        "keystore open"
+    );
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let agent = Arc::new(Agent {
+        store: Arc::new(store),
+        hsm: config.hsm.clone(),
+        subjects: config.subjects.clone(),
+        rejections: Rejections::default(),
+        clones_applied: AtomicU64::new(0),
+        js: jetstream::new(nats.clone()),
+        nats: nats.clone(),
+        outbox_done: done_tx,
+        publish_timeout: config.publish_timeout,
+    });
+
+    // Streams first: creates must be loggable before we serve them.
+    agent
+        .wait_for_stream(&agent.subjects.events_stream())
+        .await?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(serve_ops(agent.clone(), config.max_concurrent_ops));
+    tasks.spawn(forget_confirmed(agent.clone(), done_rx));
+    tasks.spawn(republish_outbox(agent.clone()));
+    wait_until_serving(&agent).await?;
+    announce(&agent).await?;
+    tasks.spawn(clones::run(agent.clone()));
+    tracing::info!(hsm = %agent.hsm, "agent ready");
+
+    let result = tokio::select! {
+        _ = shutdown => Ok(()),
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a task ended unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("a task panicked: {e}")),
+        },
+    };
+    // Stop consuming before the client goes away.
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let _ = nats.flush().await;
+    result
+}
+
+/// Serves key operations on this HSM's subject and the any-HSM queue group.
+async fn serve_ops(agent: Arc<Agent>, max_concurrent: usize) -> anyhow::Result<()> {
+    let own = agent
+        .nats
+        .subscribe(agent.subjects.hsm_op(&agent.hsm))
+        .await?;
+    let any = agent
+        .nats
+        .queue_subscribe(agent.subjects.any_op(), ANY_OP_QUEUE.to_string())
+        .await?;
+    let mut requests = futures::stream::select(own, any);
+    let limit = Arc::new(Semaphore::new(max_concurrent.max(1)));
+    while let Some(msg) = requests.next().await {
+        let Some(reply_to) = msg.reply.clone() else {
+            agent.rejections.reject(
+                "no_reply_subject",
+                &msg.subject,
+                &"request without a reply subject",
+            );
+            continue;
+        };
+        let permit = limit.clone().acquire_owned().await?;
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let reply = ops::handle(&agent, &msg.subject, &msg.payload).await;
+            let env = Envelope::new(Source::Hsm(agent.hsm.clone()), reply);
+            match encode(&env) {
+                Ok(bytes) => {
+                    if let Err(e) = agent.nats.publish(reply_to, bytes.into()).await {
+                        tracing::warn!(error = %e, "could not send a reply");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "could not encode a reply"),
+            }
+            drop(permit);
+        });
+    }
+    anyhow::bail!("operation subscription ended")
+}
+
+/// `flush` does not prove the server has registered our subscriptions, so
+/// ask ourselves until we answer.
+async fn wait_until_serving(agent: &Arc<Agent>) -> anyhow::Result<()> {
+    let req = encode(&Envelope::new(
+        Source::Hsm(agent.hsm.clone()),
+        OpRequest::Health,
+    ))?;
+    let subject = agent.subjects.hsm_op(&agent.hsm);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(500),
+            agent.nats.request(subject.clone(), req.clone().into()),
+        )
+        .await;
+        if let Ok(Ok(msg)) = attempt {
+            if matches!(
+                decode::<OpReply>(&msg.payload).map(|e| e.body),
+                Ok(OpReply::Health(_))
+            ) {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("operation service did not become reachable within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Announces this HSM with `HsmJoined`, retrying until JetStream takes it.
+async fn announce(agent: &Arc<Agent>) -> anyhow::Result<()> {
+    let env = Envelope::new(
+        Source::Hsm(agent.hsm.clone()),
+        Event::HsmJoined(HsmJoined {
+            hsm: agent.hsm.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            token_keys: agent.store.token_key_count(),
+        }),
+    );
+    let bytes = encode(&env)?;
+    let subject = agent.subjects.hsm_joined(&agent.hsm);
+    loop {
+        match agent
+            .publish_event(subject.clone(), env.id, bytes.clone())
+            .await
+        {
+            Ok(ack) => match ack.await {
+                Ok(_) => return Ok(()),
+                Err(e) => tracing::warn!(error = %e, "HsmJoined not acknowledged; retrying"),
+            },
+            Err(e) => tracing::warn!(error = %e, "HsmJoined not published; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Removes confirmed entries from the outbox, in batches (one transaction
+/// for many keys).
+async fn forget_confirmed(
+    agent: Arc<Agent>,
+    mut rx: mpsc::UnboundedReceiver<KeyId>,
+) -> anyhow::Result<()> {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let ids = std::mem::take(&mut batch);
+        let store = agent.store.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || store.outbox_done(&ids)).await? {
+            // Harmless: the entries are republished and deduplicated.
+            tracing::warn!(error = %e, "could not trim the outbox");
+        }
+    }
+    Ok(())
+}
+
+/// Publishes `KeyCreated` events that were stored but never acknowledged
+/// (the agent died, or JetStream was away): at start, then every few
+/// seconds. JetStream deduplicates by `Nats-Msg-Id` and the orchestrator
+/// ignores a repeated `KeyCreated`, so publishing one twice is harmless.
+const OUTBOX_GRACE: Duration = Duration::from_secs(5);
+
+async fn republish_outbox(agent: Arc<Agent>) -> anyhow::Result<()> {
+    loop {
+        let store = agent.store.clone();
+        let pending = tokio::task::spawn_blocking(move || store.outbox()).await??;
+        if !pending.is_empty() {
+            tracing::info!(
+                count = pending.len(),
+                "publishing KeyCreated events from the outbox"
+            );
+        }
+        for (key_id, bytes) in pending {
+            let Ok(env) = decode::<Event>(&bytes) else {
+                tracing::error!(%key_id, "unreadable outbox entry; dropping it");
+                agent.outbox_confirmed(key_id);
+                continue;
+            };
+            // Younger entries are still waiting for their first PubAck.
+            let age = Timestamp::now()
+                .as_nanos()
+                .saturating_sub(env.emitted_at.as_nanos());
+            if age < OUTBOX_GRACE.as_nanos() as u64 {
+                continue;
+            }
+            let subject = agent.subjects.key_created(&key_id);
+            match agent.publish_event(subject, env.id, bytes).await {
+                Ok(ack) => {
+                    if ack.await.is_ok() {
+                        agent.outbox_confirmed(key_id);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "outbox publish failed; will retry"),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}

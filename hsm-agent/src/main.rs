@@ -1,0 +1,75 @@
+//! `hsm-agent` binary: parses flags and runs [`hsm_agent::run`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use keysync_schemas::{HsmId, Subjects};
+
+/// Fronts one HSM for a keysync cluster.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// NATS server URL.
+    #[arg(long, env = "KEYSYNC_NATS", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// This HSM's id (A-Z, a-z, 0-9, '_', '-').
+    #[arg(long, env = "KEYSYNC_HSM_ID")]
+    id: HsmId,
+    /// Directory of the embedded keystore.
+    #[arg(long, env = "KEYSYNC_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Cluster domain key file (made by `keysync cluster init`).
+    #[arg(long, env = "KEYSYNC_DOMAIN_KEY")]
+    domain_key: PathBuf,
+    /// Subject prefix of the cluster.
+    #[arg(long, env = "KEYSYNC_PREFIX", default_value = "keysync")]
+    prefix: String,
+    /// Seconds a `logged` create waits for JetStream's acknowledgement.
+    #[arg(long, default_value_t = 5.0)]
+    publish_timeout: f64,
+    /// Key operations handled at once.
+    #[arg(long, default_value_t = 256)]
+    max_concurrent_ops: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,async_nats=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let subjects = Subjects::new(&args.prefix)?;
+    let config = hsm_agent::Config {
+        hsm: args.id.clone(),
+        data_dir: args.data_dir,
+        domain_key: args.domain_key,
+        subjects,
+        publish_timeout: Duration::from_secs_f64(args.publish_timeout.max(0.1)),
+        max_concurrent_ops: args.max_concurrent_ops,
+    };
+    let nats = async_nats::ConnectOptions::new()
+        .name(format!("hsm-agent {}", args.id))
+        .retry_on_initial_connect()
+        .connect(&args.nats)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", args.nats))?;
+    hsm_agent::run(config, nats, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+}

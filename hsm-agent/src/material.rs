@@ -1,0 +1,376 @@
+//! Key material of the embedded (software) HSM and the operations on it.
+//!
+//! Every algorithm comes from RustCrypto or dalek; nothing here is
+//! hand-rolled. Material serialises as PKCS#8 DER (asymmetric keys) or the
+//! raw 32 bytes (AES-256): the forms PKCS#11 HSMs wrap and unwrap with
+//! `CKM_AES_KEY_WRAP_PAD`, so blobs move between software and hardware.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
+use hmac::{Hmac, Mac};
+use keysync_schemas::{Fingerprint, KeyType};
+use p256::pkcs8::EncodePublicKey as _;
+use sha2::{Digest, Sha256};
+use signature::{SignatureEncoding as _, Signer as _, Verifier as _};
+use zeroize::Zeroizing;
+
+/// Bytes of an AES-GCM nonce.
+pub const GCM_NONCE_LEN: usize = 12;
+
+/// Errors of key material handling.
+#[derive(Debug, thiserror::Error)]
+pub enum MaterialError {
+    /// The bytes are not a valid key of the stated type.
+    #[error("not a valid {0} key")]
+    Invalid(KeyType),
+    /// The key type cannot do this operation.
+    #[error("a {key_type} key cannot {op}")]
+    Unsupported {
+        /// The key type.
+        key_type: KeyType,
+        /// The operation.
+        op: &'static str,
+    },
+    /// Decryption failed its integrity check.
+    #[error("decryption failed its integrity check")]
+    Integrity,
+    /// The random number generator failed.
+    #[error("random number generator failed")]
+    Rng,
+    /// An encoding step failed.
+    #[error("encoding failed: {0}")]
+    Encoding(String),
+}
+
+/// A key's secret material, held in types that zeroize on drop.
+pub enum KeyMaterial {
+    /// ECDSA P-256.
+    P256(p256::ecdsa::SigningKey),
+    /// Ed25519.
+    Ed25519(ed25519_dalek::SigningKey),
+    /// AES-256.
+    Aes256(Zeroizing<[u8; 32]>),
+    /// RSA-2048 (boxed: it is large).
+    Rsa2048(Box<rsa::PrivateKey>),
+}
+
+impl std::fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyMaterial::{}([REDACTED])", self.key_type())
+    }
+}
+
+/// Fills `buf` from the operating system's CSPRNG.
+pub fn random_bytes(buf: &mut [u8]) -> Result<(), MaterialError> {
+    getrandom::fill(buf).map_err(|_| MaterialError::Rng)
+}
+
+impl KeyMaterial {
+    /// Generates a fresh key inside this process.
+    pub fn generate(key_type: KeyType) -> Result<Self, MaterialError> {
+        use p256::elliptic_curve::Generate as _;
+        Ok(match key_type {
+            KeyType::P256 => KeyMaterial::P256(
+                p256::ecdsa::SigningKey::try_generate().map_err(|_| MaterialError::Rng)?,
+            ),
+            KeyType::Ed25519 => {
+                let mut seed = Zeroizing::new([0u8; 32]);
+                random_bytes(seed.as_mut())?;
+                KeyMaterial::Ed25519(ed25519_dalek::SigningKey::from_bytes(&seed))
+            }
+            KeyType::Aes256 => {
+                let mut k = Zeroizing::new([0u8; 32]);
+                random_bytes(k.as_mut())?;
+                KeyMaterial::Aes256(k)
+            }
+            KeyType::Rsa2048 => {
+                let mut rng = getrandom::SysRng;
+                let key = rsa::PrivateKey::new(&mut rng, 2048)
+                    .map_err(|e| MaterialError::Encoding(e.to_string()))?;
+                KeyMaterial::Rsa2048(Box::new(key))
+            }
+        })
+    }
+
+    /// Parses material: PKCS#8 DER for asymmetric keys, 32 raw bytes for AES.
+    pub fn from_bytes(key_type: KeyType, bytes: &[u8]) -> Result<Self, MaterialError> {
+        let invalid = |_| MaterialError::Invalid(key_type);
+        Ok(match key_type {
+            KeyType::P256 => {
+                KeyMaterial::P256(p256::ecdsa::SigningKey::from_pkcs8_der(bytes).map_err(invalid)?)
+            }
+            KeyType::Ed25519 => KeyMaterial::Ed25519(
+                ed25519_dalek::SigningKey::from_pkcs8_der(bytes).map_err(invalid)?,
+            ),
+            KeyType::Aes256 => {
+                let arr: [u8; 32] = bytes
+                    .try_into()
+                    .map_err(|_| MaterialError::Invalid(key_type))?;
+                KeyMaterial::Aes256(Zeroizing::new(arr))
+            }
+            KeyType::Rsa2048 => {
+                let key = rsa::PrivateKey::from_pkcs8_der(bytes).map_err(invalid)?;
+                if rsa::traits::PublicKeyParts::size(&key) != 256 {
+                    return Err(MaterialError::Invalid(key_type));
+                }
+                KeyMaterial::Rsa2048(Box::new(key))
+            }
+        })
+    }
+
+    /// The key's type.
+    pub fn key_type(&self) -> KeyType {
+        match self {
+            KeyMaterial::P256(_) => KeyType::P256,
+            KeyMaterial::Ed25519(_) => KeyType::Ed25519,
+            KeyMaterial::Aes256(_) => KeyType::Aes256,
+            KeyMaterial::Rsa2048(_) => KeyType::Rsa2048,
+        }
+    }
+
+    /// The material in its exchange form (PKCS#8 DER or raw AES bytes).
+    pub fn to_bytes(&self) -> Result<Zeroizing<Vec<u8>>, MaterialError> {
+        let enc = |e: p256::pkcs8::Error| MaterialError::Encoding(e.to_string());
+        Ok(match self {
+            KeyMaterial::P256(k) => {
+                Zeroizing::new(k.to_pkcs8_der().map_err(enc)?.as_bytes().to_vec())
+            }
+            KeyMaterial::Ed25519(k) => {
+                Zeroizing::new(k.to_pkcs8_der().map_err(enc)?.as_bytes().to_vec())
+            }
+            KeyMaterial::Aes256(k) => Zeroizing::new(k.to_vec()),
+            KeyMaterial::Rsa2048(k) => {
+                Zeroizing::new(k.to_pkcs8_der().map_err(enc)?.as_bytes().to_vec())
+            }
+        })
+    }
+
+    /// SPKI DER of the public key; `None` for secret keys.
+    pub fn public_key_der(&self) -> Result<Option<Vec<u8>>, MaterialError> {
+        let enc = |e: p256::pkcs8::spki::Error| MaterialError::Encoding(e.to_string());
+        Ok(match self {
+            KeyMaterial::P256(k) => Some(
+                k.verifying_key()
+                    .to_public_key_der()
+                    .map_err(enc)?
+                    .into_vec(),
+            ),
+            KeyMaterial::Ed25519(k) => Some(
+                k.verifying_key()
+                    .to_public_key_der()
+                    .map_err(enc)?
+                    .into_vec(),
+            ),
+            KeyMaterial::Aes256(_) => None,
+            KeyMaterial::Rsa2048(k) => Some(
+                k.to_public_key()
+                    .to_public_key_der()
+                    .map_err(enc)?
+                    .into_vec(),
+            ),
+        })
+    }
+
+    /// The fingerprint every HSM computes alike. Asymmetric keys: SHA-256 of
+    /// a label, the type and the SPKI DER. Secret keys: HMAC-SHA-256 under
+    /// the key itself of a label and the type, which reveals nothing of the
+    /// key (the PKCS#11 key-check-value idea, with a modern MAC).
+    pub fn fingerprint(&self) -> Result<Fingerprint, MaterialError> {
+        const LABEL: &[u8] = b"keysync fingerprint v1\0";
+        let ty = self.key_type().as_str().as_bytes();
+        let out: [u8; 32] = match self {
+            KeyMaterial::Aes256(k) => {
+                let mut mac = <Hmac<Sha256>>::new_from_slice(k.as_ref())
+                    .map_err(|e| MaterialError::Encoding(e.to_string()))?;
+                mac.update(LABEL);
+                mac.update(ty);
+                mac.finalize().into_bytes().into()
+            }
+            _ => {
+                let spki = self.public_key_der()?.unwrap_or_default();
+                let mut h = Sha256::new();
+                h.update(LABEL);
+                h.update(ty);
+                h.update([0]);
+                h.update(&spki);
+                h.finalize().into()
+            }
+        };
+        Ok(Fingerprint(out))
+    }
+
+    /// Signs `data`: ECDSA P-256 over SHA-256 (DER), Ed25519 (raw 64 bytes),
+    /// RSA PKCS#1 v1.5 over SHA-256.
+    pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>, MaterialError> {
+        match self {
+            KeyMaterial::P256(k) => {
+                let sig: p256::ecdsa::DerSignature = k.sign(data);
+                Ok(sig.to_vec())
+            }
+            KeyMaterial::Ed25519(k) => Ok(k.sign(data).to_bytes().to_vec()),
+            KeyMaterial::Rsa2048(k) => {
+                let signer = rsa::pkcs1v15::SigningKey::<Sha256>::new((**k).clone());
+                let sig = signer
+                    .try_sign(data)
+                    .map_err(|e| MaterialError::Encoding(e.to_string()))?;
+                Ok(sig.to_vec())
+            }
+            KeyMaterial::Aes256(_) => Err(MaterialError::Unsupported {
+                key_type: KeyType::Aes256,
+                op: "sign",
+            }),
+        }
+    }
+
+    /// Verifies a signature made by [`KeyMaterial::sign`].
+    pub fn verify(&self, data: &[u8], signature: &[u8]) -> Result<bool, MaterialError> {
+        Ok(match self {
+            KeyMaterial::P256(k) => match p256::ecdsa::DerSignature::from_bytes(signature) {
+                Ok(sig) => k.verifying_key().verify(data, &sig).is_ok(),
+                Err(_) => false,
+            },
+            KeyMaterial::Ed25519(k) => match ed25519_dalek::Signature::from_slice(signature) {
+                Ok(sig) => k.verifying_key().verify(data, &sig).is_ok(),
+                Err(_) => false,
+            },
+            KeyMaterial::Rsa2048(k) => match rsa::pkcs1v15::Signature::try_from(signature) {
+                Ok(sig) => rsa::pkcs1v15::VerifyingKey::<Sha256>::new(k.to_public_key())
+                    .verify(data, &sig)
+                    .is_ok(),
+                Err(_) => false,
+            },
+            KeyMaterial::Aes256(_) => {
+                return Err(MaterialError::Unsupported {
+                    key_type: KeyType::Aes256,
+                    op: "verify",
+                })
+            }
+        })
+    }
+
+    fn aes(&self, op: &'static str) -> Result<Aes256Gcm, MaterialError> {
+        match self {
+            KeyMaterial::Aes256(k) => Aes256Gcm::new_from_slice(k.as_ref())
+                .map_err(|e| MaterialError::Encoding(e.to_string())),
+            other => Err(MaterialError::Unsupported {
+                key_type: other.key_type(),
+                op,
+            }),
+        }
+    }
+
+    /// AES-256-GCM with a random nonce: returns nonce ‖ ciphertext ‖ tag.
+    pub fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, MaterialError> {
+        let cipher = self.aes("encrypt")?;
+        let mut nonce = [0u8; GCM_NONCE_LEN];
+        random_bytes(&mut nonce)?;
+        seal(&cipher, &nonce, plaintext, aad)
+    }
+
+    /// Opens what [`KeyMaterial::encrypt`] produced.
+    pub fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, MaterialError> {
+        let cipher = self.aes("decrypt")?;
+        open(&cipher, sealed, aad)
+    }
+}
+
+/// AES-256-GCM seal with a given nonce: nonce ‖ ciphertext ‖ tag.
+pub fn seal(
+    cipher: &Aes256Gcm,
+    nonce: &[u8; GCM_NONCE_LEN],
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, MaterialError> {
+    let n = Nonce::try_from(&nonce[..]).map_err(|_| MaterialError::Integrity)?;
+    let ct = cipher
+        .encrypt(
+            &n,
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
+        .map_err(|_| MaterialError::Encoding("AES-GCM encryption failed".into()))?;
+    let mut out = Vec::with_capacity(GCM_NONCE_LEN + ct.len());
+    out.extend_from_slice(nonce);
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+/// AES-256-GCM open of nonce ‖ ciphertext ‖ tag.
+pub fn open(
+    cipher: &Aes256Gcm,
+    sealed: &[u8],
+    aad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, MaterialError> {
+    if sealed.len() < GCM_NONCE_LEN + 16 {
+        return Err(MaterialError::Integrity);
+    }
+    let (nonce, ct) = sealed.split_at(GCM_NONCE_LEN);
+    let n = Nonce::try_from(nonce).map_err(|_| MaterialError::Integrity)?;
+    cipher
+        .decrypt(&n, Payload { msg: ct, aad })
+        .map(Zeroizing::new)
+        .map_err(|_| MaterialError::Integrity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_round_trips_and_fingerprints_agree() {
+        for t in KeyType::ALL {
+            let k = KeyMaterial::generate(t).expect("generate");
+            let bytes = k.to_bytes().expect("encode");
+            let k2 = KeyMaterial::from_bytes(t, &bytes).expect("decode");
+            assert_eq!(
+                k.fingerprint().expect("fp"),
+                k2.fingerprint().expect("fp"),
+                "{t}"
+            );
+            assert_eq!(
+                k.public_key_der().expect("pk"),
+                k2.public_key_der().expect("pk")
+            );
+            let other = KeyMaterial::generate(t).expect("generate");
+            assert_ne!(
+                k.fingerprint().expect("fp"),
+                other.fingerprint().expect("fp")
+            );
+        }
+    }
+
+    #[test]
+    fn signatures_verify_across_copies() {
+        for t in [KeyType::P256, KeyType::Ed25519, KeyType::Rsa2048] {
+            let k = KeyMaterial::generate(t).expect("generate");
+            let copy = KeyMaterial::from_bytes(t, &k.to_bytes().expect("enc")).expect("dec");
+            let sig = k.sign(b"hello").expect("sign");
+            assert!(copy.verify(b"hello", &sig).expect("verify"), "{t}");
+            assert!(!copy.verify(b"hellp", &sig).expect("verify"), "{t}");
+            assert!(!copy.verify(b"hello", &sig[1..]).expect("verify"), "{t}");
+        }
+    }
+
+    #[test]
+    fn aes_gcm_round_trips_and_detects_tampering() {
+        let k = KeyMaterial::generate(KeyType::Aes256).expect("generate");
+        let mut ct = k.encrypt(b"secret", b"aad").expect("enc");
+        assert_eq!(&k.decrypt(&ct, b"aad").expect("dec")[..], b"secret");
+        assert!(k.decrypt(&ct, b"other").is_err());
+        let last = ct.len() - 1;
+        ct[last] ^= 1;
+        assert!(k.decrypt(&ct, b"aad").is_err());
+        assert!(k.decrypt(&[0; 5], b"").is_err());
+        assert!(k.sign(b"x").is_err());
+    }
+
+    #[test]
+    fn garbage_material_is_rejected() {
+        for t in KeyType::ALL {
+            assert!(KeyMaterial::from_bytes(t, &[1, 2, 3]).is_err(), "{t}");
+        }
+    }
+}

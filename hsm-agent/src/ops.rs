@@ -1,0 +1,331 @@
+//! Key operations: the request/reply service on `<p>.hsm.<id>.op` and the
+//! `<p>.op` queue group.
+
+use std::sync::Arc;
+
+use keysync_schemas::{
+    decode, AgentHealth, Durability, Envelope, Event, KeyAttributes, KeyCreated, KeyId, KeyType,
+    OpError, OpErrorKind, OpReply, OpRequest, Source, MAX_LABEL_BYTES,
+};
+
+use crate::keystore::{CreatedKey, KeySource, KeystoreError, NewKey};
+use crate::Agent;
+
+/// Handles one raw request and returns the reply (never fails: errors are
+/// replies).
+pub async fn handle(agent: &Arc<Agent>, subject: &str, payload: &[u8]) -> OpReply {
+    let req = match decode::<OpRequest>(payload) {
+        Ok(env) => env.body,
+        Err(e) => {
+            agent.rejections.reject(e.reason(), subject, &e);
+            return OpReply::Error(OpError::new(OpErrorKind::BadRequest, e.to_string()));
+        }
+    };
+    let kind = req.kind();
+    match execute(agent, req).await {
+        Ok(reply) => reply,
+        Err(err) => {
+            if err.kind == OpErrorKind::BadRequest {
+                agent
+                    .rejections
+                    .reject("bad_request", subject, &err.message);
+            } else {
+                tracing::debug!(op = kind, error = %err, "operation failed");
+            }
+            OpReply::Error(err)
+        }
+    }
+}
+
+fn ks_err(e: KeystoreError) -> OpError {
+    OpError::new(e.kind(), e.to_string())
+}
+
+fn check_attributes(a: &KeyAttributes) -> Result<(), OpError> {
+    match &a.label {
+        Some(l) if l.len() > MAX_LABEL_BYTES => Err(OpError::new(
+            OpErrorKind::BadRequest,
+            format!("label is {} bytes; at most {MAX_LABEL_BYTES}", l.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A create request, whatever its source.
+struct Create<'a> {
+    key_id: Option<KeyId>,
+    key_type: KeyType,
+    session: bool,
+    durability: Durability,
+    attributes: KeyAttributes,
+    source: KeySource<'a>,
+}
+
+async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError> {
+    let store = &agent.store;
+    match req {
+        OpRequest::Generate {
+            key_id,
+            key_type,
+            session,
+            durability,
+            attributes,
+        } => {
+            create(
+                agent,
+                Create {
+                    key_id,
+                    key_type,
+                    session,
+                    durability,
+                    attributes,
+                    source: KeySource::Generate,
+                },
+            )
+            .await
+        }
+        OpRequest::Import {
+            key_id,
+            key_type,
+            material,
+            session,
+            durability,
+            attributes,
+        } => {
+            create(
+                agent,
+                Create {
+                    key_id,
+                    key_type,
+                    session,
+                    durability,
+                    attributes,
+                    source: KeySource::Import(material.expose()),
+                },
+            )
+            .await
+        }
+        OpRequest::Unwrap {
+            key_id,
+            key_type,
+            wrapping_key,
+            wrapped,
+            session,
+            durability,
+            attributes,
+        } => {
+            create(
+                agent,
+                Create {
+                    key_id,
+                    key_type,
+                    session,
+                    durability,
+                    attributes,
+                    source: KeySource::Unwrap {
+                        wrapping_key,
+                        blob: &wrapped,
+                    },
+                },
+            )
+            .await
+        }
+        OpRequest::Sign { key_id, data } => {
+            let store = store.clone();
+            blocking(move || store.sign(&key_id, &data))
+                .await
+                .map(OpReply::Signature)
+        }
+        OpRequest::Verify {
+            key_id,
+            data,
+            signature,
+        } => store
+            .verify(&key_id, &data, &signature)
+            .map(OpReply::Verified)
+            .map_err(ks_err),
+        OpRequest::Encrypt {
+            key_id,
+            plaintext,
+            aad,
+        } => store
+            .encrypt(&key_id, plaintext.expose(), &aad)
+            .map(OpReply::Ciphertext)
+            .map_err(ks_err),
+        OpRequest::Decrypt {
+            key_id,
+            ciphertext,
+            aad,
+        } => store
+            .decrypt(&key_id, &ciphertext, &aad)
+            .map(|p| OpReply::Plaintext(keysync_schemas::SecretBytes(p.to_vec())))
+            .map_err(ks_err),
+        OpRequest::PublicKey { key_id } => store
+            .public_key(&key_id)
+            .map(OpReply::PublicKey)
+            .map_err(ks_err),
+        OpRequest::Info { key_id } => store.info(&key_id).map(OpReply::Info).map_err(ks_err),
+        OpRequest::List => Ok(OpReply::List(store.list())),
+        OpRequest::Health => {
+            let outbox = store.outbox().map(|o| o.len() as u64).unwrap_or(0);
+            let token_keys = store.token_key_count();
+            let all = store.list().len() as u64;
+            Ok(OpReply::Health(AgentHealth {
+                hsm: agent.hsm.clone(),
+                token_keys,
+                session_keys: all.saturating_sub(token_keys),
+                outbox,
+                clones_applied: agent
+                    .clones_applied
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                rejected: agent.rejections.snapshot(),
+            }))
+        }
+    }
+}
+
+/// Runs CPU- or disk-bound keystore work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KeystoreError> + Send + 'static,
+) -> Result<T, OpError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| OpError::new(OpErrorKind::Internal, e.to_string()))?
+        .map_err(ks_err)
+}
+
+async fn create(agent: &Arc<Agent>, req: Create<'_>) -> Result<OpReply, OpError> {
+    check_attributes(&req.attributes)?;
+    let key_id = req.key_id.unwrap_or_default();
+    let session = req.session;
+    let durability = req.durability;
+    let subject = agent.subjects.key_created(&key_id);
+    let hsm = agent.hsm.clone();
+
+    // The source borrows request bytes; copy them so the work can move to a
+    // blocking thread (the copy is zeroized on drop).
+    let owned_source = match req.source {
+        KeySource::Generate => OwnedSource::Generate,
+        KeySource::Import(b) => OwnedSource::Import(zeroize::Zeroizing::new(b.to_vec())),
+        KeySource::Unwrap { wrapping_key, blob } => {
+            OwnedSource::Unwrap(wrapping_key, blob.to_vec())
+        }
+    };
+    let store = agent.store.clone();
+    let key_type = req.key_type;
+    let attributes = req.attributes;
+    let (created, event_bytes) = tokio::task::spawn_blocking(move || {
+        let mut event_bytes = None;
+        let created = store.create(
+            NewKey {
+                id: key_id,
+                key_type,
+                session,
+                attributes,
+                source: owned_source.borrow(),
+            },
+            &mut |c: &CreatedKey| {
+                let env = Envelope::new(
+                    Source::Hsm(hsm.clone()),
+                    Event::KeyCreated(KeyCreated {
+                        key_id: c.info.key_id,
+                        key_type: c.info.key_type,
+                        fingerprint: c.info.fingerprint,
+                        hsm: hsm.clone(),
+                        origin: c.origin,
+                        attributes: c.info.attributes.clone(),
+                        durability,
+                        domain: c.domain,
+                        wrapped: c.wrapped.clone(),
+                        public_key: c.public_key.clone(),
+                    }),
+                );
+                let bytes = keysync_schemas::encode(&env).map_err(|e| e.to_string())?;
+                event_bytes = Some((env.id, bytes.clone()));
+                Ok(bytes)
+            },
+        )?;
+        Ok::<_, KeystoreError>((created, event_bytes))
+    })
+    .await
+    .map_err(|e| OpError::new(OpErrorKind::Internal, e.to_string()))?
+    .map_err(ks_err)?;
+
+    let Some((msg_id, bytes)) = event_bytes.filter(|_| !session) else {
+        return Ok(OpReply::Created {
+            info: created.info,
+            durability: Durability::None,
+            created_seq: None,
+        });
+    };
+    let ack = agent.publish_event(subject, msg_id, bytes).await;
+    match durability {
+        Durability::None => {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                match ack {
+                    Ok(fut) => match fut.await {
+                        Ok(_) => agent.outbox_confirmed(key_id),
+                        Err(e) => {
+                            tracing::warn!(%key_id, error = %e, "KeyCreated not acknowledged; it stays in the outbox")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(%key_id, error = %e, "KeyCreated not published; it stays in the outbox")
+                    }
+                }
+            });
+            Ok(OpReply::Created {
+                info: created.info,
+                durability: Durability::None,
+                created_seq: None,
+            })
+        }
+        _ => {
+            let result = match ack {
+                Ok(fut) => tokio::time::timeout(agent.publish_timeout, fut)
+                    .await
+                    .map_err(|_| "timed out waiting for the JetStream acknowledgement".to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string())),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(pub_ack) => {
+                    agent.outbox_confirmed(key_id);
+                    Ok(OpReply::Created {
+                        info: created.info,
+                        durability: Durability::Logged,
+                        created_seq: Some(pub_ack.sequence),
+                    })
+                }
+                Err(e) => Err(OpError::new(
+                    OpErrorKind::Unavailable,
+                    format!(
+                        "key {key_id} was created on {} but its KeyCreated event is not yet logged ({e}); \
+                         it stays in the agent's outbox and is published when JetStream answers",
+                        agent.hsm
+                    ),
+                )),
+            }
+        }
+    }
+}
+
+enum OwnedSource {
+    Generate,
+    Import(zeroize::Zeroizing<Vec<u8>>),
+    Unwrap(KeyId, Vec<u8>),
+}
+
+impl OwnedSource {
+    fn borrow(&self) -> KeySource<'_> {
+        match self {
+            OwnedSource::Generate => KeySource::Generate,
+            OwnedSource::Import(b) => KeySource::Import(b),
+            OwnedSource::Unwrap(k, b) => KeySource::Unwrap {
+                wrapping_key: *k,
+                blob: b,
+            },
+        }
+    }
+}

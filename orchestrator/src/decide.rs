@@ -1,0 +1,348 @@
+//! What to do about an event: pure decisions over [`ClusterState`].
+//!
+//! [`decide`] runs after [`ClusterState::apply`] for live events;
+//! [`reconcile`] runs once after a replay and re-derives every outstanding
+//! action from the state alone. Both are idempotent in effect: commands
+//! carry deterministic `Nats-Msg-Id`s and agents apply a clone twice as a
+//! no-op, so deciding again after a crash never does anything twice with a
+//! different effect.
+
+use keysync_schemas::subjects::KeySubject;
+use keysync_schemas::{Event, HsmId, KeyId};
+
+use crate::state::{ClusterState, EventMeta, KeyState};
+
+/// An action for the NATS loop to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Queue a `CloneKey` for `target`, built from the `KeyCreated` at
+    /// `created_seq`.
+    SendClone {
+        /// Target HSM.
+        target: HsmId,
+        /// The key.
+        key_id: KeyId,
+        /// Where its `KeyCreated` is in the stream.
+        created_seq: u64,
+    },
+    /// Publish `KeyReplicated`.
+    AnnounceReplicated {
+        /// The key.
+        key_id: KeyId,
+        /// Sync latency, nanoseconds.
+        latency_ns: u64,
+    },
+}
+
+/// Whether an event's subject names what its body says (so per-key subject
+/// filters, and purges, see every event about a key).
+pub fn subject_matches(subject: Option<KeySubject>, event: &Event) -> bool {
+    match (subject, event) {
+        (Some(KeySubject::Created(k)), Event::KeyCreated(c)) => k == c.key_id,
+        (Some(KeySubject::Applied(k, h)), Event::CloneApplied(a)) => k == a.key_id && h == a.hsm,
+        (Some(KeySubject::Failed(k, h)), Event::CloneFailed(f)) => k == f.key_id && h == f.hsm,
+        (Some(KeySubject::Replicated(k)), Event::KeyReplicated(r)) => k == r.key_id,
+        (Some(KeySubject::HsmJoined(h)), Event::HsmJoined(j)) => h == j.hsm,
+        _ => false,
+    }
+}
+
+fn clones_for(state: &ClusterState, key_id: KeyId, key: &KeyState, out: &mut Vec<Action>) {
+    for idx in state.missing(key).iter() {
+        if let Some(m) = state.member_at(idx) {
+            out.push(Action::SendClone {
+                target: m.hsm.clone(),
+                key_id,
+                created_seq: key.created_seq,
+            });
+        }
+    }
+}
+
+fn announcement(key_id: KeyId, key: &KeyState) -> Option<Action> {
+    match key.completed {
+        Some((_, latency_ns)) if !key.announced => {
+            Some(Action::AnnounceReplicated { key_id, latency_ns })
+        }
+        _ => None,
+    }
+}
+
+/// Actions caused by one live event, already applied to `state`.
+pub fn decide(state: &ClusterState, meta: EventMeta, event: &Event) -> Vec<Action> {
+    let mut out = Vec::new();
+    match event {
+        Event::KeyCreated(c) => {
+            if let Some(key) = state.key(&c.key_id) {
+                // Only the first KeyCreated fans out; a republished one is a no-op.
+                if key.created_seq == meta.seq {
+                    clones_for(state, c.key_id, key, &mut out);
+                    out.extend(announcement(c.key_id, key));
+                }
+            }
+        }
+        Event::CloneApplied(a) => {
+            if let Some(key) = state.key(&a.key_id) {
+                if matches!(key.completed, Some((seq, _)) if seq == meta.seq) {
+                    out.extend(announcement(a.key_id, key));
+                }
+            }
+        }
+        Event::HsmJoined(j) => {
+            // A new member is sent every key; a returning one whatever it
+            // lacks (its queued commands may cover it: duplicates are
+            // deduplicated by message id, or applied as no-ops).
+            if let Some(idx) = state.member_index(&j.hsm) {
+                for (key_id, key) in state.keys() {
+                    if !key.holders.contains(idx) && !key.failed.contains(idx) {
+                        out.push(Action::SendClone {
+                            target: j.hsm.clone(),
+                            key_id: *key_id,
+                            created_seq: key.created_seq,
+                        });
+                    }
+                }
+            }
+        }
+        Event::CloneFailed(_) | Event::KeyReplicated(_) => {}
+    }
+    out
+}
+
+/// Every action still outstanding in `state`: run once after replaying the
+/// log, to finish what a previous run may have left half done.
+pub fn reconcile(state: &ClusterState) -> Vec<Action> {
+    let mut out = Vec::new();
+    let mut keys: Vec<(&KeyId, &KeyState)> = state.keys().collect();
+    keys.sort_by_key(|(_, k)| k.created_seq);
+    for (key_id, key) in keys {
+        clones_for(state, *key_id, key, &mut out);
+        out.extend(announcement(*key_id, key));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    //! Given events, when one more arrives, then these actions.
+    use super::*;
+    use keysync_schemas::{
+        CloneApplied, CloneFailed, CloneFailure, DomainId, Durability, Fingerprint, HsmJoined,
+        KeyAttributes, KeyCreated, KeyOrigin, KeyReplicated, KeyType,
+    };
+
+    fn hsm(s: &str) -> HsmId {
+        HsmId::new(s).expect("id")
+    }
+
+    fn joined(h: &str) -> Event {
+        Event::HsmJoined(HsmJoined {
+            hsm: hsm(h),
+            agent_version: "test".into(),
+            token_keys: 0,
+        })
+    }
+
+    fn created(k: KeyId, h: &str, fp: u8) -> Event {
+        Event::KeyCreated(KeyCreated {
+            key_id: k,
+            key_type: KeyType::Ed25519,
+            fingerprint: Fingerprint([fp; 32]),
+            hsm: hsm(h),
+            origin: KeyOrigin::Generated,
+            attributes: KeyAttributes::default(),
+            durability: Durability::Logged,
+            domain: DomainId([0; 8]),
+            wrapped: vec![1; 40],
+            public_key: None,
+        })
+    }
+
+    fn applied(k: KeyId, h: &str, fp: u8) -> Event {
+        Event::CloneApplied(CloneApplied {
+            key_id: k,
+            hsm: hsm(h),
+            fingerprint: Fingerprint([fp; 32]),
+            already_present: false,
+        })
+    }
+
+    /// A tiny log: applies events in order with sequences 1, 2, ... and
+    /// stream times 1 ms apart; returns the actions of the last one.
+    struct Log {
+        state: ClusterState,
+        seq: u64,
+    }
+
+    impl Log {
+        fn given(events: &[Event]) -> Self {
+            let mut log = Log {
+                state: ClusterState::default(),
+                seq: 0,
+            };
+            for e in events {
+                log.when(e);
+            }
+            log
+        }
+
+        fn when(&mut self, e: &Event) -> Vec<Action> {
+            self.seq += 1;
+            let meta = EventMeta {
+                seq: self.seq,
+                stored_at_ns: self.seq * 1_000_000,
+            };
+            match self.state.apply(meta, e) {
+                Ok(()) => decide(&self.state, meta, e),
+                Err(_) => Vec::new(),
+            }
+        }
+    }
+
+    fn clone_to(h: &str, k: KeyId, seq: u64) -> Action {
+        Action::SendClone {
+            target: hsm(h),
+            key_id: k,
+            created_seq: seq,
+        }
+    }
+
+    #[test]
+    fn a_new_key_fans_out_to_every_other_member() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b"), joined("c")]);
+        let actions = log.when(&created(k, "b", 1));
+        assert_eq!(actions, vec![clone_to("a", k, 4), clone_to("c", k, 4)]);
+    }
+
+    #[test]
+    fn the_last_apply_announces_replication_with_stream_latency() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b"), joined("c"), created(k, "a", 1)]);
+        assert!(log.when(&applied(k, "b", 1)).is_empty());
+        assert_eq!(
+            log.when(&applied(k, "c", 1)),
+            vec![Action::AnnounceReplicated {
+                key_id: k,
+                latency_ns: 2_000_000
+            }]
+        );
+        // A duplicate apply announces nothing more.
+        assert!(log.when(&applied(k, "c", 1)).is_empty());
+        assert_eq!(log.state.status().replicated, 1);
+        assert_eq!(log.state.status().pending_clones, 0);
+    }
+
+    #[test]
+    fn a_republished_create_does_not_fan_out_twice() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b"), created(k, "a", 1)]);
+        assert!(log.when(&created(k, "a", 1)).is_empty());
+        // Another fingerprint under the same id is rejected and counted.
+        assert!(log.when(&created(k, "a", 2)).is_empty());
+        assert_eq!(
+            log.state.status().rejected,
+            vec![("conflicting_create".to_string(), 1)]
+        );
+    }
+
+    #[test]
+    fn a_joining_member_is_sent_every_key_it_lacks() {
+        let (k1, k2) = (KeyId::new(), KeyId::new());
+        let mut log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            created(k1, "a", 1),
+            applied(k1, "b", 1),
+            created(k2, "b", 2),
+        ]);
+        let mut actions = log.when(&joined("c"));
+        actions.sort_by_key(|a| format!("{a:?}"));
+        let mut want = vec![clone_to("c", k1, 3), clone_to("c", k2, 5)];
+        want.sort_by_key(|a| format!("{a:?}"));
+        assert_eq!(actions, want);
+        let status = log.state.status();
+        assert_eq!(status.members[2].lag, 2);
+    }
+
+    #[test]
+    fn wrong_fingerprints_and_strangers_change_nothing() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b"), created(k, "a", 1)]);
+        assert!(log.when(&applied(k, "b", 9)).is_empty());
+        assert!(log.when(&applied(k, "zz", 1)).is_empty());
+        assert!(log.when(&applied(KeyId::new(), "b", 1)).is_empty());
+        let status = log.state.status();
+        assert_eq!(status.members[1].keys, 0);
+        assert_eq!(
+            status.rejected,
+            vec![
+                ("fingerprint_mismatch".to_string(), 1),
+                ("unknown_key".to_string(), 1),
+                ("unknown_member".to_string(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_clone_is_not_pending_and_not_resent() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b"), created(k, "a", 1)]);
+        log.when(&Event::CloneFailed(CloneFailed {
+            key_id: k,
+            hsm: hsm("b"),
+            reason: CloneFailure::WrongDomain,
+        }));
+        assert_eq!(log.state.status().pending_clones, 0);
+        assert_eq!(log.state.status().clone_failures, 1);
+        assert!(reconcile(&log.state).is_empty());
+    }
+
+    #[test]
+    fn reconcile_after_replay_finishes_what_was_left() {
+        let (k1, k2) = (KeyId::new(), KeyId::new());
+        // k1 is fully applied but its KeyReplicated never made it to the
+        // log; k2 reached only its creator before the crash.
+        let log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            created(k1, "a", 1),
+            applied(k1, "b", 1),
+            created(k2, "a", 2),
+        ]);
+        assert_eq!(
+            reconcile(&log.state),
+            vec![
+                Action::AnnounceReplicated {
+                    key_id: k1,
+                    latency_ns: 1_000_000
+                },
+                clone_to("b", k2, 5)
+            ]
+        );
+        // Once KeyReplicated is in the log, nothing is left to do for k1.
+        let mut log = log;
+        log.when(&Event::KeyReplicated(KeyReplicated {
+            key_id: k1,
+            fingerprint: Fingerprint([1; 32]),
+            holders: vec![hsm("a"), hsm("b")],
+            sync_latency_micros: 1000,
+            created_seq: 3,
+        }));
+        assert_eq!(reconcile(&log.state), vec![clone_to("b", k2, 5)]);
+    }
+
+    #[test]
+    fn subjects_must_match_bodies() {
+        let s = keysync_schemas::Subjects::default();
+        let k = KeyId::new();
+        let e = created(k, "a", 1);
+        assert!(subject_matches(s.parse_event(&s.key_created(&k)), &e));
+        assert!(!subject_matches(
+            s.parse_event(&s.key_created(&KeyId::new())),
+            &e
+        ));
+        assert!(!subject_matches(s.parse_event(&s.key_replicated(&k)), &e));
+        assert!(!subject_matches(None, &e));
+    }
+}

@@ -1,0 +1,351 @@
+//! The one place bytes become keysync values, and back.
+//!
+//! Layout of every payload:
+//!
+//! ```text
+//! "KS" | version: u16 big-endian | family: u8 | bincode 2 (standard config) of Envelope<T>
+//! ```
+//!
+//! bincode carries no layout of its own, so the version comes first and is
+//! checked before anything is decoded; a family byte keeps an event from
+//! being read as a command. The whole payload is bounded by
+//! [`MAX_MESSAGE_BYTES`], and bincode's own limit bounds every allocation,
+//! so hostile bytes cannot make a reader allocate more than that. Decoding
+//! returns an error for anything else, and never panics.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::commands::Command;
+use crate::envelope::{Envelope, SCHEMA_VERSION};
+use crate::events::Event;
+use crate::ops::{OpReply, OpRequest};
+use crate::status::{StatusReply, StatusRequest};
+
+/// Largest payload keysync writes or reads, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
+
+const MAGIC: [u8; 2] = *b"KS";
+const HEADER_LEN: usize = 5;
+
+type Config = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_MESSAGE_BYTES>,
+>;
+
+fn config() -> Config {
+    bincode::config::standard().with_limit::<MAX_MESSAGE_BYTES>()
+}
+
+/// A message family: which enum a payload holds. Each has its own family
+/// byte so that a payload of one family is never decoded as another.
+pub trait Message: Serialize + DeserializeOwned {
+    /// The family byte.
+    const FAMILY: u8;
+    /// A name for errors.
+    const NAME: &'static str;
+}
+
+impl Message for Event {
+    const FAMILY: u8 = 1;
+    const NAME: &'static str = "event";
+}
+impl Message for Command {
+    const FAMILY: u8 = 2;
+    const NAME: &'static str = "command";
+}
+impl Message for OpRequest {
+    const FAMILY: u8 = 3;
+    const NAME: &'static str = "operation request";
+}
+impl Message for OpReply {
+    const FAMILY: u8 = 4;
+    const NAME: &'static str = "operation reply";
+}
+impl Message for StatusRequest {
+    const FAMILY: u8 = 5;
+    const NAME: &'static str = "status request";
+}
+impl Message for StatusReply {
+    const FAMILY: u8 = 6;
+    const NAME: &'static str = "status reply";
+}
+
+/// Why a payload was rejected. [`DecodeError::reason`] is the stable,
+/// countable name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Larger than [`MAX_MESSAGE_BYTES`].
+    #[error("message of {len} bytes is over the {max}-byte limit")]
+    Oversized {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Shorter than the fixed header.
+    #[error("message of {0} bytes is shorter than the 5-byte header")]
+    Truncated(usize),
+    /// Does not start with `KS`.
+    #[error("not a keysync message (bad magic)")]
+    BadMagic,
+    /// A schema version this build cannot read.
+    #[error("unknown schema version {found} (this build reads 1..={SCHEMA_VERSION})")]
+    UnknownVersion {
+        /// The version found.
+        found: u16,
+    },
+    /// A payload of another family (say, an event where a command belongs).
+    #[error("expected a {expected}, found family {found}")]
+    WrongFamily {
+        /// What was expected.
+        expected: &'static str,
+        /// The family byte found.
+        found: u8,
+    },
+    /// The body does not decode.
+    #[error("malformed {what}: {detail}")]
+    Malformed {
+        /// What was being decoded.
+        what: &'static str,
+        /// The decoder's message (never payload bytes).
+        detail: String,
+    },
+    /// Bytes left over after the body.
+    #[error("{0} trailing bytes after the message")]
+    TrailingBytes(usize),
+}
+
+impl DecodeError {
+    /// A stable name for counters and dead letters.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Oversized { .. } => "oversized",
+            DecodeError::Truncated(_) => "truncated",
+            DecodeError::BadMagic => "bad_magic",
+            DecodeError::UnknownVersion { .. } => "unknown_version",
+            DecodeError::WrongFamily { .. } => "wrong_family",
+            DecodeError::Malformed { .. } => "malformed",
+            DecodeError::TrailingBytes(_) => "trailing_bytes",
+        }
+    }
+}
+
+/// Encodes a message at the current schema version.
+///
+/// Fails only if the value cannot be represented (a bug, or a body larger
+/// than [`MAX_MESSAGE_BYTES`]).
+pub fn encode<T: Message>(msg: &Envelope<T>) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&SCHEMA_VERSION.to_be_bytes());
+    out.push(T::FAMILY);
+    bincode::serde::encode_into_std_write(msg, &mut out, config())
+        .map_err(|e| EncodeError(e.to_string()))?;
+    if out.len() > MAX_MESSAGE_BYTES {
+        return Err(EncodeError(format!(
+            "{} of {} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
+            T::NAME,
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// A value that cannot be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot encode message: {0}")]
+pub struct EncodeError(pub String);
+
+/// Decodes a message of family `T`, checking size, magic, version and
+/// family first. Never panics.
+pub fn decode<T: Message>(bytes: &[u8]) -> Result<Envelope<T>, DecodeError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::Oversized {
+            len: bytes.len(),
+            max: MAX_MESSAGE_BYTES,
+        });
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(DecodeError::Truncated(bytes.len()));
+    }
+    if bytes[..2] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let version = u16::from_be_bytes([bytes[2], bytes[3]]);
+    let family = bytes[4];
+    // Version 1 is the only version so far. When version 2 comes, version-1
+    // bodies are decoded into the v1 types kept here and upcast.
+    if version != SCHEMA_VERSION {
+        return Err(DecodeError::UnknownVersion { found: version });
+    }
+    if family != T::FAMILY {
+        return Err(DecodeError::WrongFamily {
+            expected: T::NAME,
+            found: family,
+        });
+    }
+    let body = &bytes[HEADER_LEN..];
+    let (msg, used): (Envelope<T>, usize) = bincode::serde::decode_from_slice(body, config())
+        .map_err(|e| DecodeError::Malformed {
+            what: T::NAME,
+            detail: e.to_string(),
+        })?;
+    if used != body.len() {
+        return Err(DecodeError::TrailingBytes(body.len() - used));
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Source;
+    use crate::events::{HsmJoined, KeyCreated, KeyOrigin};
+    use crate::keys::{DomainId, Durability, Fingerprint, HsmId, KeyAttributes, KeyId, KeyType};
+    use proptest::prelude::*;
+
+    fn hsm(s: &str) -> HsmId {
+        HsmId::new(s).expect("valid id")
+    }
+
+    fn created(wrapped: Vec<u8>, label: Option<String>) -> Envelope<Event> {
+        Envelope::new(
+            Source::Hsm(hsm("hsm-1")),
+            Event::KeyCreated(KeyCreated {
+                key_id: KeyId::new(),
+                key_type: KeyType::P256,
+                fingerprint: Fingerprint([7; 32]),
+                hsm: hsm("hsm-1"),
+                origin: KeyOrigin::Generated,
+                attributes: KeyAttributes { label },
+                durability: Durability::Replicas(2),
+                domain: DomainId([1; 8]),
+                wrapped,
+                public_key: Some(vec![0x30, 0x59]),
+            }),
+        )
+    }
+
+    #[test]
+    fn round_trips() {
+        let msg = created(vec![1, 2, 3], Some("payments".into()));
+        let bytes = encode(&msg).expect("encodes");
+        assert_eq!(&bytes[..5], b"KS\x00\x01\x01");
+        assert_eq!(decode::<Event>(&bytes).expect("decodes"), msg);
+    }
+
+    #[test]
+    fn rejects_each_kind_of_bad_payload() {
+        let good = encode(&created(vec![9; 40], None)).expect("encodes");
+        assert_eq!(
+            decode::<Event>(&good[..3]).unwrap_err().reason(),
+            "truncated"
+        );
+        assert_eq!(
+            decode::<Event>(b"XX\x00\x01\x01").unwrap_err().reason(),
+            "bad_magic"
+        );
+        let mut v2 = good.clone();
+        v2[3] = 2;
+        assert_eq!(
+            decode::<Event>(&v2).unwrap_err(),
+            DecodeError::UnknownVersion { found: 2 }
+        );
+        assert_eq!(
+            decode::<Command>(&good).unwrap_err().reason(),
+            "wrong_family"
+        );
+        assert_eq!(
+            decode::<Event>(&good[..good.len() - 4])
+                .unwrap_err()
+                .reason(),
+            "malformed"
+        );
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(
+            decode::<Event>(&trailing).unwrap_err().reason(),
+            "trailing_bytes"
+        );
+        let huge = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        assert_eq!(decode::<Event>(&huge).unwrap_err().reason(), "oversized");
+    }
+
+    #[test]
+    fn a_huge_length_prefix_does_not_allocate() {
+        // A valid header followed by a varint claiming a 2^60-byte vector.
+        let mut bytes = b"KS\x00\x01\x01".to_vec();
+        bytes.extend_from_slice(&[0xff; 16]);
+        assert!(decode::<Event>(&bytes).is_err());
+    }
+
+    #[test]
+    fn refuses_to_encode_oversized() {
+        let msg = created(vec![0; MAX_MESSAGE_BYTES], None);
+        assert!(encode(&msg).is_err());
+    }
+
+    #[test]
+    fn hsm_ids_are_validated_when_decoded() {
+        // An HSM id with a dot would break subject routing: it must not decode.
+        let msg = Envelope::new(
+            Source::Client("t".into()),
+            Event::HsmJoined(HsmJoined {
+                hsm: hsm("abc"),
+                agent_version: "1".into(),
+                token_keys: 0,
+            }),
+        );
+        let mut bytes = encode(&msg).expect("encodes");
+        let pos = bytes
+            .windows(3)
+            .position(|w| w == b"abc")
+            .expect("id in payload");
+        bytes[pos + 1] = b'.';
+        assert_eq!(decode::<Event>(&bytes).unwrap_err().reason(), "malformed");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode::<Event>(&bytes);
+            let _ = decode::<Command>(&bytes);
+            let _ = decode::<OpRequest>(&bytes);
+            let _ = decode::<OpReply>(&bytes);
+            let _ = decode::<StatusRequest>(&bytes);
+            let _ = decode::<StatusReply>(&bytes);
+        }
+
+        #[test]
+        fn valid_header_with_arbitrary_body_never_panics(
+            family in 1u8..=6,
+            body in proptest::collection::vec(any::<u8>(), 0..2048),
+        ) {
+            let mut bytes = vec![b'K', b'S', 0, 1, family];
+            bytes.extend_from_slice(&body);
+            let _ = decode::<Event>(&bytes);
+            let _ = decode::<Command>(&bytes);
+            let _ = decode::<OpRequest>(&bytes);
+            let _ = decode::<OpReply>(&bytes);
+        }
+
+        #[test]
+        fn mutated_valid_messages_never_panic(
+            wrapped in proptest::collection::vec(any::<u8>(), 0..200),
+            label in proptest::option::of("[a-z]{0,20}"),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        ) {
+            let msg = created(wrapped, label);
+            let mut bytes = encode(&msg).expect("encodes");
+            prop_assert_eq!(decode::<Event>(&bytes).expect("decodes"), msg);
+            for (pos, val) in flips {
+                let i = pos % bytes.len();
+                bytes[i] = val;
+            }
+            let _ = decode::<Event>(&bytes);
+        }
+    }
+}

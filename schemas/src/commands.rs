@@ -1,0 +1,27 @@
+//! Commands: what the orchestrator asks one agent to do, on that agent's
+//! durable subject of the `KEYSYNC_CMD` work-queue stream. A command waits
+//! there while its HSM is down.
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::KeyCreated;
+use crate::keys::HsmId;
+
+/// One command on the command stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Store a key created elsewhere.
+    CloneKey(CloneKey),
+}
+
+/// Store the key described by `key` (wrapped material included). Applying it
+/// twice is a no-op: same key id and fingerprint means already done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneKey {
+    /// The HSM that must apply it (checked against the subject it came on).
+    pub target: HsmId,
+    /// Stream sequence of the `KeyCreated` event this command comes from.
+    pub created_seq: u64,
+    /// The key, as its creator announced it.
+    pub key: KeyCreated,
+}

@@ -1,0 +1,45 @@
+//! Every keysync wire type, and nothing else.
+//!
+//! keysync processes (the `hsm-agent`s, the `orchestrator`, the `keysync`
+//! client) talk only through NATS and JetStream. Everything they put on the
+//! bus is defined here:
+//!
+//! - [`envelope`]: the versioned envelope every message travels in (message
+//!   id, schema version, time, source);
+//! - [`events`]: the facts agents and the orchestrator append to the event
+//!   stream (`KeyCreated`, `CloneApplied`, `KeyReplicated`, ...);
+//! - [`commands`]: what the orchestrator asks one agent to do (`CloneKey`);
+//! - [`ops`]: the request/reply key operations clients send to agents;
+//! - [`status`]: cluster status, as the orchestrator reports it;
+//! - [`subjects`]: the subject and stream layout under a cluster prefix;
+//! - [`headers`]: NATS header names (dedup id, later signatures and trace
+//!   context, which travel beside the payload so adding them breaks nothing);
+//! - [`codec`]: the one place bytes become values, with a size limit and an
+//!   explicit version check.
+//!
+//! Decoding never panics, whatever the bytes (a property test checks it).
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod commands;
+pub mod envelope;
+pub mod events;
+pub mod headers;
+pub mod keys;
+pub mod ops;
+pub mod status;
+pub mod subjects;
+
+pub use codec::{decode, encode, DecodeError, EncodeError, Message, MAX_MESSAGE_BYTES};
+pub use commands::{CloneKey, Command};
+pub use envelope::{Envelope, Source, Timestamp, SCHEMA_VERSION};
+pub use events::{
+    CloneApplied, CloneFailed, CloneFailure, Event, HsmJoined, KeyCreated, KeyOrigin, KeyReplicated,
+};
+pub use keys::{
+    DomainId, Durability, Fingerprint, HsmId, IdError, KeyAttributes, KeyId, KeyType, SecretBytes,
+    MAX_LABEL_BYTES,
+};
+pub use ops::{AgentHealth, KeyInfo, OpError, OpErrorKind, OpReply, OpRequest};
+pub use status::{ClusterStatus, MemberState, MemberStatus, StatusReply, StatusRequest};
+pub use subjects::Subjects;

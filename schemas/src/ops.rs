@@ -1,0 +1,242 @@
+//! Key operations: request/reply between clients and agents, on
+//! `<prefix>.hsm.<id>.op` (one HSM) or `<prefix>.op` (any HSM, queue group).
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::Timestamp;
+use crate::keys::{Durability, Fingerprint, HsmId, KeyAttributes, KeyId, KeyType, SecretBytes};
+
+/// A key operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OpRequest {
+    /// Generate a key inside the HSM.
+    Generate {
+        /// Id to give the key (the SDK chooses it so it can subscribe to the
+        /// key's events before asking); `None` lets the HSM choose.
+        key_id: Option<KeyId>,
+        /// Key type.
+        key_type: KeyType,
+        /// Session keys never leave the HSM and vanish on restart.
+        session: bool,
+        /// When to reply.
+        durability: Durability,
+        /// Attributes.
+        attributes: KeyAttributes,
+    },
+    /// Import plaintext key material: PKCS#8 DER for asymmetric keys, raw
+    /// 32 bytes for AES-256. The material crosses the bus in the clear to
+    /// this one HSM: use TLS, or prefer `Unwrap`.
+    Import {
+        /// Id to give the key, or `None`.
+        key_id: Option<KeyId>,
+        /// Key type.
+        key_type: KeyType,
+        /// The material.
+        material: SecretBytes,
+        /// Session key?
+        session: bool,
+        /// When to reply.
+        durability: Durability,
+        /// Attributes.
+        attributes: KeyAttributes,
+    },
+    /// Unwrap an RFC 5649 blob under an AES-256 key the HSM holds.
+    Unwrap {
+        /// Id to give the key, or `None`.
+        key_id: Option<KeyId>,
+        /// Type of the wrapped key.
+        key_type: KeyType,
+        /// The AES-256 wrapping key, held by this HSM.
+        wrapping_key: KeyId,
+        /// The wrapped material (PKCS#8 DER or raw AES bytes inside).
+        wrapped: Vec<u8>,
+        /// Session key?
+        session: bool,
+        /// When to reply.
+        durability: Durability,
+        /// Attributes.
+        attributes: KeyAttributes,
+    },
+    /// Sign `data` (ECDSA P-256/SHA-256 DER, Ed25519 raw, RSA PKCS#1 v1.5/SHA-256).
+    Sign {
+        /// The key.
+        key_id: KeyId,
+        /// The message (hashed by the HSM).
+        data: Vec<u8>,
+    },
+    /// Verify a signature made by `Sign`.
+    Verify {
+        /// The key.
+        key_id: KeyId,
+        /// The message.
+        data: Vec<u8>,
+        /// The signature.
+        signature: Vec<u8>,
+    },
+    /// AES-256-GCM encryption; the reply is nonce (12 bytes) ‖ ciphertext ‖ tag.
+    Encrypt {
+        /// The AES-256 key.
+        key_id: KeyId,
+        /// What to encrypt.
+        plaintext: SecretBytes,
+        /// Additional authenticated data.
+        aad: Vec<u8>,
+    },
+    /// AES-256-GCM decryption of what `Encrypt` returned.
+    Decrypt {
+        /// The AES-256 key.
+        key_id: KeyId,
+        /// nonce ‖ ciphertext ‖ tag.
+        ciphertext: Vec<u8>,
+        /// Additional authenticated data.
+        aad: Vec<u8>,
+    },
+    /// The public key as SPKI DER.
+    PublicKey {
+        /// The key.
+        key_id: KeyId,
+    },
+    /// What the HSM knows of one key.
+    Info {
+        /// The key.
+        key_id: KeyId,
+    },
+    /// Every key the HSM holds.
+    List,
+    /// The agent's health: key counts and rejected-message counters.
+    Health,
+}
+
+impl OpRequest {
+    /// A short name for logs and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OpRequest::Generate { .. } => "generate",
+            OpRequest::Import { .. } => "import",
+            OpRequest::Unwrap { .. } => "unwrap",
+            OpRequest::Sign { .. } => "sign",
+            OpRequest::Verify { .. } => "verify",
+            OpRequest::Encrypt { .. } => "encrypt",
+            OpRequest::Decrypt { .. } => "decrypt",
+            OpRequest::PublicKey { .. } => "public_key",
+            OpRequest::Info { .. } => "info",
+            OpRequest::List => "list",
+            OpRequest::Health => "health",
+        }
+    }
+}
+
+/// What an HSM knows of a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    /// The key.
+    pub key_id: KeyId,
+    /// Its type.
+    pub key_type: KeyType,
+    /// Its fingerprint.
+    pub fingerprint: Fingerprint,
+    /// Session key (never synced)?
+    pub session: bool,
+    /// Attributes.
+    pub attributes: KeyAttributes,
+    /// The HSM answering.
+    pub hsm: HsmId,
+    /// When this HSM stored it.
+    pub stored_at: Timestamp,
+}
+
+/// The reply to an [`OpRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OpReply {
+    /// A key was created (generate, import, unwrap).
+    Created {
+        /// The key.
+        info: KeyInfo,
+        /// The durability reached when the HSM replied (`none` or `logged`;
+        /// replica levels are waited for by the client).
+        durability: Durability,
+        /// Stream sequence of the `KeyCreated` event, when logged.
+        created_seq: Option<u64>,
+    },
+    /// A signature.
+    Signature(Vec<u8>),
+    /// Whether a signature verified.
+    Verified(bool),
+    /// nonce ‖ ciphertext ‖ tag.
+    Ciphertext(Vec<u8>),
+    /// Decrypted data.
+    Plaintext(SecretBytes),
+    /// SPKI DER.
+    PublicKey(Vec<u8>),
+    /// One key.
+    Info(KeyInfo),
+    /// Every key.
+    List(Vec<KeyInfo>),
+    /// The agent's health.
+    Health(AgentHealth),
+    /// The operation failed.
+    Error(OpError),
+}
+
+/// An agent's view of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHealth {
+    /// The HSM.
+    pub hsm: HsmId,
+    /// Token keys held.
+    pub token_keys: u64,
+    /// Session keys held.
+    pub session_keys: u64,
+    /// `KeyCreated` events stored but not yet acknowledged by JetStream.
+    pub outbox: u64,
+    /// Clone commands applied since start.
+    pub clones_applied: u64,
+    /// Rejected messages since start, by reason.
+    pub rejected: Vec<(String, u64)>,
+}
+
+/// Why an operation failed, kept apart because callers handle them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OpErrorKind {
+    /// This HSM does not hold the key (it may not be replicated here yet).
+    KeyNotFound,
+    /// The request was malformed or asked for something impossible.
+    BadRequest,
+    /// The key cannot do that (e.g. sign with an AES key).
+    Unsupported,
+    /// A key with that id already exists.
+    AlreadyExists,
+    /// The HSM could not reach the bus or its store; retrying may help.
+    Unavailable,
+    /// A decryption or unwrap failed its integrity check.
+    IntegrityFailed,
+    /// An internal error.
+    Internal,
+}
+
+/// An operation error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpError {
+    /// What kind.
+    pub kind: OpErrorKind,
+    /// A sentence for people (never key material).
+    pub message: String,
+}
+
+impl OpError {
+    /// Builds an error.
+    pub fn new(kind: OpErrorKind, message: impl Into<String>) -> Self {
+        OpError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for OpError {}

@@ -1,0 +1,233 @@
+//! The subject and stream layout of one keysync cluster.
+//!
+//! Everything sits under a prefix (`keysync` by default) so several clusters
+//! share one NATS. Per-key event subjects let a deleted key's wrapped
+//! material be purged from the stream with one filtered purge.
+
+use crate::keys::{HsmId, IdError, KeyId};
+
+/// The default subject prefix.
+pub const DEFAULT_PREFIX: &str = "keysync";
+
+/// Queue group agents join on the any-HSM operation subject.
+pub const ANY_OP_QUEUE: &str = "keysync-agents";
+
+/// Subject and stream names for one cluster prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+    stream_base: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Subjects::new(DEFAULT_PREFIX).unwrap_or_else(|_| unreachable!("default prefix is valid"))
+    }
+}
+
+/// What a per-key event subject names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySubject {
+    /// `...key.<id>.created`
+    Created(KeyId),
+    /// `...key.<id>.applied.<hsm>`
+    Applied(KeyId, HsmId),
+    /// `...key.<id>.failed.<hsm>`
+    Failed(KeyId, HsmId),
+    /// `...key.<id>.replicated`
+    Replicated(KeyId),
+    /// `...hsm.<hsm>.joined`
+    HsmJoined(HsmId),
+}
+
+impl Subjects {
+    /// A layout under `prefix` (one or more tokens of `A-Z a-z 0-9 _ -`).
+    pub fn new(prefix: &str) -> Result<Self, IdError> {
+        let valid = !prefix.is_empty()
+            && prefix.split('.').all(|t| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
+        if !valid {
+            return Err(IdError::Prefix(prefix.to_string()));
+        }
+        let stream_base = prefix
+            .chars()
+            .map(|c| match c {
+                '.' | '-' => '_',
+                c => c.to_ascii_uppercase(),
+            })
+            .collect();
+        Ok(Subjects {
+            prefix: prefix.to_string(),
+            stream_base,
+        })
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The events stream (`KEYSYNC_EVENTS` for the default prefix).
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.stream_base)
+    }
+
+    /// The command work-queue stream (`KEYSYNC_CMD`).
+    pub fn commands_stream(&self) -> String {
+        format!("{}_CMD", self.stream_base)
+    }
+
+    /// Every event subject: `<p>.evt.>`.
+    pub fn events_all(&self) -> String {
+        format!("{}.evt.>", self.prefix)
+    }
+
+    /// Every event of one key: `<p>.evt.key.<id>.>`.
+    pub fn key_events(&self, key: &KeyId) -> String {
+        format!("{}.evt.key.{key}.>", self.prefix)
+    }
+
+    /// `<p>.evt.key.<id>.created`
+    pub fn key_created(&self, key: &KeyId) -> String {
+        format!("{}.evt.key.{key}.created", self.prefix)
+    }
+
+    /// `<p>.evt.key.<id>.applied.<hsm>`
+    pub fn clone_applied(&self, key: &KeyId, hsm: &HsmId) -> String {
+        format!("{}.evt.key.{key}.applied.{hsm}", self.prefix)
+    }
+
+    /// Every `applied` event of every key: `<p>.evt.key.*.applied.*`.
+    pub fn all_applied(&self) -> String {
+        format!("{}.evt.key.*.applied.*", self.prefix)
+    }
+
+    /// `<p>.evt.key.<id>.failed.<hsm>`
+    pub fn clone_failed(&self, key: &KeyId, hsm: &HsmId) -> String {
+        format!("{}.evt.key.{key}.failed.{hsm}", self.prefix)
+    }
+
+    /// `<p>.evt.key.<id>.replicated`
+    pub fn key_replicated(&self, key: &KeyId) -> String {
+        format!("{}.evt.key.{key}.replicated", self.prefix)
+    }
+
+    /// Every `replicated` event: `<p>.evt.key.*.replicated`.
+    pub fn all_replicated(&self) -> String {
+        format!("{}.evt.key.*.replicated", self.prefix)
+    }
+
+    /// `<p>.evt.hsm.<hsm>.joined`
+    pub fn hsm_joined(&self, hsm: &HsmId) -> String {
+        format!("{}.evt.hsm.{hsm}.joined", self.prefix)
+    }
+
+    /// Every command: `<p>.cmd.>`.
+    pub fn commands_all(&self) -> String {
+        format!("{}.cmd.>", self.prefix)
+    }
+
+    /// One HSM's command subject: `<p>.cmd.<hsm>`.
+    pub fn commands_for(&self, hsm: &HsmId) -> String {
+        format!("{}.cmd.{hsm}", self.prefix)
+    }
+
+    /// Operations on one HSM: `<p>.hsm.<hsm>.op`.
+    pub fn hsm_op(&self, hsm: &HsmId) -> String {
+        format!("{}.hsm.{hsm}.op", self.prefix)
+    }
+
+    /// Operations on any HSM (queue group [`ANY_OP_QUEUE`]): `<p>.op`.
+    pub fn any_op(&self) -> String {
+        format!("{}.op", self.prefix)
+    }
+
+    /// Sync-latency metrics, JSON, every second: `<p>.metrics.sync`.
+    pub fn metrics_sync(&self) -> String {
+        format!("{}.metrics.sync", self.prefix)
+    }
+
+    /// Orchestrator status requests: `<p>.orchestrator.status`.
+    pub fn orchestrator_status(&self) -> String {
+        format!("{}.orchestrator.status", self.prefix)
+    }
+
+    /// Durable consumer name of one HSM's command queue.
+    pub fn agent_consumer(&self, hsm: &HsmId) -> String {
+        format!("agent-{hsm}")
+    }
+
+    /// Parses a per-key or per-HSM event subject of this prefix.
+    pub fn parse_event(&self, subject: &str) -> Option<KeySubject> {
+        let rest = subject.strip_prefix(&self.prefix)?.strip_prefix(".evt.")?;
+        let tokens: Vec<&str> = rest.split('.').collect();
+        match tokens.as_slice() {
+            ["key", id, "created"] => Some(KeySubject::Created(id.parse().ok()?)),
+            ["key", id, "replicated"] => Some(KeySubject::Replicated(id.parse().ok()?)),
+            ["key", id, "applied", hsm] => {
+                Some(KeySubject::Applied(id.parse().ok()?, hsm.parse().ok()?))
+            }
+            ["key", id, "failed", hsm] => {
+                Some(KeySubject::Failed(id.parse().ok()?, hsm.parse().ok()?))
+            }
+            ["hsm", hsm, "joined"] => Some(KeySubject::HsmJoined(hsm.parse().ok()?)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_layout_matches_the_design() {
+        let s = Subjects::default();
+        let k: KeyId = "0190f3a2-0000-7000-8000-000000000001"
+            .parse()
+            .expect("uuid");
+        let h = HsmId::new("hsm-1").expect("id");
+        assert_eq!(s.events_stream(), "KEYSYNC_EVENTS");
+        assert_eq!(s.commands_stream(), "KEYSYNC_CMD");
+        assert_eq!(
+            s.key_created(&k),
+            "keysync.evt.key.0190f3a2-0000-7000-8000-000000000001.created"
+        );
+        assert_eq!(s.commands_for(&h), "keysync.cmd.hsm-1");
+        assert_eq!(s.hsm_op(&h), "keysync.hsm.hsm-1.op");
+        assert_eq!(s.any_op(), "keysync.op");
+        assert_eq!(s.metrics_sync(), "keysync.metrics.sync");
+    }
+
+    #[test]
+    fn subjects_parse_back() {
+        let s = Subjects::new("team-a.ks").expect("prefix");
+        assert_eq!(s.events_stream(), "TEAM_A_KS_EVENTS");
+        let k = KeyId::new();
+        let h = HsmId::new("h2").expect("id");
+        assert_eq!(
+            s.parse_event(&s.key_created(&k)),
+            Some(KeySubject::Created(k))
+        );
+        assert_eq!(
+            s.parse_event(&s.clone_applied(&k, &h)),
+            Some(KeySubject::Applied(k, h.clone()))
+        );
+        assert_eq!(
+            s.parse_event(&s.hsm_joined(&h)),
+            Some(KeySubject::HsmJoined(h))
+        );
+        assert_eq!(s.parse_event("keysync.evt.key.x.created"), None);
+        assert_eq!(s.parse_event("team-a.ks.evt.key"), None);
+    }
+
+    #[test]
+    fn prefixes_are_validated() {
+        for bad in ["", "a..b", "a.*", "a.>", "a b", ".a"] {
+            assert!(Subjects::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
