@@ -1,0 +1,78 @@
+//! `keysync cluster init|status`.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use serde_json::json;
+
+use super::{print_json, Cli};
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new cluster domain key (mode 0600; never overwrites).
+    Init {
+        /// Where to write the key.
+        #[arg(long)]
+        domain_key_out: PathBuf,
+    },
+    /// Members, their states, key counts and lag, as the orchestrator sees them.
+    Status {
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Init { domain_key_out } => {
+            let key = hsm_agent::domain::DomainKey::create_file(domain_key_out)
+                .context("creating the domain key")?;
+            println!(
+                "domain key {} written to {} (mode 0600). Give this file to every hsm-agent of the cluster (--domain-key), and to nothing else.",
+                key.id(),
+                domain_key_out.display()
+            );
+            Ok(())
+        }
+        Command::Status { json } => {
+            let s = cli.client().await?.cluster_status().await?;
+            if *json {
+                print_json(&json!({
+                    "members": s.members.iter().map(|m| json!({
+                        "hsm_id": m.hsm_id.as_str(),
+                        "state": m.state.as_str(),
+                        "keys": m.keys,
+                        "lag": m.lag,
+                    })).collect::<Vec<_>>(),
+                    "keys": s.keys,
+                    "replicated": s.replicated,
+                    "pending_clones": s.pending_clones,
+                    "clone_failures": s.clone_failures,
+                    "last_seq": s.last_seq,
+                    "rejected": s.rejected.iter().map(|(r, n)| (r.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
+                }))
+            } else {
+                println!("{:<16} {:<11} {:>8} {:>8}", "HSM", "STATE", "KEYS", "LAG");
+                for m in &s.members {
+                    println!(
+                        "{:<16} {:<11} {:>8} {:>8}",
+                        m.hsm_id.as_str(),
+                        m.state.as_str(),
+                        m.keys,
+                        m.lag
+                    );
+                }
+                println!(
+                    "keys {}  replicated {}  pending clones {}  clone failures {}  log seq {}",
+                    s.keys, s.replicated, s.pending_clones, s.clone_failures, s.last_seq
+                );
+                for (reason, n) in &s.rejected {
+                    println!("rejected {reason}: {n}");
+                }
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! `keysync dev`: a local stack until Ctrl-C.
+
+use std::path::PathBuf;
+
+use keysync::devstack::{DevStack, StackOptions};
+
+use super::Cli;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Number of HSM agents.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    hsms: u16,
+    /// Directory for the NATS store, keystores, domain key and logs (kept).
+    /// Without it, a temporary directory removed on exit.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// NATS port (default: a free one).
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    let stack = DevStack::start(StackOptions {
+        hsms: usize::from(args.hsms),
+        data_dir: args.data_dir.clone(),
+        subjects: cli.subjects()?,
+        port: args.port,
+    })
+    .await?;
+    println!("{}", stack.url());
+    eprintln!(
+        "keysync dev stack up: {} HSMs ({}), data in {}\n  export KEYSYNC_NATS={}\n  keysync cluster status\nCtrl-C stops it.",
+        args.hsms,
+        stack
+            .hsm_ids()
+            .iter()
+            .map(|h| h.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        stack.dir().display(),
+        stack.url()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    eprintln!("stopping");
+    stack.shutdown();
+    Ok(())
+}

