@@ -1,1 +1,148 @@
+//! Test support for keysync's integration tests.
+//!
+//! The processes are real: [`keysync::devstack`] spawns `nats-server` on a
+//! free port with a temp JetStream store and its own log, and the real
+//! `orchestrator` and `hsm-agent` binaries, observes readiness (log line,
+//! answered request, `HsmJoined`), and kills everything on drop. This crate
+//! adds what tests need on top: inventories, convergence waits, counting
+//! events in the stream, and running the `keysync` CLI.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which
+//! the README's test command does); they are found next to the test binary.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+pub use keysync::devstack::{find_binary, DevStack, StackOptions};
+use keysync::{Client, CreateKey, CreatedKey, Route};
+use keysync_schemas::{Fingerprint, HsmId, KeyId, KeyType};
+
+/// An HSM id from a literal.
+pub fn hsm(id: &str) -> HsmId {
+    HsmId::new(id).unwrap_or_else(|e| panic!("bad test HSM id: {e}"))
+}
+
+/// Starts a stack of `hsms` HSMs in a temp dir, panicking with the logs'
+/// tails if it does not come up.
+pub async fn start_stack(hsms: usize) -> DevStack {
+    match DevStack::start(StackOptions {
+        hsms,
+        ..Default::default()
+    })
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => panic!("stack did not start: {e}"),
+    }
+}
+
+/// Token keys one HSM holds, with fingerprints.
+pub async fn inventory(client: &Client, hsm: &HsmId) -> BTreeMap<KeyId, Fingerprint> {
+    client
+        .list_keys(hsm)
+        .await
+        .unwrap_or_else(|e| panic!("listing keys on {hsm}: {e}"))
+        .into_iter()
+        .filter(|k| !k.session)
+        .map(|k| (k.key_id, k.fingerprint))
+        .collect()
+}
+
+/// Waits until every HSM in `hsms` holds exactly `expected`; panics with
+/// what differs after `timeout`.
+pub async fn assert_converges(
+    client: &Client,
+    hsms: &[HsmId],
+    expected: &BTreeMap<KeyId, Fingerprint>,
+    timeout: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for h in hsms {
+        loop {
+            let inv = inventory(client, h).await;
+            if &inv == expected {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let missing = expected.keys().filter(|k| !inv.contains_key(k)).count();
+                let extra = inv.keys().filter(|k| !expected.contains_key(k)).count();
+                let differing = expected
+                    .iter()
+                    .filter(|(k, fp)| inv.get(k).is_some_and(|f| f != *fp))
+                    .count();
+                panic!(
+                    "{h} did not converge in {timeout:?}: holds {}, expected {}; {missing} missing, {extra} extra, {differing} with another fingerprint",
+                    inv.len(),
+                    expected.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Creates a key, panicking on failure.
+pub async fn create(client: &Client, key_type: KeyType, on: &HsmId) -> CreatedKey {
+    client
+        .create_key(CreateKey::new(key_type).on(Route::Hsm(on.clone())))
+        .await
+        .unwrap_or_else(|e| panic!("creating a {key_type} key on {on}: {e}"))
+}
+
+/// Messages stored in the events stream under a subject filter.
+pub async fn count_events(client: &Client, filter: &str) -> u64 {
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let stream = js
+        .get_stream(client.subjects().events_stream())
+        .await
+        .unwrap_or_else(|e| panic!("events stream: {e}"));
+    let mut subjects = stream
+        .info_with_subjects(filter)
+        .await
+        .unwrap_or_else(|e| panic!("stream info: {e}"));
+    let mut total = 0;
+    while let Some((_, n)) = subjects
+        .try_next()
+        .await
+        .unwrap_or_else(|e| panic!("stream subjects: {e}"))
+    {
+        total += n as u64;
+    }
+    total
+}
+
+/// Runs the `keysync` CLI with `args` and returns its output.
+pub fn keysync_cli(args: &[&str]) -> Output {
+    let bin: PathBuf = find_binary("keysync").unwrap_or_else(|e| panic!("{e}"));
+    std::process::Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running keysync: {e}"))
+}
+
+/// A uniformly random index below `n` (for picking HSMs).
+pub fn random_index(n: usize) -> usize {
+    let id = uuid::Uuid::new_v4();
+    (id.as_u128() % n.max(1) as u128) as usize
+}
