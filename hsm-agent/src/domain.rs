@@ -187,7 +187,7 @@ pub fn wrap_with(kek: &[u8; 32], material: &[u8]) -> Result<Vec<u8>, DomainKeyEr
 
 /// RFC 5649 unwrap under an AES-256 key-encryption key.
 pub fn unwrap_with(kek: &[u8; 32], blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, DomainKeyError> {
-    if blob.len() < 16 || blob.len() % 8 != 0 {
+    if blob.len() < 16 || !blob.len().is_multiple_of(8) {
         return Err(DomainKeyError::Integrity);
     }
     let kw = KwpAes256::new(kek.into());

@@ -239,37 +239,37 @@ mod tests {
     fn rejects_each_kind_of_bad_payload() {
         let good = encode(&created(vec![9; 40], None)).expect("encodes");
         assert_eq!(
-            decode::<Event>(&good[..3]).unwrap_err().reason(),
+            decode::<Event>(&good[..3]).expect_err("rejected").reason(),
             "truncated"
         );
         assert_eq!(
-            decode::<Event>(b"XX\x00\x01\x01").unwrap_err().reason(),
+            decode::<Event>(b"XX\x00\x01\x01").expect_err("rejected").reason(),
             "bad_magic"
         );
         let mut v2 = good.clone();
         v2[3] = 2;
         assert_eq!(
-            decode::<Event>(&v2).unwrap_err(),
+            decode::<Event>(&v2).expect_err("rejected"),
             DecodeError::UnknownVersion { found: 2 }
         );
         assert_eq!(
-            decode::<Command>(&good).unwrap_err().reason(),
+            decode::<Command>(&good).expect_err("rejected").reason(),
             "wrong_family"
         );
         assert_eq!(
             decode::<Event>(&good[..good.len() - 4])
-                .unwrap_err()
+                .expect_err("rejected")
                 .reason(),
             "malformed"
         );
         let mut trailing = good.clone();
         trailing.push(0);
         assert_eq!(
-            decode::<Event>(&trailing).unwrap_err().reason(),
+            decode::<Event>(&trailing).expect_err("rejected").reason(),
             "trailing_bytes"
         );
         let huge = vec![0u8; MAX_MESSAGE_BYTES + 1];
-        assert_eq!(decode::<Event>(&huge).unwrap_err().reason(), "oversized");
+        assert_eq!(decode::<Event>(&huge).expect_err("rejected").reason(), "oversized");
     }
 
     #[test]
@@ -303,7 +303,7 @@ mod tests {
             .position(|w| w == b"abc")
             .expect("id in payload");
         bytes[pos + 1] = b'.';
-        assert_eq!(decode::<Event>(&bytes).unwrap_err().reason(), "malformed");
+        assert_eq!(decode::<Event>(&bytes).expect_err("rejected").reason(), "malformed");
     }
 
     proptest! {
