@@ -237,11 +237,15 @@ impl NatsServer {
         let mut cmd = Command::new(bin);
         cmd.args(["-a", "127.0.0.1", "-p"])
             .arg(port.map_or("-1".to_string(), |p| p.to_string()))
-            .args(["-js", "-sd"])
-            .arg(dir.join("jetstream"))
-            .arg("-l")
-            .arg(&log)
-            .args(extra);
+            .arg("-js");
+        if extra.iter().any(|a| a == "-c") {
+            // A config names its store through $KEYSYNC_NATS_STORE_DIR
+            // (a flag as well would be a duplicate setting).
+            cmd.env("KEYSYNC_NATS_STORE_DIR", dir.join("jetstream"));
+        } else {
+            cmd.arg("-sd").arg(dir.join("jetstream"));
+        }
+        cmd.arg("-l").arg(&log).args(extra);
         let mut process = Process::spawn("nats-server", cmd, dir.join("nats-server.stdout"))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -301,6 +305,9 @@ pub struct StackOptions {
     pub subjects: Subjects,
     /// NATS port; a free one if `None`.
     pub port: Option<u16>,
+    /// A nats-server config file (`-c`); the stack's own flags (address,
+    /// port, JetStream store) still override what it says.
+    pub nats_config: Option<PathBuf>,
 }
 
 impl Default for StackOptions {
@@ -310,6 +317,7 @@ impl Default for StackOptions {
             data_dir: None,
             subjects: Subjects::default(),
             port: None,
+            nats_config: None,
         }
     }
 }
@@ -346,7 +354,11 @@ impl DevStack {
         if !domain_key.exists() {
             hsm_domain_key_file(&domain_key)?;
         }
-        let nats = NatsServer::start(&dir.join("nats"), opts.port).await?;
+        let nats_args = match &opts.nats_config {
+            Some(c) => vec!["-c".to_string(), c.display().to_string()],
+            None => Vec::new(),
+        };
+        let nats = NatsServer::start_with(find_nats_server()?, &dir.join("nats"), opts.port, nats_args).await?;
         let nats_client = async_nats::ConnectOptions::new()
             .name("keysync dev stack")
             .connect(nats.url())

@@ -26,6 +26,12 @@ pub struct Args {
     /// Keys created on the HSM that is then killed.
     #[arg(long, default_value_t = 50)]
     doomed_keys: usize,
+    /// Creates in flight at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Key types to cycle through (default: every type, mostly the fast ones).
+    #[arg(long, value_delimiter = ',')]
+    types: Vec<KeyType>,
     /// Number of HSMs (at least 2).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=16))]
     hsms: u16,
@@ -37,7 +43,10 @@ fn random_index(n: usize) -> usize {
     u32::from_le_bytes(b) as usize % n.max(1)
 }
 
-fn key_type_for(i: usize) -> KeyType {
+fn key_type_for(types: &[KeyType], i: usize) -> KeyType {
+    if !types.is_empty() {
+        return types[i % types.len()];
+    }
     // Mostly fast key types, with every type present.
     match i % 10 {
         0 => KeyType::Rsa2048,
@@ -102,11 +111,11 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut creates = futures::stream::iter(0..args.keys)
         .map(|i| {
             let spec =
-                CreateKey::new(key_type_for(i)).on(Route::Hsm(hsms[random_index(n)].clone()));
+                CreateKey::new(key_type_for(&args.types, i)).on(Route::Hsm(hsms[random_index(n)].clone()));
             let client = client.clone();
             async move { client.create_key(spec).await }
         })
-        .buffer_unordered(16);
+        .buffer_unordered(usize::from(args.concurrency));
     while let Some(k) = creates.next().await {
         let k = k?;
         expected.insert(k.info.key_id, k.info.fingerprint);
@@ -159,11 +168,11 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut born_on_doomed = Vec::new();
     let mut creates = futures::stream::iter(0..args.doomed_keys)
         .map(|i| {
-            let spec = CreateKey::new(key_type_for(i + 1)).on(Route::Hsm(doomed.clone()));
+            let spec = CreateKey::new(key_type_for(&args.types, i + 1)).on(Route::Hsm(doomed.clone()));
             let client = client.clone();
             async move { client.create_key(spec).await }
         })
-        .buffer_unordered(16);
+        .buffer_unordered(usize::from(args.concurrency));
     while let Some(k) = creates.next().await {
         let k = k?;
         expected.insert(k.info.key_id, k.info.fingerprint);

@@ -26,6 +26,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         subjects: cli.subjects()?,
         port: args.port,
+        nats_config: None,
     })
     .await?;
     println!("{}", stack.url());
