@@ -358,7 +358,9 @@ impl DevStack {
             Some(c) => vec!["-c".to_string(), c.display().to_string()],
             None => Vec::new(),
         };
-        let nats = NatsServer::start_with(find_nats_server()?, &dir.join("nats"), opts.port, nats_args).await?;
+        let nats =
+            NatsServer::start_with(find_nats_server()?, &dir.join("nats"), opts.port, nats_args)
+                .await?;
         let nats_client = async_nats::ConnectOptions::new()
             .name("keysync dev stack")
             .connect(nats.url())

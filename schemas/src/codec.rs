@@ -243,7 +243,9 @@ mod tests {
             "truncated"
         );
         assert_eq!(
-            decode::<Event>(b"XX\x00\x01\x01").expect_err("rejected").reason(),
+            decode::<Event>(b"XX\x00\x01\x01")
+                .expect_err("rejected")
+                .reason(),
             "bad_magic"
         );
         let mut v2 = good.clone();
@@ -269,7 +271,10 @@ mod tests {
             "trailing_bytes"
         );
         let huge = vec![0u8; MAX_MESSAGE_BYTES + 1];
-        assert_eq!(decode::<Event>(&huge).expect_err("rejected").reason(), "oversized");
+        assert_eq!(
+            decode::<Event>(&huge).expect_err("rejected").reason(),
+            "oversized"
+        );
     }
 
     #[test]
@@ -303,7 +308,10 @@ mod tests {
             .position(|w| w == b"abc")
             .expect("id in payload");
         bytes[pos + 1] = b'.';
-        assert_eq!(decode::<Event>(&bytes).expect_err("rejected").reason(), "malformed");
+        assert_eq!(
+            decode::<Event>(&bytes).expect_err("rejected").reason(),
+            "malformed"
+        );
     }
 
     proptest! {

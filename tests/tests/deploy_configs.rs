@@ -8,7 +8,9 @@ use keysync_schemas::KeyType;
 use keysync_testkit::{assert_converges, create, DevStack, StackOptions};
 
 fn deploy(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(path)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

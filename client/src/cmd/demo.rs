@@ -110,8 +110,8 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut expected: BTreeMap<KeyId, Fingerprint> = BTreeMap::new();
     let mut creates = futures::stream::iter(0..args.keys)
         .map(|i| {
-            let spec =
-                CreateKey::new(key_type_for(&args.types, i)).on(Route::Hsm(hsms[random_index(n)].clone()));
+            let spec = CreateKey::new(key_type_for(&args.types, i))
+                .on(Route::Hsm(hsms[random_index(n)].clone()));
             let client = client.clone();
             async move { client.create_key(spec).await }
         })
@@ -168,7 +168,8 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let mut born_on_doomed = Vec::new();
     let mut creates = futures::stream::iter(0..args.doomed_keys)
         .map(|i| {
-            let spec = CreateKey::new(key_type_for(&args.types, i + 1)).on(Route::Hsm(doomed.clone()));
+            let spec =
+                CreateKey::new(key_type_for(&args.types, i + 1)).on(Route::Hsm(doomed.clone()));
             let client = client.clone();
             async move { client.create_key(spec).await }
         })
