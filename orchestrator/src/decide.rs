@@ -144,6 +144,10 @@ mod tests {
     }
 
     fn created(k: KeyId, h: &str, fp: u8) -> Event {
+        created_with(k, h, fp, Durability::Logged)
+    }
+
+    fn created_with(k: KeyId, h: &str, fp: u8, durability: Durability) -> Event {
         Event::KeyCreated(KeyCreated {
             key_id: k,
             key_type: KeyType::Ed25519,
@@ -151,7 +155,7 @@ mod tests {
             hsm: hsm(h),
             origin: KeyOrigin::Generated,
             attributes: KeyAttributes::default(),
-            durability: Durability::Logged,
+            durability,
             domain: DomainId([0; 8]),
             wrapped: vec![1; 40],
             public_key: None,
@@ -193,7 +197,7 @@ mod tests {
                 stored_at_ns: self.seq * 1_000_000,
             };
             match self.state.apply(meta, e) {
-                Ok(()) => decide(&self.state, meta, e),
+                Ok(_) => decide(&self.state, meta, e),
                 Err(_) => Vec::new(),
             }
         }
@@ -330,6 +334,50 @@ mod tests {
             created_seq: 3,
         }));
         assert_eq!(reconcile(&log.state), vec![clone_to("b", k2, 5)]);
+    }
+
+    #[test]
+    fn requested_durability_is_tracked_until_met() {
+        let (k1, k2, k3) = (KeyId::new(), KeyId::new(), KeyId::new());
+        let mut log = Log::given(&[joined("a"), joined("b"), joined("c")]);
+        log.when(&created_with(k1, "a", 1, Durability::Replicas(2)));
+        log.when(&created_with(k2, "a", 2, Durability::All));
+        log.when(&created_with(k3, "a", 3, Durability::Logged));
+        assert_eq!(log.state.below_durability(), 2);
+        log.when(&applied(k1, "b", 1));
+        assert_eq!(log.state.below_durability(), 1);
+        log.when(&applied(k2, "b", 2));
+        log.when(&applied(k2, "b", 2));
+        assert_eq!(log.state.below_durability(), 1);
+        log.when(&applied(k2, "c", 2));
+        assert_eq!(log.state.below_durability(), 0);
+        let s = log.state.status();
+        assert_eq!((s.keys, s.replicated, s.pending_clones), (3, 1, 3));
+        let held: Vec<u64> = s.members.iter().map(|m| m.keys).collect();
+        assert_eq!(held, vec![3, 2, 1]);
+        assert_eq!(s.below_durability, 0);
+    }
+
+    #[test]
+    fn apply_reports_what_changed() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b"), created(k, "a", 1)]);
+        let meta = EventMeta {
+            seq: 10,
+            stored_at_ns: 7_000_000,
+        };
+        assert_eq!(
+            log.state.apply(meta, &applied(k, "b", 1)),
+            Ok(crate::state::Change::Held {
+                member: 1,
+                latency_ns: 4_000_000,
+                completed: true
+            })
+        );
+        assert_eq!(
+            log.state.apply(meta, &applied(k, "b", 1)),
+            Ok(crate::state::Change::Other)
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! finish whatever was half done.
 
 pub mod decide;
+pub mod metrics;
+pub mod prometheus;
 pub mod state;
 pub mod streams;
 
@@ -37,6 +39,10 @@ pub struct Config {
     pub replicas: usize,
     /// Most publishes awaiting their PubAck at once.
     pub max_in_flight: usize,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How often sync metrics are published.
+    pub metrics_interval: std::time::Duration,
 }
 
 struct Orchestrator {
@@ -44,6 +50,7 @@ struct Orchestrator {
     js: jetstream::Context,
     events: jetstream::stream::Stream,
     state: ClusterState,
+    stats: metrics::SyncStats,
     in_flight: FuturesUnordered<BoxFuture<'static, Result<PublishAck, PublishError>>>,
 }
 
@@ -81,8 +88,16 @@ pub async fn run(
         js,
         events,
         state: ClusterState::default(),
+        stats: metrics::SyncStats::default(),
         in_flight: FuturesUnordered::new(),
     };
+    let latest: prometheus::Latest = Default::default();
+    let metrics_server = orch
+        .config
+        .metrics_addr
+        .map(|addr| tokio::spawn(prometheus::serve(addr, latest.clone())));
+    let mut metrics_tick = tokio::time::interval(orch.config.metrics_interval);
+    metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = std::time::Instant::now();
     if live {
         tracing::info!("event log empty; live");
@@ -122,6 +137,9 @@ pub async fn run(
             Some(req) = status_requests.next() => {
                 orch.answer_status(&nats, req).await;
             }
+            _ = metrics_tick.tick() => {
+                orch.publish_metrics(&nats, &latest).await;
+            }
             Some(ack) = orch.in_flight.next(), if !orch.in_flight.is_empty() => {
                 if let Err(e) = ack {
                     break Err(anyhow::anyhow!("a publish was not acknowledged: {e}"));
@@ -136,6 +154,9 @@ pub async fn run(
         }
     }
     drop(messages);
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     let _ = nats.flush().await;
     result
 }
@@ -166,9 +187,12 @@ impl Orchestrator {
             self.state.count_rejection("subject_mismatch");
             return Ok(());
         }
-        if let Err(r) = self.state.apply(meta, &event) {
-            tracing::warn!(seq = meta.seq, subject, reason = r.reason(), error = %r, "rejected event");
-            return Ok(());
+        match self.state.apply(meta, &event) {
+            Ok(change) => self.stats.observe(change, live),
+            Err(r) => {
+                tracing::warn!(seq = meta.seq, subject, reason = r.reason(), error = %r, "rejected event");
+                return Ok(());
+            }
         }
         if live {
             let actions = decide(&self.state, meta, &event);
@@ -287,6 +311,27 @@ impl Orchestrator {
             .await?;
         self.in_flight.push(Box::pin(fut.into_future()));
         Ok(())
+    }
+
+    /// Publishes the metrics of the window that just ended, as JSON on
+    /// core NATS, and keeps them for the Prometheus endpoint.
+    async fn publish_metrics(&mut self, nats: &async_nats::Client, latest: &prometheus::Latest) {
+        let at_unix_ms = keysync_schemas::Timestamp::now().as_nanos() / 1_000_000;
+        let doc = self.stats.roll(&self.state, &self.config.name, at_unix_ms);
+        match serde_json::to_vec(&doc) {
+            Ok(json) => {
+                if let Err(e) = nats
+                    .publish(self.config.subjects.metrics_sync(), json.into())
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not publish metrics");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not encode metrics"),
+        }
+        if let Ok(mut l) = latest.write() {
+            *l = Some(doc);
+        }
     }
 
     async fn answer_status(&self, nats: &async_nats::Client, req: async_nats::Message) {

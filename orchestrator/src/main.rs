@@ -20,6 +20,12 @@ struct Args {
     /// This instance's name.
     #[arg(long, default_value = "orchestrator")]
     name: String,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "KEYSYNC_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Seconds between sync-metrics documents on `<prefix>.metrics.sync`.
+    #[arg(long, default_value_t = 1.0)]
+    metrics_interval: f64,
     /// Most publishes awaiting acknowledgement at once.
     #[arg(long, default_value_t = orchestrator::DEFAULT_MAX_IN_FLIGHT)]
     max_in_flight: usize,
@@ -40,6 +46,8 @@ async fn main() -> anyhow::Result<()> {
         name: args.name.clone(),
         replicas: args.replicas.max(1),
         max_in_flight: args.max_in_flight.max(1),
+        metrics_addr: args.metrics_addr,
+        metrics_interval: std::time::Duration::from_secs_f64(args.metrics_interval.max(0.05)),
     };
     let nats = async_nats::ConnectOptions::new()
         .name(format!("orchestrator {}", args.name))

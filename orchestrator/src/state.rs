@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use keysync_schemas::{
-    ClusterStatus, Event, Fingerprint, HsmId, KeyId, KeyType, MemberState, MemberStatus,
+    ClusterStatus, Durability, Event, Fingerprint, HsmId, KeyId, KeyType, MemberState, MemberStatus,
 };
 
 /// Most members one cluster can have (a [`MemberSet`] is a 64-bit set).
@@ -89,6 +89,28 @@ pub struct KeyState {
     pub completed: Option<(u64, u64)>,
     /// A `KeyReplicated` for it is in the log.
     pub announced: bool,
+    /// Holders the creator asked for before its create returned
+    /// (`replicas:N` → N, `all` → [`WANTS_ALL`], lower levels → 0).
+    pub wanted: u8,
+}
+
+/// [`KeyState::wanted`] for durability `all`.
+pub const WANTS_ALL: u8 = u8::MAX;
+
+/// What one applied event changed, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A member holds a key it did not hold before.
+    Held {
+        /// The member.
+        member: u8,
+        /// From `KeyCreated` stored to this `CloneApplied` stored.
+        latency_ns: u64,
+        /// Whether this completed the key (every member holds it), first time.
+        completed: bool,
+    },
+    /// Anything else (or nothing).
+    Other,
 }
 
 /// Why an event was not applied. Counted, never fatal.
@@ -137,12 +159,22 @@ pub struct ClusterState {
     last_seq: u64,
     clone_failures: u64,
     rejected: BTreeMap<String, u64>,
+    // Counters kept in step by `apply`, so status and metrics cost
+    // O(members), not O(keys).
+    /// Keys each member holds.
+    held: Vec<u64>,
+    /// Keys each member failed and does not hold.
+    failed: Vec<u64>,
+    /// Keys that reached every member at some point.
+    completed: u64,
+    /// Keys whose requested durability is not met yet.
+    below_durability: u64,
 }
 
 impl ClusterState {
     /// Folds one event into the state. Rejected events change nothing but
     /// their counter (and the last sequence seen).
-    pub fn apply(&mut self, meta: EventMeta, event: &Event) -> Result<(), Rejection> {
+    pub fn apply(&mut self, meta: EventMeta, event: &Event) -> Result<Change, Rejection> {
         self.last_seq = self.last_seq.max(meta.seq);
         let result = self.apply_inner(meta, event);
         if let Err(r) = &result {
@@ -163,7 +195,7 @@ impl ClusterState {
             .ok_or_else(|| Rejection::UnknownMember(hsm.clone()))
     }
 
-    fn apply_inner(&mut self, meta: EventMeta, event: &Event) -> Result<(), Rejection> {
+    fn apply_inner(&mut self, meta: EventMeta, event: &Event) -> Result<Change, Rejection> {
         match event {
             Event::HsmJoined(j) => {
                 if let Some(&i) = self.index.get(&j.hsm) {
@@ -178,23 +210,31 @@ impl ClusterState {
                         joined_seq: meta.seq,
                     });
                     self.index.insert(j.hsm.clone(), i);
+                    self.held.push(0);
+                    self.failed.push(0);
                     // A member that joins after a key completed does not
-                    // reopen it; it is tracked through its lag.
+                    // reopen it; it is tracked through its lag. Keys still
+                    // waiting for `all` now wait for it too.
                 }
-                Ok(())
+                Ok(Change::Other)
             }
             Event::KeyCreated(c) => {
                 let creator = self.member(&c.hsm)?;
                 if let Some(existing) = self.keys.get(&c.key_id) {
                     // A republished KeyCreated (outbox retry) is a no-op.
                     return if existing.fingerprint == c.fingerprint {
-                        Ok(())
+                        Ok(Change::Other)
                     } else {
                         Err(Rejection::ConflictingCreate(c.key_id))
                     };
                 }
                 let mut holders = MemberSet::default();
                 holders.insert(creator);
+                let wanted = match c.durability {
+                    Durability::Replicas(n) => u8::try_from(n).unwrap_or(WANTS_ALL - 1),
+                    Durability::All => WANTS_ALL,
+                    Durability::None | Durability::Logged => 0,
+                };
                 let mut key = KeyState {
                     key_type: c.key_type,
                     fingerprint: c.fingerprint,
@@ -205,12 +245,23 @@ impl ClusterState {
                     failed: MemberSet::default(),
                     completed: None,
                     announced: false,
+                    wanted,
                 };
-                if holders.covers(self.all_members()) {
+                self.held[creator as usize] += 1;
+                let completed = holders.covers(self.all_members());
+                if completed {
                     key.completed = Some((meta.seq, 0));
+                    self.completed += 1;
+                }
+                if !durability_met(&key) {
+                    self.below_durability += 1;
                 }
                 self.keys.insert(c.key_id, key);
-                Ok(())
+                Ok(Change::Held {
+                    member: creator,
+                    latency_ns: 0,
+                    completed,
+                })
             }
             Event::CloneApplied(a) => {
                 let m = self.member(&a.hsm)?;
@@ -222,12 +273,29 @@ impl ClusterState {
                 if key.fingerprint != a.fingerprint {
                     return Err(Rejection::FingerprintMismatch(a.key_id));
                 }
-                key.holders.insert(m);
-                if key.completed.is_none() && key.holders.covers(all) {
-                    key.completed =
-                        Some((meta.seq, meta.stored_at_ns.saturating_sub(key.created_ns)));
+                if key.holders.contains(m) {
+                    return Ok(Change::Other);
                 }
-                Ok(())
+                let was_met = durability_met(key);
+                key.holders.insert(m);
+                self.held[m as usize] += 1;
+                if key.failed.contains(m) {
+                    self.failed[m as usize] -= 1;
+                }
+                let latency_ns = meta.stored_at_ns.saturating_sub(key.created_ns);
+                let completed = key.completed.is_none() && key.holders.covers(all);
+                if completed {
+                    key.completed = Some((meta.seq, latency_ns));
+                    self.completed += 1;
+                }
+                if !was_met && durability_met(key) {
+                    self.below_durability -= 1;
+                }
+                Ok(Change::Held {
+                    member: m,
+                    latency_ns,
+                    completed,
+                })
             }
             Event::CloneFailed(f) => {
                 let m = self.member(&f.hsm)?;
@@ -235,11 +303,12 @@ impl ClusterState {
                     .keys
                     .get_mut(&f.key_id)
                     .ok_or(Rejection::UnknownKey(f.key_id))?;
-                if !key.holders.contains(m) {
+                if !key.holders.contains(m) && !key.failed.contains(m) {
                     key.failed.insert(m);
+                    self.failed[m as usize] += 1;
                 }
                 self.clone_failures += 1;
-                Ok(())
+                Ok(Change::Other)
             }
             Event::KeyReplicated(r) => {
                 let key = self
@@ -247,7 +316,7 @@ impl ClusterState {
                     .get_mut(&r.key_id)
                     .ok_or(Rejection::UnknownKey(r.key_id))?;
                 key.announced = true;
-                Ok(())
+                Ok(Change::Other)
             }
         }
     }
@@ -291,30 +360,60 @@ impl ClusterState {
         self.all_members().minus(key.holders).minus(key.failed)
     }
 
+    /// Member ids, by index.
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter()
+    }
+
+    /// Number of keys.
+    pub fn key_count(&self) -> u64 {
+        self.keys.len() as u64
+    }
+
+    /// Keys that reached every member at some point.
+    pub fn completed_count(&self) -> u64 {
+        self.completed
+    }
+
+    /// Keys whose requested durability is not met yet.
+    pub fn below_durability(&self) -> u64 {
+        self.below_durability
+    }
+
+    /// Clone failures seen.
+    pub fn clone_failures(&self) -> u64 {
+        self.clone_failures
+    }
+
+    /// Rejections by reason.
+    pub fn rejected(&self) -> &BTreeMap<String, u64> {
+        &self.rejected
+    }
+
+    /// Keys member `idx` holds.
+    pub fn held_by(&self, idx: u8) -> u64 {
+        self.held.get(idx as usize).copied().unwrap_or(0)
+    }
+
+    /// Clones outstanding over every member.
+    pub fn pending_clones(&self) -> u64 {
+        let keys = self.key_count();
+        self.held
+            .iter()
+            .zip(&self.failed)
+            .map(|(h, f)| keys.saturating_sub(h + f))
+            .sum()
+    }
+
     /// Status for `keysync cluster status`.
     pub fn status(&self) -> ClusterStatus {
-        let all = self.all_members();
-        let mut held = vec![0u64; self.members.len()];
-        let mut replicated = 0u64;
-        let mut pending = 0u64;
-        for k in self.keys.values() {
-            for i in k.holders.iter() {
-                if let Some(h) = held.get_mut(i as usize) {
-                    *h += 1;
-                }
-            }
-            if k.holders.covers(all) {
-                replicated += 1;
-            }
-            pending += u64::from(all.minus(k.holders).minus(k.failed).len());
-        }
-        let total = self.keys.len() as u64;
+        let total = self.key_count();
         ClusterStatus {
             members: self
                 .members
                 .iter()
-                .zip(held)
-                .map(|(m, keys)| MemberStatus {
+                .zip(&self.held)
+                .map(|(m, &keys)| MemberStatus {
                     hsm_id: m.hsm.clone(),
                     state: if keys >= total {
                         MemberState::InService
@@ -326,11 +425,21 @@ impl ClusterState {
                 })
                 .collect(),
             keys: total,
-            replicated,
-            pending_clones: pending,
+            replicated: self.completed,
+            pending_clones: self.pending_clones(),
             clone_failures: self.clone_failures,
+            below_durability: self.below_durability,
             last_seq: self.last_seq,
             rejected: self.rejected.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         }
+    }
+}
+
+/// Whether a key has as many holders as its creator asked for. `all` is
+/// met when the key first reached every member.
+fn durability_met(key: &KeyState) -> bool {
+    match key.wanted {
+        WANTS_ALL => key.completed.is_some(),
+        n => key.holders.len() >= u32::from(n),
     }
 }

@@ -26,6 +26,7 @@ pub mod envelope;
 pub mod events;
 pub mod headers;
 pub mod keys;
+pub mod metrics;
 pub mod ops;
 pub mod status;
 pub mod subjects;
@@ -40,6 +41,7 @@ pub use keys::{
     DomainId, Durability, Fingerprint, HsmId, IdError, KeyAttributes, KeyId, KeyType, SecretBytes,
     MAX_LABEL_BYTES,
 };
+pub use metrics::{HsmMetrics, LatencySummary, SyncMetrics, METRICS_VERSION};
 pub use ops::{AgentHealth, KeyInfo, OpError, OpErrorKind, OpReply, OpRequest};
 pub use status::{ClusterStatus, MemberState, MemberStatus, StatusReply, StatusRequest};
 pub use subjects::Subjects;

@@ -63,6 +63,8 @@ pub struct ClusterStatus {
     pub pending_clones: u64,
     /// Clone failures seen.
     pub clone_failures: u64,
+    /// Keys created with `replicas:N` or `all` that do not meet it yet.
+    pub below_durability: u64,
     /// Last event stream sequence folded into this state.
     pub last_seq: u64,
     /// Rejected messages by reason.
