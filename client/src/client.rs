@@ -2,26 +2,37 @@
 //! durability level, cluster status.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_nats::Request;
+use backon::Retryable as _;
 use futures::StreamExt;
 use keysync_schemas::{
     decode, encode, ClusterStatus, Durability, Envelope, Event, HsmId, KeyAttributes, KeyId,
     KeyInfo, KeyType, OpErrorKind, OpReply, OpRequest, SecretBytes, Source, StatusReply,
-    StatusRequest, Subjects,
+    StatusRequest, Subjects, SyncMetrics,
 };
+use tokio::sync::watch;
 
 use crate::error::{Error, Result};
+use crate::retry::RetryPolicy;
+use crate::routing::ReplicaMap;
 
 /// Where a key operation goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Route {
     /// One named HSM.
     Hsm(HsmId),
-    /// Any HSM, through the agents' queue group (it may lack a key created
-    /// moments ago elsewhere).
+    /// Any HSM, through the agents' queue group, like CloudHSM: it may
+    /// lack a key created moments ago elsewhere (`KeyNotFound` is then
+    /// retried within a budget sized from the live sync latency).
     Any,
+    /// Only HSMs known to hold the key (learned from its `created`,
+    /// `applied` and `replicated` events); falls back to `Any` for keys
+    /// this client has not seen. The default.
+    #[default]
+    ReplicaAware,
 }
 
 impl std::fmt::Display for Route {
@@ -29,6 +40,7 @@ impl std::fmt::Display for Route {
         match self {
             Route::Hsm(h) => write!(f, "HSM {h}"),
             Route::Any => f.write_str("any HSM"),
+            Route::ReplicaAware => f.write_str("an HSM holding the key"),
         }
     }
 }
@@ -42,6 +54,13 @@ pub struct ClientOptions {
     pub name: String,
     /// Timeout of one request.
     pub request_timeout: Duration,
+    /// Retries.
+    pub retry: RetryPolicy,
+    /// Watch key events for replica-aware routing (one subscription to
+    /// `<prefix>.evt.key.>`).
+    pub watch_replicas: bool,
+    /// Watch the orchestrator's sync metrics (sizes retry budgets).
+    pub watch_metrics: bool,
 }
 
 impl Default for ClientOptions {
@@ -50,6 +69,9 @@ impl Default for ClientOptions {
             subjects: Subjects::default(),
             name: "keysync-client".into(),
             request_timeout: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
+            watch_replicas: true,
+            watch_metrics: true,
         }
     }
 }
@@ -110,11 +132,40 @@ pub struct CreatedKey {
     pub created_seq: Option<u64>,
 }
 
-/// A connection to a keysync cluster.
+/// A connection to a keysync cluster. Cheap to clone; background watchers
+/// stop when the last clone is dropped.
 #[derive(Clone)]
 pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     nats: async_nats::Client,
     options: ClientOptions,
+    replicas: Arc<ReplicaMap>,
+    metrics: watch::Receiver<Option<SyncMetrics>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Stop reading subscriptions before the connection goes away.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn key_of(op: &OpRequest) -> Option<KeyId> {
+    match op {
+        OpRequest::Sign { key_id, .. }
+        | OpRequest::Verify { key_id, .. }
+        | OpRequest::Encrypt { key_id, .. }
+        | OpRequest::Decrypt { key_id, .. }
+        | OpRequest::PublicKey { key_id }
+        | OpRequest::Info { key_id } => Some(*key_id),
+        _ => None,
+    }
 }
 
 impl Client {
@@ -133,52 +184,140 @@ impl Client {
                 url: url.to_string(),
                 detail: e.to_string(),
             })?;
-        Ok(Client { nats, options })
+        Ok(Self::from_nats(nats, options).await)
     }
 
-    /// Wraps an existing NATS connection.
-    pub fn from_nats(nats: async_nats::Client, options: ClientOptions) -> Self {
-        Client { nats, options }
+    /// Wraps an existing NATS connection and starts the watchers the
+    /// options ask for (it returns once they are subscribed).
+    pub async fn from_nats(nats: async_nats::Client, options: ClientOptions) -> Self {
+        let replicas = Arc::new(ReplicaMap::default());
+        let (metrics_tx, metrics) = watch::channel(None);
+        let mut tasks = Vec::new();
+        if options.watch_replicas {
+            let (ready_tx, ready) = tokio::sync::oneshot::channel();
+            tasks.push(tokio::spawn(crate::routing::watch(
+                nats.clone(),
+                options.subjects.clone(),
+                replicas.clone(),
+                ready_tx,
+            )));
+            let _ = ready.await;
+        }
+        if options.watch_metrics {
+            tasks.push(tokio::spawn(watch_metrics(
+                nats.clone(),
+                options.subjects.metrics_sync(),
+                metrics_tx,
+            )));
+        }
+        Client {
+            inner: Arc::new(Inner {
+                nats,
+                options,
+                replicas,
+                metrics,
+                tasks,
+            }),
+        }
     }
 
     /// The NATS connection.
     pub fn nats(&self) -> &async_nats::Client {
-        &self.nats
+        &self.inner.nats
     }
 
     /// The subject layout.
     pub fn subjects(&self) -> &Subjects {
-        &self.options.subjects
+        &self.inner.options.subjects
+    }
+
+    /// The latest sync metrics seen (with `watch_metrics`).
+    pub fn latest_metrics(&self) -> Option<SyncMetrics> {
+        self.inner.metrics.borrow().clone()
+    }
+
+    /// A receiver that sees every new sync-metrics document.
+    pub fn metrics_receiver(&self) -> watch::Receiver<Option<SyncMetrics>> {
+        self.inner.metrics.clone()
+    }
+
+    /// HSMs this client knows to hold `key`.
+    pub fn known_holders(&self, key: &KeyId) -> Vec<HsmId> {
+        self.inner.replicas.holders(key)
     }
 
     fn source(&self) -> Source {
-        Source::Client(self.options.name.clone())
+        Source::Client(self.inner.options.name.clone())
     }
 
-    /// Sends one operation and returns the reply, errors turned into [`Error`].
+    /// Sends one operation along `route`, with the retries the options
+    /// allow, and returns the reply (errors turned into [`Error`]).
     pub async fn request(&self, route: &Route, op: OpRequest) -> Result<OpReply> {
+        match route {
+            Route::Hsm(_) => self.request_retrying_transient(route, &op).await,
+            Route::Any => self.request_any(&op).await,
+            Route::ReplicaAware => {
+                if let Some(key) = key_of(&op) {
+                    for hsm in self.inner.replicas.holders(&key) {
+                        match self.request_once(&Route::Hsm(hsm), &op).await {
+                            Err(Error::KeyNotFound { .. }) | Err(Error::HsmUnavailable { .. }) => {
+                                continue
+                            }
+                            other => return other,
+                        }
+                    }
+                }
+                self.request_any(&op).await
+            }
+        }
+    }
+
+    async fn request_retrying_transient(&self, route: &Route, op: &OpRequest) -> Result<OpReply> {
+        (|| self.request_once(route, op))
+            .retry(self.inner.options.retry.transient_backoff())
+            .when(|e| matches!(e, Error::HsmUnavailable { .. }))
+            .await
+    }
+
+    /// The any-HSM route: a `KeyNotFound` may mean "not there yet", so it is
+    /// retried within the live budget, apart from transient failures.
+    async fn request_any(&self, op: &OpRequest) -> Result<OpReply> {
+        let policy = &self.inner.options.retry;
+        if !policy.key_not_found {
+            return self.request_retrying_transient(&Route::Any, op).await;
+        }
+        let budget = policy.not_found_budget(self.inner.metrics.borrow().as_ref());
+        let started = Instant::now();
+        let result = (|| self.request_retrying_transient(&Route::Any, op))
+            .retry(policy.not_found_backoff(budget))
+            .when(|e| matches!(e, Error::KeyNotFound { .. }))
+            .await;
+        match result {
+            Err(Error::KeyNotFound { key_id, .. }) => Err(Error::NotYetReplicated {
+                key_id,
+                waited: started.elapsed(),
+            }),
+            other => other,
+        }
+    }
+
+    /// One request, no retries.
+    async fn request_once(&self, route: &Route, op: &OpRequest) -> Result<OpReply> {
         let subject = match route {
-            Route::Hsm(h) => self.options.subjects.hsm_op(h),
-            Route::Any => self.options.subjects.any_op(),
+            Route::Hsm(h) => self.inner.options.subjects.hsm_op(h),
+            Route::Any | Route::ReplicaAware => self.inner.options.subjects.any_op(),
         };
-        let key_id = match &op {
-            OpRequest::Sign { key_id, .. }
-            | OpRequest::Verify { key_id, .. }
-            | OpRequest::Encrypt { key_id, .. }
-            | OpRequest::Decrypt { key_id, .. }
-            | OpRequest::PublicKey { key_id }
-            | OpRequest::Info { key_id } => Some(*key_id),
-            _ => None,
-        };
-        let payload = encode(&Envelope::new(self.source(), op))
+        let key_id = key_of(op);
+        let payload = encode(&Envelope::new(self.source(), op.clone()))
             .map_err(|e| Error::BadRequest(e.to_string()))?;
         let msg = self
+            .inner
             .nats
             .send_request(
                 subject,
                 Request::new()
                     .payload(payload.into())
-                    .timeout(Some(self.options.request_timeout)),
+                    .timeout(Some(self.inner.options.request_timeout)),
             )
             .await
             .map_err(|e| Error::HsmUnavailable {
@@ -248,6 +387,15 @@ impl Client {
                 "replicas:0 is not a durability level".into(),
             ));
         }
+        if let Durability::Replicas(n) = spec.durability {
+            if let Ok(members) = self.cluster_size().await {
+                if u64::from(n) > members {
+                    return Err(Error::BadRequest(format!(
+                        "replicas:{n} asks for more HSMs than the cluster has ({members})"
+                    )));
+                }
+            }
+        }
         let wait = matches!(spec.durability, Durability::Replicas(n) if n > 1)
             || spec.durability == Durability::All;
         if wait && spec.session {
@@ -258,8 +406,9 @@ impl Client {
         // Subscribe before asking, so no acknowledgement can be missed.
         let mut key_events = if wait {
             Some(
-                self.nats
-                    .subscribe(self.options.subjects.key_events(&key_id))
+                self.inner
+                    .nats
+                    .subscribe(self.inner.options.subjects.key_events(&key_id))
                     .await
                     .map_err(|e| Error::HsmUnavailable {
                         route: spec.route.to_string(),
@@ -278,6 +427,9 @@ impl Client {
         else {
             return Err(Self::unexpected(reply));
         };
+        if !info.session {
+            self.inner.replicas.learn(key_id, info.hsm.clone());
+        }
         let mut holders: BTreeSet<HsmId> = BTreeSet::from([info.hsm.clone()]);
         let Some(events) = key_events.as_mut() else {
             return Ok(CreatedKey {
@@ -320,6 +472,9 @@ impl Client {
             }
         };
         let holders: Vec<HsmId> = holders.into_iter().collect();
+        for h in &holders {
+            self.inner.replicas.learn(key_id, h.clone());
+        }
         if reached {
             Ok(CreatedKey {
                 info,
@@ -443,17 +598,27 @@ impl Client {
         }
     }
 
+    /// Number of member HSMs: asked of the orchestrator, or from the latest
+    /// metrics if it does not answer.
+    pub async fn cluster_size(&self) -> Result<u64> {
+        match self.cluster_status().await {
+            Ok(s) => Ok(s.members.len() as u64),
+            Err(e) => self.latest_metrics().map(|m| m.members).ok_or(e),
+        }
+    }
+
     /// Cluster status from the orchestrator.
     pub async fn cluster_status(&self) -> Result<ClusterStatus> {
         let payload = encode(&Envelope::new(self.source(), StatusRequest::Cluster))
             .map_err(|e| Error::BadRequest(e.to_string()))?;
         let msg = self
+            .inner
             .nats
             .send_request(
-                self.options.subjects.orchestrator_status(),
+                self.inner.options.subjects.orchestrator_status(),
                 Request::new()
                     .payload(payload.into())
-                    .timeout(Some(self.options.request_timeout)),
+                    .timeout(Some(self.inner.options.request_timeout)),
             )
             .await
             .map_err(|e| Error::OrchestratorUnavailable(e.to_string()))?;
@@ -462,6 +627,29 @@ impl Client {
             .body
         {
             StatusReply::Cluster(s) => Ok(s),
+        }
+    }
+}
+
+/// Keeps the latest sync-metrics document.
+async fn watch_metrics(
+    nats: async_nats::Client,
+    subject: String,
+    tx: watch::Sender<Option<SyncMetrics>>,
+) {
+    let mut sub = match nats.subscribe(subject).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch sync metrics; retry budgets use their fallback");
+            return;
+        }
+    };
+    while let Some(msg) = sub.next().await {
+        match serde_json::from_slice::<SyncMetrics>(&msg.payload) {
+            Ok(m) => {
+                let _ = tx.send(Some(m));
+            }
+            Err(e) => tracing::debug!(error = %e, "unreadable metrics document"),
         }
     }
 }

@@ -308,6 +308,8 @@ pub struct StackOptions {
     /// A nats-server config file (`-c`); the stack's own flags (address,
     /// port, JetStream store) still override what it says.
     pub nats_config: Option<PathBuf>,
+    /// Have the orchestrator serve Prometheus metrics here.
+    pub orchestrator_metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for StackOptions {
@@ -318,6 +320,7 @@ impl Default for StackOptions {
             subjects: Subjects::default(),
             port: None,
             nats_config: None,
+            orchestrator_metrics_addr: None,
         }
     }
 }
@@ -332,6 +335,7 @@ pub struct DevStack {
     domain_key: PathBuf,
     subjects: Subjects,
     client: Client,
+    orchestrator_args: Vec<String>,
 }
 
 impl DevStack {
@@ -376,7 +380,8 @@ impl DevStack {
                 name: "keysync-dev".into(),
                 ..Default::default()
             },
-        );
+        )
+        .await;
         let mut stack = DevStack {
             dir,
             _temp: temp,
@@ -386,6 +391,10 @@ impl DevStack {
             domain_key,
             subjects: opts.subjects,
             client,
+            orchestrator_args: opts
+                .orchestrator_metrics_addr
+                .map(|a| vec!["--metrics-addr".to_string(), a.to_string()])
+                .unwrap_or_default(),
         };
         stack.start_orchestrator().await?;
         let ids: Vec<HsmId> = (1..=opts.hsms)
@@ -445,6 +454,7 @@ impl DevStack {
         }
         let mut cmd = Command::new(find_binary("orchestrator")?);
         self.common_args(&mut cmd);
+        cmd.args(&self.orchestrator_args);
         let mut p = Process::spawn("orchestrator", cmd, self.dir.join("logs/orchestrator.log"))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {

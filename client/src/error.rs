@@ -31,6 +31,16 @@ pub enum Error {
         /// Where the request went.
         route: String,
     },
+    /// No HSM reachable by the route held the key within the retry budget,
+    /// though it may still arrive (the budget comes from the live sync
+    /// latency).
+    #[error("key {key_id} not yet replicated to the HSMs asked (waited {waited:?})")]
+    NotYetReplicated {
+        /// The key.
+        key_id: KeyId,
+        /// How long the retries waited.
+        waited: std::time::Duration,
+    },
     /// The request is wrong; retrying will not help.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -61,6 +71,7 @@ impl Error {
         match self {
             Error::HsmUnavailable { .. }
             | Error::KeyNotFound { .. }
+            | Error::NotYetReplicated { .. }
             | Error::OrchestratorUnavailable(_)
             | Error::BelowDurability { .. } => true,
             Error::Operation(e) => e.kind == OpErrorKind::Unavailable,

@@ -28,7 +28,10 @@
 pub mod client;
 pub mod devstack;
 pub mod error;
+pub mod retry;
+pub mod routing;
 
 pub use client::{Client, ClientOptions, CreateKey, CreatedKey, Route};
 pub use error::{Error, Result};
 pub use keysync_schemas as schemas;
+pub use retry::RetryPolicy;

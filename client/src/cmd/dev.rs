@@ -18,6 +18,9 @@ pub struct Args {
     /// NATS port (default: a free one).
     #[arg(long)]
     port: Option<u16>,
+    /// Have the orchestrator serve Prometheus metrics here (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
@@ -27,6 +30,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         subjects: cli.subjects()?,
         port: args.port,
         nats_config: None,
+        orchestrator_metrics_addr: args.metrics_addr,
     })
     .await?;
     println!("{}", stack.url());

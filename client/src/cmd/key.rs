@@ -83,8 +83,10 @@ pub enum Command {
     },
 }
 
+/// A named HSM, or the replica-aware route (which falls back to any HSM
+/// for keys it has not seen).
 fn route(hsm: &Option<HsmId>) -> Route {
-    hsm.clone().map_or(Route::Any, Route::Hsm)
+    hsm.clone().map_or(Route::ReplicaAware, Route::Hsm)
 }
 
 fn key_json(k: &KeyInfo) -> serde_json::Value {
@@ -111,8 +113,15 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
             json,
         } => {
             let mut spec = CreateKey::new(*key_type)
-                .on(route(hsm))
+                .on(hsm.clone().map_or(Route::Any, Route::Hsm))
                 .durability(*durability);
+            if !matches!(durability, Durability::None | Durability::Logged)
+                && client.cluster_size().await.is_ok_and(|n| n == 1)
+            {
+                eprintln!(
+                    "warning: the cluster has one HSM; no durability above logged can be met (the key lives on one HSM and in the log)"
+                );
+            }
             spec.label = label.clone();
             spec.session = *session;
             spec.durability_timeout = Duration::from_secs_f64(durability_timeout.max(0.0));

@@ -1,9 +1,11 @@
 //! One module per command group.
 
+mod bench;
 mod cluster;
 mod demo;
 mod dev;
 mod key;
+mod metrics;
 
 use clap::{Parser, Subcommand};
 use keysync::{Client, ClientOptions};
@@ -27,6 +29,9 @@ pub struct Cli {
     /// Seconds to wait for one reply.
     #[arg(long, global = true, default_value_t = 10.0)]
     timeout: f64,
+    /// Do not retry: a key not yet on the HSM asked fails at once.
+    #[arg(long, global = true)]
+    no_retry: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,6 +48,11 @@ enum Command {
     /// Create and use keys.
     #[command(subcommand)]
     Key(key::Command),
+    /// Sync-latency metrics.
+    #[command(subcommand)]
+    Metrics(metrics::Command),
+    /// Measure keysync against the JetStream floor, in one run.
+    Bench(bench::Args),
 }
 
 impl Cli {
@@ -55,6 +65,12 @@ impl Cli {
             subjects: self.subjects()?,
             name: "keysync-cli".into(),
             request_timeout: std::time::Duration::from_secs_f64(self.timeout.max(0.01)),
+            retry: if self.no_retry {
+                keysync::RetryPolicy::none()
+            } else {
+                keysync::RetryPolicy::default()
+            },
+            ..Default::default()
         };
         Ok(Client::connect_with(&self.nats, options).await?)
     }
@@ -67,6 +83,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&cli, args).await,
         Command::Cluster(c) => cluster::run(&cli, c).await,
         Command::Key(c) => key::run(&cli, c).await,
+        Command::Metrics(c) => metrics::run(&cli, c).await,
+        Command::Bench(args) => bench::run(&cli, args).await,
     }
 }
 

@@ -1,0 +1,444 @@
+//! `keysync bench`: keysync against the bus floor, measured in one run.
+//!
+//! It starts its own nats-server (file storage) and cluster, then measures:
+//! the raw JetStream floor of the sync message pattern; keysync's sync
+//! latency one key at a time; create latency at each durability level;
+//! replicated keys per second with many creates in flight, beside the bus
+//! ceiling; and what create-then-sign costs on each route. Benchmarks
+//! report; they do not pass or fail.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::pull, stream};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use keysync::devstack::{DevStack, StackOptions};
+use keysync::{Client, ClientOptions, CreateKey, RetryPolicy, Route};
+use keysync_schemas::{decode, Durability, Event, HsmId, KeyType};
+use serde_json::json;
+
+use super::{print_json, Cli};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Small sample sizes: finishes in well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Number of HSMs.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=64))]
+    hsms: u16,
+    /// Key type for the latency runs.
+    #[arg(long = "type", default_value = "p256")]
+    key_type: KeyType,
+    /// Creates in flight for the throughput run.
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+    /// One JSON document on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Sizes {
+    latency: usize,
+    durability: usize,
+    throughput: usize,
+    routing: usize,
+    ceiling: usize,
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
+/// p50, p90, p99, max in milliseconds from a histogram of microseconds.
+fn pct(h: &Histogram<u64>) -> serde_json::Value {
+    let ms = |us: u64| (us as f64 / 10.0).round() / 100.0;
+    json!({
+        "count": h.len(),
+        "p50_ms": ms(h.value_at_quantile(0.5)),
+        "p90_ms": ms(h.value_at_quantile(0.9)),
+        "p99_ms": ms(h.value_at_quantile(0.99)),
+        "max_ms": ms(h.max()),
+    })
+}
+
+fn ratio(a: &serde_json::Value, b: &serde_json::Value, field: &str) -> f64 {
+    match (a[field].as_f64(), b[field].as_f64()) {
+        (Some(x), Some(y)) if y > 0.0 => (x / y * 100.0).round() / 100.0,
+        _ => 0.0,
+    }
+}
+
+fn stored_ns(msg: &jetstream::Message) -> anyhow::Result<u64> {
+    let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0))
+}
+
+/// The floor: an event published with PubAck, received by a consumer, one
+/// request/reply per target, a final record published with PubAck; one at
+/// a time. Latency is event stored → final record stored, by the stream's
+/// timestamps, exactly as keysync's sync latency is measured.
+async fn floor(
+    nats: &async_nats::Client,
+    targets: usize,
+    n: usize,
+) -> anyhow::Result<Histogram<u64>> {
+    let js = jetstream::new(nats.clone());
+    let name = "KEYSYNC_BENCH_FLOOR";
+    let _ = js.delete_stream(name).await;
+    let s = js
+        .create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec!["keysync-bench.floor.>".into()],
+            storage: stream::StorageType::File,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await?;
+    let mut responders = Vec::new();
+    for t in 0..targets {
+        let mut sub = nats.subscribe(format!("keysync-bench.target.{t}")).await?;
+        let nats = nats.clone();
+        responders.push(tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                if let Some(reply) = m.reply {
+                    let _ = nats.publish(reply, m.payload).await;
+                }
+            }
+        }));
+    }
+    nats.flush().await?;
+    let consumer = s
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: "keysync-bench.floor.event".into(),
+            ..Default::default()
+        })
+        .await?;
+    let mut events = consumer.messages().await?;
+    let payload = bytes::Bytes::from(vec![7u8; 400]);
+    let mut h = histogram()?;
+    // Warm up, then measure.
+    for i in 0..n + n / 10 {
+        js.publish("keysync-bench.floor.event", payload.clone())
+            .await?
+            .await?;
+        let ev = events.next().await.context("floor consumer ended")??;
+        let t0 = stored_ns(&ev)?;
+        for t in 0..targets {
+            nats.request(format!("keysync-bench.target.{t}"), payload.clone())
+                .await?;
+        }
+        let ack = js
+            .publish("keysync-bench.floor.done", payload.clone())
+            .await?
+            .await?;
+        let done = s.direct_get(ack.sequence).await?;
+        let t1 = u64::try_from(done.time.unix_timestamp_nanos()).unwrap_or(0);
+        if i >= n / 10 {
+            h.record(((t1.saturating_sub(t0)) / 1_000).max(1))?;
+        }
+    }
+    for r in responders {
+        r.abort();
+    }
+    drop(events);
+    let _ = js.delete_stream(name).await;
+    Ok(h)
+}
+
+/// JetStream async publish rate with 1,000 in flight: the bus ceiling.
+async fn ceiling(nats: &async_nats::Client, n: usize) -> anyhow::Result<f64> {
+    let js = jetstream::new(nats.clone());
+    let name = "KEYSYNC_BENCH_CEILING";
+    let _ = js.delete_stream(name).await;
+    js.create_stream(stream::Config {
+        name: name.into(),
+        subjects: vec!["keysync-bench.ceiling".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let payload = bytes::Bytes::from(vec![7u8; 400]);
+    let t = Instant::now();
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for _ in 0..n {
+        if acks.len() >= 1000 {
+            if let Some(r) = acks.next().await {
+                r?;
+            }
+        }
+        let fut = js.publish("keysync-bench.ceiling", payload.clone()).await?;
+        acks.push(std::future::IntoFuture::into_future(fut));
+    }
+    while let Some(r) = acks.next().await {
+        r?;
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let _ = js.delete_stream(name).await;
+    Ok(rate)
+}
+
+/// Sync latency one key at a time, as the orchestrator measured it.
+async fn sync_one_at_a_time(
+    client: &Client,
+    hsms: &[HsmId],
+    key_type: KeyType,
+    n: usize,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut h = histogram()?;
+    for i in 0..n {
+        let key_id = keysync_schemas::KeyId::new();
+        let mut sub = client
+            .nats()
+            .subscribe(client.subjects().key_replicated(&key_id))
+            .await?;
+        client.nats().flush().await?;
+        let op = keysync_schemas::OpRequest::Generate {
+            key_id: Some(key_id),
+            key_type,
+            session: false,
+            durability: Durability::Logged,
+            attributes: Default::default(),
+        };
+        client
+            .request(&Route::Hsm(hsms[i % hsms.len()].clone()), op)
+            .await?;
+        let msg = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .context("KeyReplicated did not come within 10 s")?
+            .context("subscription ended")?;
+        if let Event::KeyReplicated(r) = decode::<Event>(&msg.payload)?.body {
+            h.record(r.sync_latency_micros.max(1))?;
+        }
+    }
+    Ok(h)
+}
+
+/// Create latency (the call, as the caller sees it) at one durability level.
+async fn create_latency(
+    client: &Client,
+    hsms: &[HsmId],
+    key_type: KeyType,
+    d: Durability,
+    n: usize,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut h = histogram()?;
+    for i in 0..n {
+        let t = Instant::now();
+        client
+            .create_key(
+                CreateKey::new(key_type)
+                    .on(Route::Hsm(hsms[i % hsms.len()].clone()))
+                    .durability(d),
+            )
+            .await?;
+        h.record((t.elapsed().as_micros() as u64).max(1))?;
+    }
+    Ok(h)
+}
+
+/// Keys per second created and replicated to every HSM, `in_flight` creates at a time.
+async fn throughput(
+    client: &Client,
+    hsms: &[HsmId],
+    n: usize,
+    in_flight: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let mut replicated = client
+        .nats()
+        .subscribe(client.subjects().all_replicated())
+        .await?;
+    client.nats().flush().await?;
+    let t = Instant::now();
+    let mut ids = std::collections::HashSet::new();
+    let mut creates = futures::stream::iter(0..n)
+        .map(|i| {
+            let spec =
+                CreateKey::new(KeyType::Ed25519).on(Route::Hsm(hsms[i % hsms.len()].clone()));
+            let client = client.clone();
+            async move { client.create_key(spec).await }
+        })
+        .buffer_unordered(in_flight.max(1));
+    while let Some(k) = creates.next().await {
+        ids.insert(k?.info.key_id);
+    }
+    let created = n as f64 / t.elapsed().as_secs_f64();
+    let mut done = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while done < n {
+        let msg = tokio::time::timeout_at(deadline, replicated.next())
+            .await
+            .context("replication did not finish within 120 s")?
+            .context("subscription ended")?;
+        if let Ok(Event::KeyReplicated(r)) = decode::<Event>(&msg.payload).map(|e| e.body) {
+            if ids.remove(&r.key_id) {
+                done += 1;
+            }
+        }
+    }
+    Ok((created, n as f64 / t.elapsed().as_secs_f64()))
+}
+
+/// Create (durability none) then sign at once; failures per route.
+async fn routing(url: &str, hsms: &[HsmId], n: usize) -> anyhow::Result<serde_json::Value> {
+    let no_retry = Client::connect_with(
+        url,
+        ClientOptions {
+            retry: RetryPolicy::none(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let retry = Client::connect(url).await?;
+    let mut out = serde_json::Map::new();
+    for (name, client, route) in [
+        ("replica_aware", &no_retry, Route::ReplicaAware),
+        ("any_without_retries", &no_retry, Route::Any),
+        ("any_with_retries", &retry, Route::Any),
+    ] {
+        let mut failures = 0u64;
+        for i in 0..n {
+            let k = client
+                .create_key(
+                    CreateKey::new(KeyType::Ed25519)
+                        .on(Route::Hsm(hsms[i % hsms.len()].clone()))
+                        .durability(Durability::None),
+                )
+                .await?;
+            if client.sign(k.info.key_id, b"bench", &route).await.is_err() {
+                failures += 1;
+            }
+        }
+        out.insert(name.into(), json!({ "cycles": n, "failures": failures }));
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
+    let sizes = if args.quick {
+        Sizes {
+            latency: 100,
+            durability: 50,
+            throughput: 1000,
+            routing: 100,
+            ceiling: 20_000,
+        }
+    } else {
+        Sizes {
+            latency: 1000,
+            durability: 300,
+            throughput: 10_000,
+            routing: 1000,
+            ceiling: 100_000,
+        }
+    };
+    let n = usize::from(args.hsms);
+    let say = |s: &str| {
+        if !args.json {
+            eprintln!("{s}");
+        }
+    };
+    say(&format!(
+        "starting a stack: nats-server (file storage), orchestrator, {n} HSMs"
+    ));
+    let stack = DevStack::start(StackOptions {
+        hsms: n,
+        subjects: cli.subjects()?,
+        ..Default::default()
+    })
+    .await?;
+    let client = stack.client().clone();
+    let hsms = stack.hsm_ids();
+
+    say("measuring the JetStream floor of the sync pattern");
+    let floor_h = pct(&floor(client.nats(), n - 1, sizes.latency).await?);
+    say("measuring sync latency, one key at a time");
+    let sync_h = pct(&sync_one_at_a_time(&client, &hsms, args.key_type, sizes.latency).await?);
+    say("measuring create latency at each durability level");
+    let mut durability = serde_json::Map::new();
+    for d in [
+        Durability::None,
+        Durability::Logged,
+        Durability::Replicas(2),
+        Durability::All,
+    ] {
+        let h = create_latency(&client, &hsms, args.key_type, d, sizes.durability).await?;
+        durability.insert(d.to_string(), pct(&h));
+    }
+    say("measuring throughput");
+    let (created_rate, replicated_rate) =
+        throughput(&client, &hsms, sizes.throughput, args.in_flight).await?;
+    let ceiling_rate = ceiling(client.nats(), sizes.ceiling).await?;
+    let msgs_per_key = 2 * n; // KeyCreated, n-1 commands, n-1 applied, KeyReplicated
+    say("measuring create-then-sign on each route");
+    let routes = routing(&stack.url(), &hsms, sizes.routing).await?;
+
+    let doc = json!({
+        "machine": { "cores": std::thread::available_parallelism().map(|c| c.get()).unwrap_or(0) },
+        "hsms": n,
+        "key_type": args.key_type.as_str(),
+        "quick": args.quick,
+        "floor": floor_h,
+        "sync_latency": sync_h,
+        "ratio_to_floor": { "p50": ratio(&sync_h, &floor_h, "p50_ms"), "p99": ratio(&sync_h, &floor_h, "p99_ms") },
+        "create_latency": durability,
+        "throughput": {
+            "in_flight": args.in_flight,
+            "keys": sizes.throughput,
+            "created_per_s": created_rate.round(),
+            "replicated_per_s": replicated_rate.round(),
+            "bus_publish_per_s": ceiling_rate.round(),
+            "messages_per_key": msgs_per_key,
+            "bus_ceiling_keys_per_s": (ceiling_rate / msgs_per_key as f64).round(),
+        },
+        "routing": routes,
+    });
+    stack.shutdown();
+    if args.json {
+        return print_json(&doc);
+    }
+    let row = |name: &str, v: &serde_json::Value| {
+        println!(
+            "  {:<34} {:>8} {:>8} {:>8} {:>8}",
+            name, v["p50_ms"], v["p90_ms"], v["p99_ms"], v["max_ms"]
+        )
+    };
+    println!(
+        "keysync bench: {n} HSMs, {} keys, {} cores{}",
+        args.key_type,
+        doc["machine"]["cores"],
+        if args.quick { ", --quick" } else { "" }
+    );
+    println!(
+        "\n  {:<34} {:>8} {:>8} {:>8} {:>8}   (ms)",
+        "latency", "p50", "p90", "p99", "max"
+    );
+    row("JetStream floor (same pattern)", &doc["floor"]);
+    row("sync latency, one key at a time", &doc["sync_latency"]);
+    println!(
+        "  {:<34} {:>8} {:>17}",
+        "ratio to floor", doc["ratio_to_floor"]["p50"], doc["ratio_to_floor"]["p99"]
+    );
+    for d in ["none", "logged", "replicas:2", "all"] {
+        row(
+            &format!("create, durability {d}"),
+            &doc["create_latency"][d],
+        );
+    }
+    let t = &doc["throughput"];
+    println!(
+        "\n  throughput ({} keys, {} in flight): {} keys/s created, {} keys/s replicated to {n} HSMs",
+        t["keys"], t["in_flight"], t["created_per_s"], t["replicated_per_s"]
+    );
+    println!(
+        "  bus ceiling: {} JetStream publishes/s / {} messages per key = {} keys/s",
+        t["bus_publish_per_s"], t["messages_per_key"], t["bus_ceiling_keys_per_s"]
+    );
+    let r = &doc["routing"];
+    println!(
+        "\n  create (none) then sign at once, failures of {}: replica-aware {}, any HSM without retries {}, any HSM with retries {}",
+        r["replica_aware"]["cycles"], r["replica_aware"]["failures"], r["any_without_retries"]["failures"], r["any_with_retries"]["failures"]
+    );
+    Ok(())
+}
