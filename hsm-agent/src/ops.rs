@@ -214,7 +214,9 @@ async fn create(agent: &Arc<Agent>, req: Create<'_>) -> Result<OpReply, OpError>
     let store = agent.store.clone();
     let key_type = req.key_type;
     let attributes = req.attributes;
+    let started = std::time::Instant::now();
     let (created, event_bytes) = tokio::task::spawn_blocking(move || {
+        let t = std::time::Instant::now();
         let mut event_bytes = None;
         let created = store.create(
             NewKey {
@@ -245,6 +247,7 @@ async fn create(agent: &Arc<Agent>, req: Create<'_>) -> Result<OpReply, OpError>
                 Ok(bytes)
             },
         )?;
+        tracing::debug!(us = t.elapsed().as_micros() as u64, "keystore create");
         Ok::<_, KeystoreError>((created, event_bytes))
     })
     .await
@@ -258,6 +261,10 @@ async fn create(agent: &Arc<Agent>, req: Create<'_>) -> Result<OpReply, OpError>
             created_seq: None,
         });
     };
+    tracing::debug!(
+        us = started.elapsed().as_micros() as u64,
+        "created and stored"
+    );
     let ack = agent.publish_event(subject, msg_id, bytes).await;
     match durability {
         Durability::None => {

@@ -386,11 +386,11 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         "throughput": {
             "in_flight": args.in_flight,
             "keys": sizes.throughput,
-            "created_per_s": created_rate.round(),
-            "replicated_per_s": replicated_rate.round(),
-            "bus_publish_per_s": ceiling_rate.round(),
+            "created_per_s": created_rate.round() as u64,
+            "replicated_per_s": replicated_rate.round() as u64,
+            "bus_publish_per_s": ceiling_rate.round() as u64,
             "messages_per_key": msgs_per_key,
-            "bus_ceiling_keys_per_s": (ceiling_rate / msgs_per_key as f64).round(),
+            "bus_ceiling_keys_per_s": (ceiling_rate / msgs_per_key as f64).round() as u64,
         },
         "routing": routes,
     });
@@ -398,10 +398,15 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     if args.json {
         return print_json(&doc);
     }
+    let f = |v: &serde_json::Value| format!("{:.2}", v.as_f64().unwrap_or(0.0));
     let row = |name: &str, v: &serde_json::Value| {
         println!(
             "  {:<34} {:>8} {:>8} {:>8} {:>8}",
-            name, v["p50_ms"], v["p90_ms"], v["p99_ms"], v["max_ms"]
+            name,
+            f(&v["p50_ms"]),
+            f(&v["p90_ms"]),
+            f(&v["p99_ms"]),
+            f(&v["max_ms"])
         )
     };
     println!(
@@ -417,8 +422,10 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     row("JetStream floor (same pattern)", &doc["floor"]);
     row("sync latency, one key at a time", &doc["sync_latency"]);
     println!(
-        "  {:<34} {:>8} {:>17}",
-        "ratio to floor", doc["ratio_to_floor"]["p50"], doc["ratio_to_floor"]["p99"]
+        "  {:<34} {:>7}x {:>16}x",
+        "ratio to floor",
+        f(&doc["ratio_to_floor"]["p50"]),
+        f(&doc["ratio_to_floor"]["p99"])
     );
     for d in ["none", "logged", "replicas:2", "all"] {
         row(
