@@ -1,4 +1,4 @@
-//! Applying clone commands from this HSM's durable command queue.
+//! Applying clone and delete commands from this HSM's durable command queue.
 //!
 //! Commands are taken in batches of whatever is ready, checked, stored in
 //! one keystore transaction (one fsync for the batch), announced with one
@@ -13,10 +13,11 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use futures::StreamExt;
 use keysync_schemas::{
-    decode, CloneApplied, CloneFailed, CloneKey, Command, Envelope, Event, Source,
+    decode, CloneApplied, CloneFailed, CloneFailure, CloneKey, Command, Envelope, Event, KeyErased,
+    Source,
 };
 
-use crate::keystore::CloneOutcome;
+use crate::keystore::{CloneOutcome, Keystore};
 use crate::Agent;
 
 /// Most commands applied in one keystore transaction.
@@ -57,7 +58,7 @@ pub async fn run(agent: Arc<Agent>) -> anyhow::Result<()> {
 }
 
 async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
-    let mut valid: Vec<(jetstream::Message, CloneKey)> = Vec::with_capacity(batch.len());
+    let mut valid: Vec<(jetstream::Message, Command)> = Vec::with_capacity(batch.len());
     let expected_subject = agent.subjects.commands_for(&agent.hsm);
     for msg in batch {
         let cmd = match decode::<Command>(&msg.payload) {
@@ -68,47 +69,45 @@ async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
                 continue;
             }
         };
-        let Command::CloneKey(clone) = cmd;
-        if clone.target != agent.hsm || msg.subject.as_str() != expected_subject {
+        if cmd.target() != &agent.hsm || msg.subject.as_str() != expected_subject {
             agent.rejections.reject(
                 "wrong_target",
                 &msg.subject,
-                &format_args!(
-                    "clone of {} is addressed to {}",
-                    clone.key.key_id, clone.target
-                ),
+                &format_args!("command addressed to {}", cmd.target()),
             );
             terminate(&msg).await;
             continue;
         }
-        valid.push((msg, clone));
+        valid.push((msg, cmd));
     }
     if valid.is_empty() {
         return;
     }
 
+    // Apply in order: runs of clones in one transaction each, deletes one
+    // by one, so a delete queued after a clone of the same key wins.
     let store = agent.store.clone();
-    let cmds: Vec<CloneKey> = valid.iter().map(|(_, c)| c.clone()).collect();
-    let results = match tokio::task::spawn_blocking(move || {
-        let refs: Vec<&CloneKey> = cmds.iter().collect();
-        store.apply_clones(&refs)
-    })
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            // Not acknowledged: the commands are redelivered after ack_wait.
-            tracing::error!(error = %e, "clone batch panicked");
-            return;
-        }
-    };
+    let cmds: Vec<Command> = valid.iter().map(|(_, c)| c.clone()).collect();
+    let outcomes =
+        match tokio::task::spawn_blocking(move || apply_in_order(store.as_ref(), &cmds)).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Not acknowledged: the commands are redelivered after ack_wait.
+                tracing::error!(error = %e, "command batch panicked");
+                return;
+            }
+        };
 
     let mut acks = Vec::with_capacity(valid.len());
-    for ((msg, clone), result) in valid.into_iter().zip(results) {
-        let key_id = clone.key.key_id;
-        let (subject, event) = match result {
-            Ok(outcome) => {
+    for ((msg, cmd), outcome) in valid.into_iter().zip(outcomes) {
+        let (subject, event) = match (cmd, outcome) {
+            (_, Outcome::Silent) => {
+                acks.push((msg, None));
+                continue;
+            }
+            (Command::CloneKey(clone), Outcome::Clone(Ok(outcome))) => {
                 agent.clones_applied.fetch_add(1, Ordering::Relaxed);
+                let key_id = clone.key.key_id;
                 (
                     agent.subjects.clone_applied(&key_id, &agent.hsm),
                     Event::CloneApplied(CloneApplied {
@@ -119,7 +118,8 @@ async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
                     }),
                 )
             }
-            Err(reason) => {
+            (Command::CloneKey(clone), Outcome::Clone(Err(reason))) => {
+                let key_id = clone.key.key_id;
                 tracing::warn!(%key_id, reason = reason.reason(), "clone failed; nothing stored");
                 agent
                     .rejections
@@ -133,31 +133,89 @@ async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
                     }),
                 )
             }
+            (Command::DeleteKey(d), Outcome::Erased(was_present)) => (
+                agent.subjects.key_erased(&d.key_id, &agent.hsm),
+                Event::KeyErased(KeyErased {
+                    key_id: d.key_id,
+                    hsm: agent.hsm.clone(),
+                    was_present,
+                }),
+            ),
+            (_, Outcome::Failed(e)) => {
+                // Not acknowledged: redelivered and tried again.
+                tracing::warn!(error = %e, "command not applied; it will be redelivered");
+                continue;
+            }
+            _ => continue,
         };
         let env = Envelope::new(Source::Hsm(agent.hsm.clone()), event);
         let published = match keysync_schemas::encode(&env) {
             Ok(bytes) => agent.publish_event(subject, env.id, bytes).await,
             Err(e) => Err(anyhow::anyhow!(e)),
         };
-        acks.push((msg, published));
+        acks.push((msg, Some(published)));
     }
     for (msg, published) in acks {
         let confirmed = match published {
-            Ok(fut) => fut.await.map_err(anyhow::Error::from),
-            Err(e) => Err(e),
+            None => Ok(()),
+            Some(Ok(fut)) => fut.await.map(drop).map_err(anyhow::Error::from),
+            Some(Err(e)) => Err(e),
         };
         match confirmed {
-            Ok(_) => {
+            Ok(()) => {
                 if let Err(e) = msg.ack().await {
                     tracing::warn!(error = %e, "could not acknowledge a command; it will be redelivered");
                 }
             }
             // Left unacknowledged: redelivered and re-applied (a no-op).
             Err(e) => {
-                tracing::warn!(error = %e, "clone result not logged; command will be redelivered")
+                tracing::warn!(error = %e, "command result not logged; command will be redelivered")
             }
         }
     }
+}
+
+/// What applying one command did.
+enum Outcome {
+    /// A clone's result.
+    Clone(Result<CloneOutcome, CloneFailure>),
+    /// A delete: whether the key was held.
+    Erased(bool),
+    /// Nothing to announce (a clone of a deleted key).
+    Silent,
+    /// The store failed; leave the command for redelivery.
+    Failed(String),
+}
+
+fn apply_in_order(store: &dyn Keystore, cmds: &[Command]) -> Vec<Outcome> {
+    let mut out = Vec::with_capacity(cmds.len());
+    let mut i = 0;
+    while i < cmds.len() {
+        match &cmds[i] {
+            Command::CloneKey(_) => {
+                let run: Vec<&CloneKey> = cmds[i..]
+                    .iter()
+                    .map_while(|c| match c {
+                        Command::CloneKey(k) => Some(k),
+                        Command::DeleteKey(_) => None,
+                    })
+                    .collect();
+                i += run.len();
+                out.extend(store.apply_clones(&run).into_iter().map(|r| match r {
+                    Ok(CloneOutcome::Tombstoned) => Outcome::Silent,
+                    other => Outcome::Clone(other),
+                }));
+            }
+            Command::DeleteKey(d) => {
+                out.push(match store.delete(&d.key_id, None) {
+                    Ok(prev) => Outcome::Erased(prev.is_some()),
+                    Err(e) => Outcome::Failed(e.to_string()),
+                });
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 async fn terminate(msg: &jetstream::Message) {

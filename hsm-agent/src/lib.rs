@@ -21,8 +21,8 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use futures::StreamExt;
 use keysync_schemas::{
-    decode, encode, headers, subjects::ANY_OP_QUEUE, Envelope, Event, HsmId, HsmJoined, KeyId,
-    OpReply, OpRequest, Source, Subjects, Timestamp,
+    decode, encode, headers, subjects::ANY_OP_QUEUE, Envelope, Event, Heartbeat, HsmId, HsmJoined,
+    KeyId, OpReply, OpRequest, Source, Subjects, Timestamp,
 };
 use tokio::sync::{mpsc, Semaphore};
 
@@ -45,6 +45,8 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// Operations handled at once.
     pub max_concurrent_ops: usize,
+    /// How often the agent sends its heartbeat (with its inventory digest).
+    pub heartbeat_interval: Duration,
 }
 
 /// The running agent, shared by its tasks.
@@ -62,7 +64,8 @@ pub struct Agent {
     nats: async_nats::Client,
     js: jetstream::Context,
     outbox_done: mpsc::UnboundedSender<KeyId>,
-    publish_timeout: Duration,
+    /// How long a `logged` create or a delete waits for its PubAck.
+    pub publish_timeout: Duration,
 }
 
 impl Agent {
@@ -106,13 +109,9 @@ impl Agent {
     }
 }
 
-/// Opens the keystore and runs the agent until `shutdown` resolves or a
-/// fatal error occurs.
-pub async fn run(
-    config: Config,
-    nats: async_nats::Client,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+/// Opens the embedded keystore named by `config` (loading every token key;
+/// a wrong domain key or a corrupt store is an error here, not later).
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Keystore>> {
     let domain = DomainKey::load(&config.domain_key)?;
     let store = EmbeddedKeystore::open(&config.data_dir, config.hsm.clone(), domain)
         .context("opening the embedded keystore")?;
@@ -122,9 +121,20 @@ pub async fn run(
         domain = %store.domain_id(),
         "keystore open"
     );
+    Ok(Arc::new(store))
+}
+
+/// Runs the agent on `store` until `shutdown` resolves or a fatal error
+/// occurs (after which it may simply be run again).
+pub async fn run(
+    config: Config,
+    store: Arc<dyn Keystore>,
+    nats: async_nats::Client,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
-        store: Arc::new(store),
+        store,
         hsm: config.hsm.clone(),
         subjects: config.subjects.clone(),
         rejections: Rejections::default(),
@@ -147,6 +157,7 @@ pub async fn run(
     wait_until_serving(&agent).await?;
     announce(&agent).await?;
     tasks.spawn(clones::run(agent.clone()));
+    tasks.spawn(heartbeat(agent.clone(), config.heartbeat_interval));
     tracing::info!(hsm = %agent.hsm, "agent ready");
 
     let result = tokio::select! {
@@ -261,6 +272,41 @@ async fn announce(agent: &Arc<Agent>) -> anyhow::Result<()> {
     }
 }
 
+/// Says "alive, and this is what I hold" on core NATS, every interval.
+async fn heartbeat(agent: Arc<Agent>, interval: Duration) -> anyhow::Result<()> {
+    let subject = agent.subjects.heartbeat(&agent.hsm);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = agent.store.clone();
+        let (token_keys, digest, outbox) = tokio::task::spawn_blocking(move || {
+            (
+                store.token_key_count(),
+                store.inventory_digest(),
+                store.outbox().map(|o| o.len() as u64).unwrap_or(0),
+            )
+        })
+        .await?;
+        let env = Envelope::new(
+            Source::Hsm(agent.hsm.clone()),
+            Heartbeat {
+                hsm: agent.hsm.clone(),
+                token_keys,
+                digest,
+                outbox,
+            },
+        );
+        if let Err(e) = agent
+            .nats
+            .publish(subject.clone(), encode(&env)?.into())
+            .await
+        {
+            tracing::warn!(error = %e, "could not send a heartbeat");
+        }
+    }
+}
+
 /// Removes confirmed entries from the outbox, in batches (one transaction
 /// for many keys).
 async fn forget_confirmed(
@@ -308,7 +354,10 @@ async fn republish_outbox(agent: Arc<Agent>) -> anyhow::Result<()> {
             if age < OUTBOX_GRACE.as_nanos() as u64 {
                 continue;
             }
-            let subject = agent.subjects.key_created(&key_id);
+            let subject = match &env.body {
+                Event::KeyDeleted(_) => agent.subjects.key_deleted(&key_id),
+                _ => agent.subjects.key_created(&key_id),
+            };
             match agent.publish_event(subject, env.id, bytes).await {
                 Ok(ack) => {
                     if ack.await.is_ok() {

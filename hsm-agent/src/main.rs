@@ -32,6 +32,9 @@ struct Args {
     /// Key operations handled at once.
     #[arg(long, default_value_t = 256)]
     max_concurrent_ops: usize,
+    /// Seconds between heartbeats (each carries the inventory digest).
+    #[arg(long, default_value_t = 1.0)]
+    heartbeat_interval: f64,
 }
 
 #[tokio::main]
@@ -52,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         subjects,
         publish_timeout: Duration::from_secs_f64(args.publish_timeout.max(0.1)),
         max_concurrent_ops: args.max_concurrent_ops,
+        heartbeat_interval: Duration::from_secs_f64(args.heartbeat_interval.max(0.05)),
     };
     let nats = async_nats::ConnectOptions::new()
         .name(format!("hsm-agent {}", args.id))
@@ -59,7 +63,30 @@ async fn main() -> anyhow::Result<()> {
         .connect(&args.nats)
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats))?;
-    hsm_agent::run(config, nats, shutdown_signal()).await
+    let store = hsm_agent::open_store(&config)?;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    // Crash-only: a failed run (say, JetStream went away) starts again; the
+    // keystore, its outbox and the durable command queue carry the state.
+    loop {
+        let mut stop_rx = stop.clone();
+        let shutdown = async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        };
+        match hsm_agent::run(config.clone(), store.clone(), nats.clone(), shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                if *stop.borrow() {
+                    return Err(e);
+                }
+                tracing::error!(error = %format!("{e:#}"), "agent stopped; starting again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use keysync_schemas::{
-    decode, AgentHealth, Durability, Envelope, Event, KeyAttributes, KeyCreated, KeyId, KeyType,
-    OpError, OpErrorKind, OpReply, OpRequest, Source, MAX_LABEL_BYTES,
+    decode, AgentHealth, Durability, Envelope, Event, KeyAttributes, KeyCreated, KeyDeleted, KeyId,
+    KeyType, OpError, OpErrorKind, OpReply, OpRequest, Source, MAX_LABEL_BYTES,
 };
 
 use crate::keystore::{CreatedKey, KeySource, KeystoreError, NewKey};
@@ -166,6 +166,10 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
             .map_err(ks_err),
         OpRequest::Info { key_id } => store.info(&key_id).map(OpReply::Info).map_err(ks_err),
         OpRequest::List => Ok(OpReply::List(store.list())),
+        OpRequest::Delete { key_id } => delete(agent, key_id).await,
+        OpRequest::Inventory { after, limit } => Ok(OpReply::Inventory(
+            store.inventory_page(after, (limit as usize).min(MAX_INVENTORY_PAGE)),
+        )),
         OpRequest::Health => {
             let outbox = store.outbox().map(|o| o.len() as u64).unwrap_or(0);
             let token_keys = store.token_key_count();
@@ -181,6 +185,58 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
                 rejected: agent.rejections.snapshot(),
             }))
         }
+    }
+}
+
+/// Most inventory entries in one reply (keeps it under the message limit).
+pub const MAX_INVENTORY_PAGE: usize = 2000;
+
+/// Deletes a key cluster-wide: erases it here with its tombstone and the
+/// `KeyDeleted` event in one transaction, then publishes the event.
+async fn delete(agent: &Arc<Agent>, key_id: KeyId) -> Result<OpReply, OpError> {
+    let info = agent.store.info(&key_id).map_err(ks_err)?;
+    if info.session {
+        let store = agent.store.clone();
+        blocking(move || store.delete(&key_id, None)).await?;
+        return Ok(OpReply::Deleted { key_id, seq: 0 });
+    }
+    let env = Envelope::new(
+        Source::Hsm(agent.hsm.clone()),
+        Event::KeyDeleted(KeyDeleted {
+            key_id,
+            fingerprint: info.fingerprint,
+            hsm: agent.hsm.clone(),
+        }),
+    );
+    let bytes = keysync_schemas::encode(&env)
+        .map_err(|e| OpError::new(OpErrorKind::Internal, e.to_string()))?;
+    let store = agent.store.clone();
+    let stored = bytes.clone();
+    blocking(move || store.delete(&key_id, Some(stored))).await?;
+    let subject = agent.subjects.key_deleted(&key_id);
+    let acked = match agent.publish_event(subject, env.id, bytes).await {
+        Ok(fut) => tokio::time::timeout(agent.publish_timeout, fut)
+            .await
+            .map_err(|_| "timed out waiting for the JetStream acknowledgement".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        Err(e) => Err(e.to_string()),
+    };
+    match acked {
+        Ok(ack) => {
+            agent.outbox_confirmed(key_id);
+            Ok(OpReply::Deleted {
+                key_id,
+                seq: ack.sequence,
+            })
+        }
+        Err(e) => Err(OpError::new(
+            OpErrorKind::Unavailable,
+            format!(
+                "key {key_id} was erased on {} but its tombstone is not yet logged ({e}); \
+                 it is published from the agent's outbox when JetStream answers",
+                agent.hsm
+            ),
+        )),
     }
 }
 

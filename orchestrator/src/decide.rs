@@ -7,10 +7,12 @@
 //! no-op, so deciding again after a crash never does anything twice with a
 //! different effect.
 
-use keysync_schemas::subjects::KeySubject;
-use keysync_schemas::{Event, HsmId, KeyId};
+use std::collections::HashMap;
 
-use crate::state::{ClusterState, EventMeta, KeyState};
+use keysync_schemas::subjects::KeySubject;
+use keysync_schemas::{Event, Fingerprint, HsmId, KeyId};
+
+use crate::state::{Change, ClusterState, EventMeta, KeyState};
 
 /// An action for the NATS loop to carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +26,22 @@ pub enum Action {
         key_id: KeyId,
         /// Where its `KeyCreated` is in the stream.
         created_seq: u64,
+        /// An anti-entropy repair: sent with a fresh message id, so
+        /// JetStream does not drop it as a duplicate of the original.
+        repair: bool,
+    },
+    /// Queue a `DeleteKey` for `target`.
+    SendDelete {
+        /// Target HSM.
+        target: HsmId,
+        /// The key.
+        key_id: KeyId,
+    },
+    /// Purge the key's wrapped material (its `created` subject) from the
+    /// events stream.
+    Purge {
+        /// The key.
+        key_id: KeyId,
     },
     /// Publish `KeyReplicated`.
     AnnounceReplicated {
@@ -43,6 +61,10 @@ pub fn subject_matches(subject: Option<KeySubject>, event: &Event) -> bool {
         (Some(KeySubject::Failed(k, h)), Event::CloneFailed(f)) => k == f.key_id && h == f.hsm,
         (Some(KeySubject::Replicated(k)), Event::KeyReplicated(r)) => k == r.key_id,
         (Some(KeySubject::HsmJoined(h)), Event::HsmJoined(j)) => h == j.hsm,
+        (Some(KeySubject::HsmFailed(h)), Event::HsmFailed(f)) => h == f.hsm,
+        (Some(KeySubject::HsmRecovered(h)), Event::HsmRecovered(r)) => h == r.hsm,
+        (Some(KeySubject::Deleted(k)), Event::KeyDeleted(d)) => k == d.key_id,
+        (Some(KeySubject::Erased(k, h)), Event::KeyErased(e)) => k == e.key_id && h == e.hsm,
         _ => false,
     }
 }
@@ -54,6 +76,18 @@ fn clones_for(state: &ClusterState, key_id: KeyId, key: &KeyState, out: &mut Vec
                 target: m.hsm.clone(),
                 key_id,
                 created_seq: key.created_seq,
+                repair: false,
+            });
+        }
+    }
+}
+
+fn deletes_for(state: &ClusterState, key_id: KeyId, key: &KeyState, out: &mut Vec<Action>) {
+    for idx in key.holders.iter() {
+        if let Some(m) = state.member_at(idx) {
+            out.push(Action::SendDelete {
+                target: m.hsm.clone(),
+                key_id,
             });
         }
     }
@@ -61,63 +95,147 @@ fn clones_for(state: &ClusterState, key_id: KeyId, key: &KeyState, out: &mut Vec
 
 fn announcement(key_id: KeyId, key: &KeyState) -> Option<Action> {
     match key.completed {
-        Some((_, latency_ns)) if !key.announced => {
+        Some((_, latency_ns)) if !key.announced && !key.deleted => {
             Some(Action::AnnounceReplicated { key_id, latency_ns })
         }
         _ => None,
     }
 }
 
-/// Actions caused by one live event, already applied to `state`.
-pub fn decide(state: &ClusterState, meta: EventMeta, event: &Event) -> Vec<Action> {
+/// Actions caused by one live event, already applied to `state` with
+/// result `change`.
+pub fn decide(
+    state: &ClusterState,
+    meta: EventMeta,
+    event: &Event,
+    change: &Change,
+) -> Vec<Action> {
     let mut out = Vec::new();
-    match event {
-        Event::KeyCreated(c) => {
+    match (event, change) {
+        (Event::KeyCreated(c), _) => {
             if let Some(key) = state.key(&c.key_id) {
                 // Only the first KeyCreated fans out; a republished one is a no-op.
-                if key.created_seq == meta.seq {
+                if key.created_seq == meta.seq && !key.deleted {
                     clones_for(state, c.key_id, key, &mut out);
                     out.extend(announcement(c.key_id, key));
                 }
             }
         }
-        Event::CloneApplied(a) => {
+        (
+            Event::CloneApplied(a),
+            Change::Held {
+                completed: true, ..
+            },
+        ) => {
             if let Some(key) = state.key(&a.key_id) {
-                if matches!(key.completed, Some((seq, _)) if seq == meta.seq) {
-                    out.extend(announcement(a.key_id, key));
+                out.extend(announcement(a.key_id, key));
+            }
+        }
+        (Event::HsmJoined(j), Change::NewMember(idx)) => {
+            // A new member is sent every live key. A returning member is
+            // sent nothing: its durable queue kept its commands, and
+            // anti-entropy repairs anything else.
+            let mut keys: Vec<(&KeyId, &KeyState)> = state
+                .keys()
+                .filter(|(_, k)| !k.deleted && !k.holders.contains(*idx))
+                .collect();
+            keys.sort_by_key(|(_, k)| k.created_seq);
+            for (key_id, key) in keys {
+                out.push(Action::SendClone {
+                    target: j.hsm.clone(),
+                    key_id: *key_id,
+                    created_seq: key.created_seq,
+                    repair: false,
+                });
+            }
+        }
+        (Event::HsmFailed(_), Change::Completed(done)) => {
+            for (key_id, _) in done {
+                if let Some(key) = state.key(key_id) {
+                    out.extend(announcement(*key_id, key));
                 }
             }
         }
-        Event::HsmJoined(j) => {
-            // A new member is sent every key; a returning one whatever it
-            // lacks (its queued commands may cover it: duplicates are
-            // deduplicated by message id, or applied as no-ops).
-            if let Some(idx) = state.member_index(&j.hsm) {
-                for (key_id, key) in state.keys() {
-                    if !key.holders.contains(idx) && !key.failed.contains(idx) {
-                        out.push(Action::SendClone {
-                            target: j.hsm.clone(),
-                            key_id: *key_id,
-                            created_seq: key.created_seq,
+        (Event::KeyDeleted(d), Change::Deleted) => {
+            out.push(Action::Purge { key_id: d.key_id });
+            if let Some(key) = state.key(&d.key_id) {
+                // Everyone else erases it; members that never held it keep
+                // the tombstone, so a late clone cannot bring it back.
+                for (idx, m) in state.members().enumerate() {
+                    if m.hsm != d.hsm || key.holders.contains(idx as u8) {
+                        out.push(Action::SendDelete {
+                            target: m.hsm.clone(),
+                            key_id: d.key_id,
                         });
                     }
                 }
             }
         }
-        Event::CloneFailed(_) | Event::KeyReplicated(_) => {}
+        _ => {}
     }
     out
 }
 
 /// Every action still outstanding in `state`: run once after replaying the
-/// log, to finish what a previous run may have left half done.
+/// log (or on taking over), to finish what a previous run may have left
+/// half done.
 pub fn reconcile(state: &ClusterState) -> Vec<Action> {
     let mut out = Vec::new();
     let mut keys: Vec<(&KeyId, &KeyState)> = state.keys().collect();
     keys.sort_by_key(|(_, k)| k.created_seq);
     for (key_id, key) in keys {
+        if key.deleted {
+            if !key.holders.is_empty() {
+                // Deletion under way: make sure of the purge and the erasures.
+                out.push(Action::Purge { key_id: *key_id });
+                deletes_for(state, *key_id, key, &mut out);
+            }
+            continue;
+        }
         clones_for(state, *key_id, key, &mut out);
         out.extend(announcement(*key_id, key));
+    }
+    out
+}
+
+/// Anti-entropy: what `member` must be sent so that its store matches the
+/// state, given the inventory it reported. Keys it lacks are cloned again;
+/// deleted keys it still holds are erased; live keys it holds unknown to
+/// the state are cloned again too (it answers `already_present`, which
+/// records it as a holder).
+pub fn repair(
+    state: &ClusterState,
+    member: &HsmId,
+    inventory: &[(KeyId, Fingerprint)],
+) -> Vec<Action> {
+    let Some(idx) = state.member_index(member) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let held: HashMap<KeyId, Fingerprint> = inventory.iter().copied().collect();
+    let mut keys: Vec<(&KeyId, &KeyState)> = state.keys().collect();
+    keys.sort_by_key(|(_, k)| k.created_seq);
+    for (key_id, key) in keys {
+        let has = held.get(key_id);
+        if key.deleted {
+            if has.is_some() {
+                out.push(Action::SendDelete {
+                    target: member.clone(),
+                    key_id: *key_id,
+                });
+            }
+            continue;
+        }
+        let lacks = has.is_none();
+        let unknown_holder = has == Some(&key.fingerprint) && !key.holders.contains(idx);
+        if (lacks || unknown_holder) && key.created_seq > 0 {
+            out.push(Action::SendClone {
+                target: member.clone(),
+                key_id: *key_id,
+                created_seq: key.created_seq,
+                repair: true,
+            });
+        }
     }
     out
 }
@@ -197,7 +315,7 @@ mod tests {
                 stored_at_ns: self.seq * 1_000_000,
             };
             match self.state.apply(meta, e) {
-                Ok(_) => decide(&self.state, meta, e),
+                Ok(change) => decide(&self.state, meta, e, &change),
                 Err(_) => Vec::new(),
             }
         }
@@ -208,6 +326,7 @@ mod tests {
             target: hsm(h),
             key_id: k,
             created_seq: seq,
+            repair: false,
         }
     }
 

@@ -1,31 +1,39 @@
 //! `orchestrator`: folds the event log into cluster state, fans out clone
-//! commands, tracks acknowledgements, and declares keys replicated.
+//! and delete commands, tracks acknowledgements, declares keys replicated,
+//! detects failed HSMs, and repairs divergence.
 //!
 //! The brain is pure ([`state`] and [`decide`]); [`run`] is the thin NATS
 //! loop around it. State is a fold over the log: at start the orchestrator
-//! replays the events stream from the beginning with no side effects, then
-//! [`decide::reconcile`]s once and goes live. It is crash-only: any failure
-//! to publish ends the process, and the restart's replay and reconcile
-//! finish whatever was half done.
+//! replays the events stream from the beginning with no side effects. Then
+//! it takes the lease ([`lease`]) or waits as a hot standby, still folding
+//! every event; the one holding the lease [`decide::reconcile`]s once and
+//! acts. It is crash-only: any failure to publish, or to renew the lease,
+//! ends [`run`] with an error, and the restart's replay and reconcile finish
+//! whatever was half done.
 
 pub mod decide;
+pub mod lease;
 pub mod metrics;
 pub mod prometheus;
 pub mod state;
 pub mod streams;
 
+use std::collections::HashMap;
 use std::future::IntoFuture;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, context::PublishError, publish::PublishAck};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use keysync_schemas::{
-    decode, encode, headers, CloneKey, Command, Envelope, Event, KeyCreated, KeyId, KeyReplicated,
+    decode, encode, headers, CloneKey, Command, DeleteKey, Envelope, Event, Heartbeat, HsmFailed,
+    HsmId, HsmRecovered, InventoryDigest, KeyCreated, KeyId, KeyReplicated, OpReply, OpRequest,
     Source, StatusReply, StatusRequest, Subjects,
 };
 
-use crate::decide::{decide, reconcile, subject_matches, Action};
+use crate::decide::{decide, reconcile, repair, subject_matches, Action};
+use crate::lease::Lease;
 use crate::state::{ClusterState, EventMeta};
 
 /// How the orchestrator is configured.
@@ -33,7 +41,7 @@ use crate::state::{ClusterState, EventMeta};
 pub struct Config {
     /// Subject layout of the cluster.
     pub subjects: Subjects,
-    /// This instance's name (in the `source` of what it publishes).
+    /// This instance's name (in the `source` of what it publishes, and in the lease).
     pub name: String,
     /// Stream replicas when creating streams (3 on a NATS cluster).
     pub replicas: usize,
@@ -42,16 +50,44 @@ pub struct Config {
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How often sync metrics are published.
-    pub metrics_interval: std::time::Duration,
+    pub metrics_interval: Duration,
+    /// An HSM silent this long is declared failed.
+    pub failure_timeout: Duration,
+    /// Lease time: a standby takes over this long after the active one stops renewing.
+    pub lease_ttl: Duration,
+    /// Heartbeats in a row whose inventory digest differs, unchanged,
+    /// before anti-entropy repairs that HSM.
+    pub repair_after: u32,
 }
+
+/// Default most publishes in flight.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
+
+/// Inventory entries asked for per request during a repair.
+const INVENTORY_PAGE: u32 = 2000;
+
+/// Actions carried out per batch (bounds the `KeyCreated`s held at once).
+const ACTION_CHUNK: usize = 512;
+
+type AckFuture = BoxFuture<'static, Result<PublishAck, PublishError>>;
 
 struct Orchestrator {
     config: Config,
+    nats: async_nats::Client,
     js: jetstream::Context,
     events: jetstream::stream::Stream,
     state: ClusterState,
     stats: metrics::SyncStats,
-    in_flight: FuturesUnordered<BoxFuture<'static, Result<PublishAck, PublishError>>>,
+    in_flight: FuturesUnordered<AckFuture>,
+    /// Holds the lease and acts.
+    active: bool,
+    /// When each member was last heard from (live-only knowledge).
+    last_seen: HashMap<HsmId, Instant>,
+    /// Recovery announced, waiting to come back through the log.
+    recovering: HashMap<HsmId, Instant>,
+    /// Per member: (agent digest, expected digest) of the last mismatch and
+    /// how many heartbeats in a row showed it.
+    mismatches: HashMap<HsmId, ((u64, InventoryDigest, InventoryDigest), u32)>,
 }
 
 /// Runs the orchestrator until `shutdown` resolves or a fatal error occurs.
@@ -62,9 +98,17 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let js = jetstream::new(nats.clone());
     let mut events = streams::ensure(&js, &config.subjects, config.replicas).await?;
+    let mut lease = Lease::open(
+        &js,
+        &config.subjects.lease_bucket(),
+        &config.name,
+        config.lease_ttl,
+        config.replicas,
+    )
+    .await?;
     let info = events.info().await?.clone();
     let replay_until = info.state.last_sequence;
-    let mut live = info.state.messages == 0;
+    let mut replayed = info.state.messages == 0;
     tracing::info!(
         stream = %config.subjects.events_stream(),
         messages = info.state.messages,
@@ -82,14 +126,20 @@ pub async fn run(
     let mut status_requests = nats
         .subscribe(config.subjects.orchestrator_status())
         .await?;
+    let mut heartbeats = nats.subscribe(config.subjects.all_heartbeats()).await?;
 
     let mut orch = Orchestrator {
-        config,
+        nats: nats.clone(),
         js,
         events,
         state: ClusterState::default(),
         stats: metrics::SyncStats::default(),
         in_flight: FuturesUnordered::new(),
+        active: false,
+        last_seen: HashMap::new(),
+        recovering: HashMap::new(),
+        mismatches: HashMap::new(),
+        config,
     };
     let latest: prometheus::Latest = Default::default();
     let metrics_server = orch
@@ -98,60 +148,75 @@ pub async fn run(
         .map(|addr| tokio::spawn(prometheus::serve(addr, latest.clone())));
     let mut metrics_tick = tokio::time::interval(orch.config.metrics_interval);
     metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let started = std::time::Instant::now();
-    if live {
-        tracing::info!("event log empty; live");
+    let mut lease_tick = tokio::time::interval(orch.config.lease_ttl / 3);
+    lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failure_tick = tokio::time::interval(orch.config.failure_timeout / 4);
+    failure_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    if replayed {
+        tracing::info!("event log empty");
     }
     tokio::pin!(shutdown);
-    let result: anyhow::Result<()> = loop {
-        tokio::select! {
-            _ = &mut shutdown => break Ok(()),
-            msg = messages.next() => {
-                let Some(msg) = msg else { break Err(anyhow::anyhow!("event consumer ended")) };
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => break Err(anyhow::anyhow!("event consumer failed: {e}")),
-                };
-                let (seq, pending) = match msg.info() {
-                    Ok(i) => (i.stream_sequence, i.pending),
-                    Err(e) => break Err(anyhow::anyhow!("event without metadata: {e}")),
-                };
-                if let Err(e) = orch.handle(&msg, live).await {
-                    break Err(e);
-                }
-                if !live && (seq >= replay_until || pending == 0) {
-                    live = true;
-                    let actions = reconcile(&orch.state);
-                    tracing::info!(
-                        events = orch.state.last_seq(),
-                        keys = orch.state.keys().count(),
-                        outstanding = actions.len(),
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "replay done; live"
-                    );
-                    if let Err(e) = orch.execute(actions, None).await {
-                        break Err(e);
+    let result: anyhow::Result<()> = async {
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                msg = messages.next() => {
+                    let msg = msg.ok_or_else(|| anyhow::anyhow!("event consumer ended"))?
+                        .map_err(|e| anyhow::anyhow!("event consumer failed: {e}"))?;
+                    let (seq, pending) = msg
+                        .info()
+                        .map(|i| (i.stream_sequence, i.pending))
+                        .map_err(|e| anyhow::anyhow!("event without metadata: {e}"))?;
+                    orch.handle(&msg, replayed).await?;
+                    if !replayed && (seq >= replay_until || pending == 0) {
+                        replayed = true;
+                        tracing::info!(
+                            events = orch.state.last_seq(),
+                            keys = orch.state.key_count(),
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "replay done"
+                        );
                     }
                 }
-            }
-            Some(req) = status_requests.next() => {
-                orch.answer_status(&nats, req).await;
-            }
-            _ = metrics_tick.tick() => {
-                orch.publish_metrics(&nats, &latest).await;
-            }
-            Some(ack) = orch.in_flight.next(), if !orch.in_flight.is_empty() => {
-                if let Err(e) = ack {
-                    break Err(anyhow::anyhow!("a publish was not acknowledged: {e}"));
+                Some(req) = status_requests.next() => orch.answer_status(req).await,
+                Some(hb) = heartbeats.next() => {
+                    if orch.active {
+                        orch.on_heartbeat(hb).await?;
+                    }
+                }
+                _ = metrics_tick.tick() => {
+                    if orch.active {
+                        orch.publish_metrics(&latest).await;
+                    }
+                }
+                _ = lease_tick.tick() => {
+                    if orch.active {
+                        lease.renew().await?;
+                    } else if replayed && lease.try_acquire().await {
+                        orch.become_active(started).await?;
+                    }
+                }
+                _ = failure_tick.tick() => {
+                    if orch.active {
+                        orch.detect_failures().await?;
+                    }
+                }
+                Some(ack) = orch.in_flight.next(), if !orch.in_flight.is_empty() => {
+                    ack.map_err(|e| anyhow::anyhow!("a publish was not acknowledged: {e}"))?;
                 }
             }
         }
-    };
+    }
+    .await;
     // Wait for what was already published, then let the client go.
     while let Some(ack) = orch.in_flight.next().await {
         if let Err(e) = ack {
             tracing::warn!(error = %e, "publish not acknowledged at shutdown");
         }
+    }
+    if result.is_ok() && orch.active {
+        lease.release().await;
     }
     drop(messages);
     if let Some(server) = metrics_server {
@@ -162,7 +227,23 @@ pub async fn run(
 }
 
 impl Orchestrator {
-    async fn handle(&mut self, msg: &jetstream::Message, live: bool) -> anyhow::Result<()> {
+    async fn become_active(&mut self, started: Instant) -> anyhow::Result<()> {
+        self.active = true;
+        let now = Instant::now();
+        for m in self.state.members() {
+            self.last_seen.insert(m.hsm.clone(), now);
+        }
+        let actions = reconcile(&self.state);
+        tracing::info!(
+            name = %self.config.name,
+            outstanding = actions.len(),
+            since_start_ms = started.elapsed().as_millis() as u64,
+            "holding the lease; active"
+        );
+        self.execute(actions, None).await
+    }
+
+    async fn handle(&mut self, msg: &jetstream::Message, replayed: bool) -> anyhow::Result<()> {
         let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
         let meta = EventMeta {
             seq: info.stream_sequence,
@@ -187,15 +268,29 @@ impl Orchestrator {
             self.state.count_rejection("subject_mismatch");
             return Ok(());
         }
-        match self.state.apply(meta, &event) {
-            Ok(change) => self.stats.observe(change, live),
+        let change = match self.state.apply(meta, &event) {
+            Ok(change) => change,
             Err(r) => {
                 tracing::warn!(seq = meta.seq, subject, reason = r.reason(), error = %r, "rejected event");
                 return Ok(());
             }
+        };
+        let live = replayed && self.active;
+        self.stats.observe(&change, live);
+        match &event {
+            Event::HsmJoined(j) => {
+                self.last_seen.insert(j.hsm.clone(), Instant::now());
+            }
+            Event::HsmRecovered(r) => {
+                self.recovering.remove(&r.hsm);
+            }
+            Event::HsmFailed(f) => {
+                tracing::warn!(hsm = %f.hsm, silent_ms = f.silent_ms, "HSM failed")
+            }
+            _ => {}
         }
         if live {
-            let actions = decide(&self.state, meta, &event);
+            let actions = decide(&self.state, meta, &event, &change);
             let current = match &event {
                 Event::KeyCreated(c) => Some((meta.seq, c)),
                 _ => None,
@@ -212,82 +307,141 @@ impl Orchestrator {
         actions: Vec<Action>,
         current: Option<(u64, &KeyCreated)>,
     ) -> anyhow::Result<()> {
-        let mut fetched: Option<(u64, KeyCreated)> = None;
-        for action in actions {
-            match action {
-                Action::SendClone {
-                    target,
-                    key_id,
-                    created_seq,
-                } => {
-                    let key = match current {
-                        Some((seq, c)) if seq == created_seq => c.clone(),
-                        _ => match &fetched {
-                            Some((seq, c)) if *seq == created_seq => c.clone(),
-                            _ => {
-                                let Some(c) = self.fetch_created(created_seq, key_id).await? else {
-                                    continue;
-                                };
-                                fetched = Some((created_seq, c.clone()));
-                                c
-                            }
-                        },
-                    };
-                    let subject = self.config.subjects.commands_for(&target);
-                    let msg_id = format!("clone-{key_id}-{target}");
-                    let env = Envelope::new(
-                        Source::Orchestrator(self.config.name.clone()),
-                        Command::CloneKey(CloneKey {
-                            target,
-                            created_seq,
-                            key,
-                        }),
-                    );
-                    self.publish(subject, msg_id, encode(&env)?).await?;
-                }
-                Action::AnnounceReplicated { key_id, latency_ns } => {
-                    let Some(key) = self.state.key(&key_id) else {
-                        continue;
-                    };
-                    let holders = key
-                        .holders
-                        .iter()
-                        .filter_map(|i| self.state.member_at(i).map(|m| m.hsm.clone()))
-                        .collect();
-                    let env = Envelope::new(
-                        Source::Orchestrator(self.config.name.clone()),
-                        Event::KeyReplicated(KeyReplicated {
-                            key_id,
-                            fingerprint: key.fingerprint,
-                            holders,
-                            sync_latency_micros: latency_ns / 1_000,
-                            created_seq: key.created_seq,
-                        }),
-                    );
-                    let subject = self.config.subjects.key_replicated(&key_id);
-                    self.publish(subject, format!("replicated-{key_id}"), encode(&env)?)
-                        .await?;
-                }
+        for chunk in actions.chunks(ACTION_CHUNK) {
+            // Fetch the KeyCreated events this chunk needs, pipelined.
+            let mut needed: Vec<(u64, KeyId)> = chunk
+                .iter()
+                .filter_map(|a| match a {
+                    Action::SendClone {
+                        created_seq,
+                        key_id,
+                        ..
+                    } if current.is_none_or(|(s, _)| s != *created_seq) => {
+                        Some((*created_seq, *key_id))
+                    }
+                    _ => None,
+                })
+                .collect();
+            needed.sort_unstable();
+            needed.dedup();
+            let this = &*self;
+            let fetched: HashMap<u64, KeyCreated> = futures::stream::iter(needed)
+                .map(|(seq, key_id)| async move { (seq, this.fetch_created(seq, key_id).await) })
+                .buffered(64)
+                .filter_map(|(seq, c)| async move { c.map(|c| (seq, c)) })
+                .collect()
+                .await;
+            for action in chunk {
+                self.execute_one(action, current, &fetched).await?;
             }
         }
         Ok(())
     }
 
+    async fn execute_one(
+        &mut self,
+        action: &Action,
+        current: Option<(u64, &KeyCreated)>,
+        fetched: &HashMap<u64, KeyCreated>,
+    ) -> anyhow::Result<()> {
+        let source = Source::Orchestrator(self.config.name.clone());
+        match action {
+            Action::SendClone {
+                target,
+                key_id,
+                created_seq,
+                repair,
+            } => {
+                let key = match current {
+                    Some((seq, c)) if seq == *created_seq => c.clone(),
+                    _ => match fetched.get(created_seq) {
+                        Some(c) => c.clone(),
+                        None => return Ok(()),
+                    },
+                };
+                let msg_id = if *repair {
+                    format!("repair-{key_id}-{target}-{}", uuid::Uuid::now_v7())
+                } else {
+                    format!("clone-{key_id}-{target}")
+                };
+                let env = Envelope::new(
+                    source,
+                    Command::CloneKey(CloneKey {
+                        target: target.clone(),
+                        created_seq: *created_seq,
+                        key,
+                    }),
+                );
+                self.publish(
+                    self.config.subjects.commands_for(target),
+                    msg_id,
+                    encode(&env)?,
+                )
+                .await
+            }
+            Action::SendDelete { target, key_id } => {
+                let env = Envelope::new(
+                    source,
+                    Command::DeleteKey(DeleteKey {
+                        target: target.clone(),
+                        key_id: *key_id,
+                    }),
+                );
+                self.publish(
+                    self.config.subjects.commands_for(target),
+                    format!("delete-{key_id}-{target}"),
+                    encode(&env)?,
+                )
+                .await
+            }
+            Action::Purge { key_id } => {
+                // Crypto-shredding: the key's wrapped material leaves the log.
+                let subject = self.config.subjects.key_created(key_id);
+                let purged = self.events.purge().filter(subject).await?;
+                tracing::info!(%key_id, purged = purged.purged, "purged a deleted key's material from the stream");
+                Ok(())
+            }
+            Action::AnnounceReplicated { key_id, latency_ns } => {
+                let Some(key) = self.state.key(key_id) else {
+                    return Ok(());
+                };
+                let holders = key
+                    .holders
+                    .iter()
+                    .filter_map(|i| self.state.member_at(i).map(|m| m.hsm.clone()))
+                    .collect();
+                let env = Envelope::new(
+                    source,
+                    Event::KeyReplicated(KeyReplicated {
+                        key_id: *key_id,
+                        fingerprint: key.fingerprint,
+                        holders,
+                        sync_latency_micros: latency_ns / 1_000,
+                        created_seq: key.created_seq,
+                    }),
+                );
+                let subject = self.config.subjects.key_replicated(key_id);
+                self.publish(subject, format!("replicated-{key_id}"), encode(&env)?)
+                    .await
+            }
+        }
+    }
+
     /// Reads a `KeyCreated` back from the stream by sequence.
-    async fn fetch_created(&self, seq: u64, key_id: KeyId) -> anyhow::Result<Option<KeyCreated>> {
+    async fn fetch_created(&self, seq: u64, key_id: KeyId) -> Option<KeyCreated> {
         let msg = match self.events.direct_get(seq).await {
             Ok(m) => m,
             Err(e) => {
-                // Purged or deleted: nothing to clone from.
+                // Purged (a deleted key) or lost: nothing to clone from.
                 tracing::warn!(seq, %key_id, error = %e, "KeyCreated not readable; clone skipped");
-                return Ok(None);
+                return None;
             }
         };
         match decode::<Event>(&msg.payload).map(|e| e.body) {
-            Ok(Event::KeyCreated(c)) if c.key_id == key_id => Ok(Some(c)),
+            Ok(Event::KeyCreated(c)) if c.key_id == key_id => Some(c),
             _ => {
                 tracing::warn!(seq, %key_id, "message at that sequence is not the key's KeyCreated");
-                Ok(None)
+                None
             }
         }
     }
@@ -313,14 +467,153 @@ impl Orchestrator {
         Ok(())
     }
 
+    async fn publish_event(&mut self, subject: String, event: Event) -> anyhow::Result<()> {
+        let env = Envelope::new(Source::Orchestrator(self.config.name.clone()), event);
+        let id = env.id.to_string();
+        self.publish(subject, id, encode(&env)?).await
+    }
+
+    /// A heartbeat: the member is alive (recovered if it was failed), and
+    /// its inventory digest is checked against what the log says it holds.
+    async fn on_heartbeat(&mut self, msg: async_nats::Message) -> anyhow::Result<()> {
+        let hb = match decode::<Heartbeat>(&msg.payload) {
+            Ok(env) => env.body,
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, reason = e.reason(), "rejected heartbeat");
+                self.state.count_rejection(e.reason());
+                return Ok(());
+            }
+        };
+        if msg.subject.as_str() != self.config.subjects.heartbeat(&hb.hsm) {
+            self.state.count_rejection("subject_mismatch");
+            return Ok(());
+        }
+        let Some(idx) = self.state.member_index(&hb.hsm) else {
+            return Ok(()); // not joined yet
+        };
+        self.last_seen.insert(hb.hsm.clone(), Instant::now());
+        let live = self.state.member_at(idx).is_some_and(|m| m.live);
+        if !live
+            && self
+                .recovering
+                .get(&hb.hsm)
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+        {
+            tracing::info!(hsm = %hb.hsm, "failed HSM heard from again");
+            self.recovering.insert(hb.hsm.clone(), Instant::now());
+            let subject = self.config.subjects.hsm_recovered(&hb.hsm);
+            self.publish_event(
+                subject,
+                Event::HsmRecovered(HsmRecovered {
+                    hsm: hb.hsm.clone(),
+                }),
+            )
+            .await?;
+        }
+        let expected = (self.state.held_by(idx), self.state.digest_of(idx));
+        if (hb.token_keys, hb.digest) == expected {
+            self.mismatches.remove(&hb.hsm);
+            return Ok(());
+        }
+        let seen = (hb.token_keys, hb.digest, expected.1);
+        let entry = self.mismatches.entry(hb.hsm.clone()).or_insert((seen, 0));
+        if entry.0 == seen {
+            entry.1 += 1;
+        } else {
+            *entry = (seen, 1);
+        }
+        if entry.1 >= self.config.repair_after {
+            self.mismatches.remove(&hb.hsm);
+            self.repair(&hb.hsm).await?;
+        }
+        Ok(())
+    }
+
+    /// Anti-entropy: reads the member's inventory and sends what repairs it.
+    async fn repair(&mut self, hsm: &HsmId) -> anyhow::Result<()> {
+        let mut inventory = Vec::new();
+        let mut after = None;
+        loop {
+            let req = encode(&Envelope::new(
+                Source::Orchestrator(self.config.name.clone()),
+                OpRequest::Inventory {
+                    after,
+                    limit: INVENTORY_PAGE,
+                },
+            ))?;
+            let reply = match tokio::time::timeout(
+                Duration::from_secs(5),
+                self.nats
+                    .request(self.config.subjects.hsm_op(hsm), req.into()),
+            )
+            .await
+            {
+                Ok(Ok(r)) => r,
+                _ => {
+                    tracing::warn!(%hsm, "inventory request unanswered; repair postponed");
+                    return Ok(());
+                }
+            };
+            match decode::<OpReply>(&reply.payload).map(|e| e.body) {
+                Ok(OpReply::Inventory(page)) => {
+                    let last = page.last().map(|(k, _)| *k);
+                    let done = page.len() < INVENTORY_PAGE as usize;
+                    inventory.extend(page);
+                    match last {
+                        Some(k) if !done => after = Some(k),
+                        _ => break,
+                    }
+                }
+                _ => {
+                    tracing::warn!(%hsm, "unexpected inventory reply; repair postponed");
+                    return Ok(());
+                }
+            }
+        }
+        let actions = repair(&self.state, hsm, &inventory);
+        tracing::info!(%hsm, held = inventory.len(), repairs = actions.len(), "anti-entropy repair");
+        self.stats.repairs += actions.len() as u64;
+        self.execute(actions, None).await
+    }
+
+    /// Declares failed every live member silent past the timeout.
+    async fn detect_failures(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let silent: Vec<(HsmId, Duration)> = self
+            .state
+            .members()
+            .filter(|m| m.live)
+            .filter_map(|m| {
+                let seen = *self.last_seen.entry(m.hsm.clone()).or_insert(now);
+                let quiet = now.duration_since(seen);
+                (quiet > self.config.failure_timeout).then(|| (m.hsm.clone(), quiet))
+            })
+            .collect();
+        for (hsm, quiet) in silent {
+            // Not again until another timeout passes.
+            self.last_seen.insert(hsm.clone(), now);
+            let subject = self.config.subjects.hsm_failed(&hsm);
+            self.publish_event(
+                subject,
+                Event::HsmFailed(HsmFailed {
+                    hsm,
+                    silent_ms: quiet.as_millis() as u64,
+                }),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Publishes the metrics of the window that just ended, as JSON on
     /// core NATS, and keeps them for the Prometheus endpoint.
-    async fn publish_metrics(&mut self, nats: &async_nats::Client, latest: &prometheus::Latest) {
+    async fn publish_metrics(&mut self, latest: &prometheus::Latest) {
         let at_unix_ms = keysync_schemas::Timestamp::now().as_nanos() / 1_000_000;
         let doc = self.stats.roll(&self.state, &self.config.name, at_unix_ms);
         match serde_json::to_vec(&doc) {
             Ok(json) => {
-                if let Err(e) = nats
+                if let Err(e) = self
+                    .nats
                     .publish(self.config.subjects.metrics_sync(), json.into())
                     .await
                 {
@@ -334,7 +627,7 @@ impl Orchestrator {
         }
     }
 
-    async fn answer_status(&self, nats: &async_nats::Client, req: async_nats::Message) {
+    async fn answer_status(&self, req: async_nats::Message) {
         let Some(reply) = req.reply.clone() else {
             return;
         };
@@ -348,7 +641,7 @@ impl Orchestrator {
         );
         match encode(&env) {
             Ok(bytes) => {
-                if let Err(e) = nats.publish(reply, bytes.into()).await {
+                if let Err(e) = self.nats.publish(reply, bytes.into()).await {
                     tracing::warn!(error = %e, "could not answer a status request");
                 }
             }
@@ -356,6 +649,3 @@ impl Orchestrator {
         }
     }
 }
-
-/// Default most publishes in flight.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;

@@ -1,4 +1,8 @@
-//! `orchestrator` binary: parses flags and runs [`orchestrator::run`].
+//! `orchestrator` binary: parses flags and runs [`orchestrator::run`],
+//! starting it again after a failure (crash-only: the replay and
+//! reconcile of a fresh run finish whatever the failed one left).
+
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -8,7 +12,7 @@ use keysync_schemas::Subjects;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// NATS server URL.
+    /// NATS server URL (several, comma-separated, for a NATS cluster).
     #[arg(long, env = "KEYSYNC_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
     /// Subject prefix of the cluster.
@@ -17,7 +21,7 @@ struct Args {
     /// Stream replicas when creating the streams (use 3 on a NATS cluster).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
-    /// This instance's name.
+    /// This instance's name (unique among orchestrators of one cluster).
     #[arg(long, default_value = "orchestrator")]
     name: String,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
@@ -26,9 +30,24 @@ struct Args {
     /// Seconds between sync-metrics documents on `<prefix>.metrics.sync`.
     #[arg(long, default_value_t = 1.0)]
     metrics_interval: f64,
+    /// Seconds without a heartbeat before an HSM is declared failed.
+    #[arg(long, default_value_t = 5.0)]
+    failure_timeout: f64,
+    /// Seconds of the active/standby lease (a standby takes over this long
+    /// after the active one stops renewing).
+    #[arg(long, default_value_t = 3.0)]
+    lease_ttl: f64,
+    /// Heartbeats in a row showing the same inventory mismatch before an
+    /// anti-entropy repair.
+    #[arg(long, default_value_t = 3)]
+    repair_after: u32,
     /// Most publishes awaiting acknowledgement at once.
     #[arg(long, default_value_t = orchestrator::DEFAULT_MAX_IN_FLIGHT)]
     max_in_flight: usize,
+}
+
+fn secs(s: f64, min: f64) -> Duration {
+    Duration::from_secs_f64(s.max(min))
 }
 
 #[tokio::main]
@@ -47,7 +66,10 @@ async fn main() -> anyhow::Result<()> {
         replicas: args.replicas.max(1),
         max_in_flight: args.max_in_flight.max(1),
         metrics_addr: args.metrics_addr,
-        metrics_interval: std::time::Duration::from_secs_f64(args.metrics_interval.max(0.05)),
+        metrics_interval: secs(args.metrics_interval, 0.05),
+        failure_timeout: secs(args.failure_timeout, 0.2),
+        lease_ttl: secs(args.lease_ttl, 0.3),
+        repair_after: args.repair_after.max(1),
     };
     let nats = async_nats::ConnectOptions::new()
         .name(format!("orchestrator {}", args.name))
@@ -55,17 +77,35 @@ async fn main() -> anyhow::Result<()> {
         .connect(&args.nats)
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats))?;
-    let shutdown = async {
+
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         let Ok(mut term) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         else {
-            return std::future::pending().await;
+            return;
         };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},
         }
         tracing::info!("shutting down");
-    };
-    orchestrator::run(config, nats, shutdown).await
+        let _ = stop_tx.send(true);
+    });
+    loop {
+        let mut stop_rx = stop.clone();
+        let shutdown = async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        };
+        match orchestrator::run(config.clone(), nats.clone(), shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "orchestrator stopped; starting again from the log");
+                if *stop.borrow() {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
 }

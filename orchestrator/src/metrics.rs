@@ -7,7 +7,7 @@
 //! summary.
 
 use hdrhistogram::Histogram;
-use keysync_schemas::{HsmMetrics, LatencySummary, MemberState, SyncMetrics, METRICS_VERSION};
+use keysync_schemas::{HsmMetrics, LatencySummary, SyncMetrics, METRICS_VERSION};
 
 use crate::state::{Change, ClusterState};
 
@@ -51,6 +51,8 @@ pub struct SyncStats {
     clone_total: Vec<Histogram<u64>>,
     replicated_window: u64,
     window_start: std::time::Instant,
+    /// Anti-entropy repair commands sent since start.
+    pub repairs: u64,
 }
 
 impl Default for SyncStats {
@@ -62,6 +64,7 @@ impl Default for SyncStats {
             clone_total: Vec::new(),
             replicated_window: 0,
             window_start: std::time::Instant::now(),
+            repairs: 0,
         }
     }
 }
@@ -69,8 +72,18 @@ impl Default for SyncStats {
 impl SyncStats {
     /// Records what an applied event changed; `live` events also count in
     /// the current window.
-    pub fn observe(&mut self, change: Change, live: bool) {
-        let Change::Held {
+    pub fn observe(&mut self, change: &Change, live: bool) {
+        if let Change::Completed(done) = change {
+            for (_, latency_ns) in done {
+                record(&mut self.sync_total, *latency_ns);
+                if live {
+                    record(&mut self.sync_window, *latency_ns);
+                    self.replicated_window += 1;
+                }
+            }
+            return;
+        }
+        let &Change::Held {
             member,
             latency_ns,
             completed,
@@ -114,13 +127,7 @@ impl SyncStats {
                 let held = state.held_by(i as u8);
                 HsmMetrics {
                     hsm_id: m.hsm.to_string(),
-                    state: if held >= keys {
-                        MemberState::InService
-                    } else {
-                        MemberState::Syncing
-                    }
-                    .as_str()
-                    .to_string(),
+                    state: state.member_state(i as u8).as_str().to_string(),
                     keys: held,
                     lag: keys.saturating_sub(held),
                     clone_latency_window: self.clone_window.get(i).map(summary).unwrap_or_default(),
@@ -144,6 +151,7 @@ impl SyncStats {
             clone_failures: state.clone_failures(),
             hsms,
             rejected: state.rejected().clone(),
+            repairs_total: self.repairs,
         };
         self.sync_window.reset();
         for h in &mut self.clone_window {
@@ -165,7 +173,7 @@ mod tests {
         let mut s = SyncStats::default();
         for (lat_ms, live) in [(1u64, false), (2, true), (3, true)] {
             s.observe(
-                Change::Held {
+                &Change::Held {
                     member: 1,
                     latency_ns: lat_ms * 1_000_000,
                     completed: true,

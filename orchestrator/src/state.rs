@@ -4,11 +4,16 @@
 //! and it is deterministic, so replaying the log from the start rebuilds
 //! exactly the state the orchestrator had. Times come from the stream's own
 //! timestamps (one clock), never from this process's clock.
+//!
+//! Counters (keys held per member, clones outstanding, keys below their
+//! durability, each member's expected inventory digest) are kept in step by
+//! `apply`, so status, metrics and anti-entropy checks cost O(members).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use keysync_schemas::{
-    ClusterStatus, Durability, Event, Fingerprint, HsmId, KeyId, KeyType, MemberState, MemberStatus,
+    ClusterStatus, Durability, Event, Fingerprint, HsmId, InventoryDigest, KeyId, KeyType,
+    MemberState, MemberStatus,
 };
 
 /// Most members one cluster can have (a [`MemberSet`] is a 64-bit set).
@@ -31,6 +36,10 @@ impl MemberSet {
     /// Adds a member.
     pub fn insert(&mut self, idx: u8) {
         self.0 |= 1 << idx;
+    }
+    /// Removes a member.
+    pub fn remove(&mut self, idx: u8) {
+        self.0 &= !(1 << idx);
     }
     /// Whether a member is in the set.
     pub fn contains(self, idx: u8) -> bool {
@@ -63,8 +72,12 @@ impl MemberSet {
 pub struct Member {
     /// Its id.
     pub hsm: HsmId,
+    /// Sequence of its first `HsmJoined`.
+    pub first_seq: u64,
     /// Sequence of its latest `HsmJoined`.
     pub joined_seq: u64,
+    /// Not declared failed (or recovered since).
+    pub live: bool,
 }
 
 /// What the orchestrator knows of one key.
@@ -74,9 +87,8 @@ pub struct KeyState {
     pub key_type: KeyType,
     /// Fingerprint, as announced by the creator.
     pub fingerprint: Fingerprint,
-    /// Index of the creating member.
-    pub creator: u8,
-    /// Sequence of `KeyCreated` (where the wrapped material is).
+    /// Sequence of `KeyCreated` (where the wrapped material is); 0 for a
+    /// tombstone whose creation was purged before this fold saw it.
     pub created_seq: u64,
     /// When `KeyCreated` was stored.
     pub created_ns: u64,
@@ -84,21 +96,23 @@ pub struct KeyState {
     pub holders: MemberSet,
     /// Members that reported a failed clone.
     pub failed: MemberSet,
-    /// Set when the key first reached every member: (sequence of the
-    /// completing `CloneApplied`, sync latency in ns).
+    /// Set when the key first reached every live member: (sequence of the
+    /// completing event, sync latency in ns).
     pub completed: Option<(u64, u64)>,
     /// A `KeyReplicated` for it is in the log.
     pub announced: bool,
     /// Holders the creator asked for before its create returned
     /// (`replicas:N` → N, `all` → [`WANTS_ALL`], lower levels → 0).
     pub wanted: u8,
+    /// Deleted: a tombstone. `holders` are then the members yet to erase it.
+    pub deleted: bool,
 }
 
 /// [`KeyState::wanted`] for durability `all`.
 pub const WANTS_ALL: u8 = u8::MAX;
 
-/// What one applied event changed, for metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What one applied event changed, for metrics and decisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// A member holds a key it did not hold before.
     Held {
@@ -106,9 +120,16 @@ pub enum Change {
         member: u8,
         /// From `KeyCreated` stored to this `CloneApplied` stored.
         latency_ns: u64,
-        /// Whether this completed the key (every member holds it), first time.
+        /// Whether this completed the key (every live member holds it).
         completed: bool,
     },
+    /// A member failed, and these keys are now on every live member
+    /// (key, sync latency in ns).
+    Completed(Vec<(KeyId, u64)>),
+    /// A member joined for the first time.
+    NewMember(u8),
+    /// A key was deleted.
+    Deleted,
     /// Anything else (or nothing).
     Other,
 }
@@ -134,6 +155,9 @@ pub enum Rejection {
     /// A second `KeyCreated` with the same id and another fingerprint.
     #[error("key {0} was already created with another fingerprint")]
     ConflictingCreate(KeyId),
+    /// An erase of a key that is not deleted.
+    #[error("erase of live key {0}")]
+    EraseOfLiveKey(KeyId),
 }
 
 impl Rejection {
@@ -146,6 +170,7 @@ impl Rejection {
             Rejection::UnknownKey(_) => "unknown_key",
             Rejection::FingerprintMismatch(_) => "fingerprint_mismatch",
             Rejection::ConflictingCreate(_) => "conflicting_create",
+            Rejection::EraseOfLiveKey(_) => "erase_of_live_key",
         }
     }
 }
@@ -156,19 +181,31 @@ pub struct ClusterState {
     members: Vec<Member>,
     index: HashMap<HsmId, u8>,
     keys: HashMap<KeyId, KeyState>,
+    /// Live keys not yet on every live member.
+    incomplete: HashSet<KeyId>,
     last_seq: u64,
     clone_failures: u64,
     rejected: BTreeMap<String, u64>,
-    // Counters kept in step by `apply`, so status and metrics cost
-    // O(members), not O(keys).
-    /// Keys each member holds.
+    live_keys: u64,
+    /// Live keys each member holds.
     held: Vec<u64>,
-    /// Keys each member failed and does not hold.
+    /// Live keys each member failed and does not hold.
     failed: Vec<u64>,
-    /// Keys that reached every member at some point.
+    /// Digest of the live keys each member holds.
+    digests: Vec<InventoryDigest>,
+    /// Live keys that reached every live member at some point.
     completed: u64,
-    /// Keys whose requested durability is not met yet.
+    /// Live keys whose requested durability is not met yet.
     below_durability: u64,
+}
+
+/// Whether a key has as many holders as its creator asked for. `all` is
+/// met when the key first reached every live member.
+fn durability_met(key: &KeyState) -> bool {
+    match key.wanted {
+        WANTS_ALL => key.completed.is_some(),
+        n => key.holders.len() >= u32::from(n),
+    }
 }
 
 impl ClusterState {
@@ -195,34 +232,82 @@ impl ClusterState {
             .ok_or_else(|| Rejection::UnknownMember(hsm.clone()))
     }
 
+    fn set_live(&mut self, m: u8, live: bool) {
+        if let Some(member) = self.members.get_mut(m as usize) {
+            member.live = live;
+        }
+    }
+
+    /// Marks every incomplete key now on every live member as complete.
+    fn complete_covered(&mut self, meta: EventMeta) -> Vec<(KeyId, u64)> {
+        let live = self.live_members();
+        let mut done = Vec::new();
+        for id in &self.incomplete {
+            if let Some(k) = self.keys.get_mut(id) {
+                if k.holders.covers(live) {
+                    let latency = meta.stored_at_ns.saturating_sub(k.created_ns);
+                    let was_met = durability_met(k);
+                    k.completed = Some((meta.seq, latency));
+                    if !was_met && durability_met(k) {
+                        self.below_durability -= 1;
+                    }
+                    done.push((*id, latency));
+                }
+            }
+        }
+        for (id, _) in &done {
+            self.incomplete.remove(id);
+        }
+        self.completed += done.len() as u64;
+        done.sort_by_key(|(id, _)| *id);
+        done
+    }
+
     fn apply_inner(&mut self, meta: EventMeta, event: &Event) -> Result<Change, Rejection> {
         match event {
             Event::HsmJoined(j) => {
                 if let Some(&i) = self.index.get(&j.hsm) {
                     self.members[i as usize].joined_seq = meta.seq;
-                } else {
-                    if self.members.len() >= MAX_MEMBERS {
-                        return Err(Rejection::TooManyMembers);
-                    }
-                    let i = self.members.len() as u8;
-                    self.members.push(Member {
-                        hsm: j.hsm.clone(),
-                        joined_seq: meta.seq,
-                    });
-                    self.index.insert(j.hsm.clone(), i);
-                    self.held.push(0);
-                    self.failed.push(0);
-                    // A member that joins after a key completed does not
-                    // reopen it; it is tracked through its lag. Keys still
-                    // waiting for `all` now wait for it too.
+                    self.set_live(i, true);
+                    return Ok(Change::Other);
                 }
+                if self.members.len() >= MAX_MEMBERS {
+                    return Err(Rejection::TooManyMembers);
+                }
+                let i = self.members.len() as u8;
+                self.members.push(Member {
+                    hsm: j.hsm.clone(),
+                    first_seq: meta.seq,
+                    joined_seq: meta.seq,
+                    live: true,
+                });
+                self.index.insert(j.hsm.clone(), i);
+                self.held.push(0);
+                self.failed.push(0);
+                self.digests.push(InventoryDigest::default());
+                // A member that joins after a key completed does not reopen
+                // it; it is tracked through its lag while it bootstraps.
+                Ok(Change::NewMember(i))
+            }
+            Event::HsmFailed(f) => {
+                let m = self.member(&f.hsm)?;
+                if !self.members[m as usize].live {
+                    return Ok(Change::Other);
+                }
+                self.set_live(m, false);
+                Ok(Change::Completed(self.complete_covered(meta)))
+            }
+            Event::HsmRecovered(r) => {
+                let m = self.member(&r.hsm)?;
+                self.set_live(m, true);
                 Ok(Change::Other)
             }
             Event::KeyCreated(c) => {
                 let creator = self.member(&c.hsm)?;
                 if let Some(existing) = self.keys.get(&c.key_id) {
-                    // A republished KeyCreated (outbox retry) is a no-op.
-                    return if existing.fingerprint == c.fingerprint {
+                    // A republished KeyCreated (outbox retry), or one for a
+                    // deleted key, is a no-op.
+                    return if existing.fingerprint == c.fingerprint || existing.deleted {
                         Ok(Change::Other)
                     } else {
                         Err(Rejection::ConflictingCreate(c.key_id))
@@ -238,7 +323,6 @@ impl ClusterState {
                 let mut key = KeyState {
                     key_type: c.key_type,
                     fingerprint: c.fingerprint,
-                    creator,
                     created_seq: meta.seq,
                     created_ns: meta.stored_at_ns,
                     holders,
@@ -246,12 +330,17 @@ impl ClusterState {
                     completed: None,
                     announced: false,
                     wanted,
+                    deleted: false,
                 };
+                self.live_keys += 1;
                 self.held[creator as usize] += 1;
-                let completed = holders.covers(self.all_members());
+                self.digests[creator as usize].toggle(&c.key_id, &c.fingerprint);
+                let completed = holders.covers(self.live_members());
                 if completed {
                     key.completed = Some((meta.seq, 0));
                     self.completed += 1;
+                } else {
+                    self.incomplete.insert(c.key_id);
                 }
                 if !durability_met(&key) {
                     self.below_durability += 1;
@@ -265,7 +354,7 @@ impl ClusterState {
             }
             Event::CloneApplied(a) => {
                 let m = self.member(&a.hsm)?;
-                let all = self.all_members();
+                let live = self.live_members();
                 let key = self
                     .keys
                     .get_mut(&a.key_id)
@@ -273,20 +362,25 @@ impl ClusterState {
                 if key.fingerprint != a.fingerprint {
                     return Err(Rejection::FingerprintMismatch(a.key_id));
                 }
-                if key.holders.contains(m) {
+                // Already known, or a clone that raced the key's deletion
+                // (the member is told to erase it anyway).
+                if key.holders.contains(m) || key.deleted {
                     return Ok(Change::Other);
                 }
                 let was_met = durability_met(key);
                 key.holders.insert(m);
                 self.held[m as usize] += 1;
+                self.digests[m as usize].toggle(&a.key_id, &key.fingerprint);
                 if key.failed.contains(m) {
+                    key.failed.remove(m);
                     self.failed[m as usize] -= 1;
                 }
                 let latency_ns = meta.stored_at_ns.saturating_sub(key.created_ns);
-                let completed = key.completed.is_none() && key.holders.covers(all);
+                let completed = key.completed.is_none() && key.holders.covers(live);
                 if completed {
                     key.completed = Some((meta.seq, latency_ns));
                     self.completed += 1;
+                    self.incomplete.remove(&a.key_id);
                 }
                 if !was_met && durability_met(key) {
                     self.below_durability -= 1;
@@ -303,7 +397,7 @@ impl ClusterState {
                     .keys
                     .get_mut(&f.key_id)
                     .ok_or(Rejection::UnknownKey(f.key_id))?;
-                if !key.holders.contains(m) && !key.failed.contains(m) {
+                if !key.holders.contains(m) && !key.failed.contains(m) && !key.deleted {
                     key.failed.insert(m);
                     self.failed[m as usize] += 1;
                 }
@@ -318,6 +412,64 @@ impl ClusterState {
                 key.announced = true;
                 Ok(Change::Other)
             }
+            Event::KeyDeleted(d) => {
+                let deleter = self.member(&d.hsm)?;
+                let Some(key) = self.keys.get_mut(&d.key_id) else {
+                    // Its creation was purged before this fold saw it: keep
+                    // the tombstone so nothing brings it back.
+                    self.keys.insert(
+                        d.key_id,
+                        KeyState {
+                            key_type: KeyType::Aes256,
+                            fingerprint: d.fingerprint,
+                            created_seq: 0,
+                            created_ns: meta.stored_at_ns,
+                            holders: MemberSet::default(),
+                            failed: MemberSet::default(),
+                            completed: None,
+                            announced: true,
+                            wanted: 0,
+                            deleted: true,
+                        },
+                    );
+                    return Ok(Change::Deleted);
+                };
+                if key.deleted {
+                    return Ok(Change::Other);
+                }
+                let was_met = durability_met(key);
+                key.deleted = true;
+                self.live_keys -= 1;
+                for m in key.holders.iter() {
+                    self.held[m as usize] -= 1;
+                    self.digests[m as usize].toggle(&d.key_id, &key.fingerprint);
+                }
+                for m in key.failed.iter() {
+                    self.failed[m as usize] -= 1;
+                }
+                key.failed = MemberSet::default();
+                if key.completed.is_some() {
+                    self.completed -= 1;
+                }
+                if !was_met {
+                    self.below_durability -= 1;
+                }
+                key.holders.remove(deleter);
+                self.incomplete.remove(&d.key_id);
+                Ok(Change::Deleted)
+            }
+            Event::KeyErased(e) => {
+                let m = self.member(&e.hsm)?;
+                let key = self
+                    .keys
+                    .get_mut(&e.key_id)
+                    .ok_or(Rejection::UnknownKey(e.key_id))?;
+                if !key.deleted {
+                    return Err(Rejection::EraseOfLiveKey(e.key_id));
+                }
+                key.holders.remove(m);
+                Ok(Change::Other)
+            }
         }
     }
 
@@ -326,6 +478,17 @@ impl ClusterState {
         let mut s = MemberSet::default();
         for i in 0..self.members.len() {
             s.insert(i as u8);
+        }
+        s
+    }
+
+    /// Members not declared failed.
+    pub fn live_members(&self) -> MemberSet {
+        let mut s = MemberSet::default();
+        for (i, m) in self.members.iter().enumerate() {
+            if m.live {
+                s.insert(i as u8);
+            }
         }
         s
     }
@@ -340,12 +503,12 @@ impl ClusterState {
         self.members.get(idx as usize)
     }
 
-    /// One key.
+    /// One key (live or tombstone).
     pub fn key(&self, id: &KeyId) -> Option<&KeyState> {
         self.keys.get(id)
     }
 
-    /// Every key.
+    /// Every key, tombstones included.
     pub fn keys(&self) -> impl Iterator<Item = (&KeyId, &KeyState)> {
         self.keys.iter()
     }
@@ -355,8 +518,12 @@ impl ClusterState {
         self.last_seq
     }
 
-    /// Members that neither hold nor failed `key`: clones outstanding.
+    /// Members that neither hold nor failed a live `key`: clones
+    /// outstanding (failed members included: their queue keeps commands).
     pub fn missing(&self, key: &KeyState) -> MemberSet {
+        if key.deleted {
+            return MemberSet::default();
+        }
         self.all_members().minus(key.holders).minus(key.failed)
     }
 
@@ -365,12 +532,12 @@ impl ClusterState {
         self.members.iter()
     }
 
-    /// Number of keys.
+    /// Number of live (not deleted) keys.
     pub fn key_count(&self) -> u64 {
-        self.keys.len() as u64
+        self.live_keys
     }
 
-    /// Keys that reached every member at some point.
+    /// Live keys that reached every live member at some point.
     pub fn completed_count(&self) -> u64 {
         self.completed
     }
@@ -390,9 +557,14 @@ impl ClusterState {
         &self.rejected
     }
 
-    /// Keys member `idx` holds.
+    /// Live keys member `idx` holds.
     pub fn held_by(&self, idx: u8) -> u64 {
         self.held.get(idx as usize).copied().unwrap_or(0)
+    }
+
+    /// Digest of the live keys member `idx` is known to hold.
+    pub fn digest_of(&self, idx: u8) -> InventoryDigest {
+        self.digests.get(idx as usize).copied().unwrap_or_default()
     }
 
     /// Clones outstanding over every member.
@@ -405,6 +577,15 @@ impl ClusterState {
             .sum()
     }
 
+    /// A member's state: failed, syncing (lacks live keys) or in service.
+    pub fn member_state(&self, idx: u8) -> MemberState {
+        match self.members.get(idx as usize) {
+            Some(m) if !m.live => MemberState::Failed,
+            _ if self.held_by(idx) < self.key_count() => MemberState::Syncing,
+            _ => MemberState::InService,
+        }
+    }
+
     /// Status for `keysync cluster status`.
     pub fn status(&self) -> ClusterStatus {
         let total = self.key_count();
@@ -412,16 +593,12 @@ impl ClusterState {
             members: self
                 .members
                 .iter()
-                .zip(&self.held)
-                .map(|(m, &keys)| MemberStatus {
+                .enumerate()
+                .map(|(i, m)| MemberStatus {
                     hsm_id: m.hsm.clone(),
-                    state: if keys >= total {
-                        MemberState::InService
-                    } else {
-                        MemberState::Syncing
-                    },
-                    keys,
-                    lag: total.saturating_sub(keys),
+                    state: self.member_state(i as u8),
+                    keys: self.held_by(i as u8),
+                    lag: total.saturating_sub(self.held_by(i as u8)),
                 })
                 .collect(),
             keys: total,
@@ -432,14 +609,5 @@ impl ClusterState {
             last_seq: self.last_seq,
             rejected: self.rejected.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         }
-    }
-}
-
-/// Whether a key has as many holders as its creator asked for. `all` is
-/// met when the key first reached every member.
-fn durability_met(key: &KeyState) -> bool {
-    match key.wanted {
-        WANTS_ALL => key.completed.is_some(),
-        n => key.holders.len() >= u32::from(n),
     }
 }

@@ -70,6 +70,10 @@ impl Message for StatusReply {
     const FAMILY: u8 = 6;
     const NAME: &'static str = "status reply";
 }
+impl Message for crate::heartbeat::Heartbeat {
+    const FAMILY: u8 = 7;
+    const NAME: &'static str = "heartbeat";
+}
 
 /// Why a payload was rejected. [`DecodeError::reason`] is the stable,
 /// countable name.

@@ -5,13 +5,34 @@
 use serde::{Deserialize, Serialize};
 
 use crate::events::KeyCreated;
-use crate::keys::HsmId;
+use crate::keys::{HsmId, KeyId};
 
 /// One command on the command stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Store a key created elsewhere.
     CloneKey(CloneKey),
+    /// Erase a deleted key and keep its tombstone.
+    DeleteKey(DeleteKey),
+}
+
+impl Command {
+    /// The HSM the command is for.
+    pub fn target(&self) -> &HsmId {
+        match self {
+            Command::CloneKey(c) => &c.target,
+            Command::DeleteKey(d) => &d.target,
+        }
+    }
+}
+
+/// Erase `key_id` (if held) and refuse it from then on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteKey {
+    /// The HSM that must apply it.
+    pub target: HsmId,
+    /// The key.
+    pub key_id: KeyId,
 }
 
 /// Store the key described by `key` (wrapped material included). Applying it

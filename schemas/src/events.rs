@@ -21,6 +21,14 @@ pub enum Event {
     KeyReplicated(KeyReplicated),
     /// An HSM (re)started and announces itself.
     HsmJoined(HsmJoined),
+    /// The orchestrator declared an HSM failed (silent past the timeout).
+    HsmFailed(HsmFailed),
+    /// A failed HSM is heard from again.
+    HsmRecovered(HsmRecovered),
+    /// A key was deleted: a tombstone every HSM honours from then on.
+    KeyDeleted(KeyDeleted),
+    /// An HSM erased a deleted key (or recorded its tombstone).
+    KeyErased(KeyErased),
 }
 
 impl Event {
@@ -32,6 +40,10 @@ impl Event {
             Event::CloneFailed(_) => "clone_failed",
             Event::KeyReplicated(_) => "key_replicated",
             Event::HsmJoined(_) => "hsm_joined",
+            Event::HsmFailed(_) => "hsm_failed",
+            Event::HsmRecovered(_) => "hsm_recovered",
+            Event::KeyDeleted(_) => "key_deleted",
+            Event::KeyErased(_) => "key_erased",
         }
     }
 }
@@ -156,4 +168,47 @@ pub struct HsmJoined {
     pub agent_version: String,
     /// How many token keys it holds.
     pub token_keys: u64,
+}
+
+/// The orchestrator declared an HSM failed: no heartbeat for `silent_ms`.
+/// From then on replication completes without it; its commands wait in its
+/// queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HsmFailed {
+    /// The HSM.
+    pub hsm: HsmId,
+    /// How long it had been silent, in milliseconds.
+    pub silent_ms: u64,
+}
+
+/// A failed HSM is heard from again (a heartbeat); it is a live member
+/// again, catching up from its queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HsmRecovered {
+    /// The HSM.
+    pub hsm: HsmId,
+}
+
+/// A key was deleted on `hsm` (the request's HSM). Every other HSM is told
+/// to erase it; its wrapped material is purged from the events stream; it
+/// never comes back (catch-up and anti-entropy honour the tombstone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyDeleted {
+    /// The key.
+    pub key_id: KeyId,
+    /// Its fingerprint.
+    pub fingerprint: Fingerprint,
+    /// The HSM that deleted it first.
+    pub hsm: HsmId,
+}
+
+/// An HSM erased a deleted key (or, lacking it, recorded the tombstone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyErased {
+    /// The key.
+    pub key_id: KeyId,
+    /// The HSM.
+    pub hsm: HsmId,
+    /// Whether the HSM held the key.
+    pub was_present: bool,
 }

@@ -25,6 +25,7 @@ pub mod commands;
 pub mod envelope;
 pub mod events;
 pub mod headers;
+pub mod heartbeat;
 pub mod keys;
 pub mod metrics;
 pub mod ops;
@@ -32,11 +33,13 @@ pub mod status;
 pub mod subjects;
 
 pub use codec::{decode, encode, DecodeError, EncodeError, Message, MAX_MESSAGE_BYTES};
-pub use commands::{CloneKey, Command};
+pub use commands::{CloneKey, Command, DeleteKey};
 pub use envelope::{Envelope, Source, Timestamp, SCHEMA_VERSION};
 pub use events::{
-    CloneApplied, CloneFailed, CloneFailure, Event, HsmJoined, KeyCreated, KeyOrigin, KeyReplicated,
+    CloneApplied, CloneFailed, CloneFailure, Event, HsmFailed, HsmJoined, HsmRecovered, KeyCreated,
+    KeyDeleted, KeyErased, KeyOrigin, KeyReplicated,
 };
+pub use heartbeat::{Heartbeat, InventoryDigest};
 pub use keys::{
     DomainId, Durability, Fingerprint, HsmId, IdError, KeyAttributes, KeyId, KeyType, SecretBytes,
     MAX_LABEL_BYTES,

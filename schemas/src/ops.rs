@@ -105,6 +105,19 @@ pub enum OpRequest {
     List,
     /// The agent's health: key counts and rejected-message counters.
     Health,
+    /// Delete a token key cluster-wide (this HSM erases it and publishes
+    /// the tombstone); replies `Deleted` once the tombstone is logged.
+    Delete {
+        /// The key.
+        key_id: KeyId,
+    },
+    /// One page of the token-key inventory, in key-id order (anti-entropy).
+    Inventory {
+        /// Start after this key id.
+        after: Option<KeyId>,
+        /// At most this many entries.
+        limit: u32,
+    },
 }
 
 impl OpRequest {
@@ -122,6 +135,8 @@ impl OpRequest {
             OpRequest::Info { .. } => "info",
             OpRequest::List => "list",
             OpRequest::Health => "health",
+            OpRequest::Delete { .. } => "delete",
+            OpRequest::Inventory { .. } => "inventory",
         }
     }
 }
@@ -174,6 +189,15 @@ pub enum OpReply {
     List(Vec<KeyInfo>),
     /// The agent's health.
     Health(AgentHealth),
+    /// A key was deleted; the tombstone is at this stream sequence.
+    Deleted {
+        /// The key.
+        key_id: KeyId,
+        /// Stream sequence of `KeyDeleted`.
+        seq: u64,
+    },
+    /// One inventory page; shorter than the limit when it is the last.
+    Inventory(Vec<(KeyId, Fingerprint)>),
     /// The operation failed.
     Error(OpError),
 }

@@ -25,6 +25,8 @@ pub enum MemberState {
     Syncing,
     /// Joined and holding every live key.
     InService,
+    /// Silent past the failure timeout; its commands wait in its queue.
+    Failed,
 }
 
 impl MemberState {
@@ -33,6 +35,7 @@ impl MemberState {
         match self {
             MemberState::Syncing => "syncing",
             MemberState::InService => "in-service",
+            MemberState::Failed => "failed",
         }
     }
 }

@@ -38,6 +38,14 @@ pub enum KeySubject {
     Replicated(KeyId),
     /// `...hsm.<hsm>.joined`
     HsmJoined(HsmId),
+    /// `...hsm.<hsm>.failed`
+    HsmFailed(HsmId),
+    /// `...hsm.<hsm>.recovered`
+    HsmRecovered(HsmId),
+    /// `...key.<id>.deleted`
+    Deleted(KeyId),
+    /// `...key.<id>.erased.<hsm>`
+    Erased(KeyId, HsmId),
 }
 
 impl Subjects {
@@ -125,6 +133,41 @@ impl Subjects {
         format!("{}.evt.hsm.{hsm}.joined", self.prefix)
     }
 
+    /// `<p>.evt.hsm.<hsm>.failed`
+    pub fn hsm_failed(&self, hsm: &HsmId) -> String {
+        format!("{}.evt.hsm.{hsm}.failed", self.prefix)
+    }
+
+    /// `<p>.evt.hsm.<hsm>.recovered`
+    pub fn hsm_recovered(&self, hsm: &HsmId) -> String {
+        format!("{}.evt.hsm.{hsm}.recovered", self.prefix)
+    }
+
+    /// `<p>.evt.key.<id>.deleted`
+    pub fn key_deleted(&self, key: &KeyId) -> String {
+        format!("{}.evt.key.{key}.deleted", self.prefix)
+    }
+
+    /// `<p>.evt.key.<id>.erased.<hsm>`
+    pub fn key_erased(&self, key: &KeyId, hsm: &HsmId) -> String {
+        format!("{}.evt.key.{key}.erased.{hsm}", self.prefix)
+    }
+
+    /// One HSM's heartbeats: `<p>.hsm.<hsm>.heartbeat`.
+    pub fn heartbeat(&self, hsm: &HsmId) -> String {
+        format!("{}.hsm.{hsm}.heartbeat", self.prefix)
+    }
+
+    /// Every heartbeat: `<p>.hsm.*.heartbeat`.
+    pub fn all_heartbeats(&self) -> String {
+        format!("{}.hsm.*.heartbeat", self.prefix)
+    }
+
+    /// The orchestrators' lease bucket (JetStream KV).
+    pub fn lease_bucket(&self) -> String {
+        format!("{}_LEASE", self.stream_base)
+    }
+
     /// Every command: `<p>.cmd.>`.
     pub fn commands_all(&self) -> String {
         format!("{}.cmd.>", self.prefix)
@@ -174,6 +217,12 @@ impl Subjects {
                 Some(KeySubject::Failed(id.parse().ok()?, hsm.parse().ok()?))
             }
             ["hsm", hsm, "joined"] => Some(KeySubject::HsmJoined(hsm.parse().ok()?)),
+            ["hsm", hsm, "failed"] => Some(KeySubject::HsmFailed(hsm.parse().ok()?)),
+            ["hsm", hsm, "recovered"] => Some(KeySubject::HsmRecovered(hsm.parse().ok()?)),
+            ["key", id, "deleted"] => Some(KeySubject::Deleted(id.parse().ok()?)),
+            ["key", id, "erased", hsm] => {
+                Some(KeySubject::Erased(id.parse().ok()?, hsm.parse().ok()?))
+            }
             _ => None,
         }
     }

@@ -8,15 +8,15 @@
 //! start and held in memory in zeroizing types; session keys live only
 //! there.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use aes_gcm::aead::KeyInit;
 use aes_gcm::Aes256Gcm;
 use keysync_schemas::{
-    CloneFailure, CloneKey, DomainId, Fingerprint, HsmId, KeyAttributes, KeyId, KeyInfo, KeyType,
-    Timestamp,
+    CloneFailure, CloneKey, DomainId, Fingerprint, HsmId, InventoryDigest, KeyAttributes, KeyId,
+    KeyInfo, KeyType, Timestamp,
 };
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,8 @@ use crate::material::{open, random_bytes, seal, KeyMaterial, GCM_NONCE_LEN};
 
 const KEYS: TableDefinition<u128, &[u8]> = TableDefinition::new("keys");
 const OUTBOX: TableDefinition<u128, &[u8]> = TableDefinition::new("outbox");
+/// Deleted key ids, with when they were deleted (ns since the epoch).
+const TOMBSTONES: TableDefinition<u128, u64> = TableDefinition::new("tombstones");
 const RECORD_VERSION: u8 = 1;
 
 /// The on-disk record of one token key (the agent's private format).
@@ -54,6 +56,8 @@ pub struct EmbeddedKeystore {
     at_rest: Aes256Gcm,
     db: redb::Database,
     keys: RwLock<HashMap<KeyId, Arc<Entry>>>,
+    tombstones: RwLock<HashSet<KeyId>>,
+    digest: Mutex<InventoryDigest>,
 }
 
 fn storage(e: impl std::fmt::Display) -> KeystoreError {
@@ -90,6 +94,7 @@ impl EmbeddedKeystore {
             let txn = db.begin_write().map_err(storage)?;
             txn.open_table(KEYS).map_err(storage)?;
             txn.open_table(OUTBOX).map_err(storage)?;
+            txn.open_table(TOMBSTONES).map_err(storage)?;
             txn.commit().map_err(storage)?;
         }
         let store = EmbeddedKeystore {
@@ -98,6 +103,8 @@ impl EmbeddedKeystore {
             at_rest,
             db,
             keys: RwLock::new(HashMap::new()),
+            tombstones: RwLock::new(HashSet::new()),
+            digest: Mutex::new(InventoryDigest::default()),
         };
         store.load()?;
         Ok(store)
@@ -126,8 +133,30 @@ impl EmbeddedKeystore {
                 "{bad} stored keys cannot be decrypted: wrong domain key for this HSM, or a corrupt store"
             )));
         }
+        let mut digest = InventoryDigest::default();
+        for (id, e) in &loaded {
+            digest.toggle(id, &e.info.fingerprint);
+        }
+        *self.digest.lock().map_err(storage)? = digest;
         *self.keys.write().map_err(storage)? = loaded;
+        let tombs = txn.open_table(TOMBSTONES).map_err(storage)?;
+        let mut set = HashSet::new();
+        for row in tombs.iter().map_err(storage)? {
+            let (k, _) = row.map_err(storage)?;
+            set.insert(KeyId(uuid::Uuid::from_u128(k.value())));
+        }
+        *self.tombstones.write().map_err(storage)? = set;
         Ok(())
+    }
+
+    fn toggle_digest(&self, id: &KeyId, fp: &Fingerprint) {
+        if let Ok(mut d) = self.digest.lock() {
+            d.toggle(id, fp);
+        }
+    }
+
+    fn is_tombstoned(&self, id: &KeyId) -> bool {
+        self.tombstones.read().is_ok_and(|t| t.contains(id))
     }
 
     fn decode_record(&self, id: &KeyId, bytes: &[u8]) -> Result<Entry, KeystoreError> {
@@ -260,7 +289,7 @@ impl Keystore for EmbeddedKeystore {
         key: NewKey<'_>,
         outbox: &mut dyn FnMut(&CreatedKey) -> Result<OutboxEntry, String>,
     ) -> Result<CreatedKey, KeystoreError> {
-        if self.entry(&key.id).is_ok() {
+        if self.entry(&key.id).is_ok() || self.is_tombstoned(&key.id) {
             return Err(KeystoreError::AlreadyExists(key.id));
         }
         let material = self.material_for(&key)?;
@@ -309,6 +338,9 @@ impl Keystore for EmbeddedKeystore {
             // A concurrent create of a session key with the same id won.
             return Err(KeystoreError::AlreadyExists(key.id));
         }
+        if !key.session {
+            self.toggle_digest(&key.id, &info.fingerprint);
+        }
         keys.insert(key.id, Arc::new(Entry { info, material }));
         Ok(created)
     }
@@ -324,6 +356,10 @@ impl Keystore for EmbeddedKeystore {
                 } else {
                     Err(CloneFailure::Conflict)
                 });
+                continue;
+            }
+            if self.is_tombstoned(&cmd.key.key_id) {
+                results.push(Ok(CloneOutcome::Tombstoned));
                 continue;
             }
             match self.check_clone(cmd) {
@@ -357,6 +393,7 @@ impl Keystore for EmbeddedKeystore {
             Ok(()) => match self.keys.write() {
                 Ok(mut keys) => {
                     for (_, info, material, _) in staged {
+                        self.toggle_digest(&info.key_id, &info.fingerprint);
                         keys.insert(info.key_id, Arc::new(Entry { info, material }));
                     }
                 }
@@ -424,6 +461,61 @@ impl Keystore for EmbeddedKeystore {
             .read()
             .map(|k| k.values().filter(|e| !e.info.session).count() as u64)
             .unwrap_or(0)
+    }
+
+    fn delete(
+        &self,
+        id: &KeyId,
+        outbox: Option<OutboxEntry>,
+    ) -> Result<Option<KeyInfo>, KeystoreError> {
+        let existing = self.entry(id).ok();
+        if existing.as_ref().is_some_and(|e| e.info.session) {
+            // Session keys are not cluster keys: just drop it here.
+            if let Ok(mut keys) = self.keys.write() {
+                keys.remove(id);
+            }
+            return Ok(existing.map(|e| e.info.clone()));
+        }
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut keys = txn.open_table(KEYS).map_err(storage)?;
+            keys.remove(id.0.as_u128()).map_err(storage)?;
+            let mut tombs = txn.open_table(TOMBSTONES).map_err(storage)?;
+            tombs
+                .insert(id.0.as_u128(), Timestamp::now().as_nanos())
+                .map_err(storage)?;
+            if let Some(event) = &outbox {
+                let mut ob = txn.open_table(OUTBOX).map_err(storage)?;
+                ob.insert(id.0.as_u128(), event.as_slice())
+                    .map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        self.tombstones.write().map_err(storage)?.insert(*id);
+        let removed = self.keys.write().map_err(storage)?.remove(id);
+        if let Some(e) = &removed {
+            self.toggle_digest(id, &e.info.fingerprint);
+        }
+        Ok(removed.map(|e| e.info.clone()))
+    }
+
+    fn inventory_digest(&self) -> InventoryDigest {
+        self.digest.lock().map(|d| *d).unwrap_or_default()
+    }
+
+    fn inventory_page(&self, after: Option<KeyId>, limit: usize) -> Vec<(KeyId, Fingerprint)> {
+        let Ok(keys) = self.keys.read() else {
+            return Vec::new();
+        };
+        let mut all: Vec<(KeyId, Fingerprint)> = keys
+            .values()
+            .filter(|e| !e.info.session)
+            .filter(|e| after.is_none_or(|a| e.info.key_id > a))
+            .map(|e| (e.info.key_id, e.info.fingerprint))
+            .collect();
+        all.sort_unstable_by_key(|(k, _)| *k);
+        all.truncate(limit);
+        all
     }
 
     fn outbox(&self) -> Result<Vec<(KeyId, OutboxEntry)>, KeystoreError> {

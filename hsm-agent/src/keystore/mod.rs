@@ -9,8 +9,8 @@
 pub mod embedded;
 
 use keysync_schemas::{
-    CloneFailure, CloneKey, DomainId, HsmId, KeyAttributes, KeyId, KeyInfo, KeyOrigin, KeyType,
-    OpErrorKind,
+    CloneFailure, CloneKey, DomainId, Fingerprint, HsmId, InventoryDigest, KeyAttributes, KeyId,
+    KeyInfo, KeyOrigin, KeyType, OpErrorKind,
 };
 
 use crate::material::MaterialError;
@@ -121,6 +121,8 @@ pub enum CloneOutcome {
     Stored,
     /// Already held with the same fingerprint (idempotent no-op).
     AlreadyPresent,
+    /// The key was deleted here: its tombstone refuses it (no-op).
+    Tombstoned,
 }
 
 /// Bytes of an event to publish later, stored atomically with a new key so
@@ -168,6 +170,23 @@ pub trait Keystore: Send + Sync + 'static {
     fn list(&self) -> Vec<KeyInfo>;
     /// Number of token keys.
     fn token_key_count(&self) -> u64;
+
+    /// Erases a token key and keeps its tombstone, so it is refused from
+    /// then on. `outbox` bytes (the `KeyDeleted` event, when this HSM
+    /// starts the deletion) are stored in the same transaction. Returns the
+    /// erased key's metadata, or `None` if it was not held (the tombstone
+    /// is kept all the same).
+    fn delete(
+        &self,
+        id: &KeyId,
+        outbox: Option<OutboxEntry>,
+    ) -> Result<Option<KeyInfo>, KeystoreError>;
+
+    /// Digest of the token keys held (see `InventoryDigest`).
+    fn inventory_digest(&self) -> InventoryDigest;
+
+    /// Token keys after `after`, in id order, at most `limit`.
+    fn inventory_page(&self, after: Option<KeyId>, limit: usize) -> Vec<(KeyId, Fingerprint)>;
 
     /// Events stored by `create` and not yet confirmed published.
     fn outbox(&self) -> Result<Vec<(KeyId, OutboxEntry)>, KeystoreError>;
