@@ -499,6 +499,150 @@ mod tests {
         );
     }
 
+    fn failed(h: &str) -> Event {
+        Event::HsmFailed(keysync_schemas::HsmFailed {
+            hsm: hsm(h),
+            silent_ms: 5000,
+        })
+    }
+
+    fn deleted(k: KeyId, h: &str, fp: u8) -> Event {
+        Event::KeyDeleted(keysync_schemas::KeyDeleted {
+            key_id: k,
+            fingerprint: Fingerprint([fp; 32]),
+            hsm: hsm(h),
+        })
+    }
+
+    fn erased(k: KeyId, h: &str) -> Event {
+        Event::KeyErased(keysync_schemas::KeyErased {
+            key_id: k,
+            hsm: hsm(h),
+            was_present: true,
+        })
+    }
+
+    #[test]
+    fn a_failed_member_no_longer_holds_up_replication() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            joined("c"),
+            created(k, "a", 1),
+            applied(k, "b", 1),
+        ]);
+        let actions = log.when(&failed("c"));
+        assert_eq!(
+            actions,
+            vec![Action::AnnounceReplicated {
+                key_id: k,
+                latency_ns: 2_000_000
+            }]
+        );
+        let s = log.state.status();
+        assert_eq!(s.members[2].state, keysync_schemas::MemberState::Failed);
+        // Its clone stays queued: still pending, and new keys still go to it.
+        assert_eq!(s.pending_clones, 1);
+        let k2 = KeyId::new();
+        assert_eq!(
+            log.when(&created(k2, "a", 2)),
+            vec![clone_to("b", k2, 7), clone_to("c", k2, 7)]
+        );
+        // Back: a returning member is sent nothing (its queue kept it all).
+        assert!(log.when(&joined("c")).is_empty());
+        assert_eq!(
+            log.state.member_state(2),
+            keysync_schemas::MemberState::Syncing
+        );
+    }
+
+    #[test]
+    fn deletion_purges_erases_everywhere_and_never_resurrects() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            joined("c"),
+            created(k, "a", 1),
+            applied(k, "b", 1),
+        ]);
+        let actions = log.when(&deleted(k, "b", 1));
+        assert_eq!(
+            actions,
+            vec![
+                Action::Purge { key_id: k },
+                Action::SendDelete {
+                    target: hsm("a"),
+                    key_id: k
+                },
+                Action::SendDelete {
+                    target: hsm("c"),
+                    key_id: k
+                },
+            ]
+        );
+        let s = log.state.status();
+        assert_eq!((s.keys, s.pending_clones), (0, 0));
+        assert_eq!(log.state.digest_of(1), Default::default());
+        // A late clone result and a republished create change nothing.
+        assert!(log.when(&applied(k, "c", 1)).is_empty());
+        assert!(log.when(&created(k, "a", 1)).is_empty());
+        assert_eq!(log.state.status().keys, 0);
+        // Reconcile finishes the erasure still under way...
+        assert_eq!(
+            reconcile(&log.state),
+            vec![
+                Action::Purge { key_id: k },
+                Action::SendDelete {
+                    target: hsm("a"),
+                    key_id: k
+                }
+            ]
+        );
+        log.when(&erased(k, "a"));
+        assert!(reconcile(&log.state).is_empty());
+        // ...and a new member is never sent it.
+        assert!(log.when(&joined("d")).is_empty());
+    }
+
+    #[test]
+    fn repair_clones_what_is_missing_and_erases_what_is_deleted() {
+        let (k1, k2, k3) = (KeyId::new(), KeyId::new(), KeyId::new());
+        let log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            created(k1, "a", 1),
+            applied(k1, "b", 1),
+            created(k2, "a", 2),
+            applied(k2, "b", 2),
+            created(k3, "a", 3),
+            applied(k3, "b", 3),
+            deleted(k3, "a", 3),
+        ]);
+        // b lost k1, still has the deleted k3, and holds k2.
+        let inventory = vec![(k2, Fingerprint([2; 32])), (k3, Fingerprint([3; 32]))];
+        assert_eq!(
+            repair(&log.state, &hsm("b"), &inventory),
+            vec![
+                Action::SendClone {
+                    target: hsm("b"),
+                    key_id: k1,
+                    created_seq: 3,
+                    repair: true
+                },
+                Action::SendDelete {
+                    target: hsm("b"),
+                    key_id: k3
+                },
+            ]
+        );
+        let mut all = inventory.clone();
+        all.push((k1, Fingerprint([1; 32])));
+        all.retain(|(k, _)| *k != k3);
+        assert!(repair(&log.state, &hsm("b"), &all).is_empty());
+    }
+
     #[test]
     fn subjects_must_match_bodies() {
         let s = keysync_schemas::Subjects::default();
