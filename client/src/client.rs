@@ -163,6 +163,7 @@ fn key_of(op: &OpRequest) -> Option<KeyId> {
         | OpRequest::Encrypt { key_id, .. }
         | OpRequest::Decrypt { key_id, .. }
         | OpRequest::PublicKey { key_id }
+        | OpRequest::Delete { key_id }
         | OpRequest::Info { key_id } => Some(*key_id),
         _ => None,
     }
@@ -174,11 +175,20 @@ impl Client {
         Self::connect_with(url, ClientOptions::default()).await
     }
 
-    /// Connects with `options`.
+    /// Connects with `options`. `url` may list several servers, separated
+    /// by commas.
     pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Self> {
+        let servers = url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Connect {
+                url: url.to_string(),
+                detail: e.to_string(),
+            })?;
         let nats = async_nats::ConnectOptions::new()
             .name(&options.name)
-            .connect(url)
+            .connect(servers)
             .await
             .map_err(|e| Error::Connect {
                 url: url.to_string(),
@@ -491,14 +501,26 @@ impl Client {
         }
     }
 
-    /// Every key one HSM holds.
+    /// Every key one HSM holds (fetched a page at a time).
     pub async fn list_keys(&self, hsm: &HsmId) -> Result<Vec<KeyInfo>> {
-        match self
-            .request(&Route::Hsm(hsm.clone()), OpRequest::List)
-            .await?
-        {
-            OpReply::List(keys) => Ok(keys),
-            other => Err(Self::unexpected(other)),
+        const PAGE: u32 = 400;
+        let route = Route::Hsm(hsm.clone());
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = match self
+                .request(&route, OpRequest::List { after, limit: PAGE })
+                .await?
+            {
+                OpReply::List(keys) => keys,
+                other => return Err(Self::unexpected(other)),
+            };
+            let done = page.len() < PAGE as usize;
+            after = page.last().map(|k| k.key_id);
+            all.extend(page);
+            if done || after.is_none() {
+                return Ok(all);
+            }
         }
     }
 
@@ -583,6 +605,17 @@ impl Client {
     pub async fn public_key(&self, key_id: KeyId, route: &Route) -> Result<Vec<u8>> {
         match self.request(route, OpRequest::PublicKey { key_id }).await? {
             OpReply::PublicKey(der) => Ok(der),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    /// Deletes a key from every HSM: an HSM holding it erases it and logs
+    /// the tombstone; the orchestrator has every other HSM erase it and
+    /// purges its wrapped material from the stream. Returns the stream
+    /// sequence of the tombstone.
+    pub async fn delete_key(&self, key_id: KeyId, route: &Route) -> Result<u64> {
+        match self.request(route, OpRequest::Delete { key_id }).await? {
+            OpReply::Deleted { seq, .. } => Ok(seq),
             other => Err(Self::unexpected(other)),
         }
     }

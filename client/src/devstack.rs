@@ -198,30 +198,43 @@ pub struct NatsServer {
     dir: PathBuf,
     port: u16,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// A port free on 127.0.0.1 right now (for cluster routes, which must be
+/// known before the servers start).
+pub fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| StackError::Io("finding a free port".into(), e))
 }
 
 impl NatsServer {
     /// Starts a server storing under `dir` on `port` (a free one if `None`),
     /// and waits until it accepts clients.
     pub async fn start(dir: &Path, port: Option<u16>) -> Result<Self> {
-        Self::start_with(find_nats_server()?, dir, port, Vec::new()).await
+        Self::start_with(find_nats_server()?, dir, port, Vec::new(), Vec::new()).await
     }
 
-    /// Starts `bin` with extra arguments (for cluster or auth configs).
+    /// Starts `bin` with extra arguments and environment (for cluster or
+    /// auth configs).
     pub async fn start_with(
         bin: PathBuf,
         dir: &Path,
         port: Option<u16>,
         extra_args: Vec<String>,
+        env: Vec<(String, String)>,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| StackError::Io(dir.display().to_string(), e))?;
-        let (process, port) = Self::spawn(&bin, dir, port, &extra_args).await?;
+        let (process, port) = Self::spawn(&bin, dir, port, &extra_args, &env).await?;
         Ok(NatsServer {
             process,
             bin,
             dir: dir.to_path_buf(),
             port,
             extra_args,
+            env,
         })
     }
 
@@ -230,6 +243,7 @@ impl NatsServer {
         dir: &Path,
         port: Option<u16>,
         extra: &[String],
+        env: &[(String, String)],
     ) -> Result<(Process, u16)> {
         let log = dir.join("nats-server.log");
         // A fresh log for this run, so readiness is read from this run only.
@@ -246,6 +260,7 @@ impl NatsServer {
             cmd.arg("-sd").arg(dir.join("jetstream"));
         }
         cmd.arg("-l").arg(&log).args(extra);
+        cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let mut process = Process::spawn("nats-server", cmd, dir.join("nats-server.stdout"))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -287,8 +302,14 @@ impl NatsServer {
     /// Starts it again on the same port and store (after [`Self::kill`]).
     pub async fn restart(&mut self) -> Result<()> {
         self.process.kill();
-        let (process, _) =
-            Self::spawn(&self.bin, &self.dir, Some(self.port), &self.extra_args).await?;
+        let (process, _) = Self::spawn(
+            &self.bin,
+            &self.dir,
+            Some(self.port),
+            &self.extra_args,
+            &self.env,
+        )
+        .await?;
         self.process = process;
         Ok(())
     }
@@ -303,13 +324,21 @@ pub struct StackOptions {
     pub data_dir: Option<PathBuf>,
     /// Subject prefix.
     pub subjects: Subjects,
-    /// NATS port; a free one if `None`.
+    /// NATS port (of the first node); a free one if `None`.
     pub port: Option<u16>,
     /// A nats-server config file (`-c`); the stack's own flags (address,
-    /// port, JetStream store) still override what it says.
+    /// port) still override what it says, and the store dir comes to it as
+    /// `$KEYSYNC_NATS_STORE_DIR`.
     pub nats_config: Option<PathBuf>,
+    /// NATS nodes: 1, or 3 for a JetStream cluster (give a cluster config
+    /// such as `deploy/nats/cluster-node.conf`; streams are then R3).
+    pub nats_nodes: usize,
     /// Have the orchestrator serve Prometheus metrics here.
     pub orchestrator_metrics_addr: Option<std::net::SocketAddr>,
+    /// Extra orchestrator flags (`--failure-timeout 2`, `--lease-ttl 1`, ...).
+    pub orchestrator_args: Vec<String>,
+    /// Extra agent flags (`--heartbeat-interval 0.5`, ...).
+    pub agent_args: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -320,7 +349,10 @@ impl Default for StackOptions {
             subjects: Subjects::default(),
             port: None,
             nats_config: None,
+            nats_nodes: 1,
             orchestrator_metrics_addr: None,
+            orchestrator_args: Vec::new(),
+            agent_args: Vec::new(),
         }
     }
 }
@@ -329,21 +361,73 @@ impl Default for StackOptions {
 pub struct DevStack {
     dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
-    nats: NatsServer,
-    orchestrator: Option<Process>,
+    nats: Vec<NatsServer>,
+    orchestrators: BTreeMap<String, Process>,
     agents: BTreeMap<HsmId, Process>,
     domain_key: PathBuf,
     subjects: Subjects,
     client: Client,
     orchestrator_args: Vec<String>,
+    agent_args: Vec<String>,
+}
+
+/// The first orchestrator's name.
+pub const PRIMARY: &str = "orchestrator";
+
+async fn start_nats(dir: &Path, opts: &StackOptions) -> Result<Vec<NatsServer>> {
+    let bin = find_nats_server()?;
+    let config_args = match &opts.nats_config {
+        Some(c) => vec!["-c".to_string(), c.display().to_string()],
+        None => Vec::new(),
+    };
+    if opts.nats_nodes <= 1 {
+        return Ok(vec![
+            NatsServer::start_with(bin, &dir.join("nats"), opts.port, config_args, Vec::new())
+                .await?,
+        ]);
+    }
+    // A JetStream cluster: every node routes to every other.
+    let cluster_ports: Vec<u16> = (0..opts.nats_nodes)
+        .map(|_| free_port())
+        .collect::<Result<_>>()?;
+    let mut nodes = Vec::new();
+    for i in 0..opts.nats_nodes {
+        let routes: Vec<String> = cluster_ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let mut env = vec![
+            ("KEYSYNC_NATS_NAME".to_string(), format!("n{}", i + 1)),
+            (
+                "KEYSYNC_NATS_CLUSTER_LISTEN".to_string(),
+                format!("127.0.0.1:{}", cluster_ports[i]),
+            ),
+        ];
+        for (j, r) in routes.iter().enumerate() {
+            env.push((format!("KEYSYNC_NATS_ROUTE_{}", j + 1), r.clone()));
+        }
+        let port = if i == 0 { opts.port } else { None };
+        // Servers of a forming cluster do not wait for each other to be
+        // ready: start them all, then wait.
+        nodes.push((dir.join(format!("nats-{}", i + 1)), port, env));
+    }
+    let started = futures::future::join_all(nodes.into_iter().map(|(d, port, env)| {
+        let bin = bin.clone();
+        let args = config_args.clone();
+        async move { NatsServer::start_with(bin, &d, port, args, env).await }
+    }))
+    .await;
+    started.into_iter().collect()
 }
 
 impl DevStack {
     /// Starts nats-server, the orchestrator and `hsms` agents, and waits
     /// until the orchestrator sees every agent.
     pub async fn start(opts: StackOptions) -> Result<Self> {
-        let (dir, temp) = match opts.data_dir {
-            Some(d) => (d, None),
+        let (dir, temp) = match &opts.data_dir {
+            Some(d) => (d.clone(), None),
             None => {
                 let t = tempfile::Builder::new()
                     .prefix("keysync-")
@@ -358,16 +442,13 @@ impl DevStack {
         if !domain_key.exists() {
             hsm_domain_key_file(&domain_key)?;
         }
-        let nats_args = match &opts.nats_config {
-            Some(c) => vec!["-c".to_string(), c.display().to_string()],
-            None => Vec::new(),
-        };
-        let nats =
-            NatsServer::start_with(find_nats_server()?, &dir.join("nats"), opts.port, nats_args)
-                .await?;
+        let nats = start_nats(&dir, &opts).await?;
+        let urls: Vec<async_nats::ServerAddr> =
+            nats.iter().filter_map(|n| n.url().parse().ok()).collect();
         let nats_client = async_nats::ConnectOptions::new()
             .name("keysync dev stack")
-            .connect(nats.url())
+            .retry_on_initial_connect()
+            .connect(urls)
             .await
             .map_err(|e| StackError::NotReady {
                 what: "nats-server".into(),
@@ -382,19 +463,24 @@ impl DevStack {
             },
         )
         .await;
+        let mut orchestrator_args = opts.orchestrator_args.clone();
+        if let Some(a) = opts.orchestrator_metrics_addr {
+            orchestrator_args.extend(["--metrics-addr".to_string(), a.to_string()]);
+        }
+        if nats.len() > 1 {
+            orchestrator_args.extend(["--replicas".to_string(), "3".to_string()]);
+        }
         let mut stack = DevStack {
             dir,
             _temp: temp,
             nats,
-            orchestrator: None,
+            orchestrators: BTreeMap::new(),
             agents: BTreeMap::new(),
             domain_key,
             subjects: opts.subjects,
             client,
-            orchestrator_args: opts
-                .orchestrator_metrics_addr
-                .map(|a| vec!["--metrics-addr".to_string(), a.to_string()])
-                .unwrap_or_default(),
+            orchestrator_args,
+            agent_args: opts.agent_args,
         };
         stack.start_orchestrator().await?;
         let ids: Vec<HsmId> = (1..=opts.hsms)
@@ -405,9 +491,13 @@ impl DevStack {
         Ok(stack)
     }
 
-    /// The NATS URL.
+    /// The NATS URL(s), comma-separated for a cluster.
     pub fn url(&self) -> String {
-        self.nats.url()
+        self.nats
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The stack's directory.
@@ -425,9 +515,14 @@ impl DevStack {
         &self.client
     }
 
-    /// The nats-server.
+    /// The (first) nats-server.
     pub fn nats(&mut self) -> &mut NatsServer {
-        &mut self.nats
+        &mut self.nats[0]
+    }
+
+    /// NATS node `i` (0-based).
+    pub fn nats_node(&mut self, i: usize) -> Option<&mut NatsServer> {
+        self.nats.get_mut(i)
     }
 
     /// Ids of agents started (running or killed).
@@ -440,23 +535,38 @@ impl DevStack {
         self.agents.get_mut(id)
     }
 
+    /// An orchestrator's process, if started.
+    pub fn orchestrator(&mut self, name: &str) -> Option<&mut Process> {
+        self.orchestrators.get_mut(name)
+    }
+
     fn common_args(&self, cmd: &mut Command) {
         cmd.arg("--nats")
-            .arg(self.nats.url())
+            .arg(self.url())
             .arg("--prefix")
             .arg(self.subjects.prefix());
     }
 
-    /// Starts (or restarts) the orchestrator and waits until it answers.
+    /// Starts (or restarts) the primary orchestrator and waits until it answers.
     pub async fn start_orchestrator(&mut self) -> Result<()> {
-        if let Some(mut old) = self.orchestrator.take() {
+        self.start_orchestrator_named(PRIMARY).await
+    }
+
+    /// Starts (or restarts) an orchestrator named `name` (a second one is
+    /// a standby until the lease comes free) and waits until it answers.
+    pub async fn start_orchestrator_named(&mut self, name: &str) -> Result<()> {
+        if let Some(mut old) = self.orchestrators.remove(name) {
             old.kill();
         }
         let mut cmd = Command::new(find_binary("orchestrator")?);
         self.common_args(&mut cmd);
-        cmd.args(&self.orchestrator_args);
-        let mut p = Process::spawn("orchestrator", cmd, self.dir.join("logs/orchestrator.log"))?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        cmd.arg("--name").arg(name).args(&self.orchestrator_args);
+        let mut p = Process::spawn(
+            &format!("orchestrator {name}"),
+            cmd,
+            self.dir.join(format!("logs/{name}.log")),
+        )?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             if tokio::time::timeout(Duration::from_secs(1), self.client.cluster_status())
                 .await
@@ -468,17 +578,22 @@ impl DevStack {
                 return Err(p.not_ready("exited"));
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(p.not_ready("no status reply within 30 s"));
+                return Err(p.not_ready("no status reply within 60 s"));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.orchestrator = Some(p);
+        self.orchestrators.insert(name.to_string(), p);
         Ok(())
     }
 
-    /// SIGKILLs the orchestrator.
+    /// SIGKILLs the primary orchestrator.
     pub fn kill_orchestrator(&mut self) {
-        if let Some(mut p) = self.orchestrator.take() {
+        self.kill_orchestrator_named(PRIMARY);
+    }
+
+    /// SIGKILLs one orchestrator.
+    pub fn kill_orchestrator_named(&mut self, name: &str) {
+        if let Some(mut p) = self.orchestrators.remove(name) {
             p.kill();
         }
     }
@@ -515,7 +630,8 @@ impl DevStack {
                 .arg("--data-dir")
                 .arg(self.dir.join(id.as_str()))
                 .arg("--domain-key")
-                .arg(&self.domain_key);
+                .arg(&self.domain_key)
+                .args(&self.agent_args);
             let p = Process::spawn(
                 &format!("hsm-agent {id}"),
                 cmd,
@@ -578,10 +694,12 @@ impl DevStack {
         for p in self.agents.values_mut() {
             p.terminate(Duration::from_secs(5));
         }
-        if let Some(p) = self.orchestrator.as_mut() {
+        for p in self.orchestrators.values_mut() {
             p.terminate(Duration::from_secs(5));
         }
-        self.nats.process.terminate(Duration::from_secs(5));
+        for n in &mut self.nats {
+            n.process.terminate(Duration::from_secs(5));
+        }
     }
 }
 

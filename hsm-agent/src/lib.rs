@@ -200,14 +200,23 @@ async fn serve_ops(agent: Arc<Agent>, max_concurrent: usize) -> anyhow::Result<(
         let agent = agent.clone();
         tokio::spawn(async move {
             let reply = ops::handle(&agent, &msg.subject, &msg.payload).await;
-            let env = Envelope::new(Source::Hsm(agent.hsm.clone()), reply);
-            match encode(&env) {
-                Ok(bytes) => {
-                    if let Err(e) = agent.nats.publish(reply_to, bytes.into()).await {
-                        tracing::warn!(error = %e, "could not send a reply");
-                    }
+            let source = Source::Hsm(agent.hsm.clone());
+            // A reply that cannot be encoded (too large) becomes an error
+            // reply, so the caller is not left waiting for a timeout.
+            let bytes = encode(&Envelope::new(source.clone(), reply)).or_else(|e| {
+                tracing::error!(error = %e, "could not encode a reply");
+                encode(&Envelope::new(
+                    source,
+                    OpReply::Error(keysync_schemas::OpError::new(
+                        keysync_schemas::OpErrorKind::Internal,
+                        format!("reply could not be encoded: {e}"),
+                    )),
+                ))
+            });
+            if let Ok(bytes) = bytes {
+                if let Err(e) = agent.nats.publish(reply_to, bytes.into()).await {
+                    tracing::warn!(error = %e, "could not send a reply");
                 }
-                Err(e) => tracing::error!(error = %e, "could not encode a reply"),
             }
             drop(permit);
         });

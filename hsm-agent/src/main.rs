@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let nats = async_nats::ConnectOptions::new()
         .name(format!("hsm-agent {}", args.id))
         .retry_on_initial_connect()
-        .connect(&args.nats)
+        .connect(servers(&args.nats)?)
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats))?;
     let store = hsm_agent::open_store(&config)?;
@@ -99,4 +99,15 @@ async fn shutdown_signal() {
         _ = term.recv() => {},
     }
     tracing::info!("shutting down");
+}
+
+/// The servers of `--nats`: one URL, or several separated by commas.
+fn servers(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    urls.split(',')
+        .map(|u| {
+            u.trim()
+                .parse()
+                .with_context(|| format!("invalid NATS URL {u:?}"))
+        })
+        .collect()
 }

@@ -165,7 +165,17 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
             .map(OpReply::PublicKey)
             .map_err(ks_err),
         OpRequest::Info { key_id } => store.info(&key_id).map(OpReply::Info).map_err(ks_err),
-        OpRequest::List => Ok(OpReply::List(store.list())),
+        OpRequest::List { after, limit } => {
+            let limit = (limit as usize).min(MAX_LIST_PAGE);
+            Ok(OpReply::List(
+                store
+                    .list()
+                    .into_iter()
+                    .filter(|k| after.is_none_or(|a| k.key_id > a))
+                    .take(limit)
+                    .collect(),
+            ))
+        }
         OpRequest::Delete { key_id } => delete(agent, key_id).await,
         OpRequest::Inventory { after, limit } => Ok(OpReply::Inventory(
             store.inventory_page(after, (limit as usize).min(MAX_INVENTORY_PAGE)),
@@ -190,6 +200,9 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
 
 /// Most inventory entries in one reply (keeps it under the message limit).
 pub const MAX_INVENTORY_PAGE: usize = 2000;
+
+/// Most keys in one `List` reply (a `KeyInfo` with a long label is ~250 bytes).
+pub const MAX_LIST_PAGE: usize = 400;
 
 /// Deletes a key cluster-wide: erases it here with its tombstone and the
 /// `KeyDeleted` event in one transaction, then publishes the event.

@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
     let nats = async_nats::ConnectOptions::new()
         .name(format!("orchestrator {}", args.name))
         .retry_on_initial_connect()
-        .connect(&args.nats)
+        .connect(servers(&args.nats)?)
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats))?;
 
@@ -108,4 +108,15 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The servers of `--nats`: one URL, or several separated by commas.
+fn servers(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    urls.split(',')
+        .map(|u| {
+            u.trim()
+                .parse()
+                .with_context(|| format!("invalid NATS URL {u:?}"))
+        })
+        .collect()
 }

@@ -101,8 +101,13 @@ pub enum OpRequest {
         /// The key.
         key_id: KeyId,
     },
-    /// Every key the HSM holds.
-    List,
+    /// The keys the HSM holds, one page at a time, in key-id order.
+    List {
+        /// Start after this key id.
+        after: Option<KeyId>,
+        /// At most this many (the agent caps it to keep replies small).
+        limit: u32,
+    },
     /// The agent's health: key counts and rejected-message counters.
     Health,
     /// Delete a token key cluster-wide (this HSM erases it and publishes
@@ -133,7 +138,7 @@ impl OpRequest {
             OpRequest::Decrypt { .. } => "decrypt",
             OpRequest::PublicKey { .. } => "public_key",
             OpRequest::Info { .. } => "info",
-            OpRequest::List => "list",
+            OpRequest::List { .. } => "list",
             OpRequest::Health => "health",
             OpRequest::Delete { .. } => "delete",
             OpRequest::Inventory { .. } => "inventory",
@@ -185,7 +190,7 @@ pub enum OpReply {
     PublicKey(Vec<u8>),
     /// One key.
     Info(KeyInfo),
-    /// Every key.
+    /// One page of keys; shorter than asked when it is the last.
     List(Vec<KeyInfo>),
     /// The agent's health.
     Health(AgentHealth),

@@ -39,6 +39,94 @@ pub async fn start_stack(hsms: usize) -> DevStack {
     }
 }
 
+/// Options for fault tests: failure detection, heartbeats and the lease
+/// sped up so that faults play out in seconds.
+pub fn fast_options(hsms: usize) -> StackOptions {
+    StackOptions {
+        hsms,
+        orchestrator_args: ["--failure-timeout", "1.5", "--lease-ttl", "1"]
+            .map(String::from)
+            .to_vec(),
+        agent_args: ["--heartbeat-interval", "0.25"].map(String::from).to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Starts a stack with [`fast_options`].
+pub async fn start_fast_stack(hsms: usize) -> DevStack {
+    match DevStack::start(fast_options(hsms)).await {
+        Ok(s) => s,
+        Err(e) => panic!("stack did not start: {e}"),
+    }
+}
+
+/// Waits until the orchestrator reports `hsm` in `state` (e.g. "failed").
+pub async fn wait_for_state(client: &Client, hsm: &HsmId, state: &str, timeout: Duration) {
+    let ok = wait_until(timeout, || async {
+        client.cluster_status().await.is_ok_and(|s| {
+            s.members
+                .iter()
+                .any(|m| &m.hsm_id == hsm && m.state.as_str() == state)
+        })
+    })
+    .await;
+    let status = client.cluster_status().await;
+    assert!(ok, "{hsm} never reached state {state}: {status:?}");
+}
+
+/// Creates `n` keys concurrently on the given HSMs (round robin), retrying
+/// each create that fails for a transient reason (the bus restarting)
+/// until `deadline`; returns every key created.
+pub async fn create_many(
+    client: &Client,
+    on: &[HsmId],
+    n: usize,
+    in_flight: usize,
+) -> BTreeMap<KeyId, Fingerprint> {
+    use futures::StreamExt;
+    let types = [KeyType::Ed25519, KeyType::P256, KeyType::Aes256];
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let client = client.clone();
+            let hsm = on[i % on.len()].clone();
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                loop {
+                    match client
+                        .create_key(
+                            CreateKey::new(types[i % types.len()]).on(Route::Hsm(hsm.clone())),
+                        )
+                        .await
+                    {
+                        Ok(k) => return (k.info.key_id, k.info.fingerprint),
+                        Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("create {i} on {hsm}: {e}"),
+                    }
+                }
+            }
+        })
+        .buffer_unordered(in_flight)
+        .collect()
+        .await
+}
+
+/// The latest metrics document a plain subscriber sees next.
+pub async fn next_metrics(client: &Client) -> serde_json::Value {
+    use futures::StreamExt;
+    let mut sub = client
+        .nats()
+        .subscribe(client.subjects().metrics_sync())
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let msg = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("no metrics within 10 s"))
+        .unwrap_or_else(|| panic!("metrics subscription ended"));
+    serde_json::from_slice(&msg.payload).unwrap_or_else(|e| panic!("metrics JSON: {e}"))
+}
+
 /// Token keys one HSM holds, with fingerprints.
 pub async fn inventory(client: &Client, hsm: &HsmId) -> BTreeMap<KeyId, Fingerprint> {
     client

@@ -50,6 +50,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     "replicated": s.replicated,
                     "pending_clones": s.pending_clones,
                     "clone_failures": s.clone_failures,
+                    "below_durability": s.below_durability,
                     "last_seq": s.last_seq,
                     "rejected": s.rejected.iter().map(|(r, n)| (r.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 }))

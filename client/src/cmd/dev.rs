@@ -29,8 +29,8 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         subjects: cli.subjects()?,
         port: args.port,
-        nats_config: None,
         orchestrator_metrics_addr: args.metrics_addr,
+        ..Default::default()
     })
     .await?;
     println!("{}", stack.url());

@@ -70,6 +70,14 @@ pub enum Command {
         #[arg(long, conflicts_with = "pem")]
         der_hex: bool,
     },
+    /// Delete a key from every HSM (a tombstone; its material is purged from the log).
+    Delete {
+        /// The key.
+        key_id: KeyId,
+        /// HSM to ask (default: one known to hold it).
+        #[arg(long)]
+        hsm: Option<HsmId>,
+    },
     /// One key's metadata.
     Info {
         /// The key.
@@ -189,6 +197,11 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                         .map_err(|e| anyhow::anyhow!("PEM encoding failed: {e}"))?;
                 print!("{pem}");
             }
+            Ok(())
+        }
+        Command::Delete { key_id, hsm } => {
+            let seq = client.delete_key(*key_id, &route(hsm)).await?;
+            println!("{key_id} deleted (tombstone at stream sequence {seq}); every HSM erases it");
             Ok(())
         }
         Command::Info { key_id, hsm, json } => {
