@@ -428,7 +428,14 @@ impl Client {
         } else {
             None
         };
-        let reply = self.request(&spec.route, op).await?;
+        let reply = match self.request(&spec.route, op).await {
+            // A retried create whose first attempt had worked (its reply was
+            // lost): the id is ours (random 122 bits), so the key is ours.
+            Err(Error::Operation(e)) if e.kind == OpErrorKind::AlreadyExists => {
+                self.recover_create(key_id, spec).await?
+            }
+            other => other?,
+        };
         let OpReply::Created {
             info,
             durability,
@@ -498,6 +505,45 @@ impl Client {
                 wanted: spec.durability,
                 holders,
             })
+        }
+    }
+
+    /// After a create was retried and found its own key already made:
+    /// reads the key back, and for `logged` and above checks that its
+    /// `KeyCreated` is in the stream.
+    async fn recover_create(&self, key_id: KeyId, spec: &CreateKey) -> Result<OpReply> {
+        let route = match &spec.route {
+            Route::Hsm(h) => Route::Hsm(h.clone()),
+            _ => Route::ReplicaAware,
+        };
+        let info = self.key_info(key_id, &route).await?;
+        if spec.durability == Durability::None || spec.session {
+            return Ok(OpReply::Created {
+                info,
+                durability: Durability::None,
+                created_seq: None,
+            });
+        }
+        let js = async_nats::jetstream::new(self.inner.nats.clone());
+        let logged = async {
+            js.get_stream(self.subjects().events_stream())
+                .await
+                .ok()?
+                .direct_get_last_for_subject(self.subjects().key_created(&key_id))
+                .await
+                .ok()
+        }
+        .await;
+        match logged {
+            Some(msg) => Ok(OpReply::Created {
+                info,
+                durability: Durability::Logged,
+                created_seq: Some(msg.sequence),
+            }),
+            None => Err(Error::Operation(keysync_schemas::OpError::new(
+                OpErrorKind::Unavailable,
+                format!("key {key_id} exists on {} but is not logged yet", info.hsm),
+            ))),
         }
     }
 

@@ -1,0 +1,89 @@
+//! NATS itself failing: a single nats-server restarted mid-load (file
+//! store), and one node of a three-node JetStream cluster (R3 streams)
+//! killed mid-load. Nothing is lost, and every HSM ends with the same keys.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keysync::Client;
+use keysync_schemas::{Fingerprint, HsmId, KeyId};
+use keysync_testkit::{create_many, fast_options, inventory, DevStack};
+
+/// Every HSM holds the same keys, including every key in `created`. (A
+/// create that failed during the outage may still have made a key, logged
+/// later from its agent's outbox: it must then be everywhere too.)
+async fn assert_same_everywhere(client: &Client, hsms: &[HsmId], created: &BTreeMap<KeyId, Fingerprint>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut invs = Vec::new();
+        for h in hsms {
+            invs.push(inventory(client, h).await);
+        }
+        let all_equal = invs.windows(2).all(|w| w[0] == w[1]);
+        let complete = created.iter().all(|(k, fp)| invs[0].get(k) == Some(fp));
+        if all_equal && complete {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let sizes: Vec<usize> = invs.iter().map(|i| i.len()).collect();
+            let missing = created.keys().filter(|k| !invs[0].contains_key(k)).count();
+            panic!("HSMs did not converge: sizes {sizes:?}, {missing} created keys missing on the first");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_restarted_mid_load_loses_nothing() {
+    let mut stack = DevStack::start(fast_options(3)).await.expect("stack");
+    let client = stack.client().clone();
+    let hsms = stack.hsm_ids();
+    let mut created = create_many(&client, &hsms, 300, 16).await;
+    let load = {
+        let client = client.clone();
+        let hsms = hsms.clone();
+        tokio::spawn(async move { create_many(&client, &hsms, 600, 16).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.nats().kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.nats().restart().await.expect("nats-server restart");
+    created.extend(load.await.expect("load task"));
+    created.extend(create_many(&client, &hsms, 100, 16).await);
+    assert!(created.len() >= 1000);
+    assert_same_everywhere(&client, &hsms, &created).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_nats_node_of_three_killed_mid_load_loses_nothing() {
+    let mut options = fast_options(3);
+    options.nats_nodes = 3;
+    options.nats_config =
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/cluster-node.conf"));
+    let mut stack = DevStack::start(options).await.expect("stack on a 3-node NATS cluster");
+    let client = stack.client().clone();
+    let hsms = stack.hsm_ids();
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let info = js
+        .get_stream(client.subjects().events_stream())
+        .await
+        .expect("events stream")
+        .info()
+        .await
+        .expect("info")
+        .clone();
+    assert_eq!(info.config.num_replicas, 3, "R3 on a NATS cluster");
+
+    let mut created = create_many(&client, &hsms, 200, 16).await;
+    let load = {
+        let client = client.clone();
+        let hsms = hsms.clone();
+        tokio::spawn(async move { create_many(&client, &hsms, 400, 16).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.nats_node(1).expect("node 2").kill();
+    created.extend(load.await.expect("load task"));
+    created.extend(create_many(&client, &hsms, 100, 16).await);
+    assert_same_everywhere(&client, &hsms, &created).await;
+}
