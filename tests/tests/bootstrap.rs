@@ -17,14 +17,28 @@ async fn a_new_hsm_joins_a_cluster_of_10000_keys() {
 
     let h3 = hsm("hsm-3");
     let joined = Instant::now();
-    stack.start_agents(std::slice::from_ref(&h3)).await.expect("hsm-3 joins");
+    stack
+        .start_agents(std::slice::from_ref(&h3))
+        .await
+        .expect("hsm-3 joins");
     // While it bootstraps, the replica-aware route only uses HSMs that
     // hold the key: signing with every key never fails.
     for (i, key) in expected.keys().enumerate().take(200) {
-        let sig = client.sign(*key, &i.to_le_bytes(), &Route::ReplicaAware).await;
-        assert!(sig.is_ok() || matches!(sig, Err(keysync::Error::Operation(_))), "{sig:?}");
+        let sig = client
+            .sign(*key, &i.to_le_bytes(), &Route::ReplicaAware)
+            .await;
+        assert!(
+            sig.is_ok() || matches!(sig, Err(keysync::Error::Operation(_))),
+            "{sig:?}"
+        );
     }
-    assert_converges(&client, &[h3.clone()], &expected, Duration::from_secs(120)).await;
+    assert_converges(
+        &client,
+        std::slice::from_ref(&h3),
+        &expected,
+        Duration::from_secs(120),
+    )
+    .await;
     wait_for_state(&client, &h3, "in-service", Duration::from_secs(10)).await;
     println!(
         "bootstrap of 10,000 keys to a new HSM: {:.2} s to in-service",

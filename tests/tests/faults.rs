@@ -53,7 +53,13 @@ async fn an_hsm_down_while_2000_keys_are_created_catches_up_on_return() {
         .start_agents(std::slice::from_ref(&h3))
         .await
         .expect("restart hsm-3");
-    assert_converges(&client, &[h3.clone()], &expected, Duration::from_secs(120)).await;
+    assert_converges(
+        &client,
+        std::slice::from_ref(&h3),
+        &expected,
+        Duration::from_secs(120),
+    )
+    .await;
     println!(
         "rejoin catch-up of 2001 keys: {:.2} s",
         back.elapsed().as_secs_f64()

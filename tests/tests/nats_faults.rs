@@ -13,7 +13,11 @@ use keysync_testkit::{create_many, fast_options, inventory, DevStack};
 /// Every HSM holds the same keys, including every key in `created`. (A
 /// create that failed during the outage may still have made a key, logged
 /// later from its agent's outbox: it must then be everywhere too.)
-async fn assert_same_everywhere(client: &Client, hsms: &[HsmId], created: &BTreeMap<KeyId, Fingerprint>) {
+async fn assert_same_everywhere(
+    client: &Client,
+    hsms: &[HsmId],
+    created: &BTreeMap<KeyId, Fingerprint>,
+) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
         let mut invs = Vec::new();
@@ -61,7 +65,9 @@ async fn one_nats_node_of_three_killed_mid_load_loses_nothing() {
     options.nats_nodes = 3;
     options.nats_config =
         Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/cluster-node.conf"));
-    let mut stack = DevStack::start(options).await.expect("stack on a 3-node NATS cluster");
+    let mut stack = DevStack::start(options)
+        .await
+        .expect("stack on a 3-node NATS cluster");
     let client = stack.client().clone();
     let hsms = stack.hsm_ids();
     let js = async_nats::jetstream::new(client.nats().clone());
