@@ -23,38 +23,94 @@ use crate::Agent;
 /// Most commands applied in one keystore transaction.
 const MAX_BATCH: usize = 512;
 
-/// Consumes this HSM's command subject until the stream ends or fails.
+/// How often a quiet consumer is checked for commands it is not receiving.
+const STALL_CHECK: Duration = Duration::from_secs(3);
+
+/// Consumes this HSM's command subject. The pull stream is recreated when
+/// it reports an error, ends, or stalls (commands pending on the server
+/// while none arrive, as after a NATS node holding the consumer died).
 pub async fn run(agent: Arc<Agent>) -> anyhow::Result<()> {
     let stream = agent
         .wait_for_stream(&agent.subjects.commands_stream())
         .await?;
     let name = agent.subjects.agent_consumer(&agent.hsm);
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: agent.subjects.commands_for(&agent.hsm),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: 20_000,
-                ..Default::default()
-            },
-        )
-        .await?;
-    let mut messages = consumer.messages().await?.ready_chunks(MAX_BATCH);
-    tracing::info!(consumer = %name, "applying clone commands");
-    while let Some(batch) = messages.next().await {
-        let mut ok = Vec::with_capacity(batch.len());
-        for m in batch {
-            match m {
-                Ok(m) => ok.push(m),
-                Err(e) => tracing::warn!(error = %e, "command stream error"),
+    loop {
+        let consumer: jetstream::consumer::PullConsumer = match stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: agent.subjects.commands_for(&agent.hsm),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: 20_000,
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "command consumer unavailable; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m.ready_chunks(MAX_BATCH),
+            Err(e) => {
+                tracing::warn!(error = %e, "command stream unavailable; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        tracing::info!(consumer = %name, "applying clone and delete commands");
+        let mut check = tokio::time::interval(STALL_CHECK);
+        check.tick().await;
+        let mut received_since_check = false;
+        loop {
+            tokio::select! {
+                batch = messages.next() => {
+                    let Some(batch) = batch else {
+                        tracing::warn!("command stream ended; recreating it");
+                        break;
+                    };
+                    let mut ok = Vec::with_capacity(batch.len());
+                    let mut failed = false;
+                    for m in batch {
+                        match m {
+                            Ok(m) => ok.push(m),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "command stream error; recreating it");
+                                failed = true;
+                            }
+                        }
+                    }
+                    received_since_check |= !ok.is_empty();
+                    apply_batch(&agent, ok).await;
+                    if failed {
+                        break;
+                    }
+                }
+                _ = check.tick() => {
+                    let quiet = !std::mem::take(&mut received_since_check);
+                    if quiet {
+                        let mut c = consumer.clone();
+                        let stalled = match c.info().await {
+                            Ok(i) => i.num_pending > 0,
+                            Err(_) => true,
+                        };
+                        if stalled {
+                            tracing::warn!("commands pending but none arriving; recreating the command stream");
+                            break;
+                        }
+                    }
+                }
             }
         }
-        apply_batch(&agent, ok).await;
+        drop(messages);
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    anyhow::bail!("command stream ended")
 }
 
 async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {

@@ -15,6 +15,7 @@ pub mod decide;
 pub mod lease;
 pub mod metrics;
 pub mod prometheus;
+pub mod snapshot;
 pub mod state;
 pub mod streams;
 
@@ -58,6 +59,8 @@ pub struct Config {
     /// Heartbeats in a row whose inventory digest differs, unchanged,
     /// before anti-entropy repairs that HSM.
     pub repair_after: u32,
+    /// Events folded between snapshots (0: never snapshot).
+    pub snapshot_every: u64,
 }
 
 /// Default most publishes in flight.
@@ -106,19 +109,35 @@ pub async fn run(
         config.replicas,
     )
     .await?;
+    let snapshots =
+        snapshot::open(&js, &config.subjects.snapshot_bucket(), config.replicas).await?;
     let info = events.info().await?.clone();
     let replay_until = info.state.last_sequence;
-    let mut replayed = info.state.messages == 0;
+    // A snapshot from beyond this stream's end belongs to an older stream.
+    let state = snapshot::load(&snapshots)
+        .await
+        .filter(|s| s.last_seq() <= replay_until)
+        .unwrap_or_default();
+    let mut replayed =
+        info.state.messages == 0 || (state.last_seq() > 0 && state.last_seq() >= replay_until);
     tracing::info!(
         stream = %config.subjects.events_stream(),
         messages = info.state.messages,
         last_seq = replay_until,
+        snapshot_seq = state.last_seq(),
         "replaying the event log"
     );
+    let deliver_policy = if state.last_seq() > 0 {
+        jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: state.last_seq() + 1,
+        }
+    } else {
+        jetstream::consumer::DeliverPolicy::All
+    };
     let consumer = events
         .create_consumer(pull::OrderedConfig {
             filter_subject: config.subjects.events_all(),
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            deliver_policy,
             ..Default::default()
         })
         .await?;
@@ -132,7 +151,7 @@ pub async fn run(
         nats: nats.clone(),
         js,
         events,
-        state: ClusterState::default(),
+        state,
         stats: metrics::SyncStats::default(),
         in_flight: FuturesUnordered::new(),
         active: false,
@@ -152,6 +171,16 @@ pub async fn run(
     lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failure_tick = tokio::time::interval(orch.config.failure_timeout / 4);
     failure_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut snapshot_tick = tokio::time::interval(Duration::from_secs(5));
+    snapshot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut snapshot_seq = orch.state.last_seq();
+    // Events in the stream that this fold does not receive (as after the
+    // NATS node serving the consumer died) end the run: the next one
+    // starts a fresh consumer.
+    let mut stall_tick = tokio::time::interval(Duration::from_secs(3));
+    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq_at_last_check = orch.state.last_seq();
+    let mut saving: Option<tokio::task::JoinHandle<anyhow::Result<u64>>> = None;
     let started = Instant::now();
     if replayed {
         tracing::info!("event log empty");
@@ -200,6 +229,33 @@ pub async fn run(
                 _ = failure_tick.tick() => {
                     if orch.active {
                         orch.detect_failures().await?;
+                    }
+                }
+                _ = stall_tick.tick() => {
+                    let folded = orch.state.last_seq();
+                    if folded == seq_at_last_check {
+                        let stream_last = orch.events.info().await.map(|i| i.state.last_sequence).unwrap_or(0);
+                        if stream_last > folded {
+                            anyhow::bail!("event consumer stalled at {folded} while the stream is at {stream_last}");
+                        }
+                    }
+                    seq_at_last_check = folded;
+                }
+                _ = snapshot_tick.tick() => {
+                    if let Some(done) = saving.take_if(|h| h.is_finished()) {
+                        match done.await {
+                            Ok(Ok(seq)) => tracing::info!(seq, "snapshot saved"),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "snapshot not saved"),
+                            Err(e) => tracing::warn!(error = %e, "snapshot task failed"),
+                        }
+                    }
+                    let due = orch.config.snapshot_every > 0
+                        && orch.state.last_seq() >= snapshot_seq + orch.config.snapshot_every;
+                    if orch.active && replayed && saving.is_none() && due {
+                        snapshot_seq = orch.state.last_seq();
+                        let store = snapshots.clone();
+                        let state = orch.state.clone();
+                        saving = Some(tokio::spawn(async move { snapshot::save(&store, state).await }));
                     }
                 }
                 Some(ack) = orch.in_flight.next(), if !orch.in_flight.is_empty() => {

@@ -41,6 +41,9 @@ struct Args {
     /// anti-entropy repair.
     #[arg(long, default_value_t = 3)]
     repair_after: u32,
+    /// Events folded between state snapshots (0: never).
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_every: u64,
     /// Most publishes awaiting acknowledgement at once.
     #[arg(long, default_value_t = orchestrator::DEFAULT_MAX_IN_FLIGHT)]
     max_in_flight: usize,
@@ -70,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         failure_timeout: secs(args.failure_timeout, 0.2),
         lease_ttl: secs(args.lease_ttl, 0.3),
         repair_after: args.repair_after.max(1),
+        snapshot_every: args.snapshot_every,
     };
     let nats = async_nats::ConnectOptions::new()
         .name(format!("orchestrator {}", args.name))

@@ -11,6 +11,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use serde::{Deserialize, Serialize};
+
 use keysync_schemas::{
     ClusterStatus, Durability, Event, Fingerprint, HsmId, InventoryDigest, KeyId, KeyType,
     MemberState, MemberStatus,
@@ -29,7 +31,7 @@ pub struct EventMeta {
 }
 
 /// A set of members, by index.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberSet(u64);
 
 impl MemberSet {
@@ -68,7 +70,7 @@ impl MemberSet {
 }
 
 /// One member HSM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     /// Its id.
     pub hsm: HsmId,
@@ -81,7 +83,7 @@ pub struct Member {
 }
 
 /// What the orchestrator knows of one key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyState {
     /// Type.
     pub key_type: KeyType,
@@ -175,8 +177,8 @@ impl Rejection {
     }
 }
 
-/// The whole cluster, as folded from the log.
-#[derive(Debug, Default, Clone)]
+/// The whole cluster, as folded from the log. Serializable for snapshots.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct ClusterState {
     members: Vec<Member>,
     index: HashMap<HsmId, u8>,

@@ -163,6 +163,11 @@ impl Subjects {
         format!("{}.hsm.*.heartbeat", self.prefix)
     }
 
+    /// The orchestrators' snapshot store (JetStream object store).
+    pub fn snapshot_bucket(&self) -> String {
+        format!("{}_SNAPSHOTS", self.stream_base)
+    }
+
     /// The orchestrators' lease bucket (JetStream KV).
     pub fn lease_bucket(&self) -> String {
         format!("{}_LEASE", self.stream_base)

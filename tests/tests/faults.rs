@@ -267,3 +267,63 @@ async fn anti_entropy_repairs_a_key_lost_behind_an_agents_back() {
     .await;
     assert!(repaired, "the repair is not visible in the metrics");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_orchestrator_resumes_from_its_snapshot_plus_the_log_tail() {
+    let mut options = keysync_testkit::fast_options(3);
+    options
+        .orchestrator_args
+        .extend(["--snapshot-every", "100"].map(String::from));
+    let mut stack = keysync_testkit::DevStack::start(options)
+        .await
+        .expect("stack");
+    let client = stack.client().clone();
+    let hsms = stack.hsm_ids();
+    let mut expected = create_many(&client, &hsms, 400, 16).await;
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let saved = wait_until(Duration::from_secs(30), || async {
+        match js
+            .get_object_store(client.subjects().snapshot_bucket())
+            .await
+        {
+            Ok(store) => store.info("cluster-state").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(saved, "no snapshot was saved");
+    // A tail after the snapshot.
+    expected.extend(create_many(&client, &hsms, 50, 16).await);
+    assert_converges(&client, &hsms, &expected, Duration::from_secs(30)).await;
+    let before = client.cluster_status().await.expect("status");
+
+    stack.kill_orchestrator();
+    stack.start_orchestrator().await.expect("restart");
+    let log = std::fs::read_to_string(stack.dir().join("logs/orchestrator.log")).expect("log");
+    let resumed = log
+        .lines()
+        .rfind(|l| l.contains("replaying the event log"))
+        .expect("a start line");
+    assert!(
+        !resumed.contains("snapshot_seq=0"),
+        "did not start from the snapshot: {resumed}"
+    );
+    let after = client.cluster_status().await.expect("status");
+    assert_eq!(
+        (after.keys, after.replicated, &after.members),
+        (before.keys, before.replicated, &before.members)
+    );
+
+    expected.extend(create_many(&client, &hsms, 30, 8).await);
+    assert_converges(&client, &hsms, &expected, Duration::from_secs(30)).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            count_events(&client, "keysync.evt.key.*.replicated").await == 480
+        })
+        .await
+    );
+    assert_eq!(
+        count_events(&client, "keysync.evt.key.*.applied.*").await,
+        960
+    );
+}
