@@ -11,6 +11,7 @@
 //! ends [`run`] with an error, and the restart's replay and reconcile finish
 //! whatever was half done.
 
+pub mod audit;
 pub mod decide;
 pub mod lease;
 pub mod metrics;
@@ -84,6 +85,8 @@ struct Orchestrator {
     in_flight: FuturesUnordered<AckFuture>,
     /// Holds the lease and acts.
     active: bool,
+    /// The audit appender, while active.
+    auditor: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// When each member was last heard from (live-only knowledge).
     last_seen: HashMap<HsmId, Instant>,
     /// Recovery announced, waiting to come back through the log.
@@ -155,6 +158,7 @@ pub async fn run(
         stats: metrics::SyncStats::default(),
         in_flight: FuturesUnordered::new(),
         active: false,
+        auditor: None,
         last_seen: HashMap::new(),
         recovering: HashMap::new(),
         mismatches: HashMap::new(),
@@ -261,6 +265,19 @@ pub async fn run(
                 Some(ack) = orch.in_flight.next(), if !orch.in_flight.is_empty() => {
                     ack.map_err(|e| anyhow::anyhow!("a publish was not acknowledged: {e}"))?;
                 }
+                done = async {
+                    match orch.auditor.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    orch.auditor = None;
+                    match done {
+                        Ok(Ok(())) => anyhow::bail!("the audit appender stopped"),
+                        Ok(Err(e)) => anyhow::bail!("the audit appender failed: {e:#}"),
+                        Err(e) => anyhow::bail!("the audit appender panicked: {e}"),
+                    }
+                }
             }
         }
     }
@@ -270,6 +287,9 @@ pub async fn run(
         if let Err(e) = ack {
             tracing::warn!(error = %e, "publish not acknowledged at shutdown");
         }
+    }
+    if let Some(a) = orch.auditor.take() {
+        a.abort();
     }
     if result.is_ok() && orch.active {
         lease.release().await;
@@ -285,6 +305,13 @@ pub async fn run(
 impl Orchestrator {
     async fn become_active(&mut self, started: Instant) -> anyhow::Result<()> {
         self.active = true;
+        self.auditor = Some(tokio::spawn(audit::run(
+            self.js.clone(),
+            self.events.clone(),
+            self.config.subjects.clone(),
+            self.config.name.clone(),
+            self.config.replicas,
+        )));
         let now = Instant::now();
         for m in self.state.members() {
             self.last_seen.insert(m.hsm.clone(), now);

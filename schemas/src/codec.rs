@@ -74,6 +74,10 @@ impl Message for crate::heartbeat::Heartbeat {
     const FAMILY: u8 = 7;
     const NAME: &'static str = "heartbeat";
 }
+impl Message for crate::audit::AuditRecord {
+    const FAMILY: u8 = 8;
+    const NAME: &'static str = "audit record";
+}
 
 /// Why a payload was rejected. [`DecodeError::reason`] is the stable,
 /// countable name.

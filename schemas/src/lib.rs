@@ -20,6 +20,7 @@
 //! Decoding never panics, whatever the bytes (a property test checks it).
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod codec;
 pub mod commands;
 pub mod envelope;
@@ -32,6 +33,7 @@ pub mod ops;
 pub mod status;
 pub mod subjects;
 
+pub use audit::{record_hash, AuditFact, AuditRecord};
 pub use codec::{decode, encode, DecodeError, EncodeError, Message, MAX_MESSAGE_BYTES};
 pub use commands::{CloneKey, Command, DeleteKey};
 pub use envelope::{Envelope, Source, Timestamp, SCHEMA_VERSION};

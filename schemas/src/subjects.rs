@@ -163,6 +163,16 @@ impl Subjects {
         format!("{}.hsm.*.heartbeat", self.prefix)
     }
 
+    /// The audit stream (`KEYSYNC_AUDIT`).
+    pub fn audit_stream(&self) -> String {
+        format!("{}_AUDIT", self.stream_base)
+    }
+
+    /// The audit subject: `<p>.audit`.
+    pub fn audit(&self) -> String {
+        format!("{}.audit", self.prefix)
+    }
+
     /// The orchestrators' snapshot store (JetStream object store).
     pub fn snapshot_bucket(&self) -> String {
         format!("{}_SNAPSHOTS", self.stream_base)

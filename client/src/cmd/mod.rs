@@ -1,5 +1,6 @@
 //! One module per command group.
 
+mod audit;
 mod bench;
 mod cluster;
 mod demo;
@@ -53,6 +54,9 @@ enum Command {
     Metrics(metrics::Command),
     /// Measure keysync against the JetStream floor, in one run.
     Bench(bench::Args),
+    /// The hash-chained audit log: verify, export, replay.
+    #[command(subcommand)]
+    Audit(audit::Command),
 }
 
 impl Cli {
@@ -85,6 +89,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key(c) => key::run(&cli, c).await,
         Command::Metrics(c) => metrics::run(&cli, c).await,
         Command::Bench(args) => bench::run(&cli, args).await,
+        Command::Audit(c) => audit::run(&cli, c).await,
     }
 }
 

@@ -1,0 +1,149 @@
+//! The audit log: the facts of the events stream, hash-chained.
+//!
+//! Each record carries its own sequence in the audit stream (appended with
+//! `Nats-Expected-Last-Sequence`, so a record can only land where it says)
+//! and the SHA-256 of the previous record's exact payload bytes. Editing,
+//! removing, inserting or reordering a record breaks a link that
+//! `keysync audit verify` reports. Nothing secret is in a record: no key
+//! material, wrapped or not.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::events::{Event, KeyOrigin};
+use crate::keys::{Durability, Fingerprint, HsmId, KeyId, KeyType};
+
+/// The hash of a record: SHA-256 of its payload bytes as stored.
+pub fn record_hash(payload: &[u8]) -> [u8; 32] {
+    Sha256::digest(payload).into()
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// This record's sequence in the audit stream.
+    pub chain_seq: u64,
+    /// [`record_hash`] of the previous record (zeros for the first).
+    pub prev_hash: [u8; 32],
+    /// Sequence of the fact in the events stream.
+    pub event_seq: u64,
+    /// When JetStream stored the fact, ns since the epoch.
+    pub event_time_ns: u64,
+    /// The fact.
+    pub fact: AuditFact,
+}
+
+/// A fact, as audited (the event without material or free text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuditFact {
+    /// A key was created.
+    KeyCreated {
+        /// The key.
+        key_id: KeyId,
+        /// Its type.
+        key_type: KeyType,
+        /// Its fingerprint.
+        fingerprint: Fingerprint,
+        /// The creating HSM.
+        hsm: HsmId,
+        /// How.
+        origin: KeyOrigin,
+        /// Requested durability.
+        durability: Durability,
+    },
+    /// An HSM holds the key.
+    CloneApplied {
+        /// The key.
+        key_id: KeyId,
+        /// The HSM.
+        hsm: HsmId,
+        /// The fingerprint it computed.
+        fingerprint: Fingerprint,
+    },
+    /// An HSM could not store the key.
+    CloneFailed {
+        /// The key.
+        key_id: KeyId,
+        /// The HSM.
+        hsm: HsmId,
+        /// Why.
+        reason: String,
+    },
+    /// Every live member held the key.
+    KeyReplicated {
+        /// The key.
+        key_id: KeyId,
+        /// Sync latency.
+        sync_latency_micros: u64,
+    },
+    /// A key was deleted.
+    KeyDeleted {
+        /// The key.
+        key_id: KeyId,
+        /// The HSM that deleted it.
+        hsm: HsmId,
+    },
+    /// An HSM erased a deleted key.
+    KeyErased {
+        /// The key.
+        key_id: KeyId,
+        /// The HSM.
+        hsm: HsmId,
+    },
+    /// An HSM joined (or restarted).
+    HsmJoined {
+        /// The HSM.
+        hsm: HsmId,
+    },
+    /// An HSM was declared failed.
+    HsmFailed {
+        /// The HSM.
+        hsm: HsmId,
+    },
+    /// A failed HSM came back.
+    HsmRecovered {
+        /// The HSM.
+        hsm: HsmId,
+    },
+}
+
+impl AuditFact {
+    /// The audited form of an event.
+    pub fn of(event: &Event) -> AuditFact {
+        match event {
+            Event::KeyCreated(c) => AuditFact::KeyCreated {
+                key_id: c.key_id,
+                key_type: c.key_type,
+                fingerprint: c.fingerprint,
+                hsm: c.hsm.clone(),
+                origin: c.origin,
+                durability: c.durability,
+            },
+            Event::CloneApplied(a) => AuditFact::CloneApplied {
+                key_id: a.key_id,
+                hsm: a.hsm.clone(),
+                fingerprint: a.fingerprint,
+            },
+            Event::CloneFailed(f) => AuditFact::CloneFailed {
+                key_id: f.key_id,
+                hsm: f.hsm.clone(),
+                reason: f.reason.reason().to_string(),
+            },
+            Event::KeyReplicated(r) => AuditFact::KeyReplicated {
+                key_id: r.key_id,
+                sync_latency_micros: r.sync_latency_micros,
+            },
+            Event::KeyDeleted(d) => AuditFact::KeyDeleted {
+                key_id: d.key_id,
+                hsm: d.hsm.clone(),
+            },
+            Event::KeyErased(e) => AuditFact::KeyErased {
+                key_id: e.key_id,
+                hsm: e.hsm.clone(),
+            },
+            Event::HsmJoined(j) => AuditFact::HsmJoined { hsm: j.hsm.clone() },
+            Event::HsmFailed(f) => AuditFact::HsmFailed { hsm: f.hsm.clone() },
+            Event::HsmRecovered(r) => AuditFact::HsmRecovered { hsm: r.hsm.clone() },
+        }
+    }
+}
