@@ -14,6 +14,7 @@ use keysync_schemas::{
     StatusRequest, Subjects, SyncMetrics,
 };
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use crate::error::{Error, Result};
 use crate::retry::RetryPolicy;
@@ -320,6 +321,9 @@ impl Client {
         let key_id = key_of(op);
         let payload = encode(&Envelope::new(self.source(), op.clone()))
             .map_err(|e| Error::BadRequest(e.to_string()))?;
+        let span = tracing::info_span!("keysync.request", op = op.kind(), route = %route);
+        let mut headers = async_nats::HeaderMap::new();
+        keysync_telemetry::inject(&span, &mut headers);
         let msg = self
             .inner
             .nats
@@ -327,8 +331,10 @@ impl Client {
                 subject,
                 Request::new()
                     .payload(payload.into())
+                    .headers(headers)
                     .timeout(Some(self.inner.options.request_timeout)),
             )
+            .instrument(span)
             .await
             .map_err(|e| Error::HsmUnavailable {
                 route: route.to_string(),
@@ -356,6 +362,7 @@ impl Client {
 
     /// Generates a key (see [`CreateKey`]) and returns once it reached the
     /// requested durability.
+    #[tracing::instrument(name = "keysync.create_key", skip_all, fields(key_type = %spec.key_type, durability = %spec.durability))]
     pub async fn create_key(&self, spec: CreateKey) -> Result<CreatedKey> {
         let key_id = KeyId::new();
         let op = OpRequest::Generate {

@@ -16,6 +16,7 @@ use keysync_schemas::{
     decode, CloneApplied, CloneFailed, CloneFailure, CloneKey, Command, Envelope, Event, KeyErased,
     Source,
 };
+use tracing::Instrument as _;
 
 use crate::keystore::{CloneOutcome, Keystore};
 use crate::Agent;
@@ -204,9 +205,17 @@ async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
             }
             _ => continue,
         };
+        // The command's trace continues here: this apply, then its result.
+        let span = tracing::info_span!("keysync.apply", hsm = %agent.hsm, kind = event.kind());
+        keysync_telemetry::follow(&span, msg.headers.as_ref());
         let env = Envelope::new(Source::Hsm(agent.hsm.clone()), event);
         let published = match keysync_schemas::encode(&env) {
-            Ok(bytes) => agent.publish_event(subject, env.id, bytes).await,
+            Ok(bytes) => {
+                agent
+                    .publish_event(subject, env.id, bytes)
+                    .instrument(span)
+                    .await
+            }
             Err(e) => Err(anyhow::anyhow!(e)),
         };
         acks.push((msg, Some(published)));

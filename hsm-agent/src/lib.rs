@@ -25,6 +25,7 @@ use keysync_schemas::{
     KeyId, OpReply, OpRequest, Source, Subjects, Timestamp,
 };
 use tokio::sync::{mpsc, Semaphore};
+use tracing::Instrument as _;
 
 use crate::domain::DomainKey;
 use crate::keystore::{embedded::EmbeddedKeystore, Keystore};
@@ -79,6 +80,7 @@ impl Agent {
     ) -> anyhow::Result<PublishAckFuture> {
         let mut h = async_nats::HeaderMap::new();
         h.insert(headers::MSG_ID, msg_id.to_string().as_str());
+        keysync_telemetry::inject(&tracing::Span::current(), &mut h);
         Ok(self
             .js
             .publish_with_headers(subject, h, payload.into())
@@ -198,8 +200,12 @@ async fn serve_ops(agent: Arc<Agent>, max_concurrent: usize) -> anyhow::Result<(
         };
         let permit = limit.clone().acquire_owned().await?;
         let agent = agent.clone();
+        let span = tracing::info_span!("keysync.op", hsm = %agent.hsm, subject = %msg.subject);
+        keysync_telemetry::follow(&span, msg.headers.as_ref());
         tokio::spawn(async move {
-            let reply = ops::handle(&agent, &msg.subject, &msg.payload).await;
+            let reply = ops::handle(&agent, &msg.subject, &msg.payload)
+                .instrument(span)
+                .await;
             let source = Source::Hsm(agent.hsm.clone());
             // A reply that cannot be encoded (too large) becomes an error
             // reply, so the caller is not left waiting for a timeout.

@@ -39,14 +39,15 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,async_nats=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let _telemetry = keysync_telemetry::init(
+        "hsm-agent",
+        &[
+            ("keysync.hsm_id", args.id.to_string()),
+            ("service.instance.id", args.id.to_string()),
+        ],
+        "info,async_nats=warn",
+    );
     let subjects = Subjects::new(&args.prefix)?;
     let config = hsm_agent::Config {
         hsm: args.id.clone(),

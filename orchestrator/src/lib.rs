@@ -33,6 +33,7 @@ use keysync_schemas::{
     HsmId, HsmRecovered, InventoryDigest, KeyCreated, KeyId, KeyReplicated, OpReply, OpRequest,
     Source, StatusReply, StatusRequest, Subjects,
 };
+use tracing::Instrument as _;
 
 use crate::decide::{decide, reconcile, repair, subject_matches, Action};
 use crate::lease::Lease;
@@ -378,7 +379,10 @@ impl Orchestrator {
                 Event::KeyCreated(c) => Some((meta.seq, c)),
                 _ => None,
             };
-            self.execute(actions, current).await?;
+            // The event's trace continues through what it causes.
+            let span = tracing::info_span!("keysync.event", kind = event.kind(), seq = meta.seq);
+            keysync_telemetry::follow(&span, msg.headers.as_ref());
+            self.execute(actions, current).instrument(span).await?;
         }
         Ok(())
     }
@@ -542,6 +546,7 @@ impl Orchestrator {
         }
         let mut h = async_nats::HeaderMap::new();
         h.insert(headers::MSG_ID, msg_id.as_str());
+        keysync_telemetry::inject(&tracing::Span::current(), &mut h);
         let fut = self
             .js
             .publish_with_headers(subject, h, payload.into())

@@ -55,14 +55,12 @@ fn secs(s: f64, min: f64) -> Duration {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,async_nats=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let _telemetry = keysync_telemetry::init(
+        "orchestrator",
+        &[("service.instance.id", args.name.clone())],
+        "info,async_nats=warn",
+    );
     let config = orchestrator::Config {
         subjects: Subjects::new(&args.prefix)?,
         name: args.name.clone(),
