@@ -182,7 +182,10 @@ pub async fn run(
     // Events in the stream that this fold does not receive (as after the
     // NATS node serving the consumer died) end the run: the next one
     // starts a fresh consumer.
-    let mut stall_tick = tokio::time::interval(Duration::from_secs(3));
+    let mut stall_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(3),
+        Duration::from_secs(3),
+    );
     stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq_at_last_check = orch.state.last_seq();
     let mut saving: Option<tokio::task::JoinHandle<anyhow::Result<u64>>> = None;

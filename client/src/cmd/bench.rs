@@ -45,6 +45,221 @@ struct Sizes {
     throughput: usize,
     routing: usize,
     ceiling: usize,
+    scaling: Vec<usize>,
+    scaling_latency: usize,
+    scaling_throughput: usize,
+    bootstrap_keys: usize,
+    recovery_events: usize,
+}
+
+/// Resident memory of a process, in bytes (Linux).
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Publishes `n` `KeyCreated` events from a seed member that joined but
+/// never runs, `in_flight` at a time. With `real_material`, each carries a
+/// real Ed25519 key wrapped under the stack's domain key (a joining HSM can
+/// store it); without, a placeholder blob (for folding only).
+async fn seed_keys(stack: &DevStack, n: usize, real_material: bool) -> anyhow::Result<u64> {
+    use keysync_schemas::{
+        encode, Envelope, HsmJoined, KeyAttributes, KeyCreated, KeyId, KeyOrigin, Source,
+    };
+    let client = stack.client();
+    let js = jetstream::new(client.nats().clone());
+    let seed = HsmId::new("bench-seed")?;
+    let source = Source::Hsm(seed.clone());
+    let joined = Envelope::new(
+        source.clone(),
+        Event::HsmJoined(HsmJoined {
+            hsm: seed.clone(),
+            agent_version: "bench".into(),
+            token_keys: 0,
+        }),
+    );
+    js.publish(client.subjects().hsm_joined(&seed), encode(&joined)?.into())
+        .await?
+        .await?;
+    let domain = hsm_agent::domain::DomainKey::load(stack.domain_key())?;
+    let mut acks = futures::stream::FuturesUnordered::new();
+    let mut last = 0;
+    for _ in 0..n {
+        let key_id = KeyId::new();
+        let (fingerprint, wrapped, public_key) = if real_material {
+            let m = hsm_agent::material::KeyMaterial::generate(KeyType::Ed25519)?;
+            (
+                m.fingerprint()?,
+                domain.wrap(&m.to_bytes()?)?,
+                m.public_key_der()?,
+            )
+        } else {
+            (keysync_schemas::Fingerprint([1; 32]), vec![0; 56], None)
+        };
+        let env = Envelope::new(
+            source.clone(),
+            Event::KeyCreated(KeyCreated {
+                key_id,
+                key_type: KeyType::Ed25519,
+                fingerprint,
+                hsm: seed.clone(),
+                origin: KeyOrigin::Generated,
+                attributes: KeyAttributes::default(),
+                durability: Durability::Logged,
+                domain: domain.id(),
+                wrapped,
+                public_key,
+            }),
+        );
+        if acks.len() >= 1000 {
+            if let Some(a) = acks.next().await {
+                let a: async_nats::jetstream::publish::PublishAck = a?;
+                last = last.max(a.sequence);
+            }
+        }
+        let fut = js
+            .publish(client.subjects().key_created(&key_id), encode(&env)?.into())
+            .await?;
+        acks.push(std::future::IntoFuture::into_future(fut));
+    }
+    while let Some(a) = acks.next().await {
+        last = last.max(a?.sequence);
+    }
+    Ok(last)
+}
+
+/// Waits until the orchestrator has folded the log up to `seq`.
+async fn wait_folded(client: &Client, seq: u64, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if client
+            .cluster_status()
+            .await
+            .is_ok_and(|s| s.last_seq >= seq)
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the orchestrator did not fold up to {seq} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A new HSM joining a cluster of `n` keys: seconds to in-service, and the
+/// orchestrator's memory per tracked key.
+async fn bootstrap(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
+    let mut stack = DevStack::start(StackOptions {
+        hsms: 0,
+        subjects: cli.subjects()?,
+        ..Default::default()
+    })
+    .await?;
+    let client = stack.client().clone();
+    let pid = stack
+        .orchestrator(keysync::devstack::PRIMARY)
+        .map(|p| p.pid());
+    let rss_before = pid.and_then(rss_bytes);
+    let last = seed_keys(&stack, n, true).await?;
+    wait_folded(&client, last, Duration::from_secs(600)).await?;
+    let rss_after = pid.and_then(rss_bytes);
+    let joiner = HsmId::new("hsm-1")?;
+    let t = Instant::now();
+    stack.start_agents(std::slice::from_ref(&joiner)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1200);
+    loop {
+        let done = client.cluster_status().await.is_ok_and(|s| {
+            s.members
+                .iter()
+                .any(|m| m.hsm_id == joiner && m.keys >= n as u64)
+        });
+        if done {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the joining HSM did not catch up");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let per_key = match (rss_before, rss_after) {
+        (Some(b), Some(a)) if a > b => Some((a - b) / n as u64),
+        _ => None,
+    };
+    stack.shutdown();
+    Ok(json!({
+        "keys": n,
+        "seconds_to_in_service": (secs * 100.0).round() / 100.0,
+        "keys_per_s": (n as f64 / secs).round() as u64,
+        "orchestrator_bytes_per_key": per_key,
+    }))
+}
+
+/// Orchestrator restart over a log of `n` events: seconds until it has
+/// folded them all, from the full log and from a snapshot.
+async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
+    let mut stack = DevStack::start(StackOptions {
+        hsms: 0,
+        subjects: cli.subjects()?,
+        orchestrator_args: vec!["--snapshot-every".into(), "0".into()],
+        ..Default::default()
+    })
+    .await?;
+    let client = stack.client().clone();
+    let last = seed_keys(&stack, n, false).await?;
+    wait_folded(&client, last, Duration::from_secs(900)).await?;
+    stack.kill_orchestrator();
+    let t = Instant::now();
+    stack.start_orchestrator().await?;
+    wait_folded(&client, last, Duration::from_secs(900)).await?;
+    let full = t.elapsed().as_secs_f64();
+    let rss = stack
+        .orchestrator(keysync::devstack::PRIMARY)
+        .map(|p| p.pid())
+        .and_then(rss_bytes);
+    stack.shutdown();
+    Ok(json!({
+        "events": n,
+        "seconds_full_replay": (full * 100.0).round() / 100.0,
+        "events_per_s": (n as f64 / full).round() as u64,
+        "orchestrator_rss_mb": rss.map(|b| b / (1024 * 1024)),
+    }))
+}
+
+/// Sync latency and throughput at each cluster size.
+async fn scaling(
+    cli: &Cli,
+    sizes: &Sizes,
+    key_type: KeyType,
+    in_flight: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let mut rows = Vec::new();
+    for &n in &sizes.scaling {
+        let stack = DevStack::start(StackOptions {
+            hsms: n,
+            subjects: cli.subjects()?,
+            ..Default::default()
+        })
+        .await?;
+        let client = stack.client().clone();
+        let hsms = stack.hsm_ids();
+        let lat = pct(&sync_one_at_a_time(&client, &hsms, key_type, sizes.scaling_latency).await?);
+        let (_, replicated) =
+            throughput(&client, &hsms, sizes.scaling_throughput, in_flight).await?;
+        stack.shutdown();
+        rows.push(
+            json!({"hsms": n, "sync_latency": lat, "replicated_per_s": replicated.round() as u64}),
+        );
+    }
+    Ok(serde_json::Value::Array(rows))
 }
 
 fn histogram() -> anyhow::Result<Histogram<u64>> {
@@ -323,6 +538,11 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             throughput: 1000,
             routing: 100,
             ceiling: 20_000,
+            scaling: vec![3, 5],
+            scaling_latency: 30,
+            scaling_throughput: 300,
+            bootstrap_keys: 2000,
+            recovery_events: 20_000,
         }
     } else {
         Sizes {
@@ -331,6 +551,11 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             throughput: 10_000,
             routing: 1000,
             ceiling: 100_000,
+            scaling: vec![3, 5, 9, 17],
+            scaling_latency: 200,
+            scaling_throughput: 3000,
+            bootstrap_keys: 100_000,
+            recovery_events: 1_000_000,
         }
     };
     let n = usize::from(args.hsms);
@@ -373,6 +598,19 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let msgs_per_key = 2 * n; // KeyCreated, n-1 commands, n-1 applied, KeyReplicated
     say("measuring create-then-sign on each route");
     let routes = routing(&stack.url(), &hsms, sizes.routing).await?;
+    stack.shutdown();
+    say(&format!("measuring scaling at {:?} HSMs", sizes.scaling));
+    let scale = scaling(cli, &sizes, args.key_type, args.in_flight).await?;
+    say(&format!(
+        "measuring bootstrap of a new HSM into {} keys",
+        sizes.bootstrap_keys
+    ));
+    let boot = bootstrap(cli, sizes.bootstrap_keys).await?;
+    say(&format!(
+        "measuring orchestrator recovery over {} events",
+        sizes.recovery_events
+    ));
+    let recov = recovery(cli, sizes.recovery_events).await?;
 
     let doc = json!({
         "machine": { "cores": std::thread::available_parallelism().map(|c| c.get()).unwrap_or(0) },
@@ -393,8 +631,10 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             "bus_ceiling_keys_per_s": (ceiling_rate / msgs_per_key as f64).round() as u64,
         },
         "routing": routes,
+        "scaling": scale,
+        "bootstrap": boot,
+        "recovery": recov,
     });
-    stack.shutdown();
     if args.json {
         return print_json(&doc);
     }
@@ -446,6 +686,29 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     println!(
         "\n  create (none) then sign at once, failures of {}: replica-aware {}, any HSM without retries {}, any HSM with retries {}",
         r["replica_aware"]["cycles"], r["replica_aware"]["failures"], r["any_without_retries"]["failures"], r["any_with_retries"]["failures"]
+    );
+    println!(
+        "\n  {:<6} {:>10} {:>10} {:>14}",
+        "HSMs", "sync p50", "sync p99", "replicated/s"
+    );
+    for r in doc["scaling"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<6} {:>10} {:>10} {:>14}",
+            r["hsms"],
+            f(&r["sync_latency"]["p50_ms"]),
+            f(&r["sync_latency"]["p99_ms"]),
+            r["replicated_per_s"].to_string()
+        );
+    }
+    let b = &doc["bootstrap"];
+    println!(
+        "\n  bootstrap: a new HSM joining {} keys is in service after {} s ({} keys/s); orchestrator memory {} bytes per tracked key",
+        b["keys"], b["seconds_to_in_service"], b["keys_per_s"], b["orchestrator_bytes_per_key"]
+    );
+    let r = &doc["recovery"];
+    println!(
+        "  recovery: orchestrator restart over {} events folded in {} s ({} events/s, {} MB resident)",
+        r["events"], r["seconds_full_replay"], r["events_per_s"], r["orchestrator_rss_mb"]
     );
     Ok(())
 }
