@@ -393,6 +393,29 @@ impl Client {
         self.create_with(key_id, &spec, op).await
     }
 
+    /// Unwraps an RFC 5649 blob (PKCS#8 DER, or raw AES bytes, inside)
+    /// under `wrapping_key`, an AES-256 key the HSM on `spec.route` holds.
+    pub async fn unwrap_key(
+        &self,
+        spec: CreateKey,
+        wrapping_key: KeyId,
+        wrapped: Vec<u8>,
+    ) -> Result<CreatedKey> {
+        let key_id = KeyId::new();
+        let op = OpRequest::Unwrap {
+            key_id: Some(key_id),
+            key_type: spec.key_type,
+            wrapping_key,
+            wrapped,
+            session: spec.session,
+            durability: spec.durability,
+            attributes: KeyAttributes {
+                label: spec.label.clone(),
+            },
+        };
+        self.create_with(key_id, &spec, op).await
+    }
+
     async fn create_with(
         &self,
         key_id: KeyId,

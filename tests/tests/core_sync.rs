@@ -274,3 +274,76 @@ async fn a_restarted_orchestrator_rebuilds_from_the_log_and_fans_out_nothing_twi
         61
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imported_and_unwrapped_keys_sync_like_generated_ones() {
+    use ed25519_dalek::pkcs8::{DecodePublicKey as _, EncodePrivateKey as _};
+    use signature::Verifier as _;
+
+    let stack = start_stack(3).await;
+    let client = stack.client().clone();
+    let on = |h: &str, t| {
+        CreateKey::new(t)
+            .on(Route::Hsm(hsm(h)))
+            .durability(Durability::All)
+    };
+
+    // Import: a known Ed25519 key, created outside keysync.
+    let known = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let der = known.to_pkcs8_der().expect("pkcs8").as_bytes().to_vec();
+    let imported = client
+        .import_key(on("hsm-1", KeyType::Ed25519), der.clone())
+        .await
+        .expect("import");
+    let sig = client
+        .sign(imported.info.key_id, b"imported", &Route::Hsm(hsm("hsm-3")))
+        .await
+        .expect("sign on a replica");
+    let spki = client
+        .public_key(imported.info.key_id, &Route::Hsm(hsm("hsm-2")))
+        .await
+        .expect("spki");
+    let vk = ed25519_dalek::VerifyingKey::from_public_key_der(&spki).expect("spki");
+    assert_eq!(vk, known.verifying_key(), "the imported key, not another");
+    assert!(vk
+        .verify(
+            b"imported",
+            &ed25519_dalek::Signature::from_slice(&sig).expect("sig")
+        )
+        .is_ok());
+
+    // Unwrap: an AES-256 wrapping key imported from known bytes; a key
+    // wrapped under it (RFC 5649) outside keysync; unwrapped on hsm-2.
+    let kek = [9u8; 32];
+    let wrapping = client
+        .import_key(on("hsm-2", KeyType::Aes256), kek.to_vec())
+        .await
+        .expect("import the wrapping key");
+    let inner = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let blob = hsm_agent::domain::wrap_with(&kek, inner.to_pkcs8_der().expect("pkcs8").as_bytes())
+        .expect("wrap");
+    let unwrapped = client
+        .unwrap_key(
+            on("hsm-2", KeyType::Ed25519),
+            wrapping.info.key_id,
+            blob.clone(),
+        )
+        .await
+        .expect("unwrap");
+    let spki = client
+        .public_key(unwrapped.info.key_id, &Route::Hsm(hsm("hsm-1")))
+        .await
+        .expect("replicated");
+    assert_eq!(
+        ed25519_dalek::VerifyingKey::from_public_key_der(&spki).expect("spki"),
+        inner.verifying_key()
+    );
+    // A tampered blob stores nothing.
+    let mut bad = blob;
+    bad[3] ^= 1;
+    let err = client
+        .unwrap_key(on("hsm-2", KeyType::Ed25519), wrapping.info.key_id, bad)
+        .await
+        .expect_err("tampered");
+    assert!(err.to_string().contains("integrity"), "{err}");
+}
