@@ -54,11 +54,7 @@ struct Stored {
 
 /// Reads every message of the audit stream in order.
 async fn read_all(cli: &Cli, stream: &Option<String>) -> anyhow::Result<Vec<Stored>> {
-    let nats = async_nats::ConnectOptions::new()
-        .name("keysync audit")
-        .connect(&cli.nats)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {}: {e}", cli.nats))?;
+    let nats = cli.nats("keysync audit").await?;
     let js = jetstream::new(nats);
     let name = stream.clone().unwrap_or(cli.subjects()?.audit_stream());
     let mut s = js

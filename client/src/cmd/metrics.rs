@@ -75,11 +75,7 @@ fn view(m: &SyncMetrics) -> String {
 
 pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
     let Command::Watch { json, count } = cmd;
-    let nats = async_nats::ConnectOptions::new()
-        .name("keysync metrics watch")
-        .connect(&cli.nats)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {}: {e}", cli.nats))?;
+    let nats = cli.nats("keysync metrics watch").await?;
     let mut sub = nats.subscribe(cli.subjects()?.metrics_sync()).await?;
     if !json {
         eprintln!(

@@ -64,6 +64,22 @@ impl Cli {
         Ok(Subjects::new(&self.prefix)?)
     }
 
+    /// A plain NATS connection (for commands that read streams or
+    /// subjects directly); `--nats` may list several servers.
+    async fn nats(&self, name: &str) -> anyhow::Result<async_nats::Client> {
+        let servers = self
+            .nats
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("invalid --nats {:?}: {e}", self.nats))?;
+        async_nats::ConnectOptions::new()
+            .name(name)
+            .connect(servers)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {}: {e}", self.nats))
+    }
+
     async fn client(&self) -> anyhow::Result<Client> {
         let options = ClientOptions {
             subjects: self.subjects()?,
