@@ -204,8 +204,10 @@ async fn serve_ops(agent: Arc<Agent>, max_concurrent: usize) -> anyhow::Result<(
         keysync_telemetry::follow(&span, msg.headers.as_ref());
         tokio::spawn(async move {
             let reply = ops::handle(&agent, &msg.subject, &msg.payload)
-                .instrument(span)
+                .instrument(span.clone())
                 .await;
+            let mut reply_headers = async_nats::HeaderMap::new();
+            keysync_telemetry::inject(&span, &mut reply_headers);
             let source = Source::Hsm(agent.hsm.clone());
             // A reply that cannot be encoded (too large) becomes an error
             // reply, so the caller is not left waiting for a timeout.
@@ -220,7 +222,11 @@ async fn serve_ops(agent: Arc<Agent>, max_concurrent: usize) -> anyhow::Result<(
                 ))
             });
             if let Ok(bytes) = bytes {
-                if let Err(e) = agent.nats.publish(reply_to, bytes.into()).await {
+                if let Err(e) = agent
+                    .nats
+                    .publish_with_headers(reply_to, reply_headers, bytes.into())
+                    .await
+                {
                     tracing::warn!(error = %e, "could not send a reply");
                 }
             }
