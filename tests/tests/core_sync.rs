@@ -248,6 +248,17 @@ async fn a_restarted_orchestrator_rebuilds_from_the_log_and_fans_out_nothing_twi
         .start_orchestrator()
         .await
         .expect("orchestrator restart");
+    // Status is answered while the new run replays: wait until it has
+    // folded everything the old one had.
+    assert!(
+        keysync_testkit::wait_until(Duration::from_secs(30), || async {
+            client
+                .cluster_status()
+                .await
+                .is_ok_and(|s| s.last_seq >= before.last_seq)
+        })
+        .await
+    );
     let after = client.cluster_status().await.expect("status");
     assert_eq!(after.members, before.members);
     assert_eq!(

@@ -308,6 +308,17 @@ async fn a_restarted_orchestrator_resumes_from_its_snapshot_plus_the_log_tail() 
         !resumed.contains("snapshot_seq=0"),
         "did not start from the snapshot: {resumed}"
     );
+    // Status is answered while the new run replays: wait until it has
+    // folded everything the old one had.
+    assert!(
+        keysync_testkit::wait_until(Duration::from_secs(30), || async {
+            client
+                .cluster_status()
+                .await
+                .is_ok_and(|s| s.last_seq >= before.last_seq)
+        })
+        .await
+    );
     let after = client.cluster_status().await.expect("status");
     assert_eq!(
         (after.keys, after.replicated, &after.members),
