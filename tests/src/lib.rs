@@ -127,6 +127,34 @@ pub async fn next_metrics(client: &Client) -> serde_json::Value {
     serde_json::from_slice(&msg.payload).unwrap_or_else(|e| panic!("metrics JSON: {e}"))
 }
 
+/// Starts a stack of `hsms` HSMs whose orchestrator serves Prometheus
+/// metrics; returns it with the metrics port.
+pub async fn start_stack_with_metrics(hsms: usize) -> (DevStack, u16) {
+    let port = keysync::devstack::free_port().unwrap_or_else(|e| panic!("{e}"));
+    let stack = DevStack::start(StackOptions {
+        hsms,
+        orchestrator_metrics_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("stack did not start: {e}"));
+    (stack, port)
+}
+
+/// `GET /metrics` on 127.0.0.1:`port`: the whole HTTP response, if any.
+pub async fn scrape_metrics(port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    Some(body)
+}
+
 /// Token keys one HSM holds, with fingerprints.
 pub async fn inventory(client: &Client, hsm: &HsmId) -> BTreeMap<KeyId, Fingerprint> {
     client

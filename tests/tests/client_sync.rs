@@ -221,34 +221,13 @@ async fn a_plain_nats_subscriber_reads_the_metrics_and_sees_them_move() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_text_is_served_on_the_metrics_address() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let stack = keysync_testkit::DevStack::start(keysync_testkit::StackOptions {
-        hsms: 2,
-        orchestrator_metrics_addr: Some(format!("127.0.0.1:{port}").parse().expect("addr")),
-        ..Default::default()
-    })
-    .await
-    .expect("stack");
+    let (stack, port) = keysync_testkit::start_stack_with_metrics(2).await;
     let client = stack.client().clone();
     client
         .create_key(CreateKey::new(KeyType::P256).durability(Durability::All))
         .await
         .expect("create");
-    let scrape = || async move {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await
-            .ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.ok()?;
-        Some(body)
-    };
+    let scrape = || keysync_testkit::scrape_metrics(port);
     let ok = wait_until(Duration::from_secs(10), || async {
         scrape()
             .await

@@ -34,7 +34,6 @@ async fn single_node_config_runs_a_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grafana_dashboard_queries_metrics_the_orchestrator_serves() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let text =
         std::fs::read_to_string(deploy("grafana/keysync-dashboard.json")).expect("dashboard");
     let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
@@ -56,28 +55,10 @@ async fn the_grafana_dashboard_queries_metrics_the_orchestrator_serves() {
         })
         .collect();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let stack = DevStack::start(StackOptions {
-        hsms: 2,
-        orchestrator_metrics_addr: Some(format!("127.0.0.1:{port}").parse().expect("addr")),
-        ..Default::default()
-    })
-    .await
-    .expect("stack");
+    let (stack, port) = keysync_testkit::start_stack_with_metrics(2).await;
     let client = stack.client().clone();
     create(&client, KeyType::P256, &stack.hsm_ids()[0]).await;
-    let scrape = || async move {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.ok()?;
-        Some(body)
-    };
+    let scrape = || keysync_testkit::scrape_metrics(port);
     // Rejected messages appear once something is rejected.
     client
         .nats()
