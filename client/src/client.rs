@@ -179,13 +179,10 @@ impl Client {
     /// Connects with `options`. `url` may list several servers, separated
     /// by commas.
     pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Self> {
-        let servers = url
-            .split(',')
-            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::Connect {
+        let servers =
+            keysync_telemetry::process::servers(url).map_err(|detail| Error::Connect {
                 url: url.to_string(),
-                detail: e.to_string(),
+                detail,
             })?;
         let nats = async_nats::ConnectOptions::new()
             .name(&options.name)

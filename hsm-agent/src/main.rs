@@ -61,54 +61,14 @@ async fn main() -> anyhow::Result<()> {
     let nats = async_nats::ConnectOptions::new()
         .name(format!("hsm-agent {}", args.id))
         .retry_on_initial_connect()
-        .connect(servers(&args.nats)?)
+        .connect(keysync_telemetry::process::servers(&args.nats).map_err(anyhow::Error::msg)?)
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats))?;
     let store = hsm_agent::open_store(&config)?;
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
     // Crash-only: a failed run (say, JetStream went away) starts again; the
     // keystore, its outbox and the durable command queue carry the state.
-    loop {
-        let mut stop_rx = stop.clone();
-        let shutdown = async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        };
-        match hsm_agent::run(config.clone(), store.clone(), nats.clone(), shutdown).await {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                if *stop.borrow() {
-                    return Err(e);
-                }
-                tracing::error!(error = %format!("{e:#}"), "agent stopped; starting again");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!("shutting down");
-}
-
-/// The servers of `--nats`: one URL, or several separated by commas.
-fn servers(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
-    urls.split(',')
-        .map(|u| {
-            u.trim()
-                .parse()
-                .with_context(|| format!("invalid NATS URL {u:?}"))
-        })
-        .collect()
+    keysync_telemetry::process::supervise("agent", |shutdown| {
+        hsm_agent::run(config.clone(), store.clone(), nats.clone(), shutdown)
+    })
+    .await
 }

@@ -76,49 +76,12 @@ async fn main() -> anyhow::Result<()> {
     let nats = async_nats::ConnectOptions::new()
         .name(format!("orchestrator {}", args.name))
         .retry_on_initial_connect()
-        .connect(servers(&args.nats)?)
+        .connect(keysync_telemetry::process::servers(&args.nats).map_err(anyhow::Error::msg)?)
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats))?;
 
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
-    });
-    loop {
-        let mut stop_rx = stop.clone();
-        let shutdown = async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        };
-        match orchestrator::run(config.clone(), nats.clone(), shutdown).await {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "orchestrator stopped; starting again from the log");
-                if *stop.borrow() {
-                    return Err(e);
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
-}
-
-/// The servers of `--nats`: one URL, or several separated by commas.
-fn servers(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
-    urls.split(',')
-        .map(|u| {
-            u.trim()
-                .parse()
-                .with_context(|| format!("invalid NATS URL {u:?}"))
-        })
-        .collect()
+    keysync_telemetry::process::supervise("orchestrator", |shutdown| {
+        orchestrator::run(config.clone(), nats.clone(), shutdown)
+    })
+    .await
 }

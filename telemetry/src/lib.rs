@@ -1,4 +1,5 @@
-//! Logging and OpenTelemetry tracing for keysync processes.
+//! Logging, OpenTelemetry tracing and the process lifecycle ([`process`])
+//! shared by keysync's processes.
 //!
 //! [`init`] installs the log output every process has (stderr, `RUST_LOG`)
 //! and, only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
@@ -11,6 +12,8 @@
 //! client's create, the creating agent, the orchestrator's fan-out, each
 //! target's apply, the replicated announcement) is one trace across
 //! processes.
+
+pub mod process;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;

@@ -46,11 +46,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         stack.dir().display(),
         stack.url()
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
+    keysync_telemetry::process::shutdown_signal().await;
     eprintln!("stopping");
     stack.shutdown();
     Ok(())

@@ -67,12 +67,8 @@ impl Cli {
     /// A plain NATS connection (for commands that read streams or
     /// subjects directly); `--nats` may list several servers.
     async fn nats(&self, name: &str) -> anyhow::Result<async_nats::Client> {
-        let servers = self
-            .nats
-            .split(',')
-            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow::anyhow!("invalid --nats {:?}: {e}", self.nats))?;
+        let servers =
+            keysync_telemetry::process::servers(&self.nats).map_err(anyhow::Error::msg)?;
         async_nats::ConnectOptions::new()
             .name(name)
             .connect(servers)
