@@ -70,6 +70,26 @@ async fn inventory(client: &Client, hsm: &HsmId) -> anyhow::Result<BTreeMap<KeyI
         .collect())
 }
 
+/// Creates every key of `specs`, `concurrency` at a time, handing each to
+/// `each` as it returns.
+async fn create_all(
+    client: &Client,
+    specs: impl Iterator<Item = CreateKey>,
+    concurrency: u16,
+    mut each: impl FnMut(keysync::CreatedKey),
+) -> anyhow::Result<()> {
+    let mut creates = futures::stream::iter(specs)
+        .map(|spec| {
+            let client = client.clone();
+            async move { client.create_key(spec).await }
+        })
+        .buffer_unordered(usize::from(concurrency));
+    while let Some(k) = creates.next().await {
+        each(k?);
+    }
+    Ok(())
+}
+
 pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let n = usize::from(args.hsms);
     println!("keysync demo: {n} HSMs kept in sync through NATS JetStream\n");
@@ -108,19 +128,14 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     );
     let t = Instant::now();
     let mut expected: BTreeMap<KeyId, Fingerprint> = BTreeMap::new();
-    let mut creates = futures::stream::iter(0..args.keys)
-        .map(|i| {
-            let spec = CreateKey::new(key_type_for(&args.types, i))
-                .on(Route::Hsm(hsms[random_index(n)].clone()));
-            let client = client.clone();
-            async move { client.create_key(spec).await }
-        })
-        .buffer_unordered(usize::from(args.concurrency));
-    while let Some(k) = creates.next().await {
-        let k = k?;
+    let specs = (0..args.keys).map(|i| {
+        CreateKey::new(key_type_for(&args.types, i)).on(Route::Hsm(hsms[random_index(n)].clone()))
+    });
+    create_all(&client, specs, args.concurrency, |k| {
         expected.insert(k.info.key_id, k.info.fingerprint);
         bar.inc(1);
-    }
+    })
+    .await?;
     bar.finish_and_clear();
     let created_in = t.elapsed();
 
@@ -166,19 +181,13 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         args.doomed_keys
     );
     let mut born_on_doomed = Vec::new();
-    let mut creates = futures::stream::iter(0..args.doomed_keys)
-        .map(|i| {
-            let spec =
-                CreateKey::new(key_type_for(&args.types, i + 1)).on(Route::Hsm(doomed.clone()));
-            let client = client.clone();
-            async move { client.create_key(spec).await }
-        })
-        .buffer_unordered(usize::from(args.concurrency));
-    while let Some(k) = creates.next().await {
-        let k = k?;
+    let specs = (0..args.doomed_keys)
+        .map(|i| CreateKey::new(key_type_for(&args.types, i + 1)).on(Route::Hsm(doomed.clone())));
+    create_all(&client, specs, args.concurrency, |k| {
         expected.insert(k.info.key_id, k.info.fingerprint);
         born_on_doomed.push(k.info.key_id);
-    }
+    })
+    .await?;
     let killed_at = Instant::now();
     stack.kill_agent(&doomed);
     println!(
