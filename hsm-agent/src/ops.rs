@@ -167,14 +167,7 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
         OpRequest::Info { key_id } => store.info(&key_id).map(OpReply::Info).map_err(ks_err),
         OpRequest::List { after, limit } => {
             let limit = (limit as usize).min(MAX_LIST_PAGE);
-            Ok(OpReply::List(
-                store
-                    .list()
-                    .into_iter()
-                    .filter(|k| after.is_none_or(|a| k.key_id > a))
-                    .take(limit)
-                    .collect(),
-            ))
+            Ok(OpReply::List(store.list_page(after, limit)))
         }
         OpRequest::Delete { key_id } => delete(agent, key_id).await,
         OpRequest::Inventory { after, limit } => Ok(OpReply::Inventory(
@@ -183,7 +176,7 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
         OpRequest::Health => {
             let outbox = store.outbox().map(|o| o.len() as u64).unwrap_or(0);
             let token_keys = store.token_key_count();
-            let all = store.list().len() as u64;
+            let all = store.key_count();
             Ok(OpReply::Health(AgentHealth {
                 hsm: agent.hsm.clone(),
                 token_keys,

@@ -8,7 +8,8 @@
 //! start and held in memory in zeroizing types; session keys live only
 //! there.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -55,13 +56,22 @@ pub struct EmbeddedKeystore {
     domain: DomainKey,
     at_rest: Aes256Gcm,
     db: redb::Database,
-    keys: RwLock<HashMap<KeyId, Arc<Entry>>>,
+    /// Ordered by id, so list and inventory pages are range reads.
+    keys: RwLock<BTreeMap<KeyId, Arc<Entry>>>,
     tombstones: RwLock<HashSet<KeyId>>,
     digest: Mutex<InventoryDigest>,
 }
 
 fn storage(e: impl std::fmt::Display) -> KeystoreError {
     KeystoreError::Storage(e.to_string())
+}
+
+/// The key range of a page that starts after `after`.
+fn page_start(after: Option<KeyId>) -> (Bound<KeyId>, Bound<KeyId>) {
+    (
+        after.map_or(Bound::Unbounded, Bound::Excluded),
+        Bound::Unbounded,
+    )
 }
 
 fn bincode_config() -> bincode::config::Configuration {
@@ -102,7 +112,7 @@ impl EmbeddedKeystore {
             domain,
             at_rest,
             db,
-            keys: RwLock::new(HashMap::new()),
+            keys: RwLock::new(BTreeMap::new()),
             tombstones: RwLock::new(HashSet::new()),
             digest: Mutex::new(InventoryDigest::default()),
         };
@@ -113,7 +123,7 @@ impl EmbeddedKeystore {
     fn load(&self) -> Result<(), KeystoreError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let table = txn.open_table(KEYS).map_err(storage)?;
-        let mut loaded = HashMap::new();
+        let mut loaded = BTreeMap::new();
         let mut bad = 0usize;
         for row in table.iter().map_err(storage)? {
             let (k, v) = row.map_err(storage)?;
@@ -447,13 +457,18 @@ impl Keystore for EmbeddedKeystore {
         Ok(self.entry(id)?.info.clone())
     }
 
-    fn list(&self) -> Vec<KeyInfo> {
-        let mut out: Vec<KeyInfo> = match self.keys.read() {
-            Ok(keys) => keys.values().map(|e| e.info.clone()).collect(),
-            Err(_) => Vec::new(),
+    fn list_page(&self, after: Option<KeyId>, limit: usize) -> Vec<KeyInfo> {
+        let Ok(keys) = self.keys.read() else {
+            return Vec::new();
         };
-        out.sort_by_key(|i| i.key_id);
-        out
+        keys.range(page_start(after))
+            .take(limit)
+            .map(|(_, e)| e.info.clone())
+            .collect()
+    }
+
+    fn key_count(&self) -> u64 {
+        self.keys.read().map(|k| k.len() as u64).unwrap_or(0)
     }
 
     fn token_key_count(&self) -> u64 {
@@ -507,15 +522,11 @@ impl Keystore for EmbeddedKeystore {
         let Ok(keys) = self.keys.read() else {
             return Vec::new();
         };
-        let mut all: Vec<(KeyId, Fingerprint)> = keys
-            .values()
-            .filter(|e| !e.info.session)
-            .filter(|e| after.is_none_or(|a| e.info.key_id > a))
-            .map(|e| (e.info.key_id, e.info.fingerprint))
-            .collect();
-        all.sort_unstable_by_key(|(k, _)| *k);
-        all.truncate(limit);
-        all
+        keys.range(page_start(after))
+            .filter(|(_, e)| !e.info.session)
+            .take(limit)
+            .map(|(id, e)| (*id, e.info.fingerprint))
+            .collect()
     }
 
     fn outbox(&self) -> Result<Vec<(KeyId, OutboxEntry)>, KeystoreError> {

@@ -166,8 +166,10 @@ pub trait Keystore: Send + Sync + 'static {
     fn public_key(&self, id: &KeyId) -> Result<Vec<u8>, KeystoreError>;
     /// One key's metadata.
     fn info(&self, id: &KeyId) -> Result<KeyInfo, KeystoreError>;
-    /// Every key's metadata, ordered by id.
-    fn list(&self) -> Vec<KeyInfo>;
+    /// Keys after `after`, in id order, at most `limit` (session keys too).
+    fn list_page(&self, after: Option<KeyId>, limit: usize) -> Vec<KeyInfo>;
+    /// Number of keys, session keys included.
+    fn key_count(&self) -> u64;
     /// Number of token keys.
     fn token_key_count(&self) -> u64;
 
