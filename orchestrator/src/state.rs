@@ -569,6 +569,12 @@ impl ClusterState {
         self.digests.get(idx as usize).copied().unwrap_or_default()
     }
 
+    /// Clones outstanding for member `idx` (live keys it neither holds nor failed).
+    pub fn pending_for(&self, idx: u8) -> u64 {
+        let failed = self.failed.get(idx as usize).copied().unwrap_or(0);
+        self.key_count().saturating_sub(self.held_by(idx) + failed)
+    }
+
     /// Clones outstanding over every member.
     pub fn pending_clones(&self) -> u64 {
         let keys = self.key_count();
