@@ -602,12 +602,7 @@ impl Orchestrator {
             .await?;
         }
         let expected = (self.state.held_by(idx), self.state.digest_of(idx));
-        // A member with clones still queued is expected to differ (and may
-        // be slow to apply them); only a member with nothing outstanding,
-        // or holding keys the log does not credit it with, is diverging.
-        let explained = self.state.pending_for(idx) > 0
-            && hb.token_keys <= expected.0 + self.state.pending_for(idx);
-        if (hb.token_keys, hb.digest) == expected || explained {
+        if (hb.token_keys, hb.digest) == expected {
             self.mismatches.remove(&hb.hsm);
             return Ok(());
         }
@@ -618,7 +613,15 @@ impl Orchestrator {
         } else {
             *entry = (seen, 1);
         }
-        if entry.1 >= self.config.repair_after {
+        // A member with clones outstanding is expected to differ while it
+        // applies its queue: it gets ten times longer without progress
+        // before it is repaired (a busy machine, not lost commands).
+        let patience = if self.state.pending_for(idx) > 0 {
+            self.config.repair_after.saturating_mul(10)
+        } else {
+            self.config.repair_after
+        };
+        if entry.1 >= patience {
             self.mismatches.remove(&hb.hsm);
             self.repair(&hb.hsm).await?;
         }
