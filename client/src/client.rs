@@ -62,6 +62,8 @@ pub struct ClientOptions {
     pub watch_replicas: bool,
     /// Watch the orchestrator's sync metrics (sizes retry budgets).
     pub watch_metrics: bool,
+    /// NATS credentials.
+    pub auth: keysync_security::NatsAuth,
 }
 
 impl Default for ClientOptions {
@@ -73,6 +75,7 @@ impl Default for ClientOptions {
             retry: RetryPolicy::default(),
             watch_replicas: true,
             watch_metrics: true,
+            auth: Default::default(),
         }
     }
 }
@@ -184,7 +187,14 @@ impl Client {
                 url: url.to_string(),
                 detail,
             })?;
-        let nats = async_nats::ConnectOptions::new()
+        let nats = options
+            .auth
+            .apply(async_nats::ConnectOptions::new())
+            .await
+            .map_err(|e| Error::Connect {
+                url: url.to_string(),
+                detail: e.to_string(),
+            })?
             .name(&options.name)
             .connect(servers)
             .await

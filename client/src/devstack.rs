@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use keysync_schemas::{HsmId, Subjects};
+use keysync_security::{Identity, NatsAuth};
 
 use crate::client::{Client, ClientOptions};
 
@@ -339,6 +340,19 @@ pub struct StackOptions {
     pub orchestrator_args: Vec<String>,
     /// Extra agent flags (`--heartbeat-interval 0.5`, ...).
     pub agent_args: Vec<String>,
+    /// NATS credentials per role (none by default).
+    pub auth: StackAuth,
+}
+
+/// NATS credentials for each process of a stack.
+#[derive(Debug, Clone, Default)]
+pub struct StackAuth {
+    /// The orchestrators'.
+    pub orchestrator: NatsAuth,
+    /// The stack's own client (status, enrollment: the operator's role).
+    pub operator: NatsAuth,
+    /// Each agent's, by HSM id.
+    pub agents: BTreeMap<String, NatsAuth>,
 }
 
 impl Default for StackOptions {
@@ -353,6 +367,7 @@ impl Default for StackOptions {
             orchestrator_metrics_addr: None,
             orchestrator_args: Vec::new(),
             agent_args: Vec::new(),
+            auth: StackAuth::default(),
         }
     }
 }
@@ -369,6 +384,9 @@ pub struct DevStack {
     client: Client,
     orchestrator_args: Vec<String>,
     agent_args: Vec<String>,
+    auth: StackAuth,
+    cluster_identity: PathBuf,
+    cluster_key: String,
 }
 
 /// The first orchestrator's name.
@@ -442,10 +460,30 @@ impl DevStack {
         if !domain_key.exists() {
             hsm_domain_key_file(&domain_key)?;
         }
+        // The cluster identity: the orchestrators sign with it, agents are
+        // given its public key, the stack enrolls agents with it.
+        let cluster_identity = dir.join("cluster.key");
+        let cluster_key = Identity::load_or_create(&cluster_identity)
+            .map_err(|e| {
+                StackError::Io(
+                    cluster_identity.display().to_string(),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?
+            .0
+            .public_hex();
         let nats = start_nats(&dir, &opts).await?;
         let urls: Vec<async_nats::ServerAddr> =
             nats.iter().filter_map(|n| n.url().parse().ok()).collect();
-        let nats_client = async_nats::ConnectOptions::new()
+        let nats_client = opts
+            .auth
+            .operator
+            .apply(async_nats::ConnectOptions::new())
+            .await
+            .map_err(|e| StackError::NotReady {
+                what: "nats credentials".into(),
+                detail: e.to_string(),
+            })?
             .name("keysync dev stack")
             .retry_on_initial_connect()
             .connect(urls)
@@ -459,6 +497,7 @@ impl DevStack {
             ClientOptions {
                 subjects: opts.subjects.clone(),
                 name: "keysync-dev".into(),
+                auth: opts.auth.operator.clone(),
                 ..Default::default()
             },
         )
@@ -481,6 +520,9 @@ impl DevStack {
             client,
             orchestrator_args,
             agent_args: opts.agent_args,
+            auth: opts.auth,
+            cluster_identity,
+            cluster_key,
         };
         stack.start_orchestrator().await?;
         let ids: Vec<HsmId> = (1..=opts.hsms)
@@ -560,7 +602,12 @@ impl DevStack {
         }
         let mut cmd = Command::new(find_binary("orchestrator")?);
         self.common_args(&mut cmd);
-        cmd.arg("--name").arg(name).args(&self.orchestrator_args);
+        cmd.arg("--name")
+            .arg(name)
+            .arg("--identity")
+            .arg(&self.cluster_identity)
+            .args(&self.orchestrator_args)
+            .envs(self.auth.orchestrator.to_env());
         let mut p = Process::spawn(
             &format!("orchestrator {name}"),
             cmd,
@@ -598,8 +645,64 @@ impl DevStack {
         }
     }
 
-    /// Starts (or restarts) agents and waits for each one's `HsmJoined`.
+    /// The cluster identity file (the orchestrators' `--identity`).
+    pub fn cluster_identity(&self) -> &Path {
+        &self.cluster_identity
+    }
+
+    /// The cluster's public key in hex (the agents' `--cluster-key`).
+    pub fn cluster_key(&self) -> &str {
+        &self.cluster_key
+    }
+
+    /// An agent's identity file.
+    pub fn agent_identity(&self, id: &HsmId) -> PathBuf {
+        self.dir.join(id.as_str()).join("identity.key")
+    }
+
+    /// Enrolls an agent (making its identity file if it has none yet), as
+    /// an operator would with `keysync hsm enroll`; nothing if it is
+    /// enrolled with that key already.
+    pub async fn enroll(&self, id: &HsmId) -> Result<()> {
+        let io = |what: &Path, e: &dyn std::fmt::Display| {
+            StackError::Io(
+                what.display().to_string(),
+                std::io::Error::other(e.to_string()),
+            )
+        };
+        let path = self.agent_identity(id);
+        let agent = Identity::load_or_create(&path)
+            .map_err(|e| io(&path, &e))?
+            .0;
+        let key = agent.public_key();
+        if let Ok(s) = self.client.cluster_status().await {
+            if s.enrolled.iter().any(|(h, k)| h == id && *k == key) {
+                return Ok(());
+            }
+        }
+        let cluster =
+            Identity::load(&self.cluster_identity).map_err(|e| io(&self.cluster_identity, &e))?;
+        crate::admin::enroll(self.client.nats(), &self.subjects, &cluster, id, key)
+            .await
+            .map_err(|e| StackError::NotReady {
+                what: format!("enrollment of {id}"),
+                detail: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// Enrolls and starts (or restarts) agents and waits for each one's
+    /// `HsmJoined`.
     pub async fn start_agents(&mut self, ids: &[HsmId]) -> Result<()> {
+        for id in ids {
+            self.enroll(id).await?;
+        }
+        self.start_agents_with(ids, &[]).await
+    }
+
+    /// Starts (or restarts) agents as they are (enrolled or not), with
+    /// extra flags, and waits for each one's `HsmJoined`.
+    pub async fn start_agents_with(&mut self, ids: &[HsmId], extra: &[String]) -> Result<()> {
         let mut joined = Vec::new();
         for id in ids {
             if let Some(mut old) = self.agents.remove(id) {
@@ -631,7 +734,17 @@ impl DevStack {
                 .arg(self.dir.join(id.as_str()))
                 .arg("--domain-key")
                 .arg(&self.domain_key)
-                .args(&self.agent_args);
+                .arg("--cluster-key")
+                .arg(&self.cluster_key)
+                .args(&self.agent_args)
+                .args(extra)
+                .envs(
+                    self.auth
+                        .agents
+                        .get(id.as_str())
+                        .map(|a| a.to_env())
+                        .unwrap_or_default(),
+                );
             let p = Process::spawn(
                 &format!("hsm-agent {id}"),
                 cmd,

@@ -63,6 +63,9 @@ pub enum Error {
     /// A reply could not be understood.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// An operator action (enroll, remove, token) could not be logged.
+    #[error("operator action not logged: {0}")]
+    Admin(String),
 }
 
 impl Error {

@@ -73,6 +73,7 @@
 //! `keysync demo`, `keysync bench` and the integration tests).
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod client;
 pub mod devstack;
 pub mod error;

@@ -13,9 +13,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use futures::StreamExt;
 use keysync_schemas::{
-    decode, CloneApplied, CloneFailed, CloneFailure, CloneKey, Command, Envelope, Event, KeyErased,
-    Source,
+    CloneApplied, CloneFailed, CloneFailure, CloneKey, Command, Envelope, Event, KeyErased, Source,
 };
+use keysync_security::{Keep, Rejected};
 use tracing::Instrument as _;
 
 use crate::keystore::{CloneOutcome, Keystore};
@@ -118,23 +118,51 @@ async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
     let mut valid: Vec<(jetstream::Message, Command)> = Vec::with_capacity(batch.len());
     let expected_subject = agent.subjects.commands_for(&agent.hsm);
     for msg in batch {
-        let cmd = match decode::<Command>(&msg.payload) {
-            Ok(env) => env.body,
-            Err(e) => {
-                agent.rejections.reject(e.reason(), &msg.subject, &e);
+        let stored_at_ns = msg
+            .info()
+            .map(|i| u64::try_from(i.published.unix_timestamp_nanos()).unwrap_or(0))
+            .unwrap_or(0);
+        let checked = keysync_security::check_command(
+            msg.headers.as_ref(),
+            &msg.subject,
+            &msg.payload,
+            stored_at_ns,
+            &agent.cluster_key,
+        )
+        .and_then(|env| {
+            if env.body.target() == &agent.hsm && msg.subject.as_str() == expected_subject {
+                Ok(env.body)
+            } else {
+                Err(keysync_security::Refusal {
+                    reason: "wrong_target",
+                    detail: format!("command addressed to {}", env.body.target()),
+                    signer: None,
+                })
+            }
+        });
+        let cmd = match checked {
+            Ok(cmd) => cmd,
+            Err(refusal) => {
+                let seq = msg.info().map(|i| i.stream_sequence).ok();
+                agent
+                    .rejections
+                    .reject_message(
+                        Rejected {
+                            subject: &msg.subject,
+                            reason: refusal.reason,
+                            detail: refusal.detail,
+                            claimed_signer: refusal.signer,
+                            stream_seq: seq,
+                            payload: &msg.payload,
+                            dedup_id: seq.map(|s| format!("dlq-command-{s}")),
+                        },
+                        Keep::Payload,
+                    )
+                    .await;
                 terminate(&msg).await;
                 continue;
             }
         };
-        if cmd.target() != &agent.hsm || msg.subject.as_str() != expected_subject {
-            agent.rejections.reject(
-                "wrong_target",
-                &msg.subject,
-                &format_args!("command addressed to {}", cmd.target()),
-            );
-            terminate(&msg).await;
-            continue;
-        }
         valid.push((msg, cmd));
     }
     if valid.is_empty() {

@@ -9,6 +9,7 @@ pub mod clones;
 pub mod domain;
 pub mod keystore;
 pub mod material;
+pub mod membership;
 pub mod ops;
 pub mod rejections;
 
@@ -21,11 +22,13 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use futures::StreamExt;
 use keysync_schemas::{
-    decode, encode, headers, subjects::ANY_OP_QUEUE, Envelope, Event, Heartbeat, HsmId, HsmJoined,
-    KeyId, OpReply, OpRequest, Source, Subjects, Timestamp,
+    decode, encode, subjects::ANY_OP_QUEUE, Envelope, Event, Heartbeat, HsmId, HsmJoined, KeyId,
+    OpReply, OpRequest, Source, Subjects, Timestamp,
 };
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument as _;
+
+use keysync_security::{DeadLetters, Identity, Signer};
 
 use crate::domain::DomainKey;
 use crate::keystore::{embedded::EmbeddedKeystore, Keystore};
@@ -48,6 +51,13 @@ pub struct Config {
     pub max_concurrent_ops: usize,
     /// How often the agent sends its heartbeat (with its inventory digest).
     pub heartbeat_interval: Duration,
+    /// This agent's identity: signs its events and heartbeats.
+    pub identity: Arc<Identity>,
+    /// The cluster's public key, if given (otherwise the pinned one, or
+    /// trust on first use; see [`cluster_key`]).
+    pub cluster_key: Option<[u8; 32]>,
+    /// A one-time join token to enroll with.
+    pub join_token: Option<String>,
 }
 
 /// The running agent, shared by its tasks.
@@ -67,6 +77,10 @@ pub struct Agent {
     outbox_done: mpsc::UnboundedSender<KeyId>,
     /// How long a `logged` create or a delete waits for its PubAck.
     pub publish_timeout: Duration,
+    /// This agent's identity.
+    pub identity: Arc<Identity>,
+    /// The cluster's public key: commands must be signed with it.
+    pub cluster_key: [u8; 32],
 }
 
 impl Agent {
@@ -78,8 +92,13 @@ impl Agent {
         msg_id: uuid::Uuid,
         payload: Vec<u8>,
     ) -> anyhow::Result<PublishAckFuture> {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(headers::MSG_ID, msg_id.to_string().as_str());
+        let mut h = keysync_security::signed_headers(
+            &self.identity,
+            &Signer::Hsm(self.hsm.clone()),
+            &subject,
+            &msg_id.to_string(),
+            &payload,
+        );
         keysync_telemetry::inject(&tracing::Span::current(), &mut h);
         Ok(self
             .js
@@ -135,13 +154,22 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let js = jetstream::new(nats.clone());
+    let cluster_key = cluster_key(&config, &nats).await?;
     let agent = Arc::new(Agent {
         store,
         hsm: config.hsm.clone(),
         subjects: config.subjects.clone(),
-        rejections: Rejections::default(),
+        rejections: Rejections::new(DeadLetters::new(
+            js.clone(),
+            &config.subjects,
+            "agent",
+            Source::Hsm(config.hsm.clone()),
+        )),
+        identity: config.identity.clone(),
+        cluster_key,
         clones_applied: AtomicU64::new(0),
-        js: jetstream::new(nats.clone()),
+        js,
         nats: nats.clone(),
         outbox_done: done_tx,
         publish_timeout: config.publish_timeout,
@@ -153,14 +181,23 @@ pub async fn run(
         .await?;
 
     let mut tasks = tokio::task::JoinSet::new();
+    let agent_for_membership = agent.clone();
+    let agent_for_heartbeat = agent.clone();
+    let heartbeat_interval = config.heartbeat_interval;
     tasks.spawn(serve_ops(agent.clone(), config.max_concurrent_ops));
     tasks.spawn(forget_confirmed(agent.clone(), done_rx));
     tasks.spawn(republish_outbox(agent.clone()));
     wait_until_serving(&agent).await?;
+    if let Some(token) = &config.join_token {
+        request_join(&agent, token).await?;
+    }
     announce(&agent).await?;
     tasks.spawn(clones::run(agent.clone()));
-    tasks.spawn(heartbeat(agent.clone(), config.heartbeat_interval));
-    tracing::info!(hsm = %agent.hsm, "agent ready");
+    tasks.spawn(async move {
+        membership::confirm(agent_for_membership).await?;
+        heartbeat(agent_for_heartbeat, heartbeat_interval).await
+    });
+    tracing::info!(hsm = %agent.hsm, identity = %agent.identity.public_hex(), "agent ready");
 
     let result = tokio::select! {
         _ = shutdown => Ok(()),
@@ -267,7 +304,7 @@ async fn wait_until_serving(agent: &Arc<Agent>) -> anyhow::Result<()> {
 }
 
 /// Announces this HSM with `HsmJoined`, retrying until JetStream takes it.
-async fn announce(agent: &Arc<Agent>) -> anyhow::Result<()> {
+pub(crate) async fn announce(agent: &Arc<Agent>) -> anyhow::Result<()> {
     let env = Envelope::new(
         Source::Hsm(agent.hsm.clone()),
         Event::HsmJoined(HsmJoined {
@@ -318,9 +355,17 @@ async fn heartbeat(agent: Arc<Agent>, interval: Duration) -> anyhow::Result<()> 
                 outbox,
             },
         );
+        let bytes = encode(&env)?;
+        let h = keysync_security::signed_headers(
+            &agent.identity,
+            &Signer::Hsm(agent.hsm.clone()),
+            &subject,
+            &env.id.to_string(),
+            &bytes,
+        );
         if let Err(e) = agent
             .nats
-            .publish(subject.clone(), encode(&env)?.into())
+            .publish_with_headers(subject.clone(), h, bytes.into())
             .await
         {
             tracing::warn!(error = %e, "could not send a heartbeat");
@@ -379,6 +424,12 @@ async fn republish_outbox(agent: Arc<Agent>) -> anyhow::Result<()> {
                 Event::KeyDeleted(_) => agent.subjects.key_deleted(&key_id),
                 _ => agent.subjects.key_created(&key_id),
             };
+            // Stamped now (same id), so that an entry that waited out a long
+            // outage is inside the replay window when it is stored.
+            let restamped = Envelope::with_id(env.id, env.source, env.body);
+            let Ok(bytes) = encode(&restamped) else {
+                continue;
+            };
             match agent.publish_event(subject, env.id, bytes).await {
                 Ok(ack) => {
                     if ack.await.is_ok() {
@@ -390,4 +441,73 @@ async fn republish_outbox(agent: Arc<Agent>) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
+}
+
+/// Sends `JoinRequested`: this agent's identity key, with the join token's
+/// proof over it.
+async fn request_join(agent: &Arc<Agent>, token: &str) -> anyhow::Result<()> {
+    let token = keysync_security::join::JoinToken::parse(token)?;
+    if token.hsm != agent.hsm {
+        anyhow::bail!("the join token is for {}, not {}", token.hsm, agent.hsm);
+    }
+    let public_key = agent.identity.public_key();
+    let env = Envelope::new(
+        Source::Hsm(agent.hsm.clone()),
+        Event::JoinRequested(keysync_schemas::JoinRequested {
+            hsm: agent.hsm.clone(),
+            public_key,
+            token_key: token.public_key(),
+            proof: token.proof(&public_key).to_vec(),
+        }),
+    );
+    let ack = agent
+        .publish_event(
+            agent.subjects.join_requested(&agent.hsm),
+            env.id,
+            encode(&env)?,
+        )
+        .await?;
+    tokio::time::timeout(agent.publish_timeout, ack)
+        .await
+        .map_err(|_| anyhow::anyhow!("join request not acknowledged in time"))??;
+    tracing::info!(hsm = %agent.hsm, "join request sent");
+    Ok(())
+}
+
+/// The cluster's public key: `--cluster-key`, else the one pinned in the
+/// data dir, else (trust on first use) the one the orchestrator reports,
+/// which is then pinned. Pinning with `--cluster-key` is the production way.
+async fn cluster_key(config: &Config, nats: &async_nats::Client) -> anyhow::Result<[u8; 32]> {
+    let pin = config.data_dir.join("cluster.pub");
+    let pinned = match std::fs::read_to_string(&pin) {
+        Ok(text) => Some(
+            keysync_security::parse_public_key(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", pin.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(anyhow::anyhow!("{}: {e}", pin.display())),
+    };
+    let key = match (config.cluster_key, pinned) {
+        (Some(given), Some(p)) if given != p => {
+            tracing::warn!(
+                "--cluster-key differs from the pinned cluster key; pinning the given one"
+            );
+            given
+        }
+        (Some(given), _) => given,
+        (None, Some(p)) => return Ok(p),
+        (None, None) => {
+            let key = membership::cluster_key_from_status(config, nats).await?;
+            tracing::warn!(
+                cluster_key = %hex::encode(key),
+                "no --cluster-key: trusting the orchestrator's key on first use and pinning it"
+            );
+            key
+        }
+    };
+    if pinned != Some(key) {
+        std::fs::write(&pin, format!("{}\n", hex::encode(key)))
+            .with_context(|| format!("pinning the cluster key in {}", pin.display()))?;
+    }
+    Ok(key)
 }

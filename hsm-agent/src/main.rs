@@ -35,6 +35,21 @@ struct Args {
     /// Seconds between heartbeats (each carries the inventory digest).
     #[arg(long, default_value_t = 1.0)]
     heartbeat_interval: f64,
+    /// This agent's identity file (Ed25519, mode 0600; made at first
+    /// start). Default: `identity.key` in the data dir.
+    #[arg(long, env = "KEYSYNC_AGENT_IDENTITY")]
+    identity: Option<PathBuf>,
+    /// The cluster's public key (64 hex digits, printed by the
+    /// orchestrator and `keysync hsm cluster-key`): commands must be signed
+    /// with it. Without it, the key pinned in the data dir is used, or the
+    /// orchestrator's is trusted on first use and pinned.
+    #[arg(long, env = "KEYSYNC_CLUSTER_KEY", value_parser = keysync_security::parse_public_key)]
+    cluster_key: Option<[u8; 32]>,
+    /// A one-time join token (`keysync hsm token`) to enroll with.
+    #[arg(long, env = "KEYSYNC_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    #[command(flatten)]
+    auth: keysync_security::NatsAuth,
 }
 
 #[tokio::main]
@@ -49,7 +64,24 @@ async fn main() -> anyhow::Result<()> {
         "info,async_nats=warn",
     );
     let subjects = Subjects::new(&args.prefix)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let identity_path = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("identity.key"));
+    let (identity, created) = keysync_security::Identity::load_or_create(&identity_path)
+        .with_context(|| format!("agent identity {}", identity_path.display()))?;
+    tracing::info!(
+        hsm = %args.id,
+        identity = %identity.public_hex(),
+        created,
+        "agent identity loaded"
+    );
     let config = hsm_agent::Config {
+        identity: std::sync::Arc::new(identity),
+        cluster_key: args.cluster_key,
+        join_token: args.join_token.clone(),
         hsm: args.id.clone(),
         data_dir: args.data_dir,
         domain_key: args.domain_key,
@@ -58,7 +90,10 @@ async fn main() -> anyhow::Result<()> {
         max_concurrent_ops: args.max_concurrent_ops,
         heartbeat_interval: Duration::from_secs_f64(args.heartbeat_interval.max(0.05)),
     };
-    let nats = async_nats::ConnectOptions::new()
+    let nats = args
+        .auth
+        .apply(async_nats::ConnectOptions::new())
+        .await?
         .name(format!("hsm-agent {}", args.id))
         .retry_on_initial_connect()
         .connect(keysync_telemetry::process::servers(&args.nats).map_err(anyhow::Error::msg)?)

@@ -17,7 +17,21 @@ pub async fn handle(agent: &Arc<Agent>, subject: &str, payload: &[u8]) -> OpRepl
     let req = match decode::<OpRequest>(payload) {
         Ok(env) => env.body,
         Err(e) => {
-            agent.rejections.reject(e.reason(), subject, &e);
+            // A request may be an import carrying plaintext: only its
+            // digest is kept.
+            agent
+                .rejections
+                .reject_message(
+                    keysync_security::Rejected {
+                        subject,
+                        reason: e.reason(),
+                        detail: e.to_string(),
+                        payload,
+                        ..Default::default()
+                    },
+                    keysync_security::Keep::DigestOnly,
+                )
+                .await;
             return OpReply::Error(OpError::new(OpErrorKind::BadRequest, e.to_string()));
         }
     };

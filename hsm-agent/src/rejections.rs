@@ -1,24 +1,44 @@
-//! Counted reasons for rejected input.
+//! Counted reasons for rejected input, and the dead-letter copy.
 //!
 //! Bad input is never fatal: it is logged (without payload bytes, which
-//! could hold key material), counted here by a stable reason, and dropped.
-//! The counts are served by the `Health` operation.
+//! could hold key material), counted here by a stable reason, filed in the
+//! dead-letter stream, and dropped. The counts are served by the `Health`
+//! operation.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use keysync_security::{DeadLetters, Keep, Rejected};
+
 /// Rejected-message counters by reason.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Rejections {
     counts: Mutex<BTreeMap<String, u64>>,
+    dead_letters: Option<DeadLetters>,
 }
 
 impl Rejections {
+    /// Counters that also file rejected messages as dead letters.
+    pub fn new(dead_letters: DeadLetters) -> Self {
+        Rejections {
+            counts: Mutex::default(),
+            dead_letters: Some(dead_letters),
+        }
+    }
+
     /// Counts one rejection and logs it.
     pub fn reject(&self, reason: &str, subject: &str, detail: &dyn std::fmt::Display) {
         tracing::warn!(reason, subject, %detail, "rejected message");
         if let Ok(mut c) = self.counts.lock() {
             *c.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Counts and logs a rejected message, and files it as a dead letter.
+    pub async fn reject_message(&self, rejected: Rejected<'_>, keep: Keep) {
+        self.reject(rejected.reason, rejected.subject, &rejected.detail);
+        if let Some(d) = &self.dead_letters {
+            d.file(rejected, keep).await;
         }
     }
 

@@ -19,6 +19,101 @@ use keysync_schemas::{
 };
 
 use crate::decide::subject_matches;
+use crate::state::{ClusterState, EventMeta};
+
+/// Membership and enrollment as the log says, for checking signatures:
+/// only events under `<prefix>.evt.hsm.>` are folded into it.
+struct Enrollment {
+    state: ClusterState,
+    cluster_key: [u8; 32],
+}
+
+impl Enrollment {
+    /// Checks one event as the fold does; folds it if it is about
+    /// membership. Returns the accepted event.
+    fn check(
+        &mut self,
+        subjects: &Subjects,
+        msg: &jetstream::Message,
+        meta: EventMeta,
+    ) -> Option<Event> {
+        let state = &self.state;
+        let env = keysync_security::check_event(
+            msg.headers.as_ref(),
+            &msg.subject,
+            &msg.payload,
+            meta.stored_at_ns,
+            &self.cluster_key,
+            |h| state.enrolled_key(h),
+        )
+        .ok()?;
+        if !subject_matches(subjects.parse_event(&msg.subject), &env.body) {
+            return None;
+        }
+        let about_membership = matches!(
+            env.body,
+            Event::HsmJoined(_)
+                | Event::HsmFailed(_)
+                | Event::HsmRecovered(_)
+                | Event::HsmEnrolled(_)
+                | Event::HsmRevoked(_)
+                | Event::JoinTokenIssued(_)
+                | Event::JoinRequested(_)
+        );
+        if about_membership && self.state.apply(meta, &env.body).is_err() {
+            return None;
+        }
+        Some(env.body)
+    }
+}
+
+fn meta_of(msg: &jetstream::Message) -> anyhow::Result<EventMeta> {
+    let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(EventMeta {
+        seq: info.stream_sequence,
+        stored_at_ns: u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
+    })
+}
+
+/// Folds the membership events up to `until` (where auditing resumes).
+async fn enrollment_until(
+    events: &jetstream::stream::Stream,
+    subjects: &Subjects,
+    cluster_key: [u8; 32],
+    until: u64,
+) -> anyhow::Result<Enrollment> {
+    let mut e = Enrollment {
+        state: ClusterState::default(),
+        cluster_key,
+    };
+    if until == 0 {
+        return Ok(e);
+    }
+    let consumer = events
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: format!("{}.evt.hsm.>", subjects.prefix()),
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    loop {
+        let Ok(Some(msg)) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), messages.next()).await
+        else {
+            break; // nothing more (or none at all) before `until`
+        };
+        let msg = msg?;
+        let meta = meta_of(&msg)?;
+        if meta.seq > until {
+            break;
+        }
+        e.check(subjects, &msg, meta);
+        if msg.info().map(|i| i.pending == 0).unwrap_or(true) || meta.seq == until {
+            break;
+        }
+    }
+    Ok(e)
+}
 
 /// The audit stream's configuration.
 pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
@@ -43,6 +138,7 @@ pub async fn run(
     subjects: Subjects,
     name: String,
     replicas: usize,
+    cluster_key: [u8; 32],
 ) -> anyhow::Result<()> {
     let mut audit = js
         .get_or_create_stream(stream_config(&subjects, replicas))
@@ -58,6 +154,7 @@ pub async fn run(
     if events.info().await?.state.last_sequence <= cursor {
         tracing::info!(chain_seq, "audit chain up to date");
     }
+    let mut enrollment = enrollment_until(&events, &subjects, cluster_key, cursor).await?;
     let consumer = events
         .create_consumer(pull::OrderedConfig {
             filter_subject: subjects.events_all(),
@@ -73,17 +170,12 @@ pub async fn run(
         tokio::select! {
             msg = messages.next() => {
                 let msg = msg.ok_or_else(|| anyhow::anyhow!("audit reader ended"))??;
-                let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-                let (event_seq, event_time_ns) = (
-                    info.stream_sequence,
-                    u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
-                );
-                let Ok(event) = decode::<Event>(&msg.payload).map(|e| e.body) else {
-                    continue; // rejected input is not a fact
-                };
-                if !subject_matches(subjects.parse_event(&msg.subject), &event) {
+                let meta = meta_of(&msg)?;
+                let (event_seq, event_time_ns) = (meta.seq, meta.stored_at_ns);
+                // Rejected input (unsigned, forged, replayed) is not a fact.
+                let Some(event) = enrollment.check(&subjects, &msg, meta) else {
                     continue;
-                }
+                };
                 let record = AuditRecord {
                     chain_seq: chain_seq + 1,
                     prev_hash,

@@ -50,6 +50,12 @@ pub enum Action {
         /// Sync latency, nanoseconds.
         latency_ns: u64,
     },
+    /// Withdraw a removed HSM's queued commands (purge its command subject
+    /// and delete its consumer).
+    Withdraw {
+        /// The removed HSM.
+        target: HsmId,
+    },
 }
 
 /// Whether an event's subject names what its body says (so per-key subject
@@ -65,6 +71,10 @@ pub fn subject_matches(subject: Option<KeySubject>, event: &Event) -> bool {
         (Some(KeySubject::HsmRecovered(h)), Event::HsmRecovered(r)) => h == r.hsm,
         (Some(KeySubject::Deleted(k)), Event::KeyDeleted(d)) => k == d.key_id,
         (Some(KeySubject::Erased(k, h)), Event::KeyErased(e)) => k == e.key_id && h == e.hsm,
+        (Some(KeySubject::HsmEnrolled(h)), Event::HsmEnrolled(e)) => h == e.hsm,
+        (Some(KeySubject::HsmRevoked(h)), Event::HsmRevoked(r)) => h == r.hsm,
+        (Some(KeySubject::JoinToken(h)), Event::JoinTokenIssued(t)) => h == t.hsm,
+        (Some(KeySubject::JoinRequested(h)), Event::JoinRequested(j)) => h == j.hsm,
         _ => false,
     }
 }
@@ -150,6 +160,17 @@ pub fn decide(
             }
         }
         (Event::HsmFailed(_), Change::Completed(done)) => {
+            for (key_id, _) in done {
+                if let Some(key) = state.key(key_id) {
+                    out.extend(announcement(*key_id, key));
+                }
+            }
+        }
+        (Event::HsmRevoked(r), Change::Revoked(_, done)) => {
+            // Its queued commands (wrapped keys) are withdrawn.
+            out.push(Action::Withdraw {
+                target: r.hsm.clone(),
+            });
             for (key_id, _) in done {
                 if let Some(key) = state.key(key_id) {
                     out.extend(announcement(*key_id, key));

@@ -22,6 +22,7 @@ pub mod streams;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, context::PublishError, publish::PublishAck};
@@ -29,10 +30,11 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use keysync_schemas::{
-    decode, encode, headers, CloneKey, Command, DeleteKey, Envelope, Event, Heartbeat, HsmFailed,
-    HsmId, HsmRecovered, InventoryDigest, KeyCreated, KeyId, KeyReplicated, OpReply, OpRequest,
-    Source, StatusReply, StatusRequest, Subjects,
+    decode, encode, CloneKey, Command, DeleteKey, Envelope, Event, Heartbeat, HsmFailed, HsmId,
+    HsmRecovered, InventoryDigest, KeyCreated, KeyId, KeyReplicated, OpReply, OpRequest, Source,
+    StatusReply, StatusRequest, Subjects,
 };
+use keysync_security::{freshness::Monotonic, DeadLetters, Identity, Keep, Rejected, Signer};
 use tracing::Instrument as _;
 
 use crate::decide::{decide, reconcile, repair, subject_matches, Action};
@@ -63,6 +65,9 @@ pub struct Config {
     pub repair_after: u32,
     /// Events folded between snapshots (0: never snapshot).
     pub snapshot_every: u64,
+    /// The cluster identity: signs commands and the orchestrator's events,
+    /// and verifies operators' enrollments.
+    pub identity: Arc<Identity>,
 }
 
 /// Default most publishes in flight.
@@ -95,6 +100,12 @@ struct Orchestrator {
     /// Per member: (agent digest, expected digest) of the last mismatch and
     /// how many heartbeats in a row showed it.
     mismatches: HashMap<HsmId, ((u64, InventoryDigest, InventoryDigest), u32)>,
+    /// The cluster's public key.
+    cluster_key: [u8; 32],
+    /// Where rejected messages are filed.
+    dead_letters: DeadLetters,
+    /// The newest heartbeat accepted from each HSM.
+    heartbeats_seen: Monotonic,
 }
 
 /// Runs the orchestrator until `shutdown` resolves or a fatal error occurs.
@@ -151,7 +162,16 @@ pub async fn run(
         .await?;
     let mut heartbeats = nats.subscribe(config.subjects.all_heartbeats()).await?;
 
+    let dead_letters = DeadLetters::new(
+        js.clone(),
+        &config.subjects,
+        "orchestrator",
+        Source::Orchestrator(config.name.clone()),
+    );
     let mut orch = Orchestrator {
+        cluster_key: config.identity.public_key(),
+        dead_letters,
+        heartbeats_seen: Monotonic::default(),
         nats: nats.clone(),
         js,
         events,
@@ -315,6 +335,7 @@ impl Orchestrator {
             self.config.subjects.clone(),
             self.config.name.clone(),
             self.config.replicas,
+            self.cluster_key,
         )));
         let now = Instant::now();
         for m in self.state.members() {
@@ -337,28 +358,72 @@ impl Orchestrator {
             stored_at_ns: u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
         };
         let subject = msg.subject.as_str();
-        let event = match decode::<Event>(&msg.payload) {
-            Ok(env) => env.body,
-            Err(e) => {
-                tracing::warn!(seq = meta.seq, subject, reason = e.reason(), error = %e, "rejected event");
-                self.state.count_rejection(e.reason());
+        let state = &self.state;
+        let checked = keysync_security::check_event(
+            msg.headers.as_ref(),
+            subject,
+            &msg.payload,
+            meta.stored_at_ns,
+            &self.cluster_key,
+            |h| state.enrolled_key(h),
+        )
+        .and_then(|env| {
+            if subject_matches(self.config.subjects.parse_event(subject), &env.body) {
+                Ok(env.body)
+            } else {
+                Err(keysync_security::Refusal {
+                    reason: "subject_mismatch",
+                    detail: format!("a {} on this subject", env.body.kind()),
+                    signer: None,
+                })
+            }
+        });
+        let event = match checked {
+            Ok(event) => event,
+            Err(refusal) => {
+                tracing::warn!(seq = meta.seq, subject, reason = refusal.reason, detail = %refusal.detail, "rejected event");
+                self.state.count_rejection(refusal.reason);
+                // Filed once, when first seen live (a replay after a
+                // restart does not file it again).
+                if replayed {
+                    self.dead_letters
+                        .file(
+                            Rejected {
+                                subject,
+                                reason: refusal.reason,
+                                detail: refusal.detail,
+                                claimed_signer: refusal.signer,
+                                stream_seq: Some(meta.seq),
+                                payload: &msg.payload,
+                                dedup_id: Some(format!("dlq-event-{}", meta.seq)),
+                            },
+                            Keep::Payload,
+                        )
+                        .await;
+                }
                 return Ok(());
             }
         };
-        if !subject_matches(self.config.subjects.parse_event(subject), &event) {
-            tracing::warn!(
-                seq = meta.seq,
-                subject,
-                kind = event.kind(),
-                "rejected event: subject does not match body"
-            );
-            self.state.count_rejection("subject_mismatch");
-            return Ok(());
-        }
         let change = match self.state.apply(meta, &event) {
             Ok(change) => change,
             Err(r) => {
                 tracing::warn!(seq = meta.seq, subject, reason = r.reason(), error = %r, "rejected event");
+                if replayed {
+                    self.dead_letters
+                        .file(
+                            Rejected {
+                                subject,
+                                reason: r.reason(),
+                                detail: r.to_string(),
+                                claimed_signer: None,
+                                stream_seq: Some(meta.seq),
+                                payload: &msg.payload,
+                                dedup_id: Some(format!("dlq-event-{}", meta.seq)),
+                            },
+                            Keep::Payload,
+                        )
+                        .await;
+                }
                 return Ok(());
             }
         };
@@ -491,6 +556,23 @@ impl Orchestrator {
                 tracing::info!(%key_id, purged = purged.purged, "purged a deleted key's material from the stream");
                 Ok(())
             }
+            Action::Withdraw { target } => {
+                // A removed HSM gets none of what was queued for it.
+                let stream = self
+                    .js
+                    .get_stream(self.config.subjects.commands_stream())
+                    .await?;
+                let purged = stream
+                    .purge()
+                    .filter(self.config.subjects.commands_for(target))
+                    .await?;
+                let consumer = self.config.subjects.agent_consumer(target);
+                if let Err(e) = stream.delete_consumer(&consumer).await {
+                    tracing::info!(%target, error = %e, "no command consumer to delete");
+                }
+                tracing::warn!(%target, withdrawn = purged.purged, "HSM removed: its queued commands are withdrawn");
+                Ok(())
+            }
             Action::AnnounceReplicated { key_id, latency_ns } => {
                 let Some(key) = self.state.key(key_id) else {
                     return Ok(());
@@ -547,8 +629,13 @@ impl Orchestrator {
                 ack.map_err(|e| anyhow::anyhow!("a publish was not acknowledged: {e}"))?;
             }
         }
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(headers::MSG_ID, msg_id.as_str());
+        let mut h = keysync_security::signed_headers(
+            &self.config.identity,
+            &Signer::Cluster,
+            &subject,
+            &msg_id,
+            &payload,
+        );
         keysync_telemetry::inject(&tracing::Span::current(), &mut h);
         let fut = self
             .js
@@ -567,18 +654,48 @@ impl Orchestrator {
     /// A heartbeat: the member is alive (recovered if it was failed), and
     /// its inventory digest is checked against what the log says it holds.
     async fn on_heartbeat(&mut self, msg: async_nats::Message) -> anyhow::Result<()> {
-        let hb = match decode::<Heartbeat>(&msg.payload) {
-            Ok(env) => env.body,
-            Err(e) => {
-                tracing::warn!(subject = %msg.subject, reason = e.reason(), "rejected heartbeat");
-                self.state.count_rejection(e.reason());
+        let state = &self.state;
+        let checked = keysync_security::check_heartbeat(
+            msg.headers.as_ref(),
+            &msg.subject,
+            &msg.payload,
+            keysync_schemas::Timestamp::now().as_nanos(),
+            |h| state.enrolled_key(h),
+            &mut self.heartbeats_seen,
+        )
+        .and_then(|env| {
+            if msg.subject.as_str() == self.config.subjects.heartbeat(&env.body.hsm) {
+                Ok(env.body)
+            } else {
+                Err(keysync_security::Refusal {
+                    reason: "subject_mismatch",
+                    detail: "heartbeat on another HSM's subject".into(),
+                    signer: None,
+                })
+            }
+        });
+        let hb: Heartbeat = match checked {
+            Ok(hb) => hb,
+            Err(refusal) => {
+                tracing::warn!(subject = %msg.subject, reason = refusal.reason, detail = %refusal.detail, "rejected heartbeat");
+                self.state.count_rejection(refusal.reason);
+                self.dead_letters
+                    .file(
+                        Rejected {
+                            subject: &msg.subject,
+                            reason: refusal.reason,
+                            detail: refusal.detail,
+                            claimed_signer: refusal.signer,
+                            stream_seq: None,
+                            payload: &msg.payload,
+                            dedup_id: None,
+                        },
+                        Keep::Payload,
+                    )
+                    .await;
                 return Ok(());
             }
         };
-        if msg.subject.as_str() != self.config.subjects.heartbeat(&hb.hsm) {
-            self.state.count_rejection("subject_mismatch");
-            return Ok(());
-        }
         let Some(idx) = self.state.member_index(&hb.hsm) else {
             return Ok(()); // not joined yet
         };
@@ -734,9 +851,11 @@ impl Orchestrator {
             tracing::warn!(reason = e.reason(), "rejected status request");
             return;
         }
+        let mut status = self.state.status();
+        status.cluster_key = self.cluster_key;
         let env = Envelope::new(
             Source::Orchestrator(self.config.name.clone()),
-            StatusReply::Cluster(self.state.status()),
+            StatusReply::Cluster(status),
         );
         match encode(&env) {
             Ok(bytes) => {

@@ -44,6 +44,13 @@ struct Args {
     /// Events folded between state snapshots (0: never).
     #[arg(long, default_value_t = 10_000)]
     snapshot_every: u64,
+    /// The cluster identity (Ed25519, mode 0600; made at first start).
+    /// Every orchestrator of a cluster uses the same one; agents verify
+    /// commands with its public key.
+    #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
+    identity: std::path::PathBuf,
+    #[command(flatten)]
+    auth: keysync_security::NatsAuth,
     /// Most publishes awaiting acknowledgement at once.
     #[arg(long, default_value_t = orchestrator::DEFAULT_MAX_IN_FLIGHT)]
     max_in_flight: usize,
@@ -61,7 +68,16 @@ async fn main() -> anyhow::Result<()> {
         &[("service.instance.id", args.name.clone())],
         "info,async_nats=warn",
     );
+    let (identity, created) = keysync_security::Identity::load_or_create(&args.identity)
+        .with_context(|| format!("cluster identity {}", args.identity.display()))?;
+    tracing::info!(
+        identity = %args.identity.display(),
+        cluster_key = %identity.public_hex(),
+        created,
+        "cluster identity loaded (give agents --cluster-key with this public key)"
+    );
     let config = orchestrator::Config {
+        identity: std::sync::Arc::new(identity),
         subjects: Subjects::new(&args.prefix)?,
         name: args.name.clone(),
         replicas: args.replicas.max(1),
@@ -73,7 +89,10 @@ async fn main() -> anyhow::Result<()> {
         repair_after: args.repair_after.max(1),
         snapshot_every: args.snapshot_every,
     };
-    let nats = async_nats::ConnectOptions::new()
+    let nats = args
+        .auth
+        .apply(async_nats::ConnectOptions::new())
+        .await?
         .name(format!("orchestrator {}", args.name))
         .retry_on_initial_connect()
         .connect(keysync_telemetry::process::servers(&args.nats).map_err(anyhow::Error::msg)?)

@@ -80,6 +80,8 @@ pub struct Member {
     pub joined_seq: u64,
     /// Not declared failed (or recovered since).
     pub live: bool,
+    /// Removed by an operator: no member until it is enrolled and joins again.
+    pub revoked: bool,
 }
 
 /// What the orchestrator knows of one key.
@@ -130,6 +132,8 @@ pub enum Change {
     Completed(Vec<(KeyId, u64)>),
     /// A member joined for the first time.
     NewMember(u8),
+    /// A member was removed; these keys are now on every live member.
+    Revoked(u8, Vec<(KeyId, u64)>),
     /// A key was deleted.
     Deleted,
     /// Anything else (or nothing).
@@ -160,6 +164,10 @@ pub enum Rejection {
     /// An erase of a key that is not deleted.
     #[error("erase of live key {0}")]
     EraseOfLiveKey(KeyId),
+    /// A join request whose token is unknown, used, expired or for
+    /// another HSM.
+    #[error("join request for {0} with an invalid token")]
+    InvalidToken(HsmId),
 }
 
 impl Rejection {
@@ -173,6 +181,7 @@ impl Rejection {
             Rejection::FingerprintMismatch(_) => "fingerprint_mismatch",
             Rejection::ConflictingCreate(_) => "conflicting_create",
             Rejection::EraseOfLiveKey(_) => "erase_of_live_key",
+            Rejection::InvalidToken(_) => "invalid_token",
         }
     }
 }
@@ -199,6 +208,10 @@ pub struct ClusterState {
     completed: u64,
     /// Live keys whose requested durability is not met yet.
     below_durability: u64,
+    /// Enrolled HSMs' identity keys, as of `last_seq`.
+    enrolled: BTreeMap<HsmId, [u8; 32]>,
+    /// Unused join tokens: token key → (HSM, expiry in ns).
+    tokens: BTreeMap<[u8; 32], (HsmId, u64)>,
 }
 
 /// Whether a key has as many holders as its creator asked for. `all` is
@@ -269,7 +282,9 @@ impl ClusterState {
         match event {
             Event::HsmJoined(j) => {
                 if let Some(&i) = self.index.get(&j.hsm) {
-                    self.members[i as usize].joined_seq = meta.seq;
+                    let m = &mut self.members[i as usize];
+                    m.joined_seq = meta.seq;
+                    m.revoked = false;
                     self.set_live(i, true);
                     return Ok(Change::Other);
                 }
@@ -282,6 +297,7 @@ impl ClusterState {
                     first_seq: meta.seq,
                     joined_seq: meta.seq,
                     live: true,
+                    revoked: false,
                 });
                 self.index.insert(j.hsm.clone(), i);
                 self.held.push(0);
@@ -301,8 +317,41 @@ impl ClusterState {
             }
             Event::HsmRecovered(r) => {
                 let m = self.member(&r.hsm)?;
+                if self.members[m as usize].revoked {
+                    return Ok(Change::Other);
+                }
                 self.set_live(m, true);
                 Ok(Change::Other)
+            }
+            Event::HsmEnrolled(e) => {
+                self.enrolled.insert(e.hsm.clone(), e.public_key);
+                Ok(Change::Other)
+            }
+            Event::JoinTokenIssued(t) => {
+                self.tokens
+                    .insert(t.token_key, (t.hsm.clone(), t.expires_at_ns));
+                Ok(Change::Other)
+            }
+            Event::JoinRequested(j) => match self.tokens.get(&j.token_key) {
+                Some((hsm, expires)) if *hsm == j.hsm && meta.stored_at_ns <= *expires => {
+                    self.tokens.remove(&j.token_key);
+                    self.enrolled.insert(j.hsm.clone(), j.public_key);
+                    Ok(Change::Other)
+                }
+                _ => Err(Rejection::InvalidToken(j.hsm.clone())),
+            },
+            Event::HsmRevoked(r) => {
+                self.enrolled.remove(&r.hsm);
+                let Some(&m) = self.index.get(&r.hsm) else {
+                    return Ok(Change::Other);
+                };
+                let member = &mut self.members[m as usize];
+                if member.revoked {
+                    return Ok(Change::Other);
+                }
+                member.revoked = true;
+                member.live = false;
+                Ok(Change::Revoked(m, self.complete_covered(meta)))
             }
             Event::KeyCreated(c) => {
                 let creator = self.member(&c.hsm)?;
@@ -475,13 +524,20 @@ impl ClusterState {
         }
     }
 
-    /// Every member.
+    /// Every member (removed ones are no members).
     pub fn all_members(&self) -> MemberSet {
         let mut s = MemberSet::default();
-        for i in 0..self.members.len() {
-            s.insert(i as u8);
+        for (i, m) in self.members.iter().enumerate() {
+            if !m.revoked {
+                s.insert(i as u8);
+            }
         }
         s
+    }
+
+    /// An enrolled HSM's identity key, as of the last event folded.
+    pub fn enrolled_key(&self, hsm: &HsmId) -> Option<[u8; 32]> {
+        self.enrolled.get(hsm).copied()
     }
 
     /// Members not declared failed.
@@ -571,6 +627,9 @@ impl ClusterState {
 
     /// Clones outstanding for member `idx` (live keys it neither holds nor failed).
     pub fn pending_for(&self, idx: u8) -> u64 {
+        if self.members.get(idx as usize).is_some_and(|m| m.revoked) {
+            return 0;
+        }
         let failed = self.failed.get(idx as usize).copied().unwrap_or(0);
         self.key_count().saturating_sub(self.held_by(idx) + failed)
     }
@@ -581,13 +640,16 @@ impl ClusterState {
         self.held
             .iter()
             .zip(&self.failed)
-            .map(|(h, f)| keys.saturating_sub(h + f))
+            .zip(&self.members)
+            .filter(|(_, m)| !m.revoked)
+            .map(|((h, f), _)| keys.saturating_sub(h + f))
             .sum()
     }
 
     /// A member's state: failed, syncing (lacks live keys) or in service.
     pub fn member_state(&self, idx: u8) -> MemberState {
         match self.members.get(idx as usize) {
+            Some(m) if m.revoked => MemberState::Removed,
             Some(m) if !m.live => MemberState::Failed,
             _ if self.held_by(idx) < self.key_count() => MemberState::Syncing,
             _ => MemberState::InService,
@@ -616,6 +678,8 @@ impl ClusterState {
             below_durability: self.below_durability,
             last_seq: self.last_seq,
             rejected: self.rejected.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            enrolled: self.enrolled.iter().map(|(h, k)| (h.clone(), *k)).collect(),
+            cluster_key: [0; 32],
         }
     }
 }

@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::events::{Event, KeyOrigin};
+use crate::events::{EnrolledVia, Event, KeyOrigin};
 use crate::keys::{Durability, Fingerprint, HsmId, KeyId, KeyType};
 
 /// The hash of a record: SHA-256 of its payload bytes as stored.
@@ -105,6 +105,34 @@ pub enum AuditFact {
         /// The HSM.
         hsm: HsmId,
     },
+    /// An HSM's identity key was enrolled.
+    HsmEnrolled {
+        /// The HSM.
+        hsm: HsmId,
+        /// Its Ed25519 identity key.
+        public_key: [u8; 32],
+        /// By an operator or with a join token.
+        via: EnrolledVia,
+    },
+    /// An HSM was removed and its identity key revoked.
+    HsmRevoked {
+        /// The HSM.
+        hsm: HsmId,
+    },
+    /// A join token was issued for an HSM (its secret never is logged).
+    JoinTokenIssued {
+        /// The HSM.
+        hsm: HsmId,
+        /// When it expires, ns since the epoch.
+        expires_at_ns: u64,
+    },
+    /// An agent presented a join token (enrolled if the token was valid).
+    JoinRequested {
+        /// The HSM.
+        hsm: HsmId,
+        /// The identity key it asked to enroll.
+        public_key: [u8; 32],
+    },
 }
 
 impl AuditFact {
@@ -144,6 +172,20 @@ impl AuditFact {
             Event::HsmJoined(j) => AuditFact::HsmJoined { hsm: j.hsm.clone() },
             Event::HsmFailed(f) => AuditFact::HsmFailed { hsm: f.hsm.clone() },
             Event::HsmRecovered(r) => AuditFact::HsmRecovered { hsm: r.hsm.clone() },
+            Event::HsmEnrolled(e) => AuditFact::HsmEnrolled {
+                hsm: e.hsm.clone(),
+                public_key: e.public_key,
+                via: e.via,
+            },
+            Event::HsmRevoked(r) => AuditFact::HsmRevoked { hsm: r.hsm.clone() },
+            Event::JoinTokenIssued(t) => AuditFact::JoinTokenIssued {
+                hsm: t.hsm.clone(),
+                expires_at_ns: t.expires_at_ns,
+            },
+            Event::JoinRequested(j) => AuditFact::JoinRequested {
+                hsm: j.hsm.clone(),
+                public_key: j.public_key,
+            },
         }
     }
 }

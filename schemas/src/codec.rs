@@ -79,6 +79,11 @@ impl Message for crate::audit::AuditRecord {
     const NAME: &'static str = "audit record";
 }
 
+impl Message for crate::dead_letter::DeadLetter {
+    const FAMILY: u8 = 9;
+    const NAME: &'static str = "dead letter";
+}
+
 /// Why a payload was rejected. [`DecodeError::reason`] is the stable,
 /// countable name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

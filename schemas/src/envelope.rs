@@ -49,6 +49,16 @@ pub enum Source {
     Client(String),
 }
 
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Hsm(h) => write!(f, "hsm-agent {h}"),
+            Source::Orchestrator(n) => write!(f, "orchestrator {n}"),
+            Source::Client(n) => write!(f, "client {n}"),
+        }
+    }
+}
+
 /// A message with its metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope<T> {

@@ -29,6 +29,14 @@ pub enum Event {
     KeyDeleted(KeyDeleted),
     /// An HSM erased a deleted key (or recorded its tombstone).
     KeyErased(KeyErased),
+    /// The operator enrolled an HSM's identity key (signed by the cluster key).
+    HsmEnrolled(HsmEnrolled),
+    /// The operator removed an HSM: its key is revoked, it is no member.
+    HsmRevoked(HsmRevoked),
+    /// The operator issued a one-time join token for an HSM.
+    JoinTokenIssued(JoinTokenIssued),
+    /// An agent asks to be enrolled with a join token.
+    JoinRequested(JoinRequested),
 }
 
 impl Event {
@@ -44,6 +52,10 @@ impl Event {
             Event::HsmRecovered(_) => "hsm_recovered",
             Event::KeyDeleted(_) => "key_deleted",
             Event::KeyErased(_) => "key_erased",
+            Event::HsmEnrolled(_) => "hsm_enrolled",
+            Event::HsmRevoked(_) => "hsm_revoked",
+            Event::JoinTokenIssued(_) => "join_token_issued",
+            Event::JoinRequested(_) => "join_requested",
         }
     }
 }
@@ -211,4 +223,78 @@ pub struct KeyErased {
     pub hsm: HsmId,
     /// Whether the HSM held the key.
     pub was_present: bool,
+}
+
+/// An Ed25519 public key (32 bytes), as it travels.
+pub type PublicKeyBytes = [u8; 32];
+
+/// How an HSM was enrolled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrolledVia {
+    /// An operator gave its public key (`keysync hsm enroll`).
+    Operator,
+    /// The agent presented a one-time join token (`keysync hsm token`).
+    JoinToken,
+}
+
+/// The operator enrolled `hsm` with identity key `public_key`: from this
+/// event on, events signed by that key for that HSM are accepted. Signed by
+/// the cluster key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HsmEnrolled {
+    /// The HSM.
+    pub hsm: HsmId,
+    /// Its agent's Ed25519 identity key.
+    pub public_key: PublicKeyBytes,
+    /// How.
+    pub via: EnrolledVia,
+}
+
+/// The operator removed `hsm`: its identity key is revoked, it is no longer
+/// a member, its command queue is purged, and nothing it signs is accepted
+/// until it is enrolled again. Signed by the cluster key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HsmRevoked {
+    /// The HSM.
+    pub hsm: HsmId,
+}
+
+/// A one-time join token for `hsm`: whoever holds the token's private key
+/// may enroll one identity key for that HSM before `expires_at`. Only the
+/// token's public key is logged. Signed by the cluster key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenIssued {
+    /// The HSM the token is for.
+    pub hsm: HsmId,
+    /// The token's Ed25519 public key.
+    pub token_key: PublicKeyBytes,
+    /// Nanoseconds since the Unix epoch after which the token is void.
+    pub expires_at_ns: u64,
+}
+
+/// An agent presents a join token. `proof` is the token key's signature
+/// over the HSM id and the agent's identity key, so an eavesdropper cannot
+/// reuse it for another key; the message itself is signed by the agent's
+/// identity key (possession).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequested {
+    /// The HSM.
+    pub hsm: HsmId,
+    /// The agent's identity key to enroll.
+    pub public_key: PublicKeyBytes,
+    /// The token's public key.
+    pub token_key: PublicKeyBytes,
+    /// Ed25519 signature (64 bytes) by the token key over
+    /// [`join_proof_message`].
+    pub proof: Vec<u8>,
+}
+
+/// The bytes a join token signs: a domain separator, the HSM id and the
+/// agent's identity key.
+pub fn join_proof_message(hsm: &HsmId, public_key: &PublicKeyBytes) -> Vec<u8> {
+    let mut m = b"keysync-join-v1\0".to_vec();
+    m.extend_from_slice(hsm.as_str().as_bytes());
+    m.push(0);
+    m.extend_from_slice(public_key);
+    m
 }

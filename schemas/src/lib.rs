@@ -10,6 +10,7 @@
 //!   stream (`KeyCreated`, `CloneApplied`, `KeyReplicated`, ...);
 //! - [`commands`]: what the orchestrator asks one agent to do (`CloneKey`);
 //! - [`ops`]: the request/reply key operations clients send to agents;
+//! - [`dead_letter`]: a rejected message, kept with its reason;
 //! - [`status`]: cluster status, as the orchestrator reports it;
 //! - [`subjects`]: the subject and stream layout under a cluster prefix;
 //! - [`headers`]: NATS header names (dedup id, later signatures and trace
@@ -23,6 +24,7 @@
 pub mod audit;
 pub mod codec;
 pub mod commands;
+pub mod dead_letter;
 pub mod envelope;
 pub mod events;
 pub mod headers;
@@ -36,10 +38,12 @@ pub mod subjects;
 pub use audit::{record_hash, AuditFact, AuditRecord};
 pub use codec::{decode, encode, DecodeError, EncodeError, Message, MAX_MESSAGE_BYTES};
 pub use commands::{CloneKey, Command, DeleteKey};
+pub use dead_letter::DeadLetter;
 pub use envelope::{Envelope, Source, Timestamp, SCHEMA_VERSION};
 pub use events::{
-    CloneApplied, CloneFailed, CloneFailure, Event, HsmFailed, HsmJoined, HsmRecovered, KeyCreated,
-    KeyDeleted, KeyErased, KeyOrigin, KeyReplicated,
+    join_proof_message, CloneApplied, CloneFailed, CloneFailure, EnrolledVia, Event, HsmEnrolled,
+    HsmFailed, HsmJoined, HsmRecovered, HsmRevoked, JoinRequested, JoinTokenIssued, KeyCreated,
+    KeyDeleted, KeyErased, KeyOrigin, KeyReplicated, PublicKeyBytes,
 };
 pub use heartbeat::{Heartbeat, InventoryDigest};
 pub use keys::{

@@ -27,6 +27,8 @@ pub enum MemberState {
     InService,
     /// Silent past the failure timeout; its commands wait in its queue.
     Failed,
+    /// Removed by an operator (`keysync hsm remove`): revoked, sent nothing.
+    Removed,
 }
 
 impl MemberState {
@@ -36,6 +38,7 @@ impl MemberState {
             MemberState::Syncing => "syncing",
             MemberState::InService => "in-service",
             MemberState::Failed => "failed",
+            MemberState::Removed => "removed",
         }
     }
 }
@@ -72,4 +75,8 @@ pub struct ClusterStatus {
     pub last_seq: u64,
     /// Rejected messages by reason.
     pub rejected: Vec<(String, u64)>,
+    /// Enrolled HSMs and their identity keys.
+    pub enrolled: Vec<(HsmId, [u8; 32])>,
+    /// The cluster's public key (what signs commands).
+    pub cluster_key: [u8; 32],
 }

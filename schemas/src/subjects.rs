@@ -46,6 +46,14 @@ pub enum KeySubject {
     Deleted(KeyId),
     /// `...key.<id>.erased.<hsm>`
     Erased(KeyId, HsmId),
+    /// `...hsm.<hsm>.enrolled`
+    HsmEnrolled(HsmId),
+    /// `...hsm.<hsm>.revoked`
+    HsmRevoked(HsmId),
+    /// `...hsm.<hsm>.token`
+    JoinToken(HsmId),
+    /// `...hsm.<hsm>.join`
+    JoinRequested(HsmId),
 }
 
 impl Subjects {
@@ -153,6 +161,41 @@ impl Subjects {
         format!("{}.evt.key.{key}.erased.{hsm}", self.prefix)
     }
 
+    /// `<p>.evt.hsm.<hsm>.enrolled`
+    pub fn hsm_enrolled(&self, hsm: &HsmId) -> String {
+        format!("{}.evt.hsm.{hsm}.enrolled", self.prefix)
+    }
+
+    /// `<p>.evt.hsm.<hsm>.revoked`
+    pub fn hsm_revoked(&self, hsm: &HsmId) -> String {
+        format!("{}.evt.hsm.{hsm}.revoked", self.prefix)
+    }
+
+    /// `<p>.evt.hsm.<hsm>.token`
+    pub fn join_token(&self, hsm: &HsmId) -> String {
+        format!("{}.evt.hsm.{hsm}.token", self.prefix)
+    }
+
+    /// `<p>.evt.hsm.<hsm>.join`
+    pub fn join_requested(&self, hsm: &HsmId) -> String {
+        format!("{}.evt.hsm.{hsm}.join", self.prefix)
+    }
+
+    /// Stream of dead letters: every rejected message, with its reason.
+    pub fn dead_letter_stream(&self) -> String {
+        format!("{}_DLQ", self.stream_base)
+    }
+
+    /// `<p>.dlq.<component>`: where `component` files what it rejected.
+    pub fn dead_letters(&self, component: &str) -> String {
+        format!("{}.dlq.{component}", self.prefix)
+    }
+
+    /// Every dead-letter subject.
+    pub fn dead_letters_all(&self) -> String {
+        format!("{}.dlq.>", self.prefix)
+    }
+
     /// One HSM's heartbeats: `<p>.hsm.<hsm>.heartbeat`.
     pub fn heartbeat(&self, hsm: &HsmId) -> String {
         format!("{}.hsm.{hsm}.heartbeat", self.prefix)
@@ -234,6 +277,10 @@ impl Subjects {
             ["hsm", hsm, "joined"] => Some(KeySubject::HsmJoined(hsm.parse().ok()?)),
             ["hsm", hsm, "failed"] => Some(KeySubject::HsmFailed(hsm.parse().ok()?)),
             ["hsm", hsm, "recovered"] => Some(KeySubject::HsmRecovered(hsm.parse().ok()?)),
+            ["hsm", hsm, "enrolled"] => Some(KeySubject::HsmEnrolled(hsm.parse().ok()?)),
+            ["hsm", hsm, "revoked"] => Some(KeySubject::HsmRevoked(hsm.parse().ok()?)),
+            ["hsm", hsm, "token"] => Some(KeySubject::JoinToken(hsm.parse().ok()?)),
+            ["hsm", hsm, "join"] => Some(KeySubject::JoinRequested(hsm.parse().ok()?)),
             ["key", id, "deleted"] => Some(KeySubject::Deleted(id.parse().ok()?)),
             ["key", id, "erased", hsm] => {
                 Some(KeySubject::Erased(id.parse().ok()?, hsm.parse().ok()?))

@@ -183,6 +183,20 @@ fn fact_json(f: &AuditFact) -> serde_json::Value {
         AuditFact::HsmJoined { hsm } => json!({"kind": "hsm_joined", "hsm": hsm.as_str()}),
         AuditFact::HsmFailed { hsm } => json!({"kind": "hsm_failed", "hsm": hsm.as_str()}),
         AuditFact::HsmRecovered { hsm } => json!({"kind": "hsm_recovered", "hsm": hsm.as_str()}),
+        AuditFact::HsmEnrolled {
+            hsm,
+            public_key,
+            via,
+        } => {
+            json!({"kind": "hsm_enrolled", "hsm": hsm.as_str(), "public_key": hex::encode(public_key), "via": format!("{via:?}").to_lowercase()})
+        }
+        AuditFact::HsmRevoked { hsm } => json!({"kind": "hsm_revoked", "hsm": hsm.as_str()}),
+        AuditFact::JoinTokenIssued { hsm, expires_at_ns } => {
+            json!({"kind": "join_token_issued", "hsm": hsm.as_str(), "expires_at": rfc3339(*expires_at_ns)})
+        }
+        AuditFact::JoinRequested { hsm, public_key } => {
+            json!({"kind": "join_requested", "hsm": hsm.as_str(), "public_key": hex::encode(public_key)})
+        }
     }
 }
 
@@ -301,7 +315,14 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     AuditFact::HsmFailed { hsm } => {
                         members.insert(hsm.clone(), "failed");
                     }
-                    AuditFact::CloneFailed { .. } | AuditFact::KeyReplicated { .. } => {}
+                    AuditFact::HsmRevoked { hsm } => {
+                        members.insert(hsm.clone(), "removed");
+                    }
+                    AuditFact::CloneFailed { .. }
+                    | AuditFact::KeyReplicated { .. }
+                    | AuditFact::HsmEnrolled { .. }
+                    | AuditFact::JoinTokenIssued { .. }
+                    | AuditFact::JoinRequested { .. } => {}
                 }
             }
             print_json(&json!({

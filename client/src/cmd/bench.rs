@@ -86,9 +86,22 @@ async fn seed_keys(stack: &DevStack, n: usize, real_material: bool) -> anyhow::R
             token_keys: 0,
         }),
     );
-    js.publish(client.subjects().hsm_joined(&seed), encode(&joined)?.into())
-        .await?
-        .await?;
+    // The seed is enrolled like any HSM, and signs what it publishes.
+    stack.enroll(&seed).await?;
+    let identity = keysync_security::Identity::load(&stack.agent_identity(&seed))?;
+    let signer = keysync_security::Signer::Hsm(seed.clone());
+    let signed = |subject: &str, env_id: uuid::Uuid, bytes: &[u8]| {
+        keysync_security::signed_headers(&identity, &signer, subject, &env_id.to_string(), bytes)
+    };
+    let subject = client.subjects().hsm_joined(&seed);
+    let bytes = encode(&joined)?;
+    js.publish_with_headers(
+        subject.clone(),
+        signed(&subject, joined.id, &bytes),
+        bytes.into(),
+    )
+    .await?
+    .await?;
     let domain = hsm_agent::domain::DomainKey::load(stack.domain_key())?;
     let mut acks = futures::stream::FuturesUnordered::new();
     let mut last = 0;
@@ -125,8 +138,14 @@ async fn seed_keys(stack: &DevStack, n: usize, real_material: bool) -> anyhow::R
                 last = last.max(a.sequence);
             }
         }
+        let subject = client.subjects().key_created(&key_id);
+        let bytes = encode(&env)?;
         let fut = js
-            .publish(client.subjects().key_created(&key_id), encode(&env)?.into())
+            .publish_with_headers(
+                subject.clone(),
+                signed(&subject, env.id, &bytes),
+                bytes.into(),
+            )
             .await?;
         acks.push(std::future::IntoFuture::into_future(fut));
     }

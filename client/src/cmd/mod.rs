@@ -5,6 +5,8 @@ mod bench;
 mod cluster;
 mod demo;
 mod dev;
+mod dlq;
+mod hsm;
 mod key;
 mod metrics;
 
@@ -33,6 +35,8 @@ pub struct Cli {
     /// Do not retry: a key not yet on the HSM asked fails at once.
     #[arg(long, global = true)]
     no_retry: bool,
+    #[command(flatten)]
+    auth: keysync_security::NatsAuth,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +61,13 @@ enum Command {
     /// The hash-chained audit log: verify, export, replay.
     #[command(subcommand)]
     Audit(audit::Command),
+    /// Enroll, remove and issue join tokens for HSMs (signed with the
+    /// cluster identity).
+    #[command(subcommand)]
+    Hsm(hsm::Command),
+    /// Rejected messages, with their reasons.
+    #[command(subcommand)]
+    Dlq(dlq::Command),
 }
 
 impl Cli {
@@ -69,7 +80,9 @@ impl Cli {
     async fn nats(&self, name: &str) -> anyhow::Result<async_nats::Client> {
         let servers =
             keysync_telemetry::process::servers(&self.nats).map_err(anyhow::Error::msg)?;
-        async_nats::ConnectOptions::new()
+        self.auth
+            .apply(async_nats::ConnectOptions::new())
+            .await?
             .name(name)
             .connect(servers)
             .await
@@ -86,6 +99,7 @@ impl Cli {
             } else {
                 keysync::RetryPolicy::default()
             },
+            auth: self.auth.clone(),
             ..Default::default()
         };
         Ok(Client::connect_with(&self.nats, options).await?)
@@ -102,6 +116,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Metrics(c) => metrics::run(&cli, c).await,
         Command::Bench(args) => bench::run(&cli, args).await,
         Command::Audit(c) => audit::run(&cli, c).await,
+        Command::Hsm(c) => hsm::run(&cli, c).await,
+        Command::Dlq(c) => dlq::run(&cli, c).await,
     }
 }
 

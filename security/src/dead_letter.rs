@@ -1,0 +1,121 @@
+//! Filing rejected messages in the dead-letter stream.
+//!
+//! Filing never blocks the rejecting loop and never fails it: the publish
+//! is acknowledged in the background and a failure is only logged (the
+//! rejection is counted either way). The stream has limits (count and age),
+//! so a flood of garbage cannot fill the disk.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use keysync_schemas::{encode, headers, DeadLetter, Envelope, Source, Subjects, MAX_MESSAGE_BYTES};
+use sha2::{Digest as _, Sha256};
+
+/// What of a rejected payload to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The bytes (events, commands, heartbeats: wrapped material at most).
+    Payload,
+    /// Only length and SHA-256 (anything that may hold plaintext, such as
+    /// a key-operation request).
+    DigestOnly,
+}
+
+/// A process's dead-letter filer.
+#[derive(Clone)]
+pub struct DeadLetters {
+    js: jetstream::Context,
+    subject: String,
+    source: Source,
+}
+
+/// What is known about one rejected message.
+#[derive(Debug, Clone, Default)]
+pub struct Rejected<'a> {
+    /// The subject it came on.
+    pub subject: &'a str,
+    /// The counted reason.
+    pub reason: &'a str,
+    /// Detail for people (never payload bytes).
+    pub detail: String,
+    /// Its claimed signer.
+    pub claimed_signer: Option<String>,
+    /// Its stream sequence.
+    pub stream_seq: Option<u64>,
+    /// Its bytes.
+    pub payload: &'a [u8],
+    /// A deduplication id, so that several filers of one message (an
+    /// active and a standby orchestrator) file it once.
+    pub dedup_id: Option<String>,
+}
+
+impl DeadLetters {
+    /// A filer publishing as `source` under `component` (`orchestrator`,
+    /// `agent`).
+    pub fn new(
+        js: jetstream::Context,
+        subjects: &Subjects,
+        component: &str,
+        source: Source,
+    ) -> Self {
+        DeadLetters {
+            js,
+            subject: subjects.dead_letters(component),
+            source,
+        }
+    }
+
+    /// Files one rejected message (in the background).
+    pub async fn file(&self, rejected: Rejected<'_>, keep: Keep) {
+        let keep_bytes = keep == Keep::Payload && rejected.payload.len() <= MAX_MESSAGE_BYTES / 2;
+        let letter = DeadLetter {
+            rejected_by: self.source.to_string(),
+            subject: truncate(rejected.subject, 512),
+            reason: rejected.reason.to_string(),
+            detail: truncate(&rejected.detail, 1024),
+            claimed_signer: rejected.claimed_signer.map(|s| truncate(&s, 256)),
+            stream_seq: rejected.stream_seq,
+            payload_len: rejected.payload.len() as u64,
+            payload_sha256: Sha256::digest(rejected.payload).into(),
+            payload: keep_bytes.then(|| rejected.payload.to_vec()),
+        };
+        let bytes = match encode(&Envelope::new(self.source.clone(), letter)) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not encode a dead letter");
+                return;
+            }
+        };
+        let mut h = async_nats::HeaderMap::new();
+        if let Some(id) = rejected.dedup_id {
+            h.insert(headers::MSG_ID, id.as_str());
+        }
+        match self
+            .js
+            .publish_with_headers(self.subject.clone(), h, bytes.into())
+            .await
+        {
+            Ok(ack) => {
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(10), ack).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "dead letter not stored"),
+                        Err(_) => tracing::warn!("dead letter not acknowledged in time"),
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "could not file a dead letter"),
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

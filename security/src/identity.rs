@@ -1,0 +1,181 @@
+//! Ed25519 identities.
+//!
+//! An identity file holds the 32-byte private seed in hex, mode 0600. It is
+//! read into a zeroizing buffer; the signing key zeroizes itself on drop.
+//! Nothing prints it: `Debug` shows the public key only.
+
+use std::path::Path;
+
+use ed25519_dalek::{Signer as _, SigningKey};
+use zeroize::Zeroizing;
+
+use crate::secret_file::{self, SecretFileError};
+
+/// Why an identity could not be loaded or made.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The file could not be read or written, or is too open.
+    #[error(transparent)]
+    File(#[from] SecretFileError),
+    /// The file does not hold a 64-hex-digit seed.
+    #[error("{0} does not hold an identity (64 hex digits)")]
+    Format(String),
+    /// The system random number generator failed.
+    #[error("the system random number generator failed")]
+    Rng,
+}
+
+/// An Ed25519 identity: a signing key.
+pub struct Identity {
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({})", hex::encode(self.public_key()))
+    }
+}
+
+impl Identity {
+    /// A new random identity.
+    pub fn generate() -> Result<Self, IdentityError> {
+        let mut seed = Zeroizing::new([0u8; 32]);
+        getrandom::fill(seed.as_mut()).map_err(|_| IdentityError::Rng)?;
+        Ok(Self::from_seed(&seed))
+    }
+
+    /// The identity of a 32-byte seed.
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        Identity {
+            key: SigningKey::from_bytes(seed),
+        }
+    }
+
+    /// The seed (for a join token, which is handed to a person once).
+    pub fn seed(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.key.to_bytes())
+    }
+
+    /// Loads the identity in `path`, refusing a file others may read.
+    pub fn load(path: &Path) -> Result<Self, IdentityError> {
+        let text = secret_file::read(path)?;
+        let mut seed = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(text.trim(), seed.as_mut())
+            .map_err(|_| IdentityError::Format(path.display().to_string()))?;
+        Ok(Self::from_seed(&seed))
+    }
+
+    /// Writes a new identity to `path` (mode 0600; never overwrites).
+    pub fn create_file(path: &Path) -> Result<Self, IdentityError> {
+        let id = Self::generate()?;
+        let text = Zeroizing::new(format!("{}\n", hex::encode(id.seed().as_ref())));
+        secret_file::create(path, &text)?;
+        Ok(id)
+    }
+
+    /// Loads `path`, or makes it if it does not exist. Returns whether it
+    /// was made.
+    pub fn load_or_create(path: &Path) -> Result<(Self, bool), IdentityError> {
+        if path.exists() {
+            return Ok((Self::load(path)?, false));
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| SecretFileError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        match Self::create_file(path) {
+            Ok(id) => Ok((id, true)),
+            // Another process made it first: use theirs.
+            Err(IdentityError::File(SecretFileError::Exists(_))) => Ok((Self::load(path)?, false)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// The public key in hex (how operators pass it around).
+    pub fn public_hex(&self) -> String {
+        hex::encode(self.public_key())
+    }
+
+    /// Signs `message`.
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.key.sign(message).to_bytes()
+    }
+}
+
+/// Checks an Ed25519 signature (strict: no malleable encodings).
+pub fn verify(public_key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
+    let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(public_key) else {
+        return false;
+    };
+    let Ok(sig) = ed25519_dalek::Signature::from_slice(signature) else {
+        return false;
+    };
+    key.verify_strict(message, &sig).is_ok()
+}
+
+/// Parses a public key given as 64 hex digits.
+pub fn parse_public_key(text: &str) -> Result<[u8; 32], String> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key)
+        .map_err(|_| "a public key is 64 hex digits".to_string())?;
+    ed25519_dalek::VerifyingKey::from_bytes(&key)
+        .map_err(|_| "not an Ed25519 public key".to_string())?;
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_round_trip_and_are_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("id.key");
+        let (made, created) = Identity::load_or_create(&path).expect("create");
+        assert!(created);
+        let (loaded, created) = Identity::load_or_create(&path).expect("load");
+        assert!(!created);
+        assert_eq!(made.public_key(), loaded.public_key());
+        let sig = made.sign(b"hello");
+        assert!(verify(&loaded.public_key(), b"hello", &sig));
+        assert!(!verify(&loaded.public_key(), b"hellO", &sig));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+            assert!(matches!(
+                Identity::load(&path),
+                Err(IdentityError::File(SecretFileError::Permissions { .. }))
+            ));
+        }
+        assert!(matches!(
+            Identity::create_file(&path),
+            Err(IdentityError::File(SecretFileError::Exists(_)))
+        ));
+    }
+
+    #[test]
+    fn debug_shows_only_the_public_key() {
+        let id = Identity::generate().expect("rng");
+        let shown = format!("{id:?}");
+        assert!(shown.contains(&id.public_hex()));
+        assert!(!shown.contains(&hex::encode(id.seed().as_ref())));
+    }
+
+    #[test]
+    fn public_keys_parse() {
+        let id = Identity::generate().expect("rng");
+        assert_eq!(parse_public_key(&id.public_hex()), Ok(id.public_key()));
+        assert!(parse_public_key("00").is_err());
+        assert!(parse_public_key(&"zz".repeat(32)).is_err());
+    }
+}

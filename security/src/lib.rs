@@ -1,0 +1,37 @@
+//! What keeps the bus honest.
+//!
+//! The bus is shared: anyone who can reach it may send anything. keysync
+//! therefore trusts no message for where it came from, only for who signed
+//! it:
+//!
+//! - [`identity`]: Ed25519 identities. Each agent has one (made at first
+//!   start, mode 0600, zeroized in memory); the orchestrators of a cluster
+//!   share the cluster identity, which also signs operators' enrollments.
+//! - [`signature`]: every event, command and heartbeat is signed over its
+//!   subject, its deduplication id and its exact payload bytes; the
+//!   signature travels in headers beside the payload.
+//! - [`freshness`]: the replay window. A signed message replayed within
+//!   JetStream's duplicate window is dropped by JetStream (the id is
+//!   signed); one replayed later is older than the window and rejected.
+//! - [`join`]: one-time join tokens.
+//! - [`dead_letter`]: every rejected message is copied, with its reason, to
+//!   the dead-letter stream.
+//! - [`credentials`]: NATS user/password, nkey or creds-file flags shared by
+//!   every binary, so NATS permissions can confine each role.
+
+pub mod credentials;
+pub mod dead_letter;
+pub mod freshness;
+pub mod identity;
+pub mod join;
+pub mod policy;
+pub mod secret_file;
+pub mod signature;
+
+pub use credentials::NatsAuth;
+pub use dead_letter::{DeadLetters, Keep, Rejected};
+pub use identity::{parse_public_key, Identity, IdentityError};
+pub use policy::{
+    check_command, check_event, check_heartbeat, event_signer, signed_headers, Refusal,
+};
+pub use signature::{Claim, Rejection, Signer};
