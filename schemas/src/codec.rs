@@ -328,7 +328,8 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(4096))]
+        // The decoders' fuzz target, run in CI for a bounded time.
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {

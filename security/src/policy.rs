@@ -194,3 +194,189 @@ pub fn check_heartbeat(
         .map_err(refuse)?;
     Ok(env)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keysync_schemas::{encode, DeleteKey, HsmJoined, KeyId};
+    use proptest::prelude::*;
+
+    const NOW: u64 = 1_800_000_000_000_000_000;
+
+    fn hsm(s: &str) -> HsmId {
+        s.parse().expect("id")
+    }
+
+    fn signed_event(agent: &Identity) -> (String, async_nats::HeaderMap, Vec<u8>) {
+        let mut env = Envelope::new(
+            Source::Hsm(hsm("hsm-1")),
+            Event::HsmJoined(HsmJoined {
+                hsm: hsm("hsm-1"),
+                agent_version: "t".into(),
+                token_keys: 3,
+            }),
+        );
+        env.emitted_at = keysync_schemas::Timestamp(NOW);
+        let bytes = encode(&env).expect("encode");
+        let subject = "keysync.evt.hsm.hsm-1.joined".to_string();
+        let h = signed_headers(
+            agent,
+            &Signer::Hsm(hsm("hsm-1")),
+            &subject,
+            &env.id.to_string(),
+            &bytes,
+        );
+        (subject, h, bytes)
+    }
+
+    #[test]
+    fn a_signed_event_from_its_enrolled_hsm_is_accepted_and_nothing_else() {
+        let agent = Identity::generate().expect("rng");
+        let cluster = Identity::generate().expect("rng");
+        let (subject, h, bytes) = signed_event(&agent);
+        let enrolled = |k: [u8; 32]| move |h: &HsmId| (h.as_str() == "hsm-1").then_some(k);
+        let ok = check_event(
+            Some(&h),
+            &subject,
+            &bytes,
+            NOW,
+            &cluster.public_key(),
+            enrolled(agent.public_key()),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        // Unenrolled, or enrolled with another key.
+        let r = check_event(
+            Some(&h),
+            &subject,
+            &bytes,
+            NOW,
+            &cluster.public_key(),
+            |_| None,
+        );
+        assert_eq!(r.map(drop).err().map(|e| e.reason), Some("unenrolled"));
+        let other = Identity::generate().expect("rng").public_key();
+        let r = check_event(
+            Some(&h),
+            &subject,
+            &bytes,
+            NOW,
+            &cluster.public_key(),
+            enrolled(other),
+        );
+        assert_eq!(r.map(drop).err().map(|e| e.reason), Some("bad_signature"));
+        // Unsigned.
+        let r = check_event(
+            None,
+            &subject,
+            &bytes,
+            NOW,
+            &cluster.public_key(),
+            enrolled(agent.public_key()),
+        );
+        assert_eq!(r.map(drop).err().map(|e| e.reason), Some("unsigned"));
+        // Replayed after the window.
+        let late = NOW + crate::freshness::DUPLICATE_WINDOW.as_nanos() as u64;
+        let r = check_event(
+            Some(&h),
+            &subject,
+            &bytes,
+            late,
+            &cluster.public_key(),
+            enrolled(agent.public_key()),
+        );
+        assert_eq!(r.map(drop).err().map(|e| e.reason), Some("stale"));
+        // Signed as the cluster: an HSM's event may not be.
+        let hc = signed_headers(&cluster, &Signer::Cluster, &subject, "x", &bytes);
+        let r = check_event(
+            Some(&hc),
+            &subject,
+            &bytes,
+            NOW,
+            &cluster.public_key(),
+            enrolled(agent.public_key()),
+        );
+        assert_eq!(r.map(drop).err().map(|e| e.reason), Some("signer_mismatch"));
+    }
+
+    #[test]
+    fn commands_must_be_signed_by_the_cluster() {
+        let cluster = Identity::generate().expect("rng");
+        let mut env = Envelope::new(
+            Source::Orchestrator("o".into()),
+            Command::DeleteKey(DeleteKey {
+                target: hsm("hsm-2"),
+                key_id: KeyId::new(),
+            }),
+        );
+        env.emitted_at = keysync_schemas::Timestamp(NOW);
+        let bytes = encode(&env).expect("encode");
+        let subject = "keysync.cmd.hsm-2";
+        let h = signed_headers(&cluster, &Signer::Cluster, subject, "d-1", &bytes);
+        assert!(check_command(Some(&h), subject, &bytes, NOW, &cluster.public_key()).is_ok());
+        let forger = Identity::generate().expect("rng");
+        let hf = signed_headers(&forger, &Signer::Cluster, subject, "d-1", &bytes);
+        assert_eq!(
+            check_command(Some(&hf), subject, &bytes, NOW, &cluster.public_key())
+                .map(drop)
+                .err()
+                .map(|e| e.reason),
+            Some("bad_signature")
+        );
+        let ha = signed_headers(&forger, &Signer::Hsm(hsm("hsm-1")), subject, "d-1", &bytes);
+        assert_eq!(
+            check_command(Some(&ha), subject, &bytes, NOW, &cluster.public_key())
+                .map(drop)
+                .err()
+                .map(|e| e.reason),
+            Some("signer_mismatch")
+        );
+    }
+
+    proptest! {
+        // Many cases: this is the decoders' and checks' fuzz target, run
+        // in CI for a bounded time.
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+        #[test]
+        fn arbitrary_input_never_panics_and_is_never_accepted(
+            payload in proptest::collection::vec(any::<u8>(), 0..512),
+            signer in "[a-z/0-9-]{0,20}",
+            sig in "[A-Za-z0-9+/=]{0,100}",
+            id in "[a-z0-9-]{0,40}",
+        ) {
+            let cluster = Identity::from_seed(&[7; 32]);
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(keysync_schemas::headers::SIGNER, signer.as_str());
+            h.insert(keysync_schemas::headers::SIGNATURE, sig.as_str());
+            h.insert(keysync_schemas::headers::MSG_ID, id.as_str());
+            let k = cluster.public_key();
+            prop_assert!(check_event(Some(&h), "keysync.evt.key.x.created", &payload, NOW, &k, |_| Some(k)).is_err());
+            prop_assert!(check_command(Some(&h), "keysync.cmd.hsm-1", &payload, NOW, &k).is_err());
+            let mut seen = Monotonic::default();
+            prop_assert!(check_heartbeat(Some(&h), "keysync.hsm.hsm-1.heartbeat", &payload, NOW, |_| Some(k), &mut seen).is_err());
+        }
+
+        #[test]
+        fn any_change_to_a_signed_event_is_rejected(
+            at in any::<proptest::sample::Index>(),
+            flip in 1u8..=255,
+            in_subject in any::<bool>(),
+        ) {
+            let agent = Identity::from_seed(&[3; 32]);
+            let cluster = Identity::from_seed(&[4; 32]);
+            let (mut subject, h, mut bytes) = signed_event(&agent);
+            if in_subject {
+                let mut b = subject.into_bytes();
+                let i = at.index(b.len());
+                b[i] ^= flip;
+                subject = String::from_utf8_lossy(&b).into_owned();
+            } else {
+                let i = at.index(bytes.len());
+                bytes[i] ^= flip;
+            }
+            let key = agent.public_key();
+            let r = check_event(Some(&h), &subject, &bytes, NOW, &cluster.public_key(), |_| Some(key));
+            prop_assert!(r.is_err());
+        }
+    }
+}

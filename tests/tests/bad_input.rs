@@ -111,30 +111,67 @@ async fn bad_input_is_rejected_counted_and_changes_nothing() {
         created_seq: 1,
         key: forged_key.clone(),
     });
+    // Signed with the cluster key (as if the orchestrator erred), so the
+    // checks after the signature's are reached.
+    let cluster = keysync_security::Identity::load(stack.cluster_identity()).expect("cluster key");
+    let signed = |signer: &keysync_security::Identity,
+                  who: keysync_security::Signer,
+                  subject: &str,
+                  bytes: &[u8]| {
+        keysync_security::signed_headers(
+            signer,
+            &who,
+            subject,
+            &uuid::Uuid::now_v7().to_string(),
+            bytes,
+        )
+    };
     for cmd in [misaddressed, wrong_domain] {
         let bytes = encode(&Envelope::new(Source::Client("attacker".into()), cmd)).expect("encode");
-        js.publish(cmd_subject.clone(), bytes.into())
+        let h = signed(
+            &cluster,
+            keysync_security::Signer::Cluster,
+            &cmd_subject,
+            &bytes,
+        );
+        js.publish_with_headers(cmd_subject.clone(), h, bytes.into())
             .await
             .expect("publish")
             .await
             .expect("stored");
     }
 
-    // 3. Events: garbage, an unknown version, a body under the wrong subject.
+    // 3. Events: garbage (with signature headers, so decoding is reached),
+    //    an unknown version, a body under the wrong subject.
     let events_subject = subjects.key_created(&KeyId::new());
     for payload in &garbage {
-        js.publish(events_subject.clone(), payload.clone().into())
+        let h = signed(
+            &cluster,
+            keysync_security::Signer::Cluster,
+            &events_subject,
+            payload,
+        );
+        js.publish_with_headers(events_subject.clone(), h, payload.clone().into())
             .await
             .expect("publish")
             .await
             .expect("stored");
     }
+    // A KeyCreated properly signed by its HSM, but under another key's subject.
     let mismatched = encode(&Envelope::new(
-        Source::Client("attacker".into()),
+        Source::Hsm(h2.clone()),
         Event::KeyCreated(forged_key),
     ))
     .expect("encode");
-    js.publish(events_subject.clone(), mismatched.into())
+    let h2_identity =
+        keysync_security::Identity::load(&stack.agent_identity(&h2)).expect("hsm-2 identity");
+    let h = signed(
+        &h2_identity,
+        keysync_security::Signer::Hsm(h2.clone()),
+        &events_subject,
+        &mismatched,
+    );
+    js.publish_with_headers(events_subject.clone(), h, mismatched.into())
         .await
         .expect("publish")
         .await
@@ -156,6 +193,7 @@ async fn bad_input_is_rejected_counted_and_changes_nothing() {
                 && count(&h.rejected, "clone_failed") == 1
                 && count(&h.rejected, "no_reply_subject") == 1
                 && count(&h.rejected, "oversized") >= 1
+                && count(&h.rejected, "unsigned") == garbage.len() as u64
         })
     })
     .await;
