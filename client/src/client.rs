@@ -149,6 +149,16 @@ struct Inner {
     replicas: Arc<ReplicaMap>,
     metrics: watch::Receiver<Option<SyncMetrics>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The cluster key and enrolled HSM keys, to check the events a
+    /// durability wait counts (learned from the orchestrator's status).
+    trust: tokio::sync::Mutex<Option<Trust>>,
+}
+
+/// Who may sign the events a durability wait counts.
+#[derive(Clone)]
+struct Trust {
+    cluster_key: [u8; 32],
+    enrolled: std::collections::BTreeMap<HsmId, [u8; 32]>,
 }
 
 impl Drop for Inner {
@@ -235,6 +245,7 @@ impl Client {
                 replicas,
                 metrics,
                 tasks,
+                trust: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -505,7 +516,10 @@ impl Client {
             let Ok(Some(msg)) = tokio::time::timeout_at(deadline, events.next()).await else {
                 break false;
             };
-            let Ok(env) = decode::<Event>(&msg.payload) else {
+            // Only events signed by their enrolled HSM (or the cluster)
+            // count: a forged CloneApplied or KeyReplicated on the bus must
+            // not make a create return early.
+            let Some(env) = self.verified_event(&msg).await else {
                 continue;
             };
             match env.body {
@@ -721,6 +735,46 @@ impl Client {
             Ok(s) => Ok(s.members.len() as u64),
             Err(e) => self.latest_metrics().map(|m| m.members).ok_or(e),
         }
+    }
+
+    /// Checks an event seen on core NATS: signed by its enrolled HSM or
+    /// the cluster key, fresh. Learns (or relearns, for a signer not known
+    /// yet) the keys from the orchestrator's status.
+    async fn verified_event(
+        &self,
+        msg: &async_nats::Message,
+    ) -> Option<keysync_schemas::Envelope<Event>> {
+        let now = keysync_schemas::Timestamp::now().as_nanos();
+        for refresh in [false, true] {
+            let trust = {
+                let mut t = self.inner.trust.lock().await;
+                if t.is_none() || refresh {
+                    if let Ok(s) = self.cluster_status().await {
+                        *t = Some(Trust {
+                            cluster_key: s.cluster_key,
+                            enrolled: s.enrolled.into_iter().collect(),
+                        });
+                    }
+                }
+                t.clone()?
+            };
+            match keysync_security::check_event(
+                msg.headers.as_ref(),
+                &msg.subject,
+                &msg.payload,
+                now,
+                &trust.cluster_key,
+                |h| trust.enrolled.get(h).copied(),
+            ) {
+                Ok(env) => return Some(env),
+                Err(r) if r.reason == "unenrolled" => continue,
+                Err(r) => {
+                    tracing::warn!(subject = %msg.subject, reason = r.reason, "ignored an event that does not verify");
+                    return None;
+                }
+            }
+        }
+        None
     }
 
     /// Cluster status from the orchestrator.

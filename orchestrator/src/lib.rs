@@ -382,7 +382,7 @@ impl Orchestrator {
             Ok(event) => event,
             Err(refusal) => {
                 tracing::warn!(seq = meta.seq, subject, reason = refusal.reason, detail = %refusal.detail, "rejected event");
-                self.state.count_rejection(refusal.reason);
+                self.state.reject_at(meta.seq, refusal.reason);
                 // Filed once, when first seen live (a replay after a
                 // restart does not file it again).
                 if replayed {

@@ -235,6 +235,14 @@ impl ClusterState {
         result
     }
 
+    /// A stream event rejected before it could be applied (unsigned,
+    /// forged, undecodable): counted, and folded past, so the fold's
+    /// position keeps up with the stream.
+    pub fn reject_at(&mut self, seq: u64, reason: &str) {
+        self.last_seq = self.last_seq.max(seq);
+        self.count_rejection(reason);
+    }
+
     /// Counts a message rejected before it could be applied (say, it did not decode).
     pub fn count_rejection(&mut self, reason: &str) {
         *self.rejected.entry(reason.to_string()).or_default() += 1;

@@ -62,6 +62,13 @@ fn endpoint_configured() -> bool {
 pub fn init(service: &str, attributes: &[(&str, String)], default_filter: &str) -> Telemetry {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| default_filter.into());
+    // async-nats logs every message's raw bytes at trace level, which would
+    // put key material (an import request) in the log: it is capped at info
+    // whatever RUST_LOG says.
+    let filter = match "async_nats=info".parse() {
+        Ok(cap) => filter.add_directive(cap),
+        Err(_) => filter,
+    };
     // The log filter applies to log output only: spans are traced at info
     // and above whatever the log level (a quiet CLI still traces).
     let fmt = tracing_subscriber::fmt::layer()
