@@ -633,6 +633,11 @@ impl DevStack {
         Ok(())
     }
 
+    /// Replaces the extra orchestrator flags (for the next start).
+    pub fn set_orchestrator_args(&mut self, args: Vec<String>) {
+        self.orchestrator_args = args;
+    }
+
     /// SIGKILLs the primary orchestrator.
     pub fn kill_orchestrator(&mut self) {
         self.kill_orchestrator_named(PRIMARY);

@@ -8,7 +8,10 @@
 //! lands exactly at the sequence it claims, or not at all (a second writer
 //! makes the append fail, and the run restart from the chain's real end).
 
+use std::collections::BTreeSet;
 use std::future::IntoFuture;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::stream::FuturesUnordered;
@@ -21,6 +24,55 @@ use keysync_schemas::{
 use crate::decide::subject_matches;
 use crate::state::{ClusterState, EventMeta};
 
+/// The fold's verdicts, shared with the auditor in the same process, so an
+/// event's signature is checked once: the auditor takes the fold's word for
+/// every event the fold has judged, and checks only those it has not (below
+/// the fold's start, or ahead of it).
+#[derive(Debug, Default)]
+pub struct Verdicts {
+    /// The first sequence this process's fold judged.
+    from: AtomicU64,
+    /// The last sequence it judged.
+    upto: AtomicU64,
+    /// Judged and rejected, above the auditor's position.
+    rejected: Mutex<BTreeSet<u64>>,
+}
+
+impl Verdicts {
+    /// The fold starts judging at `seq`.
+    pub fn start(&self, seq: u64) {
+        self.from.store(seq, Ordering::Release);
+        self.upto.store(seq.saturating_sub(1), Ordering::Release);
+    }
+
+    /// The fold judged `seq` (rejected or not).
+    pub fn judged(&self, seq: u64, rejected: bool) {
+        if rejected {
+            if let Ok(mut r) = self.rejected.lock() {
+                r.insert(seq);
+            }
+        }
+        self.upto.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// Whether the fold accepted `seq`, if it judged it.
+    fn accepted(&self, seq: u64) -> Option<bool> {
+        let judged =
+            seq >= self.from.load(Ordering::Acquire) && seq <= self.upto.load(Ordering::Acquire);
+        if !judged {
+            return None;
+        }
+        self.rejected.lock().ok().map(|r| !r.contains(&seq))
+    }
+
+    /// Forgets rejections at or below `seq` (audited already).
+    fn forget_upto(&self, seq: u64) {
+        if let Ok(mut r) = self.rejected.lock() {
+            *r = r.split_off(&(seq + 1));
+        }
+    }
+}
+
 /// Membership and enrollment as the log says, for checking signatures:
 /// only events under `<prefix>.evt.hsm.>` are folded into it.
 struct Enrollment {
@@ -29,24 +81,31 @@ struct Enrollment {
 }
 
 impl Enrollment {
-    /// Checks one event as the fold does; folds it if it is about
-    /// membership. Returns the accepted event.
+    /// Checks one event as the fold does (or takes the fold's verdict);
+    /// folds it if it is about membership. Returns the accepted event.
     fn check(
         &mut self,
         subjects: &Subjects,
         msg: &jetstream::Message,
         meta: EventMeta,
+        verdicts: &Verdicts,
     ) -> Option<Event> {
-        let state = &self.state;
-        let env = keysync_security::check_event(
-            msg.headers.as_ref(),
-            &msg.subject,
-            &msg.payload,
-            meta.stored_at_ns,
-            &self.cluster_key,
-            |h| state.enrolled_key(h),
-        )
-        .ok()?;
+        let env = match verdicts.accepted(meta.seq) {
+            Some(false) => return None,
+            Some(true) => decode::<Event>(&msg.payload).ok()?,
+            None => {
+                let state = &self.state;
+                keysync_security::check_event(
+                    msg.headers.as_ref(),
+                    &msg.subject,
+                    &msg.payload,
+                    meta.stored_at_ns,
+                    &self.cluster_key,
+                    |h| state.enrolled_key(h),
+                )
+                .ok()?
+            }
+        };
         if !subject_matches(subjects.parse_event(&msg.subject), &env.body) {
             return None;
         }
@@ -107,7 +166,7 @@ async fn enrollment_until(
         if meta.seq > until {
             break;
         }
-        e.check(subjects, &msg, meta);
+        e.check(subjects, &msg, meta, &Verdicts::default());
         if msg.info().map(|i| i.pending == 0).unwrap_or(true) || meta.seq == until {
             break;
         }
@@ -139,6 +198,7 @@ pub async fn run(
     name: String,
     replicas: usize,
     cluster_key: [u8; 32],
+    verdicts: Arc<Verdicts>,
 ) -> anyhow::Result<()> {
     let mut audit = js
         .get_or_create_stream(stream_config(&subjects, replicas))
@@ -173,7 +233,10 @@ pub async fn run(
                 let meta = meta_of(&msg)?;
                 let (event_seq, event_time_ns) = (meta.seq, meta.stored_at_ns);
                 // Rejected input (unsigned, forged, replayed) is not a fact.
-                let Some(event) = enrollment.check(&subjects, &msg, meta) else {
+                if event_seq % 1024 == 0 {
+                    verdicts.forget_upto(event_seq);
+                }
+                let Some(event) = enrollment.check(&subjects, &msg, meta, &verdicts) else {
                     continue;
                 };
                 let record = AuditRecord {

@@ -76,6 +76,12 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
 /// Inventory entries asked for per request during a repair.
 const INVENTORY_PAGE: u32 = 2000;
 
+/// Most events taken from the consumer at once.
+const EVENT_BATCH: usize = 1024;
+
+/// Smallest batch whose signatures are checked in parallel beforehand.
+const PREVERIFY_MIN: usize = 32;
+
 /// Actions carried out per batch (bounds the `KeyCreated`s held at once).
 const ACTION_CHUNK: usize = 512;
 
@@ -106,6 +112,8 @@ struct Orchestrator {
     dead_letters: DeadLetters,
     /// The newest heartbeat accepted from each HSM.
     heartbeats_seen: Monotonic,
+    /// What the fold accepted and rejected, for the auditor.
+    verdicts: Arc<audit::Verdicts>,
 }
 
 /// Runs the orchestrator until `shutdown` resolves or a fatal error occurs.
@@ -129,7 +137,7 @@ pub async fn run(
     let info = events.info().await?.clone();
     let replay_until = info.state.last_sequence;
     // A snapshot from beyond this stream's end belongs to an older stream.
-    let state = snapshot::load(&snapshots)
+    let state = snapshot::load(&snapshots, config.identity.public_key())
         .await
         .filter(|s| s.last_seq() <= replay_until)
         .unwrap_or_default();
@@ -156,7 +164,9 @@ pub async fn run(
             ..Default::default()
         })
         .await?;
-    let mut messages = consumer.messages().await?;
+    // In batches of whatever is ready: a replay's signatures are checked
+    // in parallel before the batch is folded in order.
+    let mut messages = consumer.messages().await?.ready_chunks(EVENT_BATCH);
     let mut status_requests = nats
         .subscribe(config.subjects.orchestrator_status())
         .await?;
@@ -172,6 +182,7 @@ pub async fn run(
         cluster_key: config.identity.public_key(),
         dead_letters,
         heartbeats_seen: Monotonic::default(),
+        verdicts: Arc::new(audit::Verdicts::default()),
         nats: nats.clone(),
         js,
         events,
@@ -185,6 +196,7 @@ pub async fn run(
         mismatches: HashMap::new(),
         config,
     };
+    orch.verdicts.start(orch.state.last_seq() + 1);
     let latest: prometheus::Latest = Default::default();
     let metrics_server = orch
         .config
@@ -218,22 +230,28 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                msg = messages.next() => {
-                    let msg = msg.ok_or_else(|| anyhow::anyhow!("event consumer ended"))?
-                        .map_err(|e| anyhow::anyhow!("event consumer failed: {e}"))?;
-                    let (seq, pending) = msg
-                        .info()
-                        .map(|i| (i.stream_sequence, i.pending))
-                        .map_err(|e| anyhow::anyhow!("event without metadata: {e}"))?;
-                    orch.handle(&msg, replayed).await?;
-                    if !replayed && (seq >= replay_until || pending == 0) {
-                        replayed = true;
-                        tracing::info!(
-                            events = orch.state.last_seq(),
-                            keys = orch.state.key_count(),
-                            elapsed_ms = started.elapsed().as_millis() as u64,
-                            "replay done"
-                        );
+                batch = messages.next() => {
+                    let batch = batch.ok_or_else(|| anyhow::anyhow!("event consumer ended"))?;
+                    let mut msgs = Vec::with_capacity(batch.len());
+                    for msg in batch {
+                        msgs.push(msg.map_err(|e| anyhow::anyhow!("event consumer failed: {e}"))?);
+                    }
+                    let verified = orch.preverify(&msgs).await;
+                    for (msg, verified) in msgs.iter().zip(verified) {
+                        let (seq, pending) = msg
+                            .info()
+                            .map(|i| (i.stream_sequence, i.pending))
+                            .map_err(|e| anyhow::anyhow!("event without metadata: {e}"))?;
+                        orch.handle(msg, replayed, verified).await?;
+                        if !replayed && (seq >= replay_until || pending == 0) {
+                            replayed = true;
+                            tracing::info!(
+                                events = orch.state.last_seq(),
+                                keys = orch.state.key_count(),
+                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                "replay done"
+                            );
+                        }
                     }
                 }
                 Some(req) = status_requests.next() => orch.answer_status(req).await,
@@ -283,7 +301,8 @@ pub async fn run(
                         snapshot_seq = orch.state.last_seq();
                         let store = snapshots.clone();
                         let state = orch.state.clone();
-                        saving = Some(tokio::spawn(async move { snapshot::save(&store, state).await }));
+                        let identity = orch.config.identity.clone();
+                        saving = Some(tokio::spawn(async move { snapshot::save(&store, state, identity).await }));
                     }
                 }
                 Some(ack) = orch.in_flight.next(), if !orch.in_flight.is_empty() => {
@@ -336,6 +355,7 @@ impl Orchestrator {
             self.config.name.clone(),
             self.config.replicas,
             self.cluster_key,
+            self.verdicts.clone(),
         )));
         let now = Instant::now();
         for m in self.state.members() {
@@ -351,7 +371,52 @@ impl Orchestrator {
         self.execute(actions, None).await
     }
 
-    async fn handle(&mut self, msg: &jetstream::Message, replayed: bool) -> anyhow::Result<()> {
+    /// Checks the signatures of a batch of events in parallel, against the
+    /// keys their signers have now (a batch below [`PREVERIFY_MIN`] is left
+    /// to [`Orchestrator::handle`]). Returns, per event, the key its
+    /// signature verified with.
+    async fn preverify(&self, msgs: &[jetstream::Message]) -> Vec<Option<[u8; 32]>> {
+        let mut out = vec![None; msgs.len()];
+        if msgs.len() < PREVERIFY_MIN {
+            return out;
+        }
+        let mut at = Vec::with_capacity(msgs.len());
+        let mut pending = Vec::with_capacity(msgs.len());
+        for (i, msg) in msgs.iter().enumerate() {
+            let Ok(claim) = keysync_security::Claim::read(msg.headers.as_ref()) else {
+                continue;
+            };
+            let key = match &claim.signer {
+                Signer::Cluster => Some(self.cluster_key),
+                Signer::Hsm(h) => self.state.enrolled_key(h),
+            };
+            if let Some(key) = key {
+                at.push(i);
+                pending.push(keysync_security::Pending {
+                    subject: msg.subject.to_string(),
+                    headers: msg.headers.clone(),
+                    payload: msg.payload.clone(),
+                    key,
+                });
+            }
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let verified =
+            tokio::task::spawn_blocking(move || keysync_security::preverify(&pending, threads))
+                .await
+                .unwrap_or_default();
+        for (i, v) in at.into_iter().zip(verified) {
+            out[i] = v;
+        }
+        out
+    }
+
+    async fn handle(
+        &mut self,
+        msg: &jetstream::Message,
+        replayed: bool,
+        preverified: Option<[u8; 32]>,
+    ) -> anyhow::Result<()> {
         let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
         let meta = EventMeta {
             seq: info.stream_sequence,
@@ -359,13 +424,14 @@ impl Orchestrator {
         };
         let subject = msg.subject.as_str();
         let state = &self.state;
-        let checked = keysync_security::check_event(
+        let checked = keysync_security::check_event_preverified(
             msg.headers.as_ref(),
             subject,
             &msg.payload,
             meta.stored_at_ns,
             &self.cluster_key,
             |h| state.enrolled_key(h),
+            preverified,
         )
         .and_then(|env| {
             if subject_matches(self.config.subjects.parse_event(subject), &env.body) {
@@ -383,6 +449,7 @@ impl Orchestrator {
             Err(refusal) => {
                 tracing::warn!(seq = meta.seq, subject, reason = refusal.reason, detail = %refusal.detail, "rejected event");
                 self.state.reject_at(meta.seq, refusal.reason);
+                self.verdicts.judged(meta.seq, true);
                 // Filed once, when first seen live (a replay after a
                 // restart does not file it again).
                 if replayed {
@@ -408,6 +475,7 @@ impl Orchestrator {
             Ok(change) => change,
             Err(r) => {
                 tracing::warn!(seq = meta.seq, subject, reason = r.reason(), error = %r, "rejected event");
+                self.verdicts.judged(meta.seq, true);
                 if replayed {
                     self.dead_letters
                         .file(
@@ -427,6 +495,7 @@ impl Orchestrator {
                 return Ok(());
             }
         };
+        self.verdicts.judged(meta.seq, false);
         let live = replayed && self.active;
         self.stats.observe(&change, live);
         match &event {

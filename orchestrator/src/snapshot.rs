@@ -7,6 +7,11 @@
 //! cannot be read, is ignored and the log is replayed from the start, which
 //! gives the same state, only slower. Since the state is a pure fold,
 //! snapshot + tail = full replay.
+//!
+//! A snapshot is signed with the cluster identity, so one that was edited in
+//! the object store (or written by anyone else) is refused and the log,
+//! whose every event is signed, is replayed instead. A start from a snapshot
+//! verifies one signature, not one per event folded into it.
 
 use async_nats::jetstream::{self, object_store};
 use serde::{Deserialize, Serialize};
@@ -15,7 +20,7 @@ use tokio::io::AsyncReadExt;
 use crate::state::ClusterState;
 
 /// Bumped whenever [`ClusterState`]'s layout changes.
-pub const SNAPSHOT_VERSION: u16 = 1;
+pub const SNAPSHOT_VERSION: u16 = 2;
 
 const OBJECT: &str = "cluster-state";
 
@@ -23,6 +28,14 @@ const OBJECT: &str = "cluster-state";
 struct Snapshot {
     version: u16,
     state: ClusterState,
+}
+
+/// What is stored: the encoded [`Snapshot`] and the cluster key's
+/// signature over it.
+#[derive(Serialize, Deserialize)]
+struct Signed {
+    signature: Vec<u8>,
+    snapshot: Vec<u8>,
 }
 
 fn config() -> bincode::config::Configuration {
@@ -49,8 +62,12 @@ pub async fn open(
     }
 }
 
-/// The latest snapshot, if there is a readable one of this version.
-pub async fn load(store: &object_store::ObjectStore) -> Option<ClusterState> {
+/// The latest snapshot, if there is a readable one of this version signed
+/// with `cluster_key`.
+pub async fn load(
+    store: &object_store::ObjectStore,
+    cluster_key: [u8; 32],
+) -> Option<ClusterState> {
     let mut object = store.get(OBJECT).await.ok()?;
     let mut bytes = Vec::new();
     if let Err(e) = object.read_to_end(&mut bytes).await {
@@ -58,7 +75,14 @@ pub async fn load(store: &object_store::ObjectStore) -> Option<ClusterState> {
         return None;
     }
     let decoded = tokio::task::spawn_blocking(move || {
-        bincode::serde::decode_from_slice::<Snapshot, _>(&bytes, config()).map(|(s, _)| s)
+        let (signed, _) = bincode::serde::decode_from_slice::<Signed, _>(&bytes, config())
+            .map_err(|e| e.to_string())?;
+        if !keysync_security::identity::verify(&cluster_key, &signed.snapshot, &signed.signature) {
+            return Err("its signature does not verify with the cluster key".to_string());
+        }
+        bincode::serde::decode_from_slice::<Snapshot, _>(&signed.snapshot, config())
+            .map(|(s, _)| s)
+            .map_err(|e| e.to_string())
     })
     .await
     .ok()?;
@@ -72,20 +96,32 @@ pub async fn load(store: &object_store::ObjectStore) -> Option<ClusterState> {
             None
         }
         Err(e) => {
-            tracing::warn!(error = %e, "snapshot undecodable; replaying the whole log");
+            tracing::warn!(error = %e, "snapshot refused; replaying the whole log");
             None
         }
     }
 }
 
-/// Stores `state` as the latest snapshot.
-pub async fn save(store: &object_store::ObjectStore, state: ClusterState) -> anyhow::Result<u64> {
+/// Stores `state` as the latest snapshot, signed with `identity`.
+pub async fn save(
+    store: &object_store::ObjectStore,
+    state: ClusterState,
+    identity: std::sync::Arc<keysync_security::Identity>,
+) -> anyhow::Result<u64> {
     let seq = state.last_seq();
     let bytes = tokio::task::spawn_blocking(move || {
-        bincode::serde::encode_to_vec(
+        let snapshot = bincode::serde::encode_to_vec(
             Snapshot {
                 version: SNAPSHOT_VERSION,
                 state,
+            },
+            config(),
+        )?;
+        let signature = identity.sign(&snapshot).to_vec();
+        bincode::serde::encode_to_vec(
+            Signed {
+                signature,
+                snapshot,
             },
             config(),
         )

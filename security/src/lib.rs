@@ -32,6 +32,7 @@ pub use credentials::NatsAuth;
 pub use dead_letter::{DeadLetters, Keep, Rejected};
 pub use identity::{parse_public_key, Identity, IdentityError};
 pub use policy::{
-    check_command, check_event, check_heartbeat, event_signer, signed_headers, Refusal,
+    check_command, check_event, check_event_preverified, check_heartbeat, event_signer, preverify,
+    signed_headers, Pending, Refusal,
 };
 pub use signature::{Claim, Rejection, Signer};

@@ -92,6 +92,29 @@ pub fn check_event(
     cluster_key: &[u8; 32],
     enrolled: impl Fn(&HsmId) -> Option<[u8; 32]>,
 ) -> Result<Envelope<Event>, Refusal> {
+    check_event_preverified(
+        headers,
+        subject,
+        payload,
+        stored_at_ns,
+        cluster_key,
+        enrolled,
+        None,
+    )
+}
+
+/// [`check_event`], where the signature may already have been checked
+/// against `preverified` (see [`preverify`]): if that is the key the
+/// event must be signed with, it is not checked again.
+pub fn check_event_preverified(
+    headers: Option<&async_nats::HeaderMap>,
+    subject: &str,
+    payload: &[u8],
+    stored_at_ns: u64,
+    cluster_key: &[u8; 32],
+    enrolled: impl Fn(&HsmId) -> Option<[u8; 32]>,
+    preverified: Option<[u8; 32]>,
+) -> Result<Envelope<Event>, Refusal> {
     let claim = Claim::read(headers).map_err(|r| Refusal::of(r, None))?;
     let refuse = |r: Rejection| Refusal::of(r, Some(&claim.signer));
     let env = decode::<Event>(payload).map_err(|e| Refusal {
@@ -124,9 +147,53 @@ pub fn check_event(
             enrolled(h).ok_or_else(|| refuse(Rejection::Unenrolled(claim.signer.header_value())))?
         }
     };
-    claim.verify(&key, subject, payload).map_err(refuse)?;
+    if preverified != Some(key) {
+        claim.verify(&key, subject, payload).map_err(refuse)?;
+    }
     freshness::check(env.emitted_at.as_nanos(), stored_at_ns).map_err(refuse)?;
     Ok(env)
+}
+
+/// One message to [`preverify`]: its subject, headers and payload, and the
+/// key its claimed signer has (as far as the caller knows now).
+pub struct Pending {
+    /// Subject.
+    pub subject: String,
+    /// Headers.
+    pub headers: Option<async_nats::HeaderMap>,
+    /// Payload.
+    pub payload: bytes::Bytes,
+    /// The key to check the signature with.
+    pub key: [u8; 32],
+}
+
+/// Checks many signatures on `threads` threads (a replay's batch), so the
+/// fold that follows checks each one only if the key it needs is not the
+/// one verified here. Returns, per message, the key its signature verified
+/// with.
+pub fn preverify(batch: &[Pending], threads: usize) -> Vec<Option<[u8; 32]>> {
+    let check = |p: &Pending| {
+        let claim = Claim::read(p.headers.as_ref()).ok()?;
+        claim
+            .verify(&p.key, &p.subject, &p.payload)
+            .ok()
+            .map(|()| p.key)
+    };
+    let threads = threads.max(1);
+    if threads == 1 || batch.len() < 2 * threads {
+        return batch.iter().map(check).collect();
+    }
+    let per = batch.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = batch
+            .chunks(per)
+            .map(|part| scope.spawn(move || part.iter().map(check).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
 }
 
 /// Checks a command from an agent's queue (stored at `stored_at_ns`).
