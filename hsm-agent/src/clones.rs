@@ -248,12 +248,20 @@ async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
         };
         acks.push((msg, Some(published)));
     }
-    for (msg, published) in acks {
-        let confirmed = match published {
-            None => Ok(()),
-            Some(Ok(fut)) => fut.await.map(drop).map_err(anyhow::Error::from),
-            Some(Err(e)) => Err(e),
-        };
+    // Every PubAck is awaited at once: each one's timeout starts when it is
+    // awaited, so awaiting them in turn would let a batch published into a
+    // NATS outage (acks lost) stall for its length times the timeout.
+    let confirmations =
+        futures::future::join_all(acks.into_iter().map(|(msg, published)| async move {
+            let confirmed = match published {
+                None => Ok(()),
+                Some(Ok(fut)) => fut.await.map(drop).map_err(anyhow::Error::from),
+                Some(Err(e)) => Err(e),
+            };
+            (msg, confirmed)
+        }))
+        .await;
+    for (msg, confirmed) in confirmations {
         match confirmed {
             Ok(()) => {
                 if let Err(e) = msg.ack().await {
