@@ -114,6 +114,21 @@ struct Orchestrator {
     heartbeats_seen: Monotonic,
     /// What the fold accepted and rejected, for the auditor.
     verdicts: Arc<audit::Verdicts>,
+    /// Events this process signed and has not folded back yet: message id
+    /// → (digest of subject and payload, signature). One it gets back
+    /// byte for byte needs no signature check.
+    own: HashMap<String, ([u8; 32], String)>,
+}
+
+/// Most signed-by-me events remembered (cleared when full).
+const OWN_MAX: usize = 100_000;
+
+fn own_digest(subject: &str, payload: &[u8]) -> [u8; 32] {
+    let mut bytes = Vec::with_capacity(subject.len() + 1 + payload.len());
+    bytes.extend_from_slice(subject.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(payload);
+    keysync_schemas::record_hash(&bytes)
 }
 
 /// Runs the orchestrator until `shutdown` resolves or a fatal error occurs.
@@ -183,6 +198,7 @@ pub async fn run(
         dead_letters,
         heartbeats_seen: Monotonic::default(),
         verdicts: Arc::new(audit::Verdicts::default()),
+        own: HashMap::new(),
         nats: nats.clone(),
         js,
         events,
@@ -411,12 +427,31 @@ impl Orchestrator {
         out
     }
 
+    fn events_prefix(&self) -> String {
+        format!("{}.evt.", self.config.subjects.prefix())
+    }
+
+    /// The cluster key, if `msg` is an event this process signed and it
+    /// came back with the same subject, payload and signature.
+    fn signed_by_me(&mut self, msg: &jetstream::Message) -> Option<[u8; 32]> {
+        let h = msg.headers.as_ref()?;
+        if h.get(keysync_schemas::headers::SIGNER)?.as_str() != "cluster" {
+            return None;
+        }
+        let id = h.get(keysync_schemas::headers::MSG_ID)?.as_str();
+        let (digest, sig) = self.own.remove(id)?;
+        let same = digest == own_digest(&msg.subject, &msg.payload)
+            && h.get(keysync_schemas::headers::SIGNATURE)?.as_str() == sig;
+        same.then_some(self.cluster_key)
+    }
+
     async fn handle(
         &mut self,
         msg: &jetstream::Message,
         replayed: bool,
         preverified: Option<[u8; 32]>,
     ) -> anyhow::Result<()> {
+        let preverified = preverified.or_else(|| self.signed_by_me(msg));
         let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
         let meta = EventMeta {
             seq: info.stream_sequence,
@@ -705,6 +740,17 @@ impl Orchestrator {
             &msg_id,
             &payload,
         );
+        if subject.starts_with(&self.events_prefix()) {
+            if self.own.len() >= OWN_MAX {
+                self.own.clear();
+            }
+            if let Some(sig) = h.get(keysync_schemas::headers::SIGNATURE) {
+                self.own.insert(
+                    msg_id.clone(),
+                    (own_digest(&subject, &payload), sig.as_str().to_string()),
+                );
+            }
+        }
         keysync_telemetry::inject(&tracing::Span::current(), &mut h);
         let fut = self
             .js
