@@ -130,7 +130,14 @@ async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
             &agent.cluster_key,
         )
         .and_then(|env| {
-            if env.body.target() == &agent.hsm && msg.subject.as_str() == expected_subject {
+            let inner_ok = match &env.body {
+                Command::CloneBatch(b) => b.clones.iter().all(|c| c.target == agent.hsm),
+                _ => true,
+            };
+            if env.body.target() == &agent.hsm
+                && inner_ok
+                && msg.subject.as_str() == expected_subject
+            {
                 Ok(env.body)
             } else {
                 Err(keysync_security::Refusal {
@@ -169,12 +176,33 @@ async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
         return;
     }
 
-    // Apply in order: runs of clones in one transaction each, deletes one
-    // by one, so a delete queued after a clone of the same key wins.
-    let store = agent.store.clone();
-    let cmds: Vec<Command> = valid.iter().map(|(_, c)| c.clone()).collect();
-    let outcomes =
-        match tokio::task::spawn_blocking(move || apply_in_order(store.as_ref(), &cmds)).await {
+    // A batch command stands for its clones: apply the single commands in
+    // order (runs of clones in one transaction each, deletes one by one, so
+    // a delete queued after a clone of the same key wins); a message is
+    // acknowledged once every result it caused is logged.
+    let mut msgs = Vec::with_capacity(valid.len());
+    let mut units: Vec<(usize, Command)> = Vec::with_capacity(valid.len());
+    for (i, (msg, cmd)) in valid.into_iter().enumerate() {
+        msgs.push(msg);
+        units.extend(cmd.into_units().into_iter().map(|c| (i, c)));
+    }
+    let mut failed: Vec<Option<anyhow::Error>> = msgs.iter().map(|_| None).collect();
+    let mut seen = vec![false; msgs.len()];
+    // In windows of at most MAX_BATCH commands: each is applied in one
+    // transaction, announced and confirmed before the next, so a large batch
+    // command (a bootstrap) does not flood the bus with thousands of events
+    // at once.
+    let mut rest = units;
+    while !rest.is_empty() {
+        let tail = rest.split_off(rest.len().min(MAX_BATCH));
+        let window = std::mem::replace(&mut rest, tail);
+        let store = agent.store.clone();
+        let cmds: Vec<Command> = window.iter().map(|(_, c)| c.clone()).collect();
+        let outcomes = match tokio::task::spawn_blocking(move || {
+            apply_in_order(store.as_ref(), &cmds)
+        })
+        .await
+        {
             Ok(r) => r,
             Err(e) => {
                 // Not acknowledged: the commands are redelivered after ack_wait.
@@ -183,93 +211,108 @@ async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
             }
         };
 
-    let mut acks = Vec::with_capacity(valid.len());
-    for ((msg, cmd), outcome) in valid.into_iter().zip(outcomes) {
-        let (subject, event) = match (cmd, outcome) {
-            (_, Outcome::Silent) => {
-                acks.push((msg, None));
-                continue;
-            }
-            (Command::CloneKey(clone), Outcome::Clone(Ok(outcome))) => {
-                agent.clones_applied.fetch_add(1, Ordering::Relaxed);
-                let key_id = clone.key.key_id;
-                (
-                    agent.subjects.clone_applied(&key_id, &agent.hsm),
-                    Event::CloneApplied(CloneApplied {
-                        key_id,
+        let mut results: Vec<(
+            usize,
+            Option<anyhow::Result<jetstream::context::PublishAckFuture>>,
+        )> = Vec::with_capacity(window.len());
+        for ((at, cmd), outcome) in window.into_iter().zip(outcomes) {
+            let msg = &msgs[at];
+            let (subject, event) = match (cmd, outcome) {
+                (_, Outcome::Silent) => {
+                    results.push((at, None));
+                    continue;
+                }
+                (Command::CloneKey(clone), Outcome::Clone(Ok(outcome))) => {
+                    agent.clones_applied.fetch_add(1, Ordering::Relaxed);
+                    let key_id = clone.key.key_id;
+                    (
+                        agent.subjects.clone_applied(&key_id, &agent.hsm),
+                        Event::CloneApplied(CloneApplied {
+                            key_id,
+                            hsm: agent.hsm.clone(),
+                            fingerprint: clone.key.fingerprint,
+                            already_present: outcome == CloneOutcome::AlreadyPresent,
+                        }),
+                    )
+                }
+                (Command::CloneKey(clone), Outcome::Clone(Err(reason))) => {
+                    let key_id = clone.key.key_id;
+                    tracing::warn!(%key_id, reason = reason.reason(), "clone failed; nothing stored");
+                    agent
+                        .rejections
+                        .reject("clone_failed", &msg.subject, &reason.reason());
+                    (
+                        agent.subjects.clone_failed(&key_id, &agent.hsm),
+                        Event::CloneFailed(CloneFailed {
+                            key_id,
+                            hsm: agent.hsm.clone(),
+                            reason,
+                        }),
+                    )
+                }
+                (Command::DeleteKey(d), Outcome::Erased(was_present)) => (
+                    agent.subjects.key_erased(&d.key_id, &agent.hsm),
+                    Event::KeyErased(KeyErased {
+                        key_id: d.key_id,
                         hsm: agent.hsm.clone(),
-                        fingerprint: clone.key.fingerprint,
-                        already_present: outcome == CloneOutcome::AlreadyPresent,
+                        was_present,
                     }),
-                )
-            }
-            (Command::CloneKey(clone), Outcome::Clone(Err(reason))) => {
-                let key_id = clone.key.key_id;
-                tracing::warn!(%key_id, reason = reason.reason(), "clone failed; nothing stored");
-                agent
-                    .rejections
-                    .reject("clone_failed", &msg.subject, &reason.reason());
-                (
-                    agent.subjects.clone_failed(&key_id, &agent.hsm),
-                    Event::CloneFailed(CloneFailed {
-                        key_id,
-                        hsm: agent.hsm.clone(),
-                        reason,
-                    }),
-                )
-            }
-            (Command::DeleteKey(d), Outcome::Erased(was_present)) => (
-                agent.subjects.key_erased(&d.key_id, &agent.hsm),
-                Event::KeyErased(KeyErased {
-                    key_id: d.key_id,
-                    hsm: agent.hsm.clone(),
-                    was_present,
-                }),
-            ),
-            (_, Outcome::Failed(e)) => {
-                // Not acknowledged: redelivered and tried again.
-                tracing::warn!(error = %e, "command not applied; it will be redelivered");
-                continue;
-            }
-            _ => continue,
-        };
-        // The command's trace continues here: this apply, then its result.
-        let span = tracing::info_span!("keysync.apply", hsm = %agent.hsm, kind = event.kind());
-        keysync_telemetry::follow(&span, msg.headers.as_ref());
-        let env = Envelope::new(Source::Hsm(agent.hsm.clone()), event);
-        let published = match keysync_schemas::encode(&env) {
-            Ok(bytes) => {
-                agent
-                    .publish_event(subject, env.id, bytes)
-                    .instrument(span)
-                    .await
-            }
-            Err(e) => Err(anyhow::anyhow!(e)),
-        };
-        acks.push((msg, Some(published)));
-    }
-    // Every PubAck is awaited at once: each one's timeout starts when it is
-    // awaited, so awaiting them in turn would let a batch published into a
-    // NATS outage (acks lost) stall for its length times the timeout.
-    let confirmations =
-        futures::future::join_all(acks.into_iter().map(|(msg, published)| async move {
-            let confirmed = match published {
-                None => Ok(()),
-                Some(Ok(fut)) => fut.await.map(drop).map_err(anyhow::Error::from),
-                Some(Err(e)) => Err(e),
+                ),
+                (_, Outcome::Failed(e)) => {
+                    // Not acknowledged: redelivered and tried again.
+                    tracing::warn!(error = %e, "command not applied; it will be redelivered");
+                    results.push((at, Some(Err(anyhow::anyhow!("not applied: {e}")))));
+                    continue;
+                }
+                _ => continue,
             };
-            (msg, confirmed)
-        }))
-        .await;
-    for (msg, confirmed) in confirmations {
-        match confirmed {
-            Ok(()) => {
+            // The command's trace continues here: this apply, then its result.
+            let span = tracing::info_span!("keysync.apply", hsm = %agent.hsm, kind = event.kind());
+            keysync_telemetry::follow(&span, msg.headers.as_ref());
+            let env = Envelope::new(Source::Hsm(agent.hsm.clone()), event);
+            let published = match keysync_schemas::encode(&env) {
+                Ok(bytes) => {
+                    agent
+                        .publish_event(subject, env.id, bytes)
+                        .instrument(span)
+                        .await
+                }
+                Err(e) => Err(anyhow::anyhow!(e)),
+            };
+            results.push((at, Some(published)));
+        }
+        // Every PubAck is awaited at once: each one's timeout starts when it is
+        // awaited, so awaiting them in turn would let a batch published into a
+        // NATS outage (acks lost) stall for its length times the timeout.
+        let confirmations =
+            futures::future::join_all(results.into_iter().map(|(at, published)| async move {
+                let confirmed = match published {
+                    None => Ok(()),
+                    Some(Ok(fut)) => fut.await.map(drop).map_err(anyhow::Error::from),
+                    Some(Err(e)) => Err(e),
+                };
+                (at, confirmed)
+            }))
+            .await;
+        for (at, confirmed) in confirmations {
+            seen[at] = true;
+            if let Err(e) = confirmed {
+                failed[at] = Some(e);
+            }
+        }
+    }
+    for ((msg, failure), seen) in msgs.iter().zip(failed).zip(seen) {
+        if !seen {
+            continue; // nothing came of it (not applied): redelivered
+        }
+        match failure {
+            None => {
                 if let Err(e) = msg.ack().await {
                     tracing::warn!(error = %e, "could not acknowledge a command; it will be redelivered");
                 }
             }
             // Left unacknowledged: redelivered and re-applied (a no-op).
-            Err(e) => {
+            Some(e) => {
                 tracing::warn!(error = %e, "command result not logged; command will be redelivered")
             }
         }
@@ -298,7 +341,7 @@ fn apply_in_order(store: &dyn Keystore, cmds: &[Command]) -> Vec<Outcome> {
                     .iter()
                     .map_while(|c| match c {
                         Command::CloneKey(k) => Some(k),
-                        Command::DeleteKey(_) => None,
+                        Command::DeleteKey(_) | Command::CloneBatch(_) => None,
                     })
                     .collect();
                 i += run.len();
@@ -306,6 +349,11 @@ fn apply_in_order(store: &dyn Keystore, cmds: &[Command]) -> Vec<Outcome> {
                     Ok(CloneOutcome::Tombstoned) => Outcome::Silent,
                     other => Outcome::Clone(other),
                 }));
+            }
+            Command::CloneBatch(b) => {
+                let units: Vec<Command> = b.clones.iter().cloned().map(Command::CloneKey).collect();
+                out.extend(apply_in_order(store, &units));
+                i += 1;
             }
             Command::DeleteKey(d) => {
                 out.push(match store.delete(&d.key_id, None) {

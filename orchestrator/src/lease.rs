@@ -9,7 +9,10 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_nats::jetstream::{self, kv};
+use tokio::sync::{oneshot, Mutex};
 
 const KEY: &str = "active";
 
@@ -107,4 +110,32 @@ impl Lease {
             .flatten()
             .map(|v| String::from_utf8_lossy(&v).into_owned())
     }
+}
+
+/// A lease being renewed on its own task.
+pub struct Keeper {
+    /// The renewing task.
+    pub task: tokio::task::JoinHandle<()>,
+    /// Resolves with the error when the lease is lost.
+    pub lost: oneshot::Receiver<anyhow::Error>,
+}
+
+/// Renews a held lease every third of its time until a renewal fails.
+pub fn keep(lease: Arc<Mutex<Lease>>) -> Keeper {
+    let (tx, lost) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let ttl = lease.lock().await.ttl;
+        let mut tick = tokio::time::interval(ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let renewed = lease.lock().await.renew().await;
+            if let Err(e) = renewed {
+                let _ = tx.send(e);
+                return;
+            }
+        }
+    });
+    Keeper { task, lost }
 }

@@ -76,11 +76,52 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
 /// Inventory entries asked for per request during a repair.
 const INVENTORY_PAGE: u32 = 2000;
 
+/// Bytes of wrapped keys one batch command carries at most (well under
+/// the message limit, with room for the envelope).
+const CLONE_BATCH_BYTES: usize = keysync_schemas::MAX_MESSAGE_BYTES * 3 / 4;
+
+/// A run of clones for one HSM, gathered into one command.
+#[derive(Default)]
+struct CloneRun {
+    target: Option<HsmId>,
+    repair: bool,
+    bytes: usize,
+    clones: Vec<(u64, KeyCreated)>,
+}
+
+impl CloneRun {
+    fn size_of(key: &KeyCreated) -> usize {
+        key.wrapped.len()
+            + key.public_key.as_ref().map_or(0, Vec::len)
+            + key.attributes.label.as_ref().map_or(0, String::len)
+            + 160
+    }
+
+    /// Whether `key` for `target` can join this run.
+    fn fits(&self, target: &HsmId, repair: bool, key: &KeyCreated) -> bool {
+        match &self.target {
+            None => true,
+            Some(t) => {
+                t == target
+                    && self.repair == repair
+                    && self.bytes + Self::size_of(key) <= CLONE_BATCH_BYTES
+            }
+        }
+    }
+
+    fn push(&mut self, target: &HsmId, repair: bool, created_seq: u64, key: KeyCreated) {
+        self.target = Some(target.clone());
+        self.repair = repair;
+        self.bytes += Self::size_of(&key);
+        self.clones.push((created_seq, key));
+    }
+}
+
 /// Most events taken from the consumer at once.
-const EVENT_BATCH: usize = 1024;
+const EVENT_BATCH: usize = 128;
 
 /// Smallest batch whose signatures are checked in parallel beforehand.
-const PREVERIFY_MIN: usize = 32;
+const PREVERIFY_MIN: usize = 16;
 
 /// Actions carried out per batch (bounds the `KeyCreated`s held at once).
 const ACTION_CHUNK: usize = 512;
@@ -139,7 +180,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let js = jetstream::new(nats.clone());
     let mut events = streams::ensure(&js, &config.subjects, config.replicas).await?;
-    let mut lease = Lease::open(
+    let lease = Lease::open(
         &js,
         &config.subjects.lease_bucket(),
         &config.name,
@@ -238,6 +279,9 @@ pub async fn run(
     let mut seq_at_last_check = orch.state.last_seq();
     let mut saving: Option<tokio::task::JoinHandle<anyhow::Result<u64>>> = None;
     let started = Instant::now();
+    let lease = std::sync::Arc::new(tokio::sync::Mutex::new(lease));
+    let mut renewing: Option<lease::Keeper> = None;
+    let mut last_failure_check = Instant::now();
     if replayed {
         tracing::info!("event log empty");
     }
@@ -252,7 +296,13 @@ pub async fn run(
                     for msg in batch {
                         msgs.push(msg.map_err(|e| anyhow::anyhow!("event consumer failed: {e}"))?);
                     }
-                    let verified = orch.preverify(&msgs).await;
+                    // Only a replay's backlog is worth both cores: live, the
+                    // other processes need them.
+                    let verified = if replayed {
+                        vec![None; msgs.len()]
+                    } else {
+                        orch.preverify(&msgs).await
+                    };
                     for (msg, verified) in msgs.iter().zip(verified) {
                         let (seq, pending) = msg
                             .info()
@@ -282,14 +332,33 @@ pub async fn run(
                     }
                 }
                 _ = lease_tick.tick() => {
-                    if orch.active {
-                        lease.renew().await?;
-                    } else if replayed && lease.try_acquire().await {
+                    if !orch.active && replayed && lease.lock().await.try_acquire().await {
+                        // Renewed on its own task: a loop busy with a large
+                        // fan-out (a bootstrap) keeps the lease; a process
+                        // that dies or loses NATS does not.
+                        renewing = Some(lease::keep(lease.clone()));
                         orch.become_active(started).await?;
                     }
                 }
+                lost = async {
+                    match renewing.as_mut() {
+                        Some(k) => (&mut k.lost).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    renewing = None;
+                    match lost {
+                        Ok(e) => return Err(e),
+                        Err(_) => anyhow::bail!("the lease keeper stopped"),
+                    }
+                }
                 _ = failure_tick.tick() => {
-                    if orch.active {
+                    // After the loop was busy (a large fan-out), heartbeats
+                    // wait unread in the subscription: judge silence only
+                    // once they have been read.
+                    let busy = last_failure_check.elapsed() > orch.config.failure_timeout / 2;
+                    last_failure_check = Instant::now();
+                    if orch.active && !busy {
                         orch.detect_failures().await?;
                     }
                 }
@@ -350,8 +419,11 @@ pub async fn run(
     if let Some(a) = orch.auditor.take() {
         a.abort();
     }
+    if let Some(k) = renewing.take() {
+        k.task.abort();
+    }
     if result.is_ok() && orch.active {
-        lease.release().await;
+        lease.lock().await.release().await;
     }
     drop(messages);
     if let Some(server) = metrics_server {
@@ -554,7 +626,17 @@ impl Orchestrator {
             // The event's trace continues through what it causes.
             let span = tracing::info_span!("keysync.event", kind = event.kind(), seq = meta.seq);
             keysync_telemetry::follow(&span, msg.headers.as_ref());
+            let started = Instant::now();
+            let n = actions.len();
             self.execute(actions, current).instrument(span).await?;
+            if started.elapsed() > Duration::from_millis(200) {
+                tracing::info!(
+                    kind = event.kind(),
+                    actions = n,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "slow event handling"
+                );
+            }
         }
         Ok(())
     }
@@ -590,11 +672,86 @@ impl Orchestrator {
                 .filter_map(|(seq, c)| async move { c.map(|c| (seq, c)) })
                 .collect()
                 .await;
+            // Consecutive clones for one HSM (a bootstrap, a repair) go as
+            // batch commands: one signature and one message for many keys.
+            let mut batch = CloneRun::default();
             for action in chunk {
+                if let Action::SendClone {
+                    target,
+                    created_seq,
+                    repair,
+                    ..
+                } = action
+                {
+                    let key = match current {
+                        Some((seq, c)) if seq == *created_seq => Some(c.clone()),
+                        _ => fetched.get(created_seq).cloned(),
+                    };
+                    let Some(key) = key else { continue };
+                    if !batch.fits(target, *repair, &key) {
+                        self.send_clones(std::mem::take(&mut batch)).await?;
+                    }
+                    batch.push(target, *repair, *created_seq, key);
+                    continue;
+                }
+                self.send_clones(std::mem::take(&mut batch)).await?;
                 self.execute_one(action, current, &fetched).await?;
             }
+            self.send_clones(batch).await?;
         }
         Ok(())
+    }
+
+    /// Sends a run of clones for one HSM: one `CloneKey` (with its
+    /// deterministic id) or one `CloneBatch`.
+    async fn send_clones(&mut self, run: CloneRun) -> anyhow::Result<()> {
+        let Some(target) = run.target else {
+            return Ok(());
+        };
+        let source = Source::Orchestrator(self.config.name.clone());
+        let mut clones: Vec<CloneKey> = run
+            .clones
+            .into_iter()
+            .map(|(created_seq, key)| CloneKey {
+                target: target.clone(),
+                created_seq,
+                key,
+            })
+            .collect();
+        let (msg_id, command) = if clones.len() == 1 {
+            let clone = clones.remove(0);
+            let key_id = clone.key.key_id;
+            let id = if run.repair {
+                format!("repair-{key_id}-{target}-{}", uuid::Uuid::now_v7())
+            } else {
+                format!("clone-{key_id}-{target}")
+            };
+            (id, Command::CloneKey(clone))
+        } else {
+            let (first, last) = (
+                clones.first().map_or(0, |c| c.created_seq),
+                clones.last().map_or(0, |c| c.created_seq),
+            );
+            let id = if run.repair {
+                format!("repair-batch-{target}-{}", uuid::Uuid::now_v7())
+            } else {
+                format!("clone-batch-{target}-{first}-{last}-{}", clones.len())
+            };
+            (
+                id,
+                Command::CloneBatch(keysync_schemas::CloneBatch {
+                    target: target.clone(),
+                    clones,
+                }),
+            )
+        };
+        let env = Envelope::new(source, command);
+        self.publish(
+            self.config.subjects.commands_for(&target),
+            msg_id,
+            encode(&env)?,
+        )
+        .await
     }
 
     async fn execute_one(

@@ -14,6 +14,9 @@ pub enum Command {
     CloneKey(CloneKey),
     /// Erase a deleted key and keep its tombstone.
     DeleteKey(DeleteKey),
+    /// Store many keys: a new member's bootstrap, or a repair, in one
+    /// signed message (each still answered by its own `CloneApplied`).
+    CloneBatch(CloneBatch),
 }
 
 impl Command {
@@ -22,8 +25,27 @@ impl Command {
         match self {
             Command::CloneKey(c) => &c.target,
             Command::DeleteKey(d) => &d.target,
+            Command::CloneBatch(b) => &b.target,
         }
     }
+
+    /// The single commands this one stands for, in order (a batch's clones
+    /// must all be for its target).
+    pub fn into_units(self) -> Vec<Command> {
+        match self {
+            Command::CloneBatch(b) => b.clones.into_iter().map(Command::CloneKey).collect(),
+            single => vec![single],
+        }
+    }
+}
+
+/// Many clones for one HSM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneBatch {
+    /// The HSM that must apply them.
+    pub target: HsmId,
+    /// The clones, each also naming `target`.
+    pub clones: Vec<CloneKey>,
 }
 
 /// Erase `key_id` (if held) and refuse it from then on.
