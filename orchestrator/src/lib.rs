@@ -512,6 +512,10 @@ impl Orchestrator {
         }
         let id = h.get(keysync_schemas::headers::MSG_ID)?.as_str();
         let (digest, sig) = self.own.remove(id)?;
+        // Drained after a burst: give the memory back.
+        if self.own.is_empty() && self.own.capacity() > 4096 {
+            self.own.shrink_to(1024);
+        }
         let same = digest == own_digest(&msg.subject, &msg.payload)
             && h.get(keysync_schemas::headers::SIGNATURE)?.as_str() == sig;
         same.then_some(self.cluster_key)

@@ -20,7 +20,7 @@ use tokio::io::AsyncReadExt;
 use crate::state::ClusterState;
 
 /// Bumped whenever [`ClusterState`]'s layout changes.
-pub const SNAPSHOT_VERSION: u16 = 2;
+pub const SNAPSHOT_VERSION: u16 = 3;
 
 const OBJECT: &str = "cluster-state";
 
@@ -30,13 +30,10 @@ struct Snapshot {
     state: ClusterState,
 }
 
-/// What is stored: the encoded [`Snapshot`] and the cluster key's
-/// signature over it.
-#[derive(Serialize, Deserialize)]
-struct Signed {
-    signature: Vec<u8>,
-    snapshot: Vec<u8>,
-}
+/// The object's metadata entry holding the cluster key's signature (hex)
+/// over the stored bytes (kept beside them, so the snapshot is never copied
+/// to be signed or checked).
+const SIGNATURE: &str = "keysync-signature";
 
 fn config() -> bincode::config::Configuration {
     bincode::config::standard()
@@ -69,18 +66,22 @@ pub async fn load(
     cluster_key: [u8; 32],
 ) -> Option<ClusterState> {
     let mut object = store.get(OBJECT).await.ok()?;
+    let signature = object
+        .info
+        .metadata
+        .get(SIGNATURE)
+        .and_then(|h| hex::decode(h).ok())
+        .unwrap_or_default();
     let mut bytes = Vec::new();
     if let Err(e) = object.read_to_end(&mut bytes).await {
         tracing::warn!(error = %e, "snapshot unreadable; replaying the whole log");
         return None;
     }
     let decoded = tokio::task::spawn_blocking(move || {
-        let (signed, _) = bincode::serde::decode_from_slice::<Signed, _>(&bytes, config())
-            .map_err(|e| e.to_string())?;
-        if !keysync_security::identity::verify(&cluster_key, &signed.snapshot, &signed.signature) {
+        if !keysync_security::identity::verify(&cluster_key, &bytes, &signature) {
             return Err("its signature does not verify with the cluster key".to_string());
         }
-        bincode::serde::decode_from_slice::<Snapshot, _>(&signed.snapshot, config())
+        bincode::serde::decode_from_slice::<Snapshot, _>(&bytes, config())
             .map(|(s, _)| s)
             .map_err(|e| e.to_string())
     })
@@ -109,24 +110,23 @@ pub async fn save(
     identity: std::sync::Arc<keysync_security::Identity>,
 ) -> anyhow::Result<u64> {
     let seq = state.last_seq();
-    let bytes = tokio::task::spawn_blocking(move || {
-        let snapshot = bincode::serde::encode_to_vec(
+    let (bytes, signature) = tokio::task::spawn_blocking(move || {
+        let bytes = bincode::serde::encode_to_vec(
             Snapshot {
                 version: SNAPSHOT_VERSION,
                 state,
             },
             config(),
         )?;
-        let signature = identity.sign(&snapshot).to_vec();
-        bincode::serde::encode_to_vec(
-            Signed {
-                signature,
-                snapshot,
-            },
-            config(),
-        )
+        let signature = identity.sign(&bytes);
+        anyhow::Ok((bytes, signature))
     })
     .await??;
-    store.put(OBJECT, &mut bytes.as_slice()).await?;
+    let meta = object_store::ObjectMetadata {
+        name: OBJECT.to_string(),
+        metadata: [(SIGNATURE.to_string(), hex::encode(signature))].into(),
+        ..Default::default()
+    };
+    store.put(meta, &mut bytes.as_slice()).await?;
     Ok(seq)
 }
