@@ -11,6 +11,7 @@ use std::path::Path;
 use aes_kw::KwpAes256;
 use hmac::{Hmac, KeyInit as _, Mac};
 use keysync_schemas::DomainId;
+use keysync_security::secret_file::{self, SecretFileError};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
@@ -52,6 +53,18 @@ pub enum DomainKeyError {
     Rng,
 }
 
+impl From<SecretFileError> for DomainKeyError {
+    fn from(e: SecretFileError) -> Self {
+        match e {
+            SecretFileError::Permissions { path, mode } => {
+                DomainKeyError::Permissions { path, mode }
+            }
+            SecretFileError::Exists(path) => DomainKeyError::Exists(path),
+            SecretFileError::Io { path, source } => DomainKeyError::Io { path, source },
+        }
+    }
+}
+
 /// The cluster domain key. Never logged (`Debug` is redacted), never sent.
 pub struct DomainKey {
     key: Zeroizing<[u8; 32]>,
@@ -81,58 +94,18 @@ impl DomainKey {
 
     /// Loads the key from `path`, refusing a file others can read.
     pub fn load(path: &Path) -> Result<Self, DomainKeyError> {
-        let shown = path.display().to_string();
-        let io = |source| DomainKeyError::Io {
-            path: shown.clone(),
-            source,
-        };
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
-            if mode & 0o077 != 0 {
-                return Err(DomainKeyError::Permissions {
-                    path: shown,
-                    mode: mode & 0o777,
-                });
-            }
-        }
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+        let text = secret_file::read(path)?;
         let mut bytes = Zeroizing::new([0u8; 32]);
         hex::decode_to_slice(text.trim(), bytes.as_mut())
-            .map_err(|_| DomainKeyError::Format(shown))?;
+            .map_err(|_| DomainKeyError::Format(path.display().to_string()))?;
         Ok(DomainKey::from_bytes(*bytes))
     }
 
     /// Writes a new random key to `path` with mode 0600 (never overwrites).
     pub fn create_file(path: &Path) -> Result<Self, DomainKeyError> {
-        use std::io::Write;
-        let shown = path.display().to_string();
         let key = DomainKey::generate()?;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut file = opts.open(path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::AlreadyExists {
-                DomainKeyError::Exists(shown.clone())
-            } else {
-                DomainKeyError::Io {
-                    path: shown.clone(),
-                    source,
-                }
-            }
-        })?;
         let text = Zeroizing::new(format!("{}\n", hex::encode(key.key.as_ref())));
-        file.write_all(text.as_bytes())
-            .and_then(|_| file.sync_all())
-            .map_err(|source| DomainKeyError::Io {
-                path: shown,
-                source,
-            })?;
+        secret_file::create(path, &text)?;
         Ok(key)
     }
 

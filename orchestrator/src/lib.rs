@@ -560,25 +560,7 @@ impl Orchestrator {
             Err(refusal) => {
                 tracing::warn!(seq = meta.seq, subject, reason = refusal.reason, detail = %refusal.detail, "rejected event");
                 self.state.reject_at(meta.seq, refusal.reason);
-                self.verdicts.judged(meta.seq, true);
-                // Filed once, when first seen live (a replay after a
-                // restart does not file it again).
-                if replayed {
-                    self.dead_letters
-                        .file(
-                            Rejected {
-                                subject,
-                                reason: refusal.reason,
-                                detail: refusal.detail,
-                                claimed_signer: refusal.signer,
-                                stream_seq: Some(meta.seq),
-                                payload: &msg.payload,
-                                dedup_id: Some(format!("dlq-event-{}", meta.seq)),
-                            },
-                            Keep::Payload,
-                        )
-                        .await;
-                }
+                self.rejected_event(msg, meta, replayed, refusal).await;
                 return Ok(());
             }
         };
@@ -586,23 +568,12 @@ impl Orchestrator {
             Ok(change) => change,
             Err(r) => {
                 tracing::warn!(seq = meta.seq, subject, reason = r.reason(), error = %r, "rejected event");
-                self.verdicts.judged(meta.seq, true);
-                if replayed {
-                    self.dead_letters
-                        .file(
-                            Rejected {
-                                subject,
-                                reason: r.reason(),
-                                detail: r.to_string(),
-                                claimed_signer: None,
-                                stream_seq: Some(meta.seq),
-                                payload: &msg.payload,
-                                dedup_id: Some(format!("dlq-event-{}", meta.seq)),
-                            },
-                            Keep::Payload,
-                        )
-                        .await;
-                }
+                let refusal = keysync_security::Refusal {
+                    reason: r.reason(),
+                    detail: r.to_string(),
+                    signer: None,
+                };
+                self.rejected_event(msg, meta, replayed, refusal).await;
                 return Ok(());
             }
         };
@@ -643,6 +614,35 @@ impl Orchestrator {
             }
         }
         Ok(())
+    }
+
+    /// Tells the auditor an event was rejected and files it as a dead
+    /// letter: once, when first seen live (a replay after a restart does
+    /// not file it again).
+    async fn rejected_event(
+        &self,
+        msg: &jetstream::Message,
+        meta: EventMeta,
+        replayed: bool,
+        refusal: keysync_security::Refusal,
+    ) {
+        self.verdicts.judged(meta.seq, true);
+        if replayed {
+            self.dead_letters
+                .file(
+                    Rejected {
+                        subject: &msg.subject,
+                        reason: refusal.reason,
+                        detail: refusal.detail,
+                        claimed_signer: refusal.signer,
+                        stream_seq: Some(meta.seq),
+                        payload: &msg.payload,
+                        dedup_id: Some(format!("dlq-event-{}", meta.seq)),
+                    },
+                    Keep::Payload,
+                )
+                .await;
+        }
     }
 
     /// Carries out actions. `current` is the `KeyCreated` being handled,
@@ -699,7 +699,7 @@ impl Orchestrator {
                     continue;
                 }
                 self.send_clones(std::mem::take(&mut batch)).await?;
-                self.execute_one(action, current, &fetched).await?;
+                self.execute_one(action).await?;
             }
             self.send_clones(batch).await?;
         }
@@ -758,47 +758,11 @@ impl Orchestrator {
         .await
     }
 
-    async fn execute_one(
-        &mut self,
-        action: &Action,
-        current: Option<(u64, &KeyCreated)>,
-        fetched: &HashMap<u64, KeyCreated>,
-    ) -> anyhow::Result<()> {
+    async fn execute_one(&mut self, action: &Action) -> anyhow::Result<()> {
         let source = Source::Orchestrator(self.config.name.clone());
         match action {
-            Action::SendClone {
-                target,
-                key_id,
-                created_seq,
-                repair,
-            } => {
-                let key = match current {
-                    Some((seq, c)) if seq == *created_seq => c.clone(),
-                    _ => match fetched.get(created_seq) {
-                        Some(c) => c.clone(),
-                        None => return Ok(()),
-                    },
-                };
-                let msg_id = if *repair {
-                    format!("repair-{key_id}-{target}-{}", uuid::Uuid::now_v7())
-                } else {
-                    format!("clone-{key_id}-{target}")
-                };
-                let env = Envelope::new(
-                    source,
-                    Command::CloneKey(CloneKey {
-                        target: target.clone(),
-                        created_seq: *created_seq,
-                        key,
-                    }),
-                );
-                self.publish(
-                    self.config.subjects.commands_for(target),
-                    msg_id,
-                    encode(&env)?,
-                )
-                .await
-            }
+            // `execute` sends clones in runs (`send_clones`).
+            Action::SendClone { .. } => anyhow::bail!("a clone outside a run of clones"),
             Action::SendDelete { target, key_id } => {
                 let env = Envelope::new(
                     source,

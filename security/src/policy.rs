@@ -42,6 +42,18 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// Decodes a payload whose signer is `signer`, refusing what does not decode.
+fn decoded<T: keysync_schemas::Message>(
+    payload: &[u8],
+    signer: &Signer,
+) -> Result<Envelope<T>, Refusal> {
+    decode::<T>(payload).map_err(|e| Refusal {
+        reason: e.reason(),
+        detail: e.to_string(),
+        signer: Some(signer.header_value()),
+    })
+}
+
 /// Who may sign `event`.
 pub fn event_signer(event: &Event) -> Signer {
     match event {
@@ -117,11 +129,7 @@ pub fn check_event_preverified(
 ) -> Result<Envelope<Event>, Refusal> {
     let claim = Claim::read(headers).map_err(|r| Refusal::of(r, None))?;
     let refuse = |r: Rejection| Refusal::of(r, Some(&claim.signer));
-    let env = decode::<Event>(payload).map_err(|e| Refusal {
-        reason: e.reason(),
-        detail: e.to_string(),
-        signer: Some(claim.signer.header_value()),
-    })?;
+    let env = decoded::<Event>(payload, &claim.signer)?;
     let expected = event_signer(&env.body);
     if claim.signer != expected || !source_matches(&expected, &env.source) {
         return Err(refuse(Rejection::SignerMismatch {
@@ -216,11 +224,7 @@ pub fn check_command(
     claim
         .verify(cluster_key, subject, payload)
         .map_err(refuse)?;
-    let env = decode::<Command>(payload).map_err(|e| Refusal {
-        reason: e.reason(),
-        detail: e.to_string(),
-        signer: Some(claim.signer.header_value()),
-    })?;
+    let env = decoded::<Command>(payload, &claim.signer)?;
     freshness::check(env.emitted_at.as_nanos(), stored_at_ns).map_err(refuse)?;
     Ok(env)
 }
@@ -246,11 +250,7 @@ pub fn check_heartbeat(
     let key =
         enrolled(hsm).ok_or_else(|| refuse(Rejection::Unenrolled(claim.signer.header_value())))?;
     claim.verify(&key, subject, payload).map_err(refuse)?;
-    let env = decode::<Heartbeat>(payload).map_err(|e| Refusal {
-        reason: e.reason(),
-        detail: e.to_string(),
-        signer: Some(claim.signer.header_value()),
-    })?;
+    let env = decoded::<Heartbeat>(payload, &claim.signer)?;
     if &env.body.hsm != hsm || !source_matches(&claim.signer, &env.source) {
         return Err(refuse(Rejection::SignerMismatch {
             signer: claim.signer.header_value(),

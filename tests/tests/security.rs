@@ -1255,29 +1255,9 @@ async fn ten_thousand_hostile_messages_change_nothing_and_real_keys_keep_syncing
     attacker.flush().await.expect("flush");
     let mut expected = create_many(&client, &hsms, 50, 8).await;
     assert_converges(&client, &hsms, &expected, Duration::from_secs(30)).await;
-    let mut commands = Vec::new();
-    while commands.len() < 40 {
-        match tokio::time::timeout(Duration::from_millis(500), command_sub.next()).await {
-            Ok(Some(m)) => commands.extend(
-                m.headers
-                    .as_ref()
-                    .and_then(|h| Captured::new(m.subject.as_str(), h, m.payload.clone())),
-            ),
-            _ => break,
-        }
-    }
+    let commands = capture(&mut command_sub, 40, Duration::from_millis(500)).await;
     drop(command_sub);
-    let mut heartbeats = Vec::new();
-    while heartbeats.len() < 6 {
-        match tokio::time::timeout(Duration::from_secs(5), heartbeat_sub.next()).await {
-            Ok(Some(m)) => heartbeats.extend(
-                m.headers
-                    .as_ref()
-                    .and_then(|h| Captured::new(m.subject.as_str(), h, m.payload.clone())),
-            ),
-            _ => break,
-        }
-    }
+    let heartbeats = capture(&mut heartbeat_sub, 6, Duration::from_secs(5)).await;
     drop(heartbeat_sub);
     let events_stream = js
         .get_stream(subjects.events_stream())
@@ -1851,4 +1831,20 @@ async fn no_key_material_appears_in_any_log_at_trace_level() {
         secrets.len(),
         written_forms(&seed).len()
     );
+}
+
+/// Up to `n` signed messages from `sub`, waiting at most `wait` for each.
+async fn capture(sub: &mut async_nats::Subscriber, n: usize, wait: Duration) -> Vec<Captured> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match tokio::time::timeout(wait, sub.next()).await {
+            Ok(Some(m)) => out.extend(
+                m.headers
+                    .as_ref()
+                    .and_then(|h| Captured::new(m.subject.as_str(), h, m.payload.clone())),
+            ),
+            _ => break,
+        }
+    }
+    out
 }
