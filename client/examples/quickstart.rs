@@ -7,8 +7,8 @@
 //! target/debug/examples/quickstart nats://127.0.0.1:4222  # or uses a running cluster
 //! ```
 
-use keysync::devstack::{DevStack, StackOptions};
 use keysync::{Client, CreateKey, Route};
+use keysync_harness::{DevStack, StackOptions};
 use keysync_schemas::{Durability, KeyType};
 
 #[tokio::main]

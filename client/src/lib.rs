@@ -69,13 +69,14 @@
 //! Errors keep apart what callers handle apart: [`Error::NotYetReplicated`],
 //! [`Error::BelowDurability`], [`Error::HsmUnavailable`], [`Error::BadRequest`].
 //!
-//! [`devstack`] runs a local stack of real processes (used by `keysync dev`,
-//! `keysync demo`, `keysync bench` and the integration tests).
+//! This crate is only the SDK: its dependency tree holds no HSM, CLI
+//! parser, HTTP server or span exporter. The `keysync` CLI is the
+//! `keysync-cli` crate; the local stack of real processes used by
+//! `keysync dev`, the example and the tests is `keysync-harness`.
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod client;
-pub mod devstack;
 pub mod error;
 pub mod retry;
 pub mod routing;

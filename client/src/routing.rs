@@ -83,7 +83,7 @@ pub async fn watch(
     map: std::sync::Arc<ReplicaMap>,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
-    let filter = format!("{}.evt.key.>", subjects.prefix());
+    let filter = subjects.key_events_all();
     let mut sub = match nats.subscribe(filter).await {
         Ok(s) => s,
         Err(e) => {

@@ -6,10 +6,10 @@
 //! queues for it. See [`run`].
 
 pub mod clones;
-pub mod domain;
 pub mod keystore;
 pub mod material;
 pub mod membership;
+pub mod offline;
 pub mod ops;
 pub mod rejections;
 
@@ -30,9 +30,9 @@ use tracing::Instrument as _;
 
 use keysync_security::{DeadLetters, Identity, Signer};
 
-use crate::domain::DomainKey;
 use crate::keystore::{embedded::EmbeddedKeystore, Keystore};
 use crate::rejections::Rejections;
+use keysync_security::domain_key::DomainKey;
 
 /// How an agent is configured.
 #[derive(Debug, Clone)]

@@ -150,7 +150,7 @@ async fn enrollment_until(
     }
     let consumer = events
         .create_consumer(pull::OrderedConfig {
-            filter_subject: format!("{}.evt.hsm.>", subjects.prefix()),
+            filter_subject: subjects.hsm_events_all(),
             ..Default::default()
         })
         .await?;

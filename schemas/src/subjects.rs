@@ -101,6 +101,21 @@ impl Subjects {
         format!("{}.evt.>", self.prefix)
     }
 
+    /// What every event subject starts with: `<p>.evt.`.
+    pub fn events_prefix(&self) -> String {
+        format!("{}.evt.", self.prefix)
+    }
+
+    /// Every key event: `<p>.evt.key.>`.
+    pub fn key_events_all(&self) -> String {
+        format!("{}.evt.key.>", self.prefix)
+    }
+
+    /// Every membership event: `<p>.evt.hsm.>`.
+    pub fn hsm_events_all(&self) -> String {
+        format!("{}.evt.hsm.>", self.prefix)
+    }
+
     /// Every event of one key: `<p>.evt.key.<id>.>`.
     pub fn key_events(&self, key: &KeyId) -> String {
         format!("{}.evt.key.{key}.>", self.prefix)

@@ -7,24 +7,31 @@
 use std::path::PathBuf;
 
 /// How a process authenticates to NATS.
-#[derive(Clone, Default, clap::Args)]
+///
+/// With the `clap` feature (the binaries') these are command-line flags; the
+/// SDK builds it as a plain struct, so applications do not link a CLI parser.
+#[derive(Clone, Default)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct NatsAuth {
     /// NATS user name (with --nats-password).
-    #[arg(long, env = "KEYSYNC_NATS_USER", global = true)]
+    #[cfg_attr(feature = "clap", arg(long, env = "KEYSYNC_NATS_USER", global = true))]
     pub nats_user: Option<String>,
     /// NATS password.
-    #[arg(
-        long,
-        env = "KEYSYNC_NATS_PASSWORD",
-        hide_env_values = true,
-        global = true
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            env = "KEYSYNC_NATS_PASSWORD",
+            hide_env_values = true,
+            global = true
+        )
     )]
     pub nats_password: Option<String>,
     /// NATS credentials file (JWT and nkey seed).
-    #[arg(long, env = "KEYSYNC_NATS_CREDS", global = true)]
+    #[cfg_attr(feature = "clap", arg(long, env = "KEYSYNC_NATS_CREDS", global = true))]
     pub nats_creds: Option<PathBuf>,
     /// File holding an nkey seed (`SU...`).
-    #[arg(long, env = "KEYSYNC_NATS_NKEY", global = true)]
+    #[cfg_attr(feature = "clap", arg(long, env = "KEYSYNC_NATS_NKEY", global = true))]
     pub nats_nkey: Option<PathBuf>,
 }
 

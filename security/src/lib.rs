@@ -16,11 +16,14 @@
 //! - [`join`]: one-time join tokens.
 //! - [`dead_letter`]: every rejected message is copied, with its reason, to
 //!   the dead-letter stream.
+//! - [`domain_key`]: the cluster domain key file and RFC 5649 wrapping
+//!   under it (what travels between HSMs is wrapped by it).
 //! - [`credentials`]: NATS user/password, nkey or creds-file flags shared by
 //!   every binary, so NATS permissions can confine each role.
 
 pub mod credentials;
 pub mod dead_letter;
+pub mod domain_key;
 pub mod freshness;
 pub mod identity;
 pub mod join;

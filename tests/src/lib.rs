@@ -1,6 +1,6 @@
 //! Test support for keysync's integration tests.
 //!
-//! The processes are real: [`keysync::devstack`] spawns `nats-server` on a
+//! The processes are real: [`keysync_harness`] spawns `nats-server` on a
 //! free port with a temp JetStream store and its own log, and the real
 //! `orchestrator` and `hsm-agent` binaries, observes readiness (log line,
 //! answered request, `HsmJoined`), and kills everything on drop. This crate
@@ -16,8 +16,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-pub use keysync::devstack::{find_binary, DevStack, StackOptions};
 use keysync::{Client, CreateKey, CreatedKey, Route};
+pub use keysync_harness::{find_binary, DevStack, StackOptions};
 use keysync_schemas::{Fingerprint, HsmId, KeyId, KeyType};
 
 /// An HSM id from a literal.
@@ -130,7 +130,7 @@ pub async fn next_metrics(client: &Client) -> serde_json::Value {
 /// Starts a stack of `hsms` HSMs whose orchestrator serves Prometheus
 /// metrics; returns it with the metrics port.
 pub async fn start_stack_with_metrics(hsms: usize) -> (DevStack, u16) {
-    let port = keysync::devstack::free_port().unwrap_or_else(|e| panic!("{e}"));
+    let port = keysync_harness::free_port().unwrap_or_else(|e| panic!("{e}"));
     let stack = DevStack::start(StackOptions {
         hsms,
         orchestrator_metrics_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),

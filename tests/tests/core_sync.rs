@@ -331,8 +331,11 @@ async fn imported_and_unwrapped_keys_sync_like_generated_ones() {
         .await
         .expect("import the wrapping key");
     let inner = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-    let blob = hsm_agent::domain::wrap_with(&kek, inner.to_pkcs8_der().expect("pkcs8").as_bytes())
-        .expect("wrap");
+    let blob = keysync_security::domain_key::wrap_with(
+        &kek,
+        inner.to_pkcs8_der().expect("pkcs8").as_bytes(),
+    )
+    .expect("wrap");
     let unwrapped = client
         .unwrap_key(
             on("hsm-2", KeyType::Ed25519),

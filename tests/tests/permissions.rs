@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use keysync::devstack::StackAuth;
 use keysync::{Client, ClientOptions};
+use keysync_harness::StackAuth;
 use keysync_schemas::{encode, CloneApplied, Envelope, Event, Fingerprint, KeyId, KeyType, Source};
 use keysync_security::{Identity, NatsAuth, Signer};
 use keysync_testkit::{assert_converges, create, fast_options, wait_until, DevStack};
@@ -229,5 +229,5 @@ async fn under_the_secure_config_every_role_works_and_none_can_act_for_another()
         "the forged key was counted"
     );
     assert_converges(stack.client(), &hsms, &expected, Duration::from_secs(10)).await;
-    stack.shutdown();
+    stack.shutdown().await;
 }

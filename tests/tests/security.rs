@@ -43,7 +43,7 @@ async fn start_agents_with(
     stack: &mut DevStack,
     ids: &[HsmId],
     extra: &[String],
-) -> Result<(), keysync::devstack::StackError> {
+) -> Result<(), keysync_harness::StackError> {
     let _spawning = SPAWNING.read().await;
     stack.start_agents_with(ids, extra).await
 }
@@ -1769,7 +1769,7 @@ async fn no_key_material_appears_in_any_log_at_trace_level() {
     }
     let hsm1_public = load_identity(&stack.agent_identity(&h1)).public_hex();
     let aes_id = sym.info.key_id.to_string();
-    stack.shutdown();
+    stack.shutdown().await;
 
     let mut logs: Vec<PathBuf> = std::fs::read_dir(dir.path().join("logs"))
         .expect("logs dir")

@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{CloneOutcome, CreatedKey, KeySource, Keystore, KeystoreError, NewKey, OutboxEntry};
-use crate::domain::{unwrap_with, DomainKey};
 use crate::material::{open, random_bytes, seal, KeyMaterial, GCM_NONCE_LEN};
+use keysync_security::domain_key::{unwrap_with, DomainKey};
 
 const KEYS: TableDefinition<u128, &[u8]> = TableDefinition::new("keys");
 const OUTBOX: TableDefinition<u128, &[u8]> = TableDefinition::new("outbox");
@@ -704,7 +704,8 @@ mod tests {
         };
         let inner = KeyMaterial::generate(KeyType::P256).expect("gen");
         let blob =
-            crate::domain::wrap_with(kek_bytes, &inner.to_bytes().expect("der")).expect("wrap");
+            keysync_security::domain_key::wrap_with(kek_bytes, &inner.to_bytes().expect("der"))
+                .expect("wrap");
         let unwrapped = store
             .create(
                 NewKey {

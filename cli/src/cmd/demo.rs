@@ -12,8 +12,8 @@ use anyhow::{bail, Context as _};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use keysync::devstack::{DevStack, StackOptions};
 use keysync::{Client, CreateKey, Route};
+use keysync_harness::{DevStack, StackOptions};
 use keysync_schemas::{decode, Event, Fingerprint, HsmId, KeyId, KeyType};
 
 use super::Cli;
@@ -268,6 +268,6 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     println!(
         "\nNext: `keysync dev` runs this stack for you to use (`keysync --nats URL key create --type p256 --json`)."
     );
-    stack.shutdown();
+    stack.shutdown().await;
     Ok(())
 }

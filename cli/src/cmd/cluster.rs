@@ -27,7 +27,7 @@ pub enum Command {
 pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
     match cmd {
         Command::Init { domain_key_out } => {
-            let key = hsm_agent::domain::DomainKey::create_file(domain_key_out)
+            let key = keysync_security::domain_key::DomainKey::create_file(domain_key_out)
                 .context("creating the domain key")?;
             println!(
                 "domain key {} written to {} (mode 0600). Give this file to every hsm-agent of the cluster (--domain-key), and to nothing else.",

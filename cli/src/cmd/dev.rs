@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use keysync::devstack::{DevStack, StackOptions};
+use keysync_harness::{DevStack, StackOptions};
 
 use super::Cli;
 
@@ -48,6 +48,6 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     );
     keysync_telemetry::process::shutdown_signal().await;
     eprintln!("stopping");
-    stack.shutdown();
+    stack.shutdown().await;
     Ok(())
 }

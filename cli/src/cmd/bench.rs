@@ -13,8 +13,8 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use keysync::devstack::{DevStack, StackOptions};
 use keysync::{Client, ClientOptions, CreateKey, RetryPolicy, Route};
+use keysync_harness::{DevStack, StackOptions};
 use keysync_schemas::{decode, Durability, Event, HsmId, KeyType};
 use serde_json::json;
 
@@ -66,95 +66,6 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Publishes `n` `KeyCreated` events from a seed member that joined but
-/// never runs, `in_flight` at a time. With `real_material`, each carries a
-/// real Ed25519 key wrapped under the stack's domain key (a joining HSM can
-/// store it); without, a placeholder blob (for folding only).
-async fn seed_keys(stack: &DevStack, n: usize, real_material: bool) -> anyhow::Result<u64> {
-    use keysync_schemas::{
-        encode, Envelope, HsmJoined, KeyAttributes, KeyCreated, KeyId, KeyOrigin, Source,
-    };
-    let client = stack.client();
-    let js = jetstream::new(client.nats().clone());
-    let seed = HsmId::new("bench-seed")?;
-    let source = Source::Hsm(seed.clone());
-    let joined = Envelope::new(
-        source.clone(),
-        Event::HsmJoined(HsmJoined {
-            hsm: seed.clone(),
-            agent_version: "bench".into(),
-            token_keys: 0,
-        }),
-    );
-    // The seed is enrolled like any HSM, and signs what it publishes.
-    stack.enroll(&seed).await?;
-    let identity = keysync_security::Identity::load(&stack.agent_identity(&seed))?;
-    let signer = keysync_security::Signer::Hsm(seed.clone());
-    let signed = |subject: &str, env_id: uuid::Uuid, bytes: &[u8]| {
-        keysync_security::signed_headers(&identity, &signer, subject, &env_id.to_string(), bytes)
-    };
-    let subject = client.subjects().hsm_joined(&seed);
-    let bytes = encode(&joined)?;
-    js.publish_with_headers(
-        subject.clone(),
-        signed(&subject, joined.id, &bytes),
-        bytes.into(),
-    )
-    .await?
-    .await?;
-    let domain = hsm_agent::domain::DomainKey::load(stack.domain_key())?;
-    let mut acks = futures::stream::FuturesUnordered::new();
-    let mut last = 0;
-    for _ in 0..n {
-        let key_id = KeyId::new();
-        let (fingerprint, wrapped, public_key) = if real_material {
-            let m = hsm_agent::material::KeyMaterial::generate(KeyType::Ed25519)?;
-            (
-                m.fingerprint()?,
-                domain.wrap(&m.to_bytes()?)?,
-                m.public_key_der()?,
-            )
-        } else {
-            (keysync_schemas::Fingerprint([1; 32]), vec![0; 56], None)
-        };
-        let env = Envelope::new(
-            source.clone(),
-            Event::KeyCreated(KeyCreated {
-                key_id,
-                key_type: KeyType::Ed25519,
-                fingerprint,
-                hsm: seed.clone(),
-                origin: KeyOrigin::Generated,
-                attributes: KeyAttributes::default(),
-                durability: Durability::Logged,
-                domain: domain.id(),
-                wrapped,
-                public_key,
-            }),
-        );
-        if acks.len() >= 1000 {
-            if let Some(a) = acks.next().await {
-                let a: async_nats::jetstream::publish::PublishAck = a?;
-                last = last.max(a.sequence);
-            }
-        }
-        let subject = client.subjects().key_created(&key_id);
-        let bytes = encode(&env)?;
-        let fut = js
-            .publish_with_headers(
-                subject.clone(),
-                signed(&subject, env.id, &bytes),
-                bytes.into(),
-            )
-            .await?;
-        acks.push(std::future::IntoFuture::into_future(fut));
-    }
-    while let Some(a) = acks.next().await {
-        last = last.max(a?.sequence);
-    }
-    Ok(last)
-}
-
 /// Waits until the orchestrator has folded the log up to `seq`.
 async fn wait_folded(client: &Client, seq: u64, timeout: Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -184,10 +95,10 @@ async fn bootstrap(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
     .await?;
     let client = stack.client().clone();
     let pid = stack
-        .orchestrator(keysync::devstack::PRIMARY)
+        .orchestrator(keysync_harness::PRIMARY)
         .map(|p| p.pid());
     let rss_before = pid.and_then(rss_bytes);
-    let last = seed_keys(&stack, n, true).await?;
+    let last = keysync_harness::seed::seed_keys(&stack, n, true).await?;
     wait_folded(&client, last, Duration::from_secs(600)).await?;
     let rss_after = pid.and_then(rss_bytes);
     let joiner = HsmId::new("hsm-1")?;
@@ -213,7 +124,7 @@ async fn bootstrap(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
         (Some(b), Some(a)) if a > b => Some((a - b) / n as u64),
         _ => None,
     };
-    stack.shutdown();
+    stack.shutdown().await;
     Ok(json!({
         "keys": n,
         "seconds_to_in_service": (secs * 100.0).round() / 100.0,
@@ -233,7 +144,7 @@ async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
     })
     .await?;
     let client = stack.client().clone();
-    let last = seed_keys(&stack, n, false).await?;
+    let last = keysync_harness::seed::seed_keys(&stack, n, false).await?;
     wait_folded(&client, last, Duration::from_secs(900)).await?;
     stack.kill_orchestrator();
     let t = Instant::now();
@@ -241,7 +152,7 @@ async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
     wait_folded(&client, last, Duration::from_secs(900)).await?;
     let full = t.elapsed().as_secs_f64();
     let rss = stack
-        .orchestrator(keysync::devstack::PRIMARY)
+        .orchestrator(keysync_harness::PRIMARY)
         .map(|p| p.pid())
         .and_then(rss_bytes);
 
@@ -266,7 +177,7 @@ async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
     stack.start_orchestrator().await?;
     wait_folded(&client, last, Duration::from_secs(900)).await?;
     let from_snapshot = t.elapsed().as_secs_f64();
-    stack.shutdown();
+    stack.shutdown().await;
     Ok(json!({
         "events": n,
         "seconds_full_replay": (full * 100.0).round() / 100.0,
@@ -296,7 +207,7 @@ async fn scaling(
         let lat = pct(&sync_one_at_a_time(&client, &hsms, key_type, sizes.scaling_latency).await?);
         let (_, replicated) =
             throughput(&client, &hsms, sizes.scaling_throughput, in_flight).await?;
-        stack.shutdown();
+        stack.shutdown().await;
         rows.push(
             json!({"hsms": n, "sync_latency": lat, "replicated_per_s": replicated.round() as u64}),
         );
@@ -642,7 +553,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let msgs_per_key = 3 * n + 1;
     say("measuring create-then-sign on each route");
     let routes = routing(&stack.url(), &hsms, sizes.routing).await?;
-    stack.shutdown();
+    stack.shutdown().await;
     say(&format!("measuring scaling at {:?} HSMs", sizes.scaling));
     let scale = scaling(cli, &sizes, args.key_type, args.in_flight).await?;
     say(&format!(

