@@ -19,6 +19,8 @@ pub mod prometheus;
 pub mod snapshot;
 pub mod state;
 pub mod streams;
+#[cfg(test)]
+mod testkit;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
