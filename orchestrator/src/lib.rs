@@ -199,7 +199,7 @@ pub async fn run(
         .await
         .filter(|s| s.last_seq() <= replay_until)
         .unwrap_or_default();
-    let mut replayed =
+    let mut caught_up =
         info.state.messages == 0 || (state.last_seq() > 0 && state.last_seq() >= replay_until);
     tracing::info!(
         stream = %config.subjects.events_stream(),
@@ -284,7 +284,7 @@ pub async fn run(
     let lease = std::sync::Arc::new(tokio::sync::Mutex::new(lease));
     let mut renewing: Option<lease::Keeper> = None;
     let mut last_failure_check = Instant::now();
-    if replayed {
+    if caught_up {
         tracing::info!("event log empty");
     }
     tokio::pin!(shutdown);
@@ -298,9 +298,9 @@ pub async fn run(
                     for msg in batch {
                         msgs.push(msg.map_err(|e| anyhow::anyhow!("event consumer failed: {e}"))?);
                     }
-                    // Only a replay's backlog is worth both cores: live, the
-                    // other processes need them.
-                    let verified = if replayed {
+                    // Only a replay's backlog is worth both cores: once
+                    // caught up, the other processes need them.
+                    let verified = if caught_up {
                         vec![None; msgs.len()]
                     } else {
                         orch.preverify(&msgs).await
@@ -310,9 +310,9 @@ pub async fn run(
                             .info()
                             .map(|i| (i.stream_sequence, i.pending))
                             .map_err(|e| anyhow::anyhow!("event without metadata: {e}"))?;
-                        orch.handle(msg, replayed, verified).await?;
-                        if !replayed && (seq >= replay_until || pending == 0) {
-                            replayed = true;
+                        orch.handle(msg, caught_up, verified).await?;
+                        if !caught_up && (seq >= replay_until || pending == 0) {
+                            caught_up = true;
                             tracing::info!(
                                 events = orch.state.last_seq(),
                                 keys = orch.state.key_count(),
@@ -334,7 +334,7 @@ pub async fn run(
                     }
                 }
                 _ = lease_tick.tick() => {
-                    if !orch.active && replayed && lease.lock().await.try_acquire().await {
+                    if !orch.active && caught_up && lease.lock().await.try_acquire().await {
                         // Renewed on its own task: a loop busy with a large
                         // fan-out (a bootstrap) keeps the lease; a process
                         // that dies or loses NATS does not.
@@ -384,7 +384,7 @@ pub async fn run(
                     }
                     let due = orch.config.snapshot_every > 0
                         && orch.state.last_seq() >= snapshot_seq + orch.config.snapshot_every;
-                    if orch.active && replayed && saving.is_none() && due {
+                    if orch.active && caught_up && saving.is_none() && due {
                         snapshot_seq = orch.state.last_seq();
                         let store = snapshots.clone();
                         let state = orch.state.clone();
@@ -526,7 +526,7 @@ impl Orchestrator {
     async fn handle(
         &mut self,
         msg: &jetstream::Message,
-        replayed: bool,
+        caught_up: bool,
         preverified: Option<[u8; 32]>,
     ) -> anyhow::Result<()> {
         let preverified = preverified.or_else(|| self.signed_by_me(msg));
@@ -562,7 +562,7 @@ impl Orchestrator {
             Err(refusal) => {
                 tracing::warn!(seq = meta.seq, subject, reason = refusal.reason, detail = %refusal.detail, "rejected event");
                 self.state.reject_at(meta.seq, refusal.reason);
-                self.rejected_event(msg, meta, replayed, refusal).await;
+                self.rejected_event(msg, meta, caught_up, refusal).await;
                 return Ok(());
             }
         };
@@ -575,13 +575,15 @@ impl Orchestrator {
                     detail: r.to_string(),
                     signer: None,
                 };
-                self.rejected_event(msg, meta, replayed, refusal).await;
+                self.rejected_event(msg, meta, caught_up, refusal).await;
                 return Ok(());
             }
         };
         self.verdicts.judged(meta.seq, false);
-        let live = replayed && self.active;
-        self.stats.observe(&change, live);
+        // Acted on now: caught up with the log (not replaying history)
+        // and holding the lease.
+        let acting = caught_up && self.active;
+        self.stats.observe(&change, acting);
         match &event {
             Event::HsmJoined(j) => {
                 self.last_seen.insert(j.hsm.clone(), Instant::now());
@@ -594,7 +596,7 @@ impl Orchestrator {
             }
             _ => {}
         }
-        if live {
+        if acting {
             let actions = decide(&self.state, meta, &event, &change);
             let current = match &event {
                 Event::KeyCreated(c) => Some((meta.seq, c)),
@@ -619,17 +621,17 @@ impl Orchestrator {
     }
 
     /// Tells the auditor an event was rejected and files it as a dead
-    /// letter: once, when first seen live (a replay after a restart does
-    /// not file it again).
+    /// letter: once, when first seen caught up with the log (a replay
+    /// after a restart does not file it again).
     async fn rejected_event(
         &self,
         msg: &jetstream::Message,
         meta: EventMeta,
-        replayed: bool,
+        caught_up: bool,
         refusal: keysync_security::Refusal,
     ) {
         self.verdicts.judged(meta.seq, true);
-        if replayed {
+        if caught_up {
             self.dead_letters
                 .file(
                     Rejected {
