@@ -14,6 +14,7 @@
 pub mod audit;
 pub mod decide;
 pub mod lease;
+pub mod liveness;
 pub mod metrics;
 pub mod prometheus;
 pub mod snapshot;
@@ -32,15 +33,16 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use keysync_schemas::{
-    decode, encode, CloneKey, Command, DeleteKey, Envelope, Event, Heartbeat, HsmFailed, HsmId,
-    HsmRecovered, InventoryDigest, KeyCreated, KeyId, KeyReplicated, OpReply, OpRequest, Source,
-    StatusReply, StatusRequest, Subjects,
+    decode, encode, CloneKey, Command, DeleteKey, Envelope, Event, Heartbeat, HsmId,
+    InventoryDigest, KeyCreated, KeyId, KeyReplicated, OpReply, OpRequest, Source, StatusReply,
+    StatusRequest, Subjects,
 };
 use keysync_security::{freshness::Monotonic, DeadLetters, Identity, Keep, Rejected, Signer};
 use tracing::Instrument as _;
 
 use crate::decide::{decide, reconcile, repair, subject_matches, Action};
 use crate::lease::Lease;
+use crate::liveness::Liveness;
 use crate::state::{ClusterState, EventMeta};
 
 /// How the orchestrator is configured.
@@ -142,10 +144,9 @@ struct Orchestrator {
     active: bool,
     /// The audit appender, while active.
     auditor: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    /// When each member was last heard from (live-only knowledge).
-    last_seen: HashMap<HsmId, Instant>,
-    /// Recovery announced, waiting to come back through the log.
-    recovering: HashMap<HsmId, Instant>,
+    /// Who is heard from and who fell silent (knowledge of this process
+    /// only: heartbeats are not in the log).
+    liveness: Liveness,
     /// Per member: (agent digest, expected digest) of the last mismatch and
     /// how many heartbeats in a row showed it.
     mismatches: HashMap<HsmId, ((u64, InventoryDigest, InventoryDigest), u32)>,
@@ -250,8 +251,7 @@ pub async fn run(
         in_flight: FuturesUnordered::new(),
         active: false,
         auditor: None,
-        last_seen: HashMap::new(),
-        recovering: HashMap::new(),
+        liveness: Liveness::new(config.failure_timeout),
         mismatches: HashMap::new(),
         config,
     };
@@ -283,7 +283,6 @@ pub async fn run(
     let started = Instant::now();
     let lease = std::sync::Arc::new(tokio::sync::Mutex::new(lease));
     let mut renewing: Option<lease::Keeper> = None;
-    let mut last_failure_check = Instant::now();
     if caught_up {
         tracing::info!("event log empty");
     }
@@ -355,12 +354,7 @@ pub async fn run(
                     }
                 }
                 _ = failure_tick.tick() => {
-                    // After the loop was busy (a large fan-out), heartbeats
-                    // wait unread in the subscription: judge silence only
-                    // once they have been read.
-                    let busy = last_failure_check.elapsed() > orch.config.failure_timeout / 2;
-                    last_failure_check = Instant::now();
-                    if orch.active && !busy {
+                    if orch.active {
                         orch.detect_failures().await?;
                     }
                 }
@@ -447,10 +441,8 @@ impl Orchestrator {
             self.cluster_key,
             self.verdicts.clone(),
         )));
-        let now = Instant::now();
-        for m in self.state.members() {
-            self.last_seen.insert(m.hsm.clone(), now);
-        }
+        self.liveness
+            .start(Instant::now(), self.state.members().map(|m| &m.hsm));
         let actions = reconcile(&self.state);
         tracing::info!(
             name = %self.config.name,
@@ -585,12 +577,8 @@ impl Orchestrator {
         let acting = caught_up && self.active;
         self.stats.observe(&change, acting);
         match &event {
-            Event::HsmJoined(j) => {
-                self.last_seen.insert(j.hsm.clone(), Instant::now());
-            }
-            Event::HsmRecovered(r) => {
-                self.recovering.remove(&r.hsm);
-            }
+            Event::HsmJoined(j) => self.liveness.joined(Instant::now(), &j.hsm),
+            Event::HsmRecovered(r) => self.liveness.recovered(&r.hsm),
             Event::HsmFailed(f) => {
                 tracing::warn!(hsm = %f.hsm, silent_ms = f.silent_ms, "HSM failed")
             }
@@ -943,24 +931,12 @@ impl Orchestrator {
         let Some(idx) = self.state.member_index(&hb.hsm) else {
             return Ok(()); // not joined yet
         };
-        self.last_seen.insert(hb.hsm.clone(), Instant::now());
-        let live = self.state.member_at(idx).is_some_and(|m| m.live);
-        if !live
-            && self
-                .recovering
-                .get(&hb.hsm)
-                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-        {
+        let is_live = self.state.member_at(idx).is_some_and(|m| m.live);
+        if let Some(recovered) = self.liveness.heard(Instant::now(), &hb.hsm, is_live) {
             tracing::info!(hsm = %hb.hsm, "failed HSM heard from again");
-            self.recovering.insert(hb.hsm.clone(), Instant::now());
             let subject = self.config.subjects.hsm_recovered(&hb.hsm);
-            self.publish_event(
-                subject,
-                Event::HsmRecovered(HsmRecovered {
-                    hsm: hb.hsm.clone(),
-                }),
-            )
-            .await?;
+            self.publish_event(subject, Event::HsmRecovered(recovered))
+                .await?;
         }
         let expected = (self.state.held_by(idx), self.state.digest_of(idx));
         if (hb.token_keys, hb.digest) == expected {
@@ -1036,31 +1012,13 @@ impl Orchestrator {
         self.execute(actions, None).await
     }
 
-    /// Declares failed every live member silent past the timeout.
+    /// Announces failed every live member [`Liveness::tick`] finds silent.
     async fn detect_failures(&mut self) -> anyhow::Result<()> {
-        let now = Instant::now();
-        let silent: Vec<(HsmId, Duration)> = self
-            .state
-            .members()
-            .filter(|m| m.live)
-            .filter_map(|m| {
-                let seen = *self.last_seen.entry(m.hsm.clone()).or_insert(now);
-                let quiet = now.duration_since(seen);
-                (quiet > self.config.failure_timeout).then(|| (m.hsm.clone(), quiet))
-            })
-            .collect();
-        for (hsm, quiet) in silent {
-            // Not again until another timeout passes.
-            self.last_seen.insert(hsm.clone(), now);
-            let subject = self.config.subjects.hsm_failed(&hsm);
-            self.publish_event(
-                subject,
-                Event::HsmFailed(HsmFailed {
-                    hsm,
-                    silent_ms: quiet.as_millis() as u64,
-                }),
-            )
-            .await?;
+        let live = self.state.members().filter(|m| m.live).map(|m| &m.hsm);
+        let failed = self.liveness.tick(Instant::now(), live);
+        for f in failed {
+            let subject = self.config.subjects.hsm_failed(&f.hsm);
+            self.publish_event(subject, Event::HsmFailed(f)).await?;
         }
         Ok(())
     }
