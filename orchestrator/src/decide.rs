@@ -7,10 +7,8 @@
 //! no-op, so deciding again after a crash never does anything twice with a
 //! different effect.
 
-use std::collections::HashMap;
-
 use keysync_schemas::subjects::KeySubject;
-use keysync_schemas::{Event, Fingerprint, HsmId, KeyId};
+use keysync_schemas::{Event, HsmId, KeyId};
 
 use crate::state::{Change, ClusterState, EventMeta, KeyState};
 
@@ -26,8 +24,8 @@ pub enum Action {
         key_id: KeyId,
         /// Where its `KeyCreated` is in the stream.
         created_seq: u64,
-        /// An anti-entropy repair: sent with a fresh message id, so
-        /// JetStream does not drop it as a duplicate of the original.
+        /// An anti-entropy repair: sent under a repair message id, so
+        /// JetStream does not drop it as a duplicate of the original clone.
         repair: bool,
     },
     /// Queue a `DeleteKey` for `target`.
@@ -215,48 +213,6 @@ pub fn reconcile(state: &ClusterState) -> Vec<Action> {
         }
         clones_for(state, *key_id, key, &mut out);
         out.extend(announcement(*key_id, key));
-    }
-    out
-}
-
-/// Anti-entropy: what `member` must be sent so that its store matches the
-/// state, given the inventory it reported. Keys it lacks are cloned again;
-/// deleted keys it still holds are erased; live keys it holds unknown to
-/// the state are cloned again too (it answers `already_present`, which
-/// records it as a holder).
-pub fn repair(
-    state: &ClusterState,
-    member: &HsmId,
-    inventory: &[(KeyId, Fingerprint)],
-) -> Vec<Action> {
-    let Some(idx) = state.member_index(member) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let held: HashMap<KeyId, Fingerprint> = inventory.iter().copied().collect();
-    let mut keys: Vec<(&KeyId, &KeyState)> = state.keys().collect();
-    keys.sort_by_key(|(_, k)| k.created_seq);
-    for (key_id, key) in keys {
-        let has = held.get(key_id);
-        if key.deleted {
-            if has.is_some() {
-                out.push(Action::SendDelete {
-                    target: member.clone(),
-                    key_id: *key_id,
-                });
-            }
-            continue;
-        }
-        let lacks = has.is_none();
-        let unknown_holder = has == Some(&key.fingerprint) && !key.holders.contains(idx);
-        if (lacks || unknown_holder) && key.created_seq > 0 {
-            out.push(Action::SendClone {
-                target: member.clone(),
-                key_id: *key_id,
-                created_seq: key.created_seq,
-                repair: true,
-            });
-        }
     }
     out
 }
@@ -625,43 +581,6 @@ mod tests {
         assert!(reconcile(&log.state).is_empty());
         // ...and a new member is never sent it.
         assert!(log.when(&joined("d")).is_empty());
-    }
-
-    #[test]
-    fn repair_clones_what_is_missing_and_erases_what_is_deleted() {
-        let (k1, k2, k3) = (KeyId::new(), KeyId::new(), KeyId::new());
-        let log = Log::given(&[
-            joined("a"),
-            joined("b"),
-            created(k1, "a", 1),
-            applied(k1, "b", 1),
-            created(k2, "a", 2),
-            applied(k2, "b", 2),
-            created(k3, "a", 3),
-            applied(k3, "b", 3),
-            deleted(k3, "a", 3),
-        ]);
-        // b lost k1, still has the deleted k3, and holds k2.
-        let inventory = vec![(k2, Fingerprint([2; 32])), (k3, Fingerprint([3; 32]))];
-        assert_eq!(
-            repair(&log.state, &hsm("b"), &inventory),
-            vec![
-                Action::SendClone {
-                    target: hsm("b"),
-                    key_id: k1,
-                    created_seq: 3,
-                    repair: true
-                },
-                Action::SendDelete {
-                    target: hsm("b"),
-                    key_id: k3
-                },
-            ]
-        );
-        let mut all = inventory.clone();
-        all.push((k1, Fingerprint([1; 32])));
-        all.retain(|(k, _)| *k != k3);
-        assert!(repair(&log.state, &hsm("b"), &all).is_empty());
     }
 
     #[test]

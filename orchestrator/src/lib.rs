@@ -11,6 +11,7 @@
 //! ends [`run`] with an error, and the restart's replay and reconcile finish
 //! whatever was half done.
 
+pub mod anti_entropy;
 pub mod audit;
 pub mod decide;
 pub mod lease;
@@ -33,14 +34,14 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use keysync_schemas::{
-    decode, encode, CloneKey, Command, DeleteKey, Envelope, Event, Heartbeat, HsmId,
-    InventoryDigest, KeyCreated, KeyId, KeyReplicated, OpReply, OpRequest, Source, StatusReply,
-    StatusRequest, Subjects,
+    decode, encode, CloneKey, Command, DeleteKey, Envelope, Event, Heartbeat, HsmId, KeyCreated,
+    KeyId, KeyReplicated, OpReply, OpRequest, Source, StatusReply, StatusRequest, Subjects,
 };
 use keysync_security::{freshness::Monotonic, DeadLetters, Identity, Keep, Rejected, Signer};
 use tracing::Instrument as _;
 
-use crate::decide::{decide, reconcile, repair, subject_matches, Action};
+use crate::anti_entropy::{AntiEntropy, Inventory, Verdict};
+use crate::decide::{decide, reconcile, subject_matches, Action};
 use crate::lease::Lease;
 use crate::liveness::Liveness;
 use crate::state::{ClusterState, EventMeta};
@@ -147,9 +148,8 @@ struct Orchestrator {
     /// Who is heard from and who fell silent (knowledge of this process
     /// only: heartbeats are not in the log).
     liveness: Liveness,
-    /// Per member: (agent digest, expected digest) of the last mismatch and
-    /// how many heartbeats in a row showed it.
-    mismatches: HashMap<HsmId, ((u64, InventoryDigest, InventoryDigest), u32)>,
+    /// Heartbeats in a row showing one inventory difference, per member.
+    anti_entropy: AntiEntropy,
     /// The cluster's public key.
     cluster_key: [u8; 32],
     /// Where rejected messages are filed.
@@ -252,7 +252,7 @@ pub async fn run(
         active: false,
         auditor: None,
         liveness: Liveness::new(config.failure_timeout),
-        mismatches: HashMap::new(),
+        anti_entropy: AntiEntropy::new(config.repair_after),
         config,
     };
     orch.verdicts.start(orch.state.last_seq() + 1);
@@ -938,35 +938,20 @@ impl Orchestrator {
             self.publish_event(subject, Event::HsmRecovered(recovered))
                 .await?;
         }
-        let expected = (self.state.held_by(idx), self.state.digest_of(idx));
-        if (hb.token_keys, hb.digest) == expected {
-            self.mismatches.remove(&hb.hsm);
-            return Ok(());
-        }
-        let seen = (hb.token_keys, hb.digest, expected.1);
-        let entry = self.mismatches.entry(hb.hsm.clone()).or_insert((seen, 0));
-        if entry.0 == seen {
-            entry.1 += 1;
-        } else {
-            *entry = (seen, 1);
-        }
-        // A member with clones outstanding is expected to differ while it
-        // applies its queue: it gets ten times longer without progress
-        // before it is repaired (a busy machine, not lost commands).
-        let patience = if self.state.pending_for(idx) > 0 {
-            self.config.repair_after.saturating_mul(10)
-        } else {
-            self.config.repair_after
+        let reported = Inventory {
+            keys: hb.token_keys,
+            digest: hb.digest,
         };
-        if entry.1 >= patience {
-            self.mismatches.remove(&hb.hsm);
-            self.repair(&hb.hsm).await?;
+        if self.anti_entropy.check(&self.state, idx, &hb.hsm, reported) == Verdict::Repair {
+            self.repair_member(&hb.hsm).await?;
         }
         Ok(())
     }
 
-    /// Anti-entropy: reads the member's inventory and sends what repairs it.
-    async fn repair(&mut self, hsm: &HsmId) -> anyhow::Result<()> {
+    /// Anti-entropy's I/O: reads the member's inventory, page by page, and
+    /// sends what [`anti_entropy::repairs`] computes from it. An agent that
+    /// does not answer is left for a later heartbeat to try again.
+    async fn repair_member(&mut self, hsm: &HsmId) -> anyhow::Result<()> {
         let mut inventory = Vec::new();
         let mut after = None;
         loop {
@@ -1006,7 +991,7 @@ impl Orchestrator {
                 }
             }
         }
-        let actions = repair(&self.state, hsm, &inventory);
+        let actions = anti_entropy::repairs(&self.state, hsm, &inventory);
         tracing::info!(%hsm, held = inventory.len(), repairs = actions.len(), "anti-entropy repair");
         self.stats.repairs += actions.len() as u64;
         self.execute(actions, None).await
