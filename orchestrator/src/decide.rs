@@ -24,8 +24,9 @@ pub enum Action {
         key_id: KeyId,
         /// Where its `KeyCreated` is in the stream.
         created_seq: u64,
-        /// An anti-entropy repair: sent under a repair message id, so
-        /// JetStream does not drop it as a duplicate of the original clone.
+        /// An anti-entropy repair: sent under a repair message id (see
+        /// [`crate::plan::MsgId::Repair`]), so JetStream does not drop it as
+        /// a duplicate of the original clone.
         repair: bool,
     },
     /// Queue a `DeleteKey` for `target`.

@@ -17,6 +17,7 @@ pub mod decide;
 pub mod lease;
 pub mod liveness;
 pub mod metrics;
+pub mod plan;
 pub mod prometheus;
 pub mod snapshot;
 pub mod state;
@@ -34,8 +35,8 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use keysync_schemas::{
-    decode, encode, CloneKey, Command, DeleteKey, Envelope, Event, Heartbeat, HsmId, KeyCreated,
-    KeyId, KeyReplicated, OpReply, OpRequest, Source, StatusReply, StatusRequest, Subjects,
+    decode, encode, Envelope, Event, Heartbeat, HsmId, KeyCreated, KeyId, OpReply, OpRequest,
+    Source, StatusReply, StatusRequest, Subjects,
 };
 use keysync_security::{freshness::Monotonic, DeadLetters, Identity, Keep, Rejected, Signer};
 use tracing::Instrument as _;
@@ -44,6 +45,7 @@ use crate::anti_entropy::{AntiEntropy, Inventory, Verdict};
 use crate::decide::{decide, reconcile, subject_matches, Action};
 use crate::lease::Lease;
 use crate::liveness::Liveness;
+use crate::plan::{MsgId, Step};
 use crate::state::{ClusterState, EventMeta};
 
 /// How the orchestrator is configured.
@@ -81,55 +83,11 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
 /// Inventory entries asked for per request during a repair.
 const INVENTORY_PAGE: u32 = 2000;
 
-/// Bytes of wrapped keys one batch command carries at most (well under
-/// the message limit, with room for the envelope).
-const CLONE_BATCH_BYTES: usize = keysync_schemas::MAX_MESSAGE_BYTES * 3 / 4;
-
-/// A run of clones for one HSM, gathered into one command.
-#[derive(Default)]
-struct CloneRun {
-    target: Option<HsmId>,
-    repair: bool,
-    bytes: usize,
-    clones: Vec<(u64, KeyCreated)>,
-}
-
-impl CloneRun {
-    fn size_of(key: &KeyCreated) -> usize {
-        key.wrapped.len()
-            + key.public_key.as_ref().map_or(0, Vec::len)
-            + key.attributes.label.as_ref().map_or(0, String::len)
-            + 160
-    }
-
-    /// Whether `key` for `target` can join this run.
-    fn fits(&self, target: &HsmId, repair: bool, key: &KeyCreated) -> bool {
-        match &self.target {
-            None => true,
-            Some(t) => {
-                t == target
-                    && self.repair == repair
-                    && self.bytes + Self::size_of(key) <= CLONE_BATCH_BYTES
-            }
-        }
-    }
-
-    fn push(&mut self, target: &HsmId, repair: bool, created_seq: u64, key: KeyCreated) {
-        self.target = Some(target.clone());
-        self.repair = repair;
-        self.bytes += Self::size_of(&key);
-        self.clones.push((created_seq, key));
-    }
-}
-
 /// Most events taken from the consumer at once.
 const EVENT_BATCH: usize = 128;
 
 /// Smallest batch whose signatures are checked in parallel beforehand.
 const PREVERIFY_MIN: usize = 16;
-
-/// Actions carried out per batch (bounds the `KeyCreated`s held at once).
-const ACTION_CHUNK: usize = 512;
 
 type AckFuture = BoxFuture<'static, Result<PublishAck, PublishError>>;
 
@@ -629,7 +587,7 @@ impl Orchestrator {
                         claimed_signer: refusal.signer,
                         stream_seq: Some(meta.seq),
                         payload: &msg.payload,
-                        dedup_id: Some(format!("dlq-event-{}", meta.seq)),
+                        dedup_id: Some(plan::message_id(MsgId::DeadLetter { seq: meta.seq })),
                     },
                     Keep::Payload,
                 )
@@ -637,147 +595,81 @@ impl Orchestrator {
         }
     }
 
-    /// Carries out actions. `current` is the `KeyCreated` being handled,
-    /// if any, so its clones need not fetch it back from the stream.
+    /// Carries out actions as [`plan`] lays them out: the steps other than
+    /// clones, in order, then the clones window by window, each window's
+    /// `KeyCreated`s fetched (pipelined) just before its commands are
+    /// planned. `current` is the `KeyCreated` being handled, if any, so its
+    /// clones need not fetch it back from the stream.
     async fn execute(
         &mut self,
         actions: Vec<Action>,
         current: Option<(u64, &KeyCreated)>,
     ) -> anyhow::Result<()> {
-        for chunk in actions.chunks(ACTION_CHUNK) {
-            // Fetch the KeyCreated events this chunk needs, pipelined.
-            let mut needed: Vec<(u64, KeyId)> = chunk
-                .iter()
-                .filter_map(|a| match a {
-                    Action::SendClone {
-                        created_seq,
-                        key_id,
-                        ..
-                    } if current.is_none_or(|(s, _)| s != *created_seq) => {
-                        Some((*created_seq, *key_id))
-                    }
-                    _ => None,
-                })
-                .collect();
-            needed.sort_unstable();
-            needed.dedup();
-            let this = &*self;
-            let fetched: HashMap<u64, KeyCreated> = futures::stream::iter(needed)
-                .map(|(seq, key_id)| async move { (seq, this.fetch_created(seq, key_id).await) })
-                .buffered(64)
-                .filter_map(|(seq, c)| async move { c.map(|c| (seq, c)) })
-                .collect()
-                .await;
-            // Consecutive clones for one HSM (a bootstrap, a repair) go as
-            // batch commands: one signature and one message for many keys.
-            let mut batch = CloneRun::default();
-            for action in chunk {
-                if let Action::SendClone {
-                    target,
-                    created_seq,
-                    repair,
-                    ..
-                } = action
-                {
-                    let key = match current {
-                        Some((seq, c)) if seq == *created_seq => Some(c.clone()),
-                        _ => fetched.get(created_seq).cloned(),
-                    };
-                    let Some(key) = key else { continue };
-                    if !batch.fits(target, *repair, &key) {
-                        self.send_clones(std::mem::take(&mut batch)).await?;
-                    }
-                    batch.push(target, *repair, *created_seq, key);
-                    continue;
-                }
-                self.send_clones(std::mem::take(&mut batch)).await?;
-                self.execute_one(action).await?;
+        let work = plan::sort(actions);
+        for action in &work.others {
+            if let Some(step) = plan::step(&self.state, action) {
+                self.carry_out(step).await?;
             }
-            self.send_clones(batch).await?;
+        }
+        let at_seq = self.state.last_seq();
+        for window in &work.windows {
+            let created = self.fetch_window(window, current).await;
+            for step in plan::clone_commands(window, &created, at_seq) {
+                self.carry_out(step).await?;
+            }
         }
         Ok(())
     }
 
-    /// Sends a run of clones for one HSM: one `CloneKey` (with its
-    /// deterministic id) or one `CloneBatch`.
-    async fn send_clones(&mut self, run: CloneRun) -> anyhow::Result<()> {
-        let Some(target) = run.target else {
-            return Ok(());
-        };
-        let source = Source::Orchestrator(self.config.name.clone());
-        let mut clones: Vec<CloneKey> = run
-            .clones
-            .into_iter()
-            .map(|(created_seq, key)| CloneKey {
-                target: target.clone(),
-                created_seq,
-                key,
-            })
-            .collect();
-        let (msg_id, command) = if clones.len() == 1 {
-            let clone = clones.remove(0);
-            let key_id = clone.key.key_id;
-            let id = if run.repair {
-                format!("repair-{key_id}-{target}-{}", uuid::Uuid::now_v7())
-            } else {
-                format!("clone-{key_id}-{target}")
-            };
-            (id, Command::CloneKey(clone))
-        } else {
-            let (first, last) = (
-                clones.first().map_or(0, |c| c.created_seq),
-                clones.last().map_or(0, |c| c.created_seq),
-            );
-            let id = if run.repair {
-                format!("repair-batch-{target}-{}", uuid::Uuid::now_v7())
-            } else {
-                format!("clone-batch-{target}-{first}-{last}-{}", clones.len())
-            };
-            (
-                id,
-                Command::CloneBatch(keysync_schemas::CloneBatch {
-                    target: target.clone(),
-                    clones,
-                }),
-            )
-        };
-        let env = Envelope::new(source, command);
-        self.publish(
-            self.config.subjects.commands_for(&target),
-            msg_id,
-            encode(&env)?,
-        )
-        .await
+    /// The `KeyCreated`s a window of clones comes from, by sequence: read
+    /// back from the stream, 64 at a time, except the one being handled.
+    async fn fetch_window(
+        &self,
+        window: &plan::CloneWindow,
+        current: Option<(u64, &KeyCreated)>,
+    ) -> HashMap<u64, KeyCreated> {
+        let mut found = HashMap::with_capacity(window.clones.len());
+        let mut needed = Vec::with_capacity(window.clones.len());
+        for (seq, key_id) in &window.clones {
+            match current {
+                Some((s, c)) if s == *seq => {
+                    found.insert(s, c.clone());
+                }
+                _ => needed.push((*seq, *key_id)),
+            }
+        }
+        let fetched: Vec<(u64, KeyCreated)> = futures::stream::iter(needed)
+            .map(|(seq, key_id)| async move { (seq, self.fetch_created(seq, key_id).await) })
+            .buffered(64)
+            .filter_map(|(seq, c)| async move { c.map(|c| (seq, c)) })
+            .collect()
+            .await;
+        found.extend(fetched);
+        found
     }
 
-    async fn execute_one(&mut self, action: &Action) -> anyhow::Result<()> {
+    /// Carries out one planned step.
+    async fn carry_out(&mut self, step: Step) -> anyhow::Result<()> {
         let source = Source::Orchestrator(self.config.name.clone());
-        match action {
-            // `execute` sends clones in runs (`send_clones`).
-            Action::SendClone { .. } => anyhow::bail!("a clone outside a run of clones"),
-            Action::SendDelete { target, key_id } => {
-                let env = Envelope::new(
-                    source,
-                    Command::DeleteKey(DeleteKey {
-                        target: target.clone(),
-                        key_id: *key_id,
-                    }),
-                );
-                self.publish(
-                    self.config.subjects.commands_for(target),
-                    format!("delete-{key_id}-{target}"),
-                    encode(&env)?,
-                )
-                .await
+        match step {
+            Step::Command { msg_id, command } => {
+                let subject = self.config.subjects.commands_for(command.target());
+                let env = Envelope::new(source, command);
+                self.publish(subject, msg_id, encode(&env)?).await
             }
-            Action::Purge { key_id } => {
+            Step::Announce { msg_id, replicated } => {
+                let subject = self.config.subjects.key_replicated(&replicated.key_id);
+                let env = Envelope::new(source, Event::KeyReplicated(replicated));
+                self.publish(subject, msg_id, encode(&env)?).await
+            }
+            Step::Purge { key_id } => {
                 // Crypto-shredding: the key's wrapped material leaves the log.
-                let subject = self.config.subjects.key_created(key_id);
+                let subject = self.config.subjects.key_created(&key_id);
                 let purged = self.events.purge().filter(subject).await?;
                 tracing::info!(%key_id, purged = purged.purged, "purged a deleted key's material from the stream");
                 Ok(())
             }
-            Action::Withdraw { target } => {
+            Step::Withdraw { target } => {
                 // A removed HSM gets none of what was queued for it.
                 let stream = self
                     .js
@@ -785,37 +677,14 @@ impl Orchestrator {
                     .await?;
                 let purged = stream
                     .purge()
-                    .filter(self.config.subjects.commands_for(target))
+                    .filter(self.config.subjects.commands_for(&target))
                     .await?;
-                let consumer = self.config.subjects.agent_consumer(target);
+                let consumer = self.config.subjects.agent_consumer(&target);
                 if let Err(e) = stream.delete_consumer(&consumer).await {
                     tracing::info!(%target, error = %e, "no command consumer to delete");
                 }
                 tracing::warn!(%target, withdrawn = purged.purged, "HSM removed: its queued commands are withdrawn");
                 Ok(())
-            }
-            Action::AnnounceReplicated { key_id, latency_ns } => {
-                let Some(key) = self.state.key(key_id) else {
-                    return Ok(());
-                };
-                let holders = key
-                    .holders
-                    .iter()
-                    .filter_map(|i| self.state.member_at(i).map(|m| m.hsm.clone()))
-                    .collect();
-                let env = Envelope::new(
-                    source,
-                    Event::KeyReplicated(KeyReplicated {
-                        key_id: *key_id,
-                        fingerprint: key.fingerprint,
-                        holders,
-                        sync_latency_micros: latency_ns / 1_000,
-                        created_seq: key.created_seq,
-                    }),
-                );
-                let subject = self.config.subjects.key_replicated(key_id);
-                self.publish(subject, format!("replicated-{key_id}"), encode(&env)?)
-                    .await
             }
         }
     }
@@ -879,7 +748,9 @@ impl Orchestrator {
 
     async fn publish_event(&mut self, subject: String, event: Event) -> anyhow::Result<()> {
         let env = Envelope::new(Source::Orchestrator(self.config.name.clone()), event);
-        let id = env.id.to_string();
+        let id = plan::message_id(MsgId::Fact {
+            envelope_id: env.id,
+        });
         self.publish(subject, id, encode(&env)?).await
     }
 
