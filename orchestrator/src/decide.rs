@@ -222,50 +222,10 @@ pub fn reconcile(state: &ClusterState) -> Vec<Action> {
 mod tests {
     //! Given events, when one more arrives, then these actions.
     use super::*;
-    use keysync_schemas::{
-        CloneApplied, CloneFailed, CloneFailure, DomainId, Durability, Fingerprint, HsmJoined,
-        KeyAttributes, KeyCreated, KeyOrigin, KeyReplicated, KeyType,
+    use crate::testkit::{
+        applied, created, created_with, deleted, erased, failed, hsm, joined, meta,
     };
-
-    fn hsm(s: &str) -> HsmId {
-        HsmId::new(s).expect("id")
-    }
-
-    fn joined(h: &str) -> Event {
-        Event::HsmJoined(HsmJoined {
-            hsm: hsm(h),
-            agent_version: "test".into(),
-            token_keys: 0,
-        })
-    }
-
-    fn created(k: KeyId, h: &str, fp: u8) -> Event {
-        created_with(k, h, fp, Durability::Logged)
-    }
-
-    fn created_with(k: KeyId, h: &str, fp: u8, durability: Durability) -> Event {
-        Event::KeyCreated(KeyCreated {
-            key_id: k,
-            key_type: KeyType::Ed25519,
-            fingerprint: Fingerprint([fp; 32]),
-            hsm: hsm(h),
-            origin: KeyOrigin::Generated,
-            attributes: KeyAttributes::default(),
-            durability,
-            domain: DomainId([0; 8]),
-            wrapped: vec![1; 40],
-            public_key: None,
-        })
-    }
-
-    fn applied(k: KeyId, h: &str, fp: u8) -> Event {
-        Event::CloneApplied(CloneApplied {
-            key_id: k,
-            hsm: hsm(h),
-            fingerprint: Fingerprint([fp; 32]),
-            already_present: false,
-        })
-    }
+    use keysync_schemas::{CloneFailed, CloneFailure, Durability, Fingerprint, KeyReplicated};
 
     /// A tiny log: applies events in order with sequences 1, 2, ... and
     /// stream times 1 ms apart; returns the actions of the last one.
@@ -288,10 +248,7 @@ mod tests {
 
         fn when(&mut self, e: &Event) -> Vec<Action> {
             self.seq += 1;
-            let meta = EventMeta {
-                seq: self.seq,
-                stored_at_ns: self.seq * 1_000_000,
-            };
+            let meta = meta(self.seq);
             match self.state.apply(meta, e) {
                 Ok(change) => decide(&self.state, meta, e, &change),
                 Err(_) => Vec::new(),
@@ -475,29 +432,6 @@ mod tests {
             log.state.apply(meta, &applied(k, "b", 1)),
             Ok(crate::state::Change::Other)
         );
-    }
-
-    fn failed(h: &str) -> Event {
-        Event::HsmFailed(keysync_schemas::HsmFailed {
-            hsm: hsm(h),
-            silent_ms: 5000,
-        })
-    }
-
-    fn deleted(k: KeyId, h: &str, fp: u8) -> Event {
-        Event::KeyDeleted(keysync_schemas::KeyDeleted {
-            key_id: k,
-            fingerprint: Fingerprint([fp; 32]),
-            hsm: hsm(h),
-        })
-    }
-
-    fn erased(k: KeyId, h: &str) -> Event {
-        Event::KeyErased(keysync_schemas::KeyErased {
-            key_id: k,
-            hsm: hsm(h),
-            was_present: true,
-        })
     }
 
     #[test]
