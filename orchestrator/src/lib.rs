@@ -140,6 +140,10 @@ struct Orchestrator {
 }
 
 /// Runs the orchestrator until `shutdown` resolves or a fatal error occurs.
+///
+/// Any error ends the run rather than being retried in place (crash-only):
+/// the caller starts it again, and the new run's replay and reconcile
+/// finish whatever this one left, under the same message ids.
 pub async fn run(
     config: Config,
     nats: async_nats::Client,
