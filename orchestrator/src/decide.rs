@@ -7,10 +7,8 @@
 //! no-op, so deciding again after a crash never does anything twice with a
 //! different effect.
 
-use std::collections::HashMap;
-
 use keysync_schemas::subjects::KeySubject;
-use keysync_schemas::{Event, Fingerprint, HsmId, KeyId};
+use keysync_schemas::{Event, HsmId, KeyId};
 
 use crate::state::{Change, ClusterState, EventMeta, KeyState};
 
@@ -26,8 +24,9 @@ pub enum Action {
         key_id: KeyId,
         /// Where its `KeyCreated` is in the stream.
         created_seq: u64,
-        /// An anti-entropy repair: sent with a fresh message id, so
-        /// JetStream does not drop it as a duplicate of the original.
+        /// An anti-entropy repair: sent under a repair message id (see
+        /// [`crate::plan::MsgId::Repair`]), so JetStream does not drop it as
+        /// a duplicate of the original clone.
         repair: bool,
     },
     /// Queue a `DeleteKey` for `target`.
@@ -219,96 +218,14 @@ pub fn reconcile(state: &ClusterState) -> Vec<Action> {
     out
 }
 
-/// Anti-entropy: what `member` must be sent so that its store matches the
-/// state, given the inventory it reported. Keys it lacks are cloned again;
-/// deleted keys it still holds are erased; live keys it holds unknown to
-/// the state are cloned again too (it answers `already_present`, which
-/// records it as a holder).
-pub fn repair(
-    state: &ClusterState,
-    member: &HsmId,
-    inventory: &[(KeyId, Fingerprint)],
-) -> Vec<Action> {
-    let Some(idx) = state.member_index(member) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let held: HashMap<KeyId, Fingerprint> = inventory.iter().copied().collect();
-    let mut keys: Vec<(&KeyId, &KeyState)> = state.keys().collect();
-    keys.sort_by_key(|(_, k)| k.created_seq);
-    for (key_id, key) in keys {
-        let has = held.get(key_id);
-        if key.deleted {
-            if has.is_some() {
-                out.push(Action::SendDelete {
-                    target: member.clone(),
-                    key_id: *key_id,
-                });
-            }
-            continue;
-        }
-        let lacks = has.is_none();
-        let unknown_holder = has == Some(&key.fingerprint) && !key.holders.contains(idx);
-        if (lacks || unknown_holder) && key.created_seq > 0 {
-            out.push(Action::SendClone {
-                target: member.clone(),
-                key_id: *key_id,
-                created_seq: key.created_seq,
-                repair: true,
-            });
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     //! Given events, when one more arrives, then these actions.
     use super::*;
-    use keysync_schemas::{
-        CloneApplied, CloneFailed, CloneFailure, DomainId, Durability, Fingerprint, HsmJoined,
-        KeyAttributes, KeyCreated, KeyOrigin, KeyReplicated, KeyType,
+    use crate::testkit::{
+        applied, created, created_with, deleted, erased, failed, hsm, joined, meta,
     };
-
-    fn hsm(s: &str) -> HsmId {
-        HsmId::new(s).expect("id")
-    }
-
-    fn joined(h: &str) -> Event {
-        Event::HsmJoined(HsmJoined {
-            hsm: hsm(h),
-            agent_version: "test".into(),
-            token_keys: 0,
-        })
-    }
-
-    fn created(k: KeyId, h: &str, fp: u8) -> Event {
-        created_with(k, h, fp, Durability::Logged)
-    }
-
-    fn created_with(k: KeyId, h: &str, fp: u8, durability: Durability) -> Event {
-        Event::KeyCreated(KeyCreated {
-            key_id: k,
-            key_type: KeyType::Ed25519,
-            fingerprint: Fingerprint([fp; 32]),
-            hsm: hsm(h),
-            origin: KeyOrigin::Generated,
-            attributes: KeyAttributes::default(),
-            durability,
-            domain: DomainId([0; 8]),
-            wrapped: vec![1; 40],
-            public_key: None,
-        })
-    }
-
-    fn applied(k: KeyId, h: &str, fp: u8) -> Event {
-        Event::CloneApplied(CloneApplied {
-            key_id: k,
-            hsm: hsm(h),
-            fingerprint: Fingerprint([fp; 32]),
-            already_present: false,
-        })
-    }
+    use keysync_schemas::{CloneFailed, CloneFailure, Durability, Fingerprint, KeyReplicated};
 
     /// A tiny log: applies events in order with sequences 1, 2, ... and
     /// stream times 1 ms apart; returns the actions of the last one.
@@ -331,10 +248,7 @@ mod tests {
 
         fn when(&mut self, e: &Event) -> Vec<Action> {
             self.seq += 1;
-            let meta = EventMeta {
-                seq: self.seq,
-                stored_at_ns: self.seq * 1_000_000,
-            };
+            let meta = meta(self.seq);
             match self.state.apply(meta, e) {
                 Ok(change) => decide(&self.state, meta, e, &change),
                 Err(_) => Vec::new(),
@@ -520,29 +434,6 @@ mod tests {
         );
     }
 
-    fn failed(h: &str) -> Event {
-        Event::HsmFailed(keysync_schemas::HsmFailed {
-            hsm: hsm(h),
-            silent_ms: 5000,
-        })
-    }
-
-    fn deleted(k: KeyId, h: &str, fp: u8) -> Event {
-        Event::KeyDeleted(keysync_schemas::KeyDeleted {
-            key_id: k,
-            fingerprint: Fingerprint([fp; 32]),
-            hsm: hsm(h),
-        })
-    }
-
-    fn erased(k: KeyId, h: &str) -> Event {
-        Event::KeyErased(keysync_schemas::KeyErased {
-            key_id: k,
-            hsm: hsm(h),
-            was_present: true,
-        })
-    }
-
     #[test]
     fn a_failed_member_no_longer_holds_up_replication() {
         let k = KeyId::new();
@@ -625,43 +516,6 @@ mod tests {
         assert!(reconcile(&log.state).is_empty());
         // ...and a new member is never sent it.
         assert!(log.when(&joined("d")).is_empty());
-    }
-
-    #[test]
-    fn repair_clones_what_is_missing_and_erases_what_is_deleted() {
-        let (k1, k2, k3) = (KeyId::new(), KeyId::new(), KeyId::new());
-        let log = Log::given(&[
-            joined("a"),
-            joined("b"),
-            created(k1, "a", 1),
-            applied(k1, "b", 1),
-            created(k2, "a", 2),
-            applied(k2, "b", 2),
-            created(k3, "a", 3),
-            applied(k3, "b", 3),
-            deleted(k3, "a", 3),
-        ]);
-        // b lost k1, still has the deleted k3, and holds k2.
-        let inventory = vec![(k2, Fingerprint([2; 32])), (k3, Fingerprint([3; 32]))];
-        assert_eq!(
-            repair(&log.state, &hsm("b"), &inventory),
-            vec![
-                Action::SendClone {
-                    target: hsm("b"),
-                    key_id: k1,
-                    created_seq: 3,
-                    repair: true
-                },
-                Action::SendDelete {
-                    target: hsm("b"),
-                    key_id: k3
-                },
-            ]
-        );
-        let mut all = inventory.clone();
-        all.push((k1, Fingerprint([1; 32])));
-        all.retain(|(k, _)| *k != k3);
-        assert!(repair(&log.state, &hsm("b"), &all).is_empty());
     }
 
     #[test]

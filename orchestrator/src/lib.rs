@@ -2,43 +2,70 @@
 //! and delete commands, tracks acknowledgements, declares keys replicated,
 //! detects failed HSMs, and repairs divergence.
 //!
-//! The brain is pure ([`state`] and [`decide`]); [`run`] is the thin NATS
-//! loop around it. State is a fold over the log: at start the orchestrator
-//! replays the events stream from the beginning with no side effects. Then
-//! it takes the lease ([`lease`]) or waits as a hot standby, still folding
+//! State is a fold over the log: at start the orchestrator replays the
+//! events stream (from its last snapshot) with no side effects. Then it
+//! takes the lease ([`lease`]) or waits as a hot standby, still folding
 //! every event; the one holding the lease [`decide::reconcile`]s once and
 //! acts. It is crash-only: any failure to publish, or to renew the lease,
 //! ends [`run`] with an error, and the restart's replay and reconcile finish
 //! whatever was half done.
+//!
+//! Every rule that decides something is pure, takes the time and its
+//! inputs as arguments, and is tested without NATS, processes or real
+//! seconds (see `docs/decisions/0008-orchestrator-policy-core.md`):
+//!
+//! - [`state`]: the fold itself, [`ClusterState::apply`](state::ClusterState::apply);
+//! - [`decide`](mod@decide): what an event calls for, and what is outstanding after a replay;
+//! - [`liveness`]: failure timeout and recovery debounce, over heartbeats;
+//! - [`anti_entropy`]: when a member's drift calls for a repair, and which;
+//! - [`plan`]: which messages carry out the actions, under which ids;
+//! - [`progress`]: when the fold has caught up, a snapshot is due, the feed stalled.
+//!
+//! [`run`] is the thin loop around them: intake ([`intake`],
+//! [`heartbeats`]) → verify → fold → decide → execute ([`executor`],
+//! [`publisher`]), plus the lease, snapshots ([`snapshot`]), the audit chain
+//! ([`audit`]) and read-only answers ([`status`], [`metrics`],
+//! [`prometheus`]).
 
+pub mod anti_entropy;
 pub mod audit;
 pub mod decide;
+pub mod executor;
+pub mod heartbeats;
+pub mod intake;
+pub mod inventory;
 pub mod lease;
+pub mod liveness;
 pub mod metrics;
+pub mod plan;
+pub mod progress;
 pub mod prometheus;
+pub mod publisher;
 pub mod snapshot;
 pub mod state;
+pub mod status;
 pub mod streams;
+#[cfg(test)]
+mod testkit;
 
-use std::collections::HashMap;
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::pull, context::PublishError, publish::PublishAck};
-use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
+use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
-use keysync_schemas::{
-    decode, encode, CloneKey, Command, DeleteKey, Envelope, Event, Heartbeat, HsmFailed, HsmId,
-    HsmRecovered, InventoryDigest, KeyCreated, KeyId, KeyReplicated, OpReply, OpRequest, Source,
-    StatusReply, StatusRequest, Subjects,
-};
-use keysync_security::{freshness::Monotonic, DeadLetters, Identity, Keep, Rejected, Signer};
+use keysync_schemas::{Event, HsmId, KeyCreated, Subjects};
+use keysync_security::{DeadLetters, Identity};
 use tracing::Instrument as _;
 
-use crate::decide::{decide, reconcile, repair, subject_matches, Action};
+use crate::anti_entropy::{AntiEntropy, Inventory, Verdict};
+use crate::decide::{decide, reconcile};
+use crate::executor::Executor;
+use crate::heartbeats::Heartbeats;
+use crate::intake::Intake;
 use crate::lease::Lease;
+use crate::liveness::Liveness;
+use crate::progress::Progress;
+use crate::publisher::Publisher;
 use crate::state::{ClusterState, EventMeta};
 
 /// How the orchestrator is configured.
@@ -73,106 +100,50 @@ pub struct Config {
 /// Default most publishes in flight.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
 
-/// Inventory entries asked for per request during a repair.
-const INVENTORY_PAGE: u32 = 2000;
-
-/// Bytes of wrapped keys one batch command carries at most (well under
-/// the message limit, with room for the envelope).
-const CLONE_BATCH_BYTES: usize = keysync_schemas::MAX_MESSAGE_BYTES * 3 / 4;
-
-/// A run of clones for one HSM, gathered into one command.
-#[derive(Default)]
-struct CloneRun {
-    target: Option<HsmId>,
-    repair: bool,
-    bytes: usize,
-    clones: Vec<(u64, KeyCreated)>,
-}
-
-impl CloneRun {
-    fn size_of(key: &KeyCreated) -> usize {
-        key.wrapped.len()
-            + key.public_key.as_ref().map_or(0, Vec::len)
-            + key.attributes.label.as_ref().map_or(0, String::len)
-            + 160
-    }
-
-    /// Whether `key` for `target` can join this run.
-    fn fits(&self, target: &HsmId, repair: bool, key: &KeyCreated) -> bool {
-        match &self.target {
-            None => true,
-            Some(t) => {
-                t == target
-                    && self.repair == repair
-                    && self.bytes + Self::size_of(key) <= CLONE_BATCH_BYTES
-            }
-        }
-    }
-
-    fn push(&mut self, target: &HsmId, repair: bool, created_seq: u64, key: KeyCreated) {
-        self.target = Some(target.clone());
-        self.repair = repair;
-        self.bytes += Self::size_of(&key);
-        self.clones.push((created_seq, key));
-    }
-}
-
 /// Most events taken from the consumer at once.
 const EVENT_BATCH: usize = 128;
 
-/// Smallest batch whose signatures are checked in parallel beforehand.
-const PREVERIFY_MIN: usize = 16;
+/// Event handling slower than this is logged.
+const SLOW_EVENT: Duration = Duration::from_millis(200);
 
-/// Actions carried out per batch (bounds the `KeyCreated`s held at once).
-const ACTION_CHUNK: usize = 512;
-
-type AckFuture = BoxFuture<'static, Result<PublishAck, PublishError>>;
-
+/// The loop's parts. Whatever decides is in a pure part (`state`,
+/// `liveness`, `anti_entropy`, `progress`); the others only move messages.
 struct Orchestrator {
     config: Config,
     nats: async_nats::Client,
     js: jetstream::Context,
     events: jetstream::stream::Stream,
+    /// The fold.
     state: ClusterState,
+    /// How far the fold is through the log.
+    progress: Progress,
     stats: metrics::SyncStats,
-    in_flight: FuturesUnordered<AckFuture>,
+    /// Event feed: verification, refusals.
+    intake: Intake,
+    /// Heartbeat feed: verification, refusals.
+    heartbeats: Heartbeats,
+    /// Carries out actions; owns the publisher.
+    executor: Executor,
     /// Holds the lease and acts.
     active: bool,
     /// The audit appender, while active.
     auditor: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    /// When each member was last heard from (live-only knowledge).
-    last_seen: HashMap<HsmId, Instant>,
-    /// Recovery announced, waiting to come back through the log.
-    recovering: HashMap<HsmId, Instant>,
-    /// Per member: (agent digest, expected digest) of the last mismatch and
-    /// how many heartbeats in a row showed it.
-    mismatches: HashMap<HsmId, ((u64, InventoryDigest, InventoryDigest), u32)>,
+    /// Who is heard from and who fell silent (knowledge of this process
+    /// only: heartbeats are not in the log).
+    liveness: Liveness,
+    /// Heartbeats in a row showing one inventory difference, per member.
+    anti_entropy: AntiEntropy,
     /// The cluster's public key.
     cluster_key: [u8; 32],
-    /// Where rejected messages are filed.
-    dead_letters: DeadLetters,
-    /// The newest heartbeat accepted from each HSM.
-    heartbeats_seen: Monotonic,
     /// What the fold accepted and rejected, for the auditor.
     verdicts: Arc<audit::Verdicts>,
-    /// Events this process signed and has not folded back yet: message id
-    /// → (digest of subject and payload, signature). One it gets back
-    /// byte for byte needs no signature check.
-    own: HashMap<String, ([u8; 32], String)>,
-}
-
-/// Most signed-by-me events remembered (cleared when full).
-const OWN_MAX: usize = 100_000;
-
-fn own_digest(subject: &str, payload: &[u8]) -> [u8; 32] {
-    let mut bytes = Vec::with_capacity(subject.len() + 1 + payload.len());
-    bytes.extend_from_slice(subject.as_bytes());
-    bytes.push(0);
-    bytes.extend_from_slice(payload);
-    keysync_schemas::record_hash(&bytes)
 }
 
 /// Runs the orchestrator until `shutdown` resolves or a fatal error occurs.
+///
+/// Any error ends the run rather than being retried in place (crash-only):
+/// the caller starts it again, and the new run's replay and reconcile
+/// finish whatever this one left, under the same message ids.
 pub async fn run(
     config: Config,
     nats: async_nats::Client,
@@ -197,8 +168,12 @@ pub async fn run(
         .await
         .filter(|s| s.last_seq() <= replay_until)
         .unwrap_or_default();
-    let mut replayed =
-        info.state.messages == 0 || (state.last_seq() > 0 && state.last_seq() >= replay_until);
+    let progress = Progress::new(
+        info.state.messages,
+        replay_until,
+        state.last_seq(),
+        config.snapshot_every,
+    );
     tracing::info!(
         stream = %config.subjects.events_stream(),
         messages = info.state.messages,
@@ -226,31 +201,49 @@ pub async fn run(
     let mut status_requests = nats
         .subscribe(config.subjects.orchestrator_status())
         .await?;
-    let mut heartbeats = nats.subscribe(config.subjects.all_heartbeats()).await?;
+    let mut heartbeat_feed = nats.subscribe(config.subjects.all_heartbeats()).await?;
 
     let dead_letters = DeadLetters::new(
         js.clone(),
         &config.subjects,
         "orchestrator",
-        Source::Orchestrator(config.name.clone()),
+        keysync_schemas::Source::Orchestrator(config.name.clone()),
+    );
+    let cluster_key = config.identity.public_key();
+    let verdicts = Arc::new(audit::Verdicts::default());
+    let publisher = Publisher::new(
+        js.clone(),
+        config.identity.clone(),
+        &config.subjects,
+        &config.name,
+        config.max_in_flight,
     );
     let mut orch = Orchestrator {
-        cluster_key: config.identity.public_key(),
-        dead_letters,
-        heartbeats_seen: Monotonic::default(),
-        verdicts: Arc::new(audit::Verdicts::default()),
-        own: HashMap::new(),
+        intake: Intake::new(
+            config.subjects.clone(),
+            cluster_key,
+            dead_letters.clone(),
+            verdicts.clone(),
+        ),
+        heartbeats: Heartbeats::new(config.subjects.clone(), dead_letters),
+        executor: Executor::new(
+            publisher,
+            js.clone(),
+            events.clone(),
+            config.subjects.clone(),
+        ),
+        cluster_key,
+        verdicts,
         nats: nats.clone(),
         js,
         events,
         state,
+        progress,
         stats: metrics::SyncStats::default(),
-        in_flight: FuturesUnordered::new(),
         active: false,
         auditor: None,
-        last_seen: HashMap::new(),
-        recovering: HashMap::new(),
-        mismatches: HashMap::new(),
+        liveness: Liveness::new(config.failure_timeout),
+        anti_entropy: AntiEntropy::new(config.repair_after),
         config,
     };
     orch.verdicts.start(orch.state.last_seq() + 1);
@@ -267,7 +260,6 @@ pub async fn run(
     failure_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut snapshot_tick = tokio::time::interval(Duration::from_secs(5));
     snapshot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut snapshot_seq = orch.state.last_seq();
     // Events in the stream that this fold does not receive (as after the
     // NATS node serving the consumer died) end the run: the next one
     // starts a fresh consumer.
@@ -276,13 +268,11 @@ pub async fn run(
         Duration::from_secs(3),
     );
     stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seq_at_last_check = orch.state.last_seq();
     let mut saving: Option<tokio::task::JoinHandle<anyhow::Result<u64>>> = None;
     let started = Instant::now();
     let lease = std::sync::Arc::new(tokio::sync::Mutex::new(lease));
     let mut renewing: Option<lease::Keeper> = None;
-    let mut last_failure_check = Instant::now();
-    if replayed {
+    if orch.progress.caught_up() {
         tracing::info!("event log empty");
     }
     tokio::pin!(shutdown);
@@ -296,43 +286,32 @@ pub async fn run(
                     for msg in batch {
                         msgs.push(msg.map_err(|e| anyhow::anyhow!("event consumer failed: {e}"))?);
                     }
-                    // Only a replay's backlog is worth both cores: live, the
-                    // other processes need them.
-                    let verified = if replayed {
-                        vec![None; msgs.len()]
-                    } else {
-                        orch.preverify(&msgs).await
-                    };
-                    for (msg, verified) in msgs.iter().zip(verified) {
-                        let (seq, pending) = msg
-                            .info()
-                            .map(|i| (i.stream_sequence, i.pending))
-                            .map_err(|e| anyhow::anyhow!("event without metadata: {e}"))?;
-                        orch.handle(msg, replayed, verified).await?;
-                        if !replayed && (seq >= replay_until || pending == 0) {
-                            replayed = true;
-                            tracing::info!(
-                                events = orch.state.last_seq(),
-                                keys = orch.state.key_count(),
-                                elapsed_ms = started.elapsed().as_millis() as u64,
-                                "replay done"
-                            );
-                        }
-                    }
+                    orch.on_events(&msgs, started).await?;
                 }
-                Some(req) = status_requests.next() => orch.answer_status(req).await,
-                Some(hb) = heartbeats.next() => {
+                Some(req) = status_requests.next() => {
+                    let source = orch.executor.publisher.source();
+                    status::answer(&orch.nats, &orch.state, orch.cluster_key, source, req).await;
+                }
+                Some(hb) = heartbeat_feed.next() => {
                     if orch.active {
                         orch.on_heartbeat(hb).await?;
                     }
                 }
                 _ = metrics_tick.tick() => {
                     if orch.active {
-                        orch.publish_metrics(&latest).await;
+                        status::publish_metrics(
+                            &orch.nats,
+                            &orch.config.subjects,
+                            &mut orch.stats,
+                            &orch.state,
+                            &orch.config.name,
+                            &latest,
+                        )
+                        .await;
                     }
                 }
                 _ = lease_tick.tick() => {
-                    if !orch.active && replayed && lease.lock().await.try_acquire().await {
+                    if !orch.active && orch.progress.caught_up() && lease.lock().await.try_acquire().await {
                         // Renewed on its own task: a loop busy with a large
                         // fan-out (a bootstrap) keeps the lease; a process
                         // that dies or loses NATS does not.
@@ -353,24 +332,18 @@ pub async fn run(
                     }
                 }
                 _ = failure_tick.tick() => {
-                    // After the loop was busy (a large fan-out), heartbeats
-                    // wait unread in the subscription: judge silence only
-                    // once they have been read.
-                    let busy = last_failure_check.elapsed() > orch.config.failure_timeout / 2;
-                    last_failure_check = Instant::now();
-                    if orch.active && !busy {
+                    if orch.active {
                         orch.detect_failures().await?;
                     }
                 }
                 _ = stall_tick.tick() => {
                     let folded = orch.state.last_seq();
-                    if folded == seq_at_last_check {
+                    if orch.progress.idle_since_last_check(folded) {
                         let stream_last = orch.events.info().await.map(|i| i.state.last_sequence).unwrap_or(0);
-                        if stream_last > folded {
+                        if progress::stalled(folded, stream_last) {
                             anyhow::bail!("event consumer stalled at {folded} while the stream is at {stream_last}");
                         }
                     }
-                    seq_at_last_check = folded;
                 }
                 _ = snapshot_tick.tick() => {
                     if let Some(done) = saving.take_if(|h| h.is_finished()) {
@@ -380,19 +353,16 @@ pub async fn run(
                             Err(e) => tracing::warn!(error = %e, "snapshot task failed"),
                         }
                     }
-                    let due = orch.config.snapshot_every > 0
-                        && orch.state.last_seq() >= snapshot_seq + orch.config.snapshot_every;
-                    if orch.active && replayed && saving.is_none() && due {
-                        snapshot_seq = orch.state.last_seq();
+                    let folded = orch.state.last_seq();
+                    if orch.active && saving.is_none() && orch.progress.snapshot_due(folded) {
+                        orch.progress.snapshot_started(folded);
                         let store = snapshots.clone();
                         let state = orch.state.clone();
                         let identity = orch.config.identity.clone();
                         saving = Some(tokio::spawn(async move { snapshot::save(&store, state, identity).await }));
                     }
                 }
-                Some(ack) = orch.in_flight.next(), if !orch.in_flight.is_empty() => {
-                    ack.map_err(|e| anyhow::anyhow!("a publish was not acknowledged: {e}"))?;
-                }
+                ack = orch.executor.publisher.next_ack(), if !orch.executor.publisher.is_idle() => ack?,
                 done = async {
                     match orch.auditor.as_mut() {
                         Some(h) => h.await,
@@ -411,11 +381,7 @@ pub async fn run(
     }
     .await;
     // Wait for what was already published, then let the client go.
-    while let Some(ack) = orch.in_flight.next().await {
-        if let Err(e) = ack {
-            tracing::warn!(error = %e, "publish not acknowledged at shutdown");
-        }
-    }
+    orch.executor.publisher.drain().await;
     if let Some(a) = orch.auditor.take() {
         a.abort();
     }
@@ -434,6 +400,8 @@ pub async fn run(
 }
 
 impl Orchestrator {
+    /// Took the lease: start the auditor, start measuring silence, and
+    /// finish whatever the log says is outstanding.
     async fn become_active(&mut self, started: Instant) -> anyhow::Result<()> {
         self.active = true;
         self.auditor = Some(tokio::spawn(audit::run(
@@ -445,10 +413,8 @@ impl Orchestrator {
             self.cluster_key,
             self.verdicts.clone(),
         )));
-        let now = Instant::now();
-        for m in self.state.members() {
-            self.last_seen.insert(m.hsm.clone(), now);
-        }
+        self.liveness
+            .start(Instant::now(), self.state.members().map(|m| &m.hsm));
         let actions = reconcile(&self.state);
         tracing::info!(
             name = %self.config.name,
@@ -456,111 +422,53 @@ impl Orchestrator {
             since_start_ms = started.elapsed().as_millis() as u64,
             "holding the lease; active"
         );
-        self.execute(actions, None).await
+        self.executor.execute(&self.state, actions, None).await
     }
 
-    /// Checks the signatures of a batch of events in parallel, against the
-    /// keys their signers have now (a batch below [`PREVERIFY_MIN`] is left
-    /// to [`Orchestrator::handle`]). Returns, per event, the key its
-    /// signature verified with.
-    async fn preverify(&self, msgs: &[jetstream::Message]) -> Vec<Option<[u8; 32]>> {
-        let mut out = vec![None; msgs.len()];
-        if msgs.len() < PREVERIFY_MIN {
-            return out;
-        }
-        let mut at = Vec::with_capacity(msgs.len());
-        let mut pending = Vec::with_capacity(msgs.len());
-        for (i, msg) in msgs.iter().enumerate() {
-            let Ok(claim) = keysync_security::Claim::read(msg.headers.as_ref()) else {
-                continue;
-            };
-            let key = match &claim.signer {
-                Signer::Cluster => Some(self.cluster_key),
-                Signer::Hsm(h) => self.state.enrolled_key(h),
-            };
-            if let Some(key) = key {
-                at.push(i);
-                pending.push(keysync_security::Pending {
-                    subject: msg.subject.to_string(),
-                    headers: msg.headers.clone(),
-                    payload: msg.payload.clone(),
-                    key,
-                });
+    /// A batch from the event feed, folded in order.
+    async fn on_events(
+        &mut self,
+        msgs: &[jetstream::Message],
+        started: Instant,
+    ) -> anyhow::Result<()> {
+        // Only a replay's backlog is worth both cores: once caught up, the
+        // other processes need them.
+        let verified = if self.progress.caught_up() {
+            vec![None; msgs.len()]
+        } else {
+            self.intake.preverify(&self.state, msgs).await
+        };
+        for (msg, verified) in msgs.iter().zip(verified) {
+            let (meta, pending) = intake::meta_of(msg)?;
+            self.on_event(msg, meta, verified).await?;
+            if self.progress.folded(meta.seq, pending) {
+                tracing::info!(
+                    events = self.state.last_seq(),
+                    keys = self.state.key_count(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "replay done"
+                );
             }
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let verified =
-            tokio::task::spawn_blocking(move || keysync_security::preverify(&pending, threads))
-                .await
-                .unwrap_or_default();
-        for (i, v) in at.into_iter().zip(verified) {
-            out[i] = v;
-        }
-        out
+        Ok(())
     }
 
-    fn events_prefix(&self) -> String {
-        format!("{}.evt.", self.config.subjects.prefix())
-    }
-
-    /// The cluster key, if `msg` is an event this process signed and it
-    /// came back with the same subject, payload and signature.
-    fn signed_by_me(&mut self, msg: &jetstream::Message) -> Option<[u8; 32]> {
-        let h = msg.headers.as_ref()?;
-        if h.get(keysync_schemas::headers::SIGNER)?.as_str() != "cluster" {
-            return None;
-        }
-        let id = h.get(keysync_schemas::headers::MSG_ID)?.as_str();
-        let (digest, sig) = self.own.remove(id)?;
-        // Drained after a burst: give the memory back.
-        if self.own.is_empty() && self.own.capacity() > 4096 {
-            self.own.shrink_to(1024);
-        }
-        let same = digest == own_digest(&msg.subject, &msg.payload)
-            && h.get(keysync_schemas::headers::SIGNATURE)?.as_str() == sig;
-        same.then_some(self.cluster_key)
-    }
-
-    async fn handle(
+    /// One event: verify → fold → decide → execute.
+    async fn on_event(
         &mut self,
         msg: &jetstream::Message,
-        replayed: bool,
+        meta: EventMeta,
         preverified: Option<[u8; 32]>,
     ) -> anyhow::Result<()> {
-        let preverified = preverified.or_else(|| self.signed_by_me(msg));
-        let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let meta = EventMeta {
-            seq: info.stream_sequence,
-            stored_at_ns: u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
-        };
+        let caught_up = self.progress.caught_up();
         let subject = msg.subject.as_str();
-        let state = &self.state;
-        let checked = keysync_security::check_event_preverified(
-            msg.headers.as_ref(),
-            subject,
-            &msg.payload,
-            meta.stored_at_ns,
-            &self.cluster_key,
-            |h| state.enrolled_key(h),
-            preverified,
-        )
-        .and_then(|env| {
-            if subject_matches(self.config.subjects.parse_event(subject), &env.body) {
-                Ok(env.body)
-            } else {
-                Err(keysync_security::Refusal {
-                    reason: "subject_mismatch",
-                    detail: format!("a {} on this subject", env.body.kind()),
-                    signer: None,
-                })
-            }
-        });
-        let event = match checked {
+        let own = self.executor.publisher.own_events();
+        let event = match self.intake.check(&self.state, own, msg, meta, preverified) {
             Ok(event) => event,
             Err(refusal) => {
                 tracing::warn!(seq = meta.seq, subject, reason = refusal.reason, detail = %refusal.detail, "rejected event");
                 self.state.reject_at(meta.seq, refusal.reason);
-                self.rejected_event(msg, meta, replayed, refusal).await;
+                self.intake.refused(msg, meta, caught_up, refusal).await;
                 return Ok(());
             }
         };
@@ -573,537 +481,114 @@ impl Orchestrator {
                     detail: r.to_string(),
                     signer: None,
                 };
-                self.rejected_event(msg, meta, replayed, refusal).await;
+                self.intake.refused(msg, meta, caught_up, refusal).await;
                 return Ok(());
             }
         };
-        self.verdicts.judged(meta.seq, false);
-        let live = replayed && self.active;
-        self.stats.observe(&change, live);
+        self.intake.accepted(meta.seq);
+        // Acted on now: caught up with the log (not replaying history)
+        // and holding the lease.
+        let acting = caught_up && self.active;
+        self.stats.observe(&change, acting);
         match &event {
-            Event::HsmJoined(j) => {
-                self.last_seen.insert(j.hsm.clone(), Instant::now());
-            }
-            Event::HsmRecovered(r) => {
-                self.recovering.remove(&r.hsm);
-            }
+            Event::HsmJoined(j) => self.liveness.joined(Instant::now(), &j.hsm),
+            Event::HsmRecovered(r) => self.liveness.recovered(&r.hsm),
             Event::HsmFailed(f) => {
                 tracing::warn!(hsm = %f.hsm, silent_ms = f.silent_ms, "HSM failed")
             }
             _ => {}
         }
-        if live {
-            let actions = decide(&self.state, meta, &event, &change);
-            let current = match &event {
-                Event::KeyCreated(c) => Some((meta.seq, c)),
-                _ => None,
-            };
-            // The event's trace continues through what it causes.
-            let span = tracing::info_span!("keysync.event", kind = event.kind(), seq = meta.seq);
-            keysync_telemetry::follow(&span, msg.headers.as_ref());
-            let started = Instant::now();
-            let n = actions.len();
-            self.execute(actions, current).instrument(span).await?;
-            if started.elapsed() > Duration::from_millis(200) {
-                tracing::info!(
-                    kind = event.kind(),
-                    actions = n,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "slow event handling"
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Tells the auditor an event was rejected and files it as a dead
-    /// letter: once, when first seen live (a replay after a restart does
-    /// not file it again).
-    async fn rejected_event(
-        &self,
-        msg: &jetstream::Message,
-        meta: EventMeta,
-        replayed: bool,
-        refusal: keysync_security::Refusal,
-    ) {
-        self.verdicts.judged(meta.seq, true);
-        if replayed {
-            self.dead_letters
-                .file(
-                    Rejected {
-                        subject: &msg.subject,
-                        reason: refusal.reason,
-                        detail: refusal.detail,
-                        claimed_signer: refusal.signer,
-                        stream_seq: Some(meta.seq),
-                        payload: &msg.payload,
-                        dedup_id: Some(format!("dlq-event-{}", meta.seq)),
-                    },
-                    Keep::Payload,
-                )
-                .await;
-        }
-    }
-
-    /// Carries out actions. `current` is the `KeyCreated` being handled,
-    /// if any, so its clones need not fetch it back from the stream.
-    async fn execute(
-        &mut self,
-        actions: Vec<Action>,
-        current: Option<(u64, &KeyCreated)>,
-    ) -> anyhow::Result<()> {
-        for chunk in actions.chunks(ACTION_CHUNK) {
-            // Fetch the KeyCreated events this chunk needs, pipelined.
-            let mut needed: Vec<(u64, KeyId)> = chunk
-                .iter()
-                .filter_map(|a| match a {
-                    Action::SendClone {
-                        created_seq,
-                        key_id,
-                        ..
-                    } if current.is_none_or(|(s, _)| s != *created_seq) => {
-                        Some((*created_seq, *key_id))
-                    }
-                    _ => None,
-                })
-                .collect();
-            needed.sort_unstable();
-            needed.dedup();
-            let this = &*self;
-            let fetched: HashMap<u64, KeyCreated> = futures::stream::iter(needed)
-                .map(|(seq, key_id)| async move { (seq, this.fetch_created(seq, key_id).await) })
-                .buffered(64)
-                .filter_map(|(seq, c)| async move { c.map(|c| (seq, c)) })
-                .collect()
-                .await;
-            // Consecutive clones for one HSM (a bootstrap, a repair) go as
-            // batch commands: one signature and one message for many keys.
-            let mut batch = CloneRun::default();
-            for action in chunk {
-                if let Action::SendClone {
-                    target,
-                    created_seq,
-                    repair,
-                    ..
-                } = action
-                {
-                    let key = match current {
-                        Some((seq, c)) if seq == *created_seq => Some(c.clone()),
-                        _ => fetched.get(created_seq).cloned(),
-                    };
-                    let Some(key) = key else { continue };
-                    if !batch.fits(target, *repair, &key) {
-                        self.send_clones(std::mem::take(&mut batch)).await?;
-                    }
-                    batch.push(target, *repair, *created_seq, key);
-                    continue;
-                }
-                self.send_clones(std::mem::take(&mut batch)).await?;
-                self.execute_one(action).await?;
-            }
-            self.send_clones(batch).await?;
-        }
-        Ok(())
-    }
-
-    /// Sends a run of clones for one HSM: one `CloneKey` (with its
-    /// deterministic id) or one `CloneBatch`.
-    async fn send_clones(&mut self, run: CloneRun) -> anyhow::Result<()> {
-        let Some(target) = run.target else {
+        if !acting {
             return Ok(());
+        }
+        let actions = decide(&self.state, meta, &event, &change);
+        let current: Option<(u64, &KeyCreated)> = match &event {
+            Event::KeyCreated(c) => Some((meta.seq, c)),
+            _ => None,
         };
-        let source = Source::Orchestrator(self.config.name.clone());
-        let mut clones: Vec<CloneKey> = run
-            .clones
-            .into_iter()
-            .map(|(created_seq, key)| CloneKey {
-                target: target.clone(),
-                created_seq,
-                key,
-            })
-            .collect();
-        let (msg_id, command) = if clones.len() == 1 {
-            let clone = clones.remove(0);
-            let key_id = clone.key.key_id;
-            let id = if run.repair {
-                format!("repair-{key_id}-{target}-{}", uuid::Uuid::now_v7())
-            } else {
-                format!("clone-{key_id}-{target}")
-            };
-            (id, Command::CloneKey(clone))
-        } else {
-            let (first, last) = (
-                clones.first().map_or(0, |c| c.created_seq),
-                clones.last().map_or(0, |c| c.created_seq),
-            );
-            let id = if run.repair {
-                format!("repair-batch-{target}-{}", uuid::Uuid::now_v7())
-            } else {
-                format!("clone-batch-{target}-{first}-{last}-{}", clones.len())
-            };
-            (
-                id,
-                Command::CloneBatch(keysync_schemas::CloneBatch {
-                    target: target.clone(),
-                    clones,
-                }),
-            )
-        };
-        let env = Envelope::new(source, command);
-        self.publish(
-            self.config.subjects.commands_for(&target),
-            msg_id,
-            encode(&env)?,
-        )
-        .await
-    }
-
-    async fn execute_one(&mut self, action: &Action) -> anyhow::Result<()> {
-        let source = Source::Orchestrator(self.config.name.clone());
-        match action {
-            // `execute` sends clones in runs (`send_clones`).
-            Action::SendClone { .. } => anyhow::bail!("a clone outside a run of clones"),
-            Action::SendDelete { target, key_id } => {
-                let env = Envelope::new(
-                    source,
-                    Command::DeleteKey(DeleteKey {
-                        target: target.clone(),
-                        key_id: *key_id,
-                    }),
-                );
-                self.publish(
-                    self.config.subjects.commands_for(target),
-                    format!("delete-{key_id}-{target}"),
-                    encode(&env)?,
-                )
-                .await
-            }
-            Action::Purge { key_id } => {
-                // Crypto-shredding: the key's wrapped material leaves the log.
-                let subject = self.config.subjects.key_created(key_id);
-                let purged = self.events.purge().filter(subject).await?;
-                tracing::info!(%key_id, purged = purged.purged, "purged a deleted key's material from the stream");
-                Ok(())
-            }
-            Action::Withdraw { target } => {
-                // A removed HSM gets none of what was queued for it.
-                let stream = self
-                    .js
-                    .get_stream(self.config.subjects.commands_stream())
-                    .await?;
-                let purged = stream
-                    .purge()
-                    .filter(self.config.subjects.commands_for(target))
-                    .await?;
-                let consumer = self.config.subjects.agent_consumer(target);
-                if let Err(e) = stream.delete_consumer(&consumer).await {
-                    tracing::info!(%target, error = %e, "no command consumer to delete");
-                }
-                tracing::warn!(%target, withdrawn = purged.purged, "HSM removed: its queued commands are withdrawn");
-                Ok(())
-            }
-            Action::AnnounceReplicated { key_id, latency_ns } => {
-                let Some(key) = self.state.key(key_id) else {
-                    return Ok(());
-                };
-                let holders = key
-                    .holders
-                    .iter()
-                    .filter_map(|i| self.state.member_at(i).map(|m| m.hsm.clone()))
-                    .collect();
-                let env = Envelope::new(
-                    source,
-                    Event::KeyReplicated(KeyReplicated {
-                        key_id: *key_id,
-                        fingerprint: key.fingerprint,
-                        holders,
-                        sync_latency_micros: latency_ns / 1_000,
-                        created_seq: key.created_seq,
-                    }),
-                );
-                let subject = self.config.subjects.key_replicated(key_id);
-                self.publish(subject, format!("replicated-{key_id}"), encode(&env)?)
-                    .await
-            }
-        }
-    }
-
-    /// Reads a `KeyCreated` back from the stream by sequence.
-    async fn fetch_created(&self, seq: u64, key_id: KeyId) -> Option<KeyCreated> {
-        let msg = match self.events.direct_get(seq).await {
-            Ok(m) => m,
-            Err(e) => {
-                // Purged (a deleted key) or lost: nothing to clone from.
-                tracing::warn!(seq, %key_id, error = %e, "KeyCreated not readable; clone skipped");
-                return None;
-            }
-        };
-        match decode::<Event>(&msg.payload).map(|e| e.body) {
-            Ok(Event::KeyCreated(c)) if c.key_id == key_id => Some(c),
-            _ => {
-                tracing::warn!(seq, %key_id, "message at that sequence is not the key's KeyCreated");
-                None
-            }
-        }
-    }
-
-    async fn publish(
-        &mut self,
-        subject: String,
-        msg_id: String,
-        payload: Vec<u8>,
-    ) -> anyhow::Result<()> {
-        while self.in_flight.len() >= self.config.max_in_flight {
-            if let Some(ack) = self.in_flight.next().await {
-                ack.map_err(|e| anyhow::anyhow!("a publish was not acknowledged: {e}"))?;
-            }
-        }
-        let mut h = keysync_security::signed_headers(
-            &self.config.identity,
-            &Signer::Cluster,
-            &subject,
-            &msg_id,
-            &payload,
-        );
-        if subject.starts_with(&self.events_prefix()) {
-            if self.own.len() >= OWN_MAX {
-                self.own.clear();
-            }
-            if let Some(sig) = h.get(keysync_schemas::headers::SIGNATURE) {
-                self.own.insert(
-                    msg_id.clone(),
-                    (own_digest(&subject, &payload), sig.as_str().to_string()),
-                );
-            }
-        }
-        keysync_telemetry::inject(&tracing::Span::current(), &mut h);
-        let fut = self
-            .js
-            .publish_with_headers(subject, h, payload.into())
+        // The event's trace continues through what it causes.
+        let span = tracing::info_span!("keysync.event", kind = event.kind(), seq = meta.seq);
+        keysync_telemetry::follow(&span, msg.headers.as_ref());
+        let handling = Instant::now();
+        let n = actions.len();
+        self.executor
+            .execute(&self.state, actions, current)
+            .instrument(span)
             .await?;
-        self.in_flight.push(Box::pin(fut.into_future()));
+        if handling.elapsed() > SLOW_EVENT {
+            tracing::info!(
+                kind = event.kind(),
+                actions = n,
+                elapsed_ms = handling.elapsed().as_millis() as u64,
+                "slow event handling"
+            );
+        }
         Ok(())
     }
 
-    async fn publish_event(&mut self, subject: String, event: Event) -> anyhow::Result<()> {
-        let env = Envelope::new(Source::Orchestrator(self.config.name.clone()), event);
-        let id = env.id.to_string();
-        self.publish(subject, id, encode(&env)?).await
-    }
-
-    /// A heartbeat: the member is alive (recovered if it was failed), and
-    /// its inventory digest is checked against what the log says it holds.
+    /// A heartbeat: the member is heard from (announced recovered if the
+    /// log says failed), and its inventory is compared with what the log
+    /// says it holds.
     async fn on_heartbeat(&mut self, msg: async_nats::Message) -> anyhow::Result<()> {
-        let state = &self.state;
-        let checked = keysync_security::check_heartbeat(
-            msg.headers.as_ref(),
-            &msg.subject,
-            &msg.payload,
-            keysync_schemas::Timestamp::now().as_nanos(),
-            |h| state.enrolled_key(h),
-            &mut self.heartbeats_seen,
-        )
-        .and_then(|env| {
-            if msg.subject.as_str() == self.config.subjects.heartbeat(&env.body.hsm) {
-                Ok(env.body)
-            } else {
-                Err(keysync_security::Refusal {
-                    reason: "subject_mismatch",
-                    detail: "heartbeat on another HSM's subject".into(),
-                    signer: None,
-                })
-            }
-        });
-        let hb: Heartbeat = match checked {
+        let now_ns = keysync_schemas::Timestamp::now().as_nanos();
+        let hb = match self.heartbeats.check(&self.state, &msg, now_ns) {
             Ok(hb) => hb,
             Err(refusal) => {
                 tracing::warn!(subject = %msg.subject, reason = refusal.reason, detail = %refusal.detail, "rejected heartbeat");
                 self.state.count_rejection(refusal.reason);
-                self.dead_letters
-                    .file(
-                        Rejected {
-                            subject: &msg.subject,
-                            reason: refusal.reason,
-                            detail: refusal.detail,
-                            claimed_signer: refusal.signer,
-                            stream_seq: None,
-                            payload: &msg.payload,
-                            dedup_id: None,
-                        },
-                        Keep::Payload,
-                    )
-                    .await;
+                self.heartbeats.refused(&msg, refusal).await;
                 return Ok(());
             }
         };
         let Some(idx) = self.state.member_index(&hb.hsm) else {
             return Ok(()); // not joined yet
         };
-        self.last_seen.insert(hb.hsm.clone(), Instant::now());
-        let live = self.state.member_at(idx).is_some_and(|m| m.live);
-        if !live
-            && self
-                .recovering
-                .get(&hb.hsm)
-                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-        {
+        let is_live = self.state.member_at(idx).is_some_and(|m| m.live);
+        if let Some(recovered) = self.liveness.heard(Instant::now(), &hb.hsm, is_live) {
             tracing::info!(hsm = %hb.hsm, "failed HSM heard from again");
-            self.recovering.insert(hb.hsm.clone(), Instant::now());
             let subject = self.config.subjects.hsm_recovered(&hb.hsm);
-            self.publish_event(
-                subject,
-                Event::HsmRecovered(HsmRecovered {
-                    hsm: hb.hsm.clone(),
-                }),
-            )
-            .await?;
+            self.executor
+                .publisher
+                .announce(subject, Event::HsmRecovered(recovered))
+                .await?;
         }
-        let expected = (self.state.held_by(idx), self.state.digest_of(idx));
-        if (hb.token_keys, hb.digest) == expected {
-            self.mismatches.remove(&hb.hsm);
-            return Ok(());
-        }
-        let seen = (hb.token_keys, hb.digest, expected.1);
-        let entry = self.mismatches.entry(hb.hsm.clone()).or_insert((seen, 0));
-        if entry.0 == seen {
-            entry.1 += 1;
-        } else {
-            *entry = (seen, 1);
-        }
-        // A member with clones outstanding is expected to differ while it
-        // applies its queue: it gets ten times longer without progress
-        // before it is repaired (a busy machine, not lost commands).
-        let patience = if self.state.pending_for(idx) > 0 {
-            self.config.repair_after.saturating_mul(10)
-        } else {
-            self.config.repair_after
+        let reported = Inventory {
+            keys: hb.token_keys,
+            digest: hb.digest,
         };
-        if entry.1 >= patience {
-            self.mismatches.remove(&hb.hsm);
-            self.repair(&hb.hsm).await?;
+        if self.anti_entropy.check(&self.state, idx, &hb.hsm, reported) == Verdict::Repair {
+            self.repair_member(&hb.hsm).await?;
         }
         Ok(())
     }
 
-    /// Anti-entropy: reads the member's inventory and sends what repairs it.
-    async fn repair(&mut self, hsm: &HsmId) -> anyhow::Result<()> {
-        let mut inventory = Vec::new();
-        let mut after = None;
-        loop {
-            let req = encode(&Envelope::new(
-                Source::Orchestrator(self.config.name.clone()),
-                OpRequest::Inventory {
-                    after,
-                    limit: INVENTORY_PAGE,
-                },
-            ))?;
-            let reply = match tokio::time::timeout(
-                Duration::from_secs(5),
-                self.nats
-                    .request(self.config.subjects.hsm_op(hsm), req.into()),
-            )
-            .await
-            {
-                Ok(Ok(r)) => r,
-                _ => {
-                    tracing::warn!(%hsm, "inventory request unanswered; repair postponed");
-                    return Ok(());
-                }
-            };
-            match decode::<OpReply>(&reply.payload).map(|e| e.body) {
-                Ok(OpReply::Inventory(page)) => {
-                    let last = page.last().map(|(k, _)| *k);
-                    let done = page.len() < INVENTORY_PAGE as usize;
-                    inventory.extend(page);
-                    match last {
-                        Some(k) if !done => after = Some(k),
-                        _ => break,
-                    }
-                }
-                _ => {
-                    tracing::warn!(%hsm, "unexpected inventory reply; repair postponed");
-                    return Ok(());
-                }
-            }
-        }
-        let actions = repair(&self.state, hsm, &inventory);
+    /// Anti-entropy's I/O: reads the member's inventory and sends what
+    /// [`anti_entropy::repairs`] computes from it. A member that does not
+    /// answer is left for a later heartbeat to try again.
+    async fn repair_member(&mut self, hsm: &HsmId) -> anyhow::Result<()> {
+        let source = self.executor.publisher.source();
+        let Some(inventory) =
+            inventory::read_inventory(&self.nats, &self.config.subjects, source, hsm).await?
+        else {
+            return Ok(());
+        };
+        let actions = anti_entropy::repairs(&self.state, hsm, &inventory);
         tracing::info!(%hsm, held = inventory.len(), repairs = actions.len(), "anti-entropy repair");
         self.stats.repairs += actions.len() as u64;
-        self.execute(actions, None).await
+        self.executor.execute(&self.state, actions, None).await
     }
 
-    /// Declares failed every live member silent past the timeout.
+    /// Announces failed every live member [`Liveness::tick`] finds silent.
     async fn detect_failures(&mut self) -> anyhow::Result<()> {
-        let now = Instant::now();
-        let silent: Vec<(HsmId, Duration)> = self
-            .state
-            .members()
-            .filter(|m| m.live)
-            .filter_map(|m| {
-                let seen = *self.last_seen.entry(m.hsm.clone()).or_insert(now);
-                let quiet = now.duration_since(seen);
-                (quiet > self.config.failure_timeout).then(|| (m.hsm.clone(), quiet))
-            })
-            .collect();
-        for (hsm, quiet) in silent {
-            // Not again until another timeout passes.
-            self.last_seen.insert(hsm.clone(), now);
-            let subject = self.config.subjects.hsm_failed(&hsm);
-            self.publish_event(
-                subject,
-                Event::HsmFailed(HsmFailed {
-                    hsm,
-                    silent_ms: quiet.as_millis() as u64,
-                }),
-            )
-            .await?;
+        let live = self.state.members().filter(|m| m.live).map(|m| &m.hsm);
+        let failed = self.liveness.tick(Instant::now(), live);
+        for f in failed {
+            let subject = self.config.subjects.hsm_failed(&f.hsm);
+            self.executor
+                .publisher
+                .announce(subject, Event::HsmFailed(f))
+                .await?;
         }
         Ok(())
-    }
-
-    /// Publishes the metrics of the window that just ended, as JSON on
-    /// core NATS, and keeps them for the Prometheus endpoint.
-    async fn publish_metrics(&mut self, latest: &prometheus::Latest) {
-        let at_unix_ms = keysync_schemas::Timestamp::now().as_nanos() / 1_000_000;
-        let doc = self.stats.roll(&self.state, &self.config.name, at_unix_ms);
-        match serde_json::to_vec(&doc) {
-            Ok(json) => {
-                if let Err(e) = self
-                    .nats
-                    .publish(self.config.subjects.metrics_sync(), json.into())
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not publish metrics");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "could not encode metrics"),
-        }
-        if let Ok(mut l) = latest.write() {
-            *l = Some(doc);
-        }
-    }
-
-    async fn answer_status(&self, req: async_nats::Message) {
-        let Some(reply) = req.reply.clone() else {
-            return;
-        };
-        if let Err(e) = decode::<StatusRequest>(&req.payload) {
-            tracing::warn!(reason = e.reason(), "rejected status request");
-            return;
-        }
-        let mut status = self.state.status();
-        status.cluster_key = self.cluster_key;
-        let env = Envelope::new(
-            Source::Orchestrator(self.config.name.clone()),
-            StatusReply::Cluster(status),
-        );
-        match encode(&env) {
-            Ok(bytes) => {
-                if let Err(e) = self.nats.publish(reply, bytes.into()).await {
-                    tracing::warn!(error = %e, "could not answer a status request");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "could not encode status"),
-        }
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! "Total" figures cover every event folded (the whole log, replay
 //! included: they are derived from stream timestamps, so replaying gives
-//! the same numbers); "window" figures cover live events since the last
-//! summary.
+//! the same numbers); "window" figures cover the events acted on since
+//! the last summary.
 
 use hdrhistogram::Histogram;
 use keysync_schemas::{HsmMetrics, LatencySummary, SyncMetrics, METRICS_VERSION};
@@ -70,13 +70,13 @@ impl Default for SyncStats {
 }
 
 impl SyncStats {
-    /// Records what an applied event changed; `live` events also count in
-    /// the current window.
-    pub fn observe(&mut self, change: &Change, live: bool) {
+    /// Records what an applied event changed. Events `acting` on (caught
+    /// up with the log, holding the lease) also count in the current window.
+    pub fn observe(&mut self, change: &Change, acting: bool) {
         if let Change::Completed(done) = change {
             for (_, latency_ns) in done {
                 record(&mut self.sync_total, *latency_ns);
-                if live {
+                if acting {
                     record(&mut self.sync_window, *latency_ns);
                     self.replicated_window += 1;
                 }
@@ -99,13 +99,13 @@ impl SyncStats {
         // The creator's own "clone" (latency 0) is not a clone.
         if latency_ns > 0 {
             record(&mut self.clone_total[m], latency_ns);
-            if live {
+            if acting {
                 record(&mut self.clone_window[m], latency_ns);
             }
         }
         if completed {
             record(&mut self.sync_total, latency_ns);
-            if live {
+            if acting {
                 record(&mut self.sync_window, latency_ns);
                 self.replicated_window += 1;
             }
@@ -171,14 +171,14 @@ mod tests {
     fn windows_reset_and_totals_accumulate() {
         let state = ClusterState::default();
         let mut s = SyncStats::default();
-        for (lat_ms, live) in [(1u64, false), (2, true), (3, true)] {
+        for (lat_ms, acting) in [(1u64, false), (2, true), (3, true)] {
             s.observe(
                 &Change::Held {
                     member: 1,
                     latency_ns: lat_ms * 1_000_000,
                     completed: true,
                 },
-                live,
+                acting,
             );
         }
         let doc = s.roll(&state, "o", 0);

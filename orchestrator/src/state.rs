@@ -691,3 +691,460 @@ impl ClusterState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Given a log, when one more event is folded, then the state is this.
+    use super::*;
+    use crate::testkit::*;
+
+    #[test]
+    fn a_first_join_adds_a_live_member_and_a_second_does_not() {
+        // Given a fresh cluster
+        let mut log = Log::given(&[]);
+        // When a joins
+        assert_eq!(log.when(&joined("a")), Ok(Change::NewMember(0)));
+        // Then it is a live member in service (no keys to lack)
+        assert_eq!(log.state.members().count(), 1);
+        assert_eq!(log.state.member_state(0), MemberState::InService);
+        let m = log.state.member_at(0).expect("member 0");
+        assert_eq!((m.first_seq, m.joined_seq, m.live), (1, 1, true));
+        // When it joins again, then it is the same member, rejoined later
+        assert_eq!(log.when(&joined("a")), Ok(Change::Other));
+        assert_eq!(log.state.members().count(), 1);
+        let m = log.state.member_at(0).expect("member 0");
+        assert_eq!((m.first_seq, m.joined_seq), (1, 2));
+    }
+
+    #[test]
+    fn a_cluster_is_full_at_64_members() {
+        let names: Vec<String> = (0..MAX_MEMBERS).map(|i| format!("h{i}")).collect();
+        let events: Vec<Event> = names.iter().map(|n| joined(n)).collect();
+        let mut log = Log::given(&events);
+        assert_eq!(log.state.members().count(), MAX_MEMBERS);
+        assert_eq!(
+            log.when(&joined("one-more")),
+            Err(Rejection::TooManyMembers)
+        );
+        assert_eq!(log.state.rejected().get("too_many_members"), Some(&1));
+        // A member already in still rejoins.
+        assert_eq!(log.when(&joined("h3")), Ok(Change::Other));
+    }
+
+    #[test]
+    fn a_created_key_is_held_by_its_creator_and_outstanding_for_the_rest() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b"), joined("c")]);
+        assert_eq!(
+            log.when(&created(k, "b", 1)),
+            Ok(Change::Held {
+                member: 1,
+                latency_ns: 0,
+                completed: false
+            })
+        );
+        let key = log.state.key(&k).expect("the key");
+        assert_eq!((key.created_seq, key.created_ns), (4, 4_000_000));
+        assert_eq!(key.holders.iter().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(
+            log.state.missing(key).iter().collect::<Vec<_>>(),
+            vec![0, 2]
+        );
+        assert_eq!(log.state.key_count(), 1);
+        assert_eq!(
+            (
+                log.state.held_by(0),
+                log.state.held_by(1),
+                log.state.held_by(2)
+            ),
+            (0, 1, 0)
+        );
+        assert_eq!((log.state.pending_for(0), log.state.pending_for(1)), (1, 0));
+        assert_eq!(log.state.pending_clones(), 2);
+        assert_eq!(log.state.member_state(0), MemberState::Syncing);
+        assert_eq!(log.state.member_state(1), MemberState::InService);
+        assert_eq!(log.state.completed_count(), 0);
+    }
+
+    #[test]
+    fn a_key_created_in_a_one_member_cluster_is_complete_at_once() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a")]);
+        assert_eq!(
+            log.when(&created(k, "a", 1)),
+            Ok(Change::Held {
+                member: 0,
+                latency_ns: 0,
+                completed: true
+            })
+        );
+        assert_eq!(log.state.key(&k).and_then(|k| k.completed), Some((2, 0)));
+        assert_eq!(log.state.completed_count(), 1);
+    }
+
+    #[test]
+    fn a_create_by_a_stranger_or_a_conflicting_one_is_rejected() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), created(k, "a", 1)]);
+        assert_eq!(
+            log.when(&created(KeyId::new(), "zz", 1)),
+            Err(Rejection::UnknownMember(hsm("zz")))
+        );
+        assert_eq!(
+            log.when(&created(k, "a", 2)),
+            Err(Rejection::ConflictingCreate(k))
+        );
+        // The same create again (an outbox retry) changes nothing.
+        assert_eq!(log.when(&created(k, "a", 1)), Ok(Change::Other));
+        assert_eq!(log.state.key_count(), 1);
+        assert_eq!(log.state.key(&k).map(|k| k.created_seq), Some(2));
+    }
+
+    #[test]
+    fn an_apply_adds_a_holder_once_and_the_last_one_completes_the_key() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b"), joined("c"), created(k, "a", 1)]);
+        assert_eq!(
+            log.when(&applied(k, "b", 1)),
+            Ok(Change::Held {
+                member: 1,
+                latency_ns: 1_000_000,
+                completed: false
+            })
+        );
+        assert_eq!(log.when(&applied(k, "b", 1)), Ok(Change::Other));
+        assert_eq!(
+            log.when(&applied(k, "c", 1)),
+            Ok(Change::Held {
+                member: 2,
+                latency_ns: 3_000_000,
+                completed: true
+            })
+        );
+        assert_eq!(
+            log.state.key(&k).and_then(|k| k.completed),
+            Some((7, 3_000_000))
+        );
+        assert_eq!(log.state.pending_clones(), 0);
+        assert_eq!(log.state.completed_count(), 1);
+        assert_eq!(log.state.member_state(2), MemberState::InService);
+    }
+
+    #[test]
+    fn clone_results_about_strangers_are_rejected_and_counted() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b"), created(k, "a", 1)]);
+        let stranger = KeyId::new();
+        assert_eq!(
+            log.when(&applied(k, "b", 9)),
+            Err(Rejection::FingerprintMismatch(k))
+        );
+        assert_eq!(
+            log.when(&applied(stranger, "b", 1)),
+            Err(Rejection::UnknownKey(stranger))
+        );
+        assert_eq!(
+            log.when(&applied(k, "zz", 1)),
+            Err(Rejection::UnknownMember(hsm("zz")))
+        );
+        assert_eq!(
+            log.when(&clone_failed(stranger, "b")),
+            Err(Rejection::UnknownKey(stranger))
+        );
+        assert_eq!(log.state.held_by(1), 0);
+        let counts: Vec<(&str, u64)> = log
+            .state
+            .rejected()
+            .iter()
+            .map(|(r, n)| (r.as_str(), *n))
+            .collect();
+        assert_eq!(
+            counts,
+            vec![
+                ("fingerprint_mismatch", 1),
+                ("unknown_key", 2),
+                ("unknown_member", 1)
+            ]
+        );
+        // Rejections still move the fold's position.
+        assert_eq!(log.state.last_seq(), 7);
+    }
+
+    #[test]
+    fn a_failed_clone_is_not_outstanding_until_a_later_apply_succeeds() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b"), created(k, "a", 1)]);
+        assert_eq!(log.when(&clone_failed(k, "b")), Ok(Change::Other));
+        assert_eq!(log.state.pending_for(1), 0);
+        assert_eq!(log.state.clone_failures(), 1);
+        assert!(log
+            .state
+            .missing(log.state.key(&k).expect("key"))
+            .is_empty());
+        // A second report counts as a failure but not twice as failed.
+        log.when(&clone_failed(k, "b")).expect("folded");
+        assert_eq!(log.state.clone_failures(), 2);
+        assert_eq!(log.state.pending_for(1), 0);
+        // A repair that works after all.
+        log.when(&applied(k, "b", 1)).expect("folded");
+        assert_eq!(log.state.held_by(1), 1);
+        assert_eq!(log.state.pending_for(1), 0);
+        assert_eq!(log.state.status().pending_clones, 0);
+    }
+
+    #[test]
+    fn a_failure_marks_a_member_failed_once_and_completes_what_it_held_up() {
+        let (k1, k2) = (KeyId::new(), KeyId::new());
+        let mut log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            joined("c"),
+            created(k1, "a", 1),
+            applied(k1, "b", 1),
+            created(k2, "a", 2),
+        ]);
+        // k1 lacks only c; k2 lacks b and c.
+        assert_eq!(
+            log.when(&failed("c")),
+            Ok(Change::Completed(vec![(k1, 3_000_000)]))
+        );
+        assert_eq!(log.state.member_state(2), MemberState::Failed);
+        assert!(!log.state.live_members().contains(2));
+        assert!(log.state.all_members().contains(2));
+        // Still outstanding: its queue keeps its commands.
+        assert_eq!(log.state.pending_for(2), 2);
+        // Declared failed again: nothing more.
+        assert_eq!(log.when(&failed("c")), Ok(Change::Other));
+        assert_eq!(
+            log.when(&failed("zz")),
+            Err(Rejection::UnknownMember(hsm("zz")))
+        );
+    }
+
+    #[test]
+    fn a_recovery_makes_a_member_live_again_but_not_a_removed_one() {
+        let mut log = Log::given(&[joined("a"), joined("b"), failed("b")]);
+        assert_eq!(log.when(&recovered("b")), Ok(Change::Other));
+        assert!(log.state.member_at(1).is_some_and(|m| m.live));
+        log.when(&revoked("b")).expect("folded");
+        assert_eq!(log.when(&recovered("b")), Ok(Change::Other));
+        assert!(log.state.member_at(1).is_some_and(|m| !m.live));
+        assert_eq!(log.state.member_state(1), MemberState::Removed);
+    }
+
+    #[test]
+    fn a_removed_member_leaves_the_counts_and_its_enrollment() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[
+            enrolled("b", 7),
+            joined("a"),
+            joined("b"),
+            created(k, "a", 1),
+        ]);
+        assert_eq!(log.state.enrolled_key(&hsm("b")), Some([7; 32]));
+        assert_eq!(log.state.pending_clones(), 1);
+        // When b is removed, then k is complete, nothing is pending for b,
+        // and b's key is no longer enrolled.
+        assert_eq!(
+            log.when(&revoked("b")),
+            Ok(Change::Revoked(1, vec![(k, 1_000_000)]))
+        );
+        assert_eq!(log.state.enrolled_key(&hsm("b")), None);
+        assert_eq!(log.state.pending_for(1), 0);
+        assert_eq!(log.state.pending_clones(), 0);
+        assert!(!log.state.all_members().contains(1));
+        // Removed twice, or a stranger removed: nothing changes.
+        assert_eq!(log.when(&revoked("b")), Ok(Change::Other));
+        assert_eq!(log.when(&revoked("zz")), Ok(Change::Other));
+        // Joining again makes it a member (and live) again.
+        assert_eq!(log.when(&joined("b")), Ok(Change::Other));
+        assert_eq!(log.state.member_state(1), MemberState::Syncing);
+    }
+
+    #[test]
+    fn a_join_token_enrolls_its_hsm_once_before_it_expires() {
+        let mut log = Log::given(&[token_issued("b", 1, 10_000_000), token_issued("c", 2, 1)]);
+        // Wrong HSM for the token.
+        assert_eq!(
+            log.when(&join_requested("x", 9, 1)),
+            Err(Rejection::InvalidToken(hsm("x")))
+        );
+        // Expired (stored at 4 ms, expired at 1 ns).
+        assert_eq!(
+            log.when(&join_requested("c", 9, 2)),
+            Err(Rejection::InvalidToken(hsm("c")))
+        );
+        assert_eq!(log.state.enrolled_key(&hsm("c")), None);
+        // Good.
+        assert_eq!(log.when(&join_requested("b", 9, 1)), Ok(Change::Other));
+        assert_eq!(log.state.enrolled_key(&hsm("b")), Some([9; 32]));
+        // Used up.
+        assert_eq!(
+            log.when(&join_requested("b", 8, 1)),
+            Err(Rejection::InvalidToken(hsm("b")))
+        );
+        assert_eq!(log.state.enrolled_key(&hsm("b")), Some([9; 32]));
+        assert_eq!(log.state.rejected().get("invalid_token"), Some(&3));
+    }
+
+    #[test]
+    fn an_announcement_marks_the_key_announced() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), created(k, "a", 1)]);
+        assert!(log.state.key(&k).is_some_and(|k| !k.announced));
+        assert_eq!(log.when(&replicated(k, 1)), Ok(Change::Other));
+        assert!(log.state.key(&k).is_some_and(|k| k.announced));
+        let stranger = KeyId::new();
+        assert_eq!(
+            log.when(&replicated(stranger, 1)),
+            Err(Rejection::UnknownKey(stranger))
+        );
+    }
+
+    #[test]
+    fn a_deletion_leaves_a_tombstone_that_holders_erase() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            joined("c"),
+            created(k, "a", 1),
+            applied(k, "b", 1),
+        ]);
+        // When b deletes it
+        assert_eq!(log.when(&deleted(k, "b", 1)), Ok(Change::Deleted));
+        // Then it counts nowhere, and a (the other holder) is yet to erase it
+        let key = log.state.key(&k).expect("tombstone");
+        assert!(key.deleted);
+        assert_eq!(key.holders.iter().collect::<Vec<_>>(), vec![0]);
+        assert_eq!(log.state.key_count(), 0);
+        assert_eq!((log.state.held_by(0), log.state.held_by(1)), (0, 0));
+        assert_eq!(log.state.pending_clones(), 0);
+        assert_eq!(log.state.digest_of(0), InventoryDigest::default());
+        assert!(log.state.missing(key).is_empty());
+        // Deleted twice: nothing more.
+        assert_eq!(log.when(&deleted(k, "a", 1)), Ok(Change::Other));
+        // When a erases it, then nobody is left to erase it.
+        assert_eq!(log.when(&erased(k, "a")), Ok(Change::Other));
+        assert!(log.state.key(&k).is_some_and(|k| k.holders.is_empty()));
+    }
+
+    #[test]
+    fn an_erase_of_a_live_key_is_rejected() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), created(k, "a", 1)]);
+        assert_eq!(log.when(&erased(k, "a")), Err(Rejection::EraseOfLiveKey(k)));
+        assert_eq!(log.state.held_by(0), 1);
+    }
+
+    #[test]
+    fn a_deletion_whose_creation_was_purged_keeps_a_tombstone() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b")]);
+        assert_eq!(log.when(&deleted(k, "a", 1)), Ok(Change::Deleted));
+        let key = log.state.key(&k).expect("tombstone");
+        assert!(key.deleted && key.announced);
+        assert_eq!(key.created_seq, 0);
+        // The create, seen late, cannot bring it back.
+        assert_eq!(log.when(&created(k, "a", 1)), Ok(Change::Other));
+        assert_eq!(log.state.key_count(), 0);
+    }
+
+    #[test]
+    fn the_expected_digest_is_the_set_a_member_holds() {
+        let (k1, k2) = (KeyId::new(), KeyId::new());
+        let log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            created(k1, "a", 1),
+            created(k2, "a", 2),
+            applied(k2, "b", 2),
+        ]);
+        let mut both = InventoryDigest::default();
+        both.toggle(&k1, &Fingerprint([1; 32]));
+        both.toggle(&k2, &Fingerprint([2; 32]));
+        let mut only_k2 = InventoryDigest::default();
+        only_k2.toggle(&k2, &Fingerprint([2; 32]));
+        assert_eq!(log.state.digest_of(0), both);
+        assert_eq!(log.state.digest_of(1), only_k2);
+        // Out of range: empty, not a panic.
+        assert_eq!(log.state.digest_of(9), InventoryDigest::default());
+        assert_eq!(log.state.held_by(9), 0);
+    }
+
+    #[test]
+    fn an_event_rejected_before_the_fold_still_moves_its_position() {
+        let mut log = Log::given(&[joined("a")]);
+        log.state.reject_at(9, "bad_signature");
+        assert_eq!(log.state.last_seq(), 9);
+        assert_eq!(log.state.rejected().get("bad_signature"), Some(&1));
+        // An older sequence does not move it back.
+        log.state.reject_at(5, "bad_signature");
+        assert_eq!(log.state.last_seq(), 9);
+        assert_eq!(log.state.rejected().get("bad_signature"), Some(&2));
+    }
+
+    #[test]
+    fn durability_counts_until_enough_members_hold_the_key() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), joined("b"), joined("c")]);
+        log.when(&created_with(k, "a", 1, Durability::Replicas(2)))
+            .expect("folded");
+        assert_eq!(log.state.below_durability(), 1);
+        log.when(&applied(k, "b", 1)).expect("folded");
+        assert_eq!(log.state.below_durability(), 0);
+        // A deleted key below its durability no longer counts.
+        let k2 = KeyId::new();
+        log.when(&created_with(k2, "a", 2, Durability::All))
+            .expect("folded");
+        assert_eq!(log.state.below_durability(), 1);
+        log.when(&deleted(k2, "a", 2)).expect("folded");
+        assert_eq!(log.state.below_durability(), 0);
+    }
+
+    #[test]
+    fn status_reports_each_member_and_the_totals() {
+        let k = KeyId::new();
+        let log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            joined("c"),
+            created(k, "a", 1),
+            failed("c"),
+        ]);
+        let s = log.state.status();
+        let members: Vec<(&str, MemberState, u64, u64)> = s
+            .members
+            .iter()
+            .map(|m| (m.hsm_id.as_str(), m.state, m.keys, m.lag))
+            .collect();
+        assert_eq!(
+            members,
+            vec![
+                ("a", MemberState::InService, 1, 0),
+                ("b", MemberState::Syncing, 0, 1),
+                ("c", MemberState::Failed, 0, 1),
+            ]
+        );
+        assert_eq!((s.keys, s.replicated, s.pending_clones), (1, 0, 2));
+        assert_eq!(s.last_seq, 5);
+    }
+
+    #[test]
+    fn member_sets_add_remove_and_compare() {
+        let mut s = MemberSet::default();
+        assert!(s.is_empty());
+        s.insert(0);
+        s.insert(63);
+        s.insert(5);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 5, 63]);
+        let mut t = MemberSet::default();
+        t.insert(5);
+        assert!(s.covers(t));
+        assert!(!t.covers(s));
+        assert_eq!(s.minus(t).iter().collect::<Vec<_>>(), vec![0, 63]);
+        s.remove(63);
+        assert!(!s.contains(63));
+    }
+}

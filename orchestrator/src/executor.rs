@@ -1,0 +1,162 @@
+//! Carrying out actions: the only I/O between a decision and its effect.
+//!
+//! What the messages are and under which ids is planned by [`plan`]; the
+//! executor only reads back the `KeyCreated`s a window of clones needs,
+//! publishes each step through the [`Publisher`], and runs the two stream
+//! operations (purging a deleted key's material, withdrawing a removed
+//! member's queue). Anything that fails here ends the run (crash-only):
+//! the restart's reconcile plans the same steps under the same ids.
+
+use std::collections::HashMap;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use keysync_schemas::{decode, encode, Envelope, Event, KeyCreated, KeyId, Subjects};
+
+use crate::decide::Action;
+use crate::plan::{self, CloneWindow, Step};
+use crate::publisher::Publisher;
+use crate::state::ClusterState;
+
+/// `KeyCreated`s read back from the stream at once.
+const FETCH_AHEAD: usize = 64;
+
+/// Carries out planned steps.
+pub struct Executor {
+    /// Publishes (and signs) every message.
+    pub publisher: Publisher,
+    js: jetstream::Context,
+    events: jetstream::stream::Stream,
+    subjects: Subjects,
+}
+
+impl Executor {
+    /// An executor publishing through `publisher`, reading `KeyCreated`s
+    /// from (and purging) the `events` stream.
+    pub fn new(
+        publisher: Publisher,
+        js: jetstream::Context,
+        events: jetstream::stream::Stream,
+        subjects: Subjects,
+    ) -> Self {
+        Executor {
+            publisher,
+            js,
+            events,
+            subjects,
+        }
+    }
+
+    /// Carries out `actions` as [`plan::plan`] lays them out: the steps
+    /// other than clones, in order, then the clones window by window, each
+    /// window's `KeyCreated`s fetched (pipelined) just before its commands
+    /// are planned, so at most a window of them is held. `current` is the
+    /// `KeyCreated` being handled, if any, so its clones need not fetch it
+    /// back from the stream.
+    pub async fn execute(
+        &mut self,
+        state: &ClusterState,
+        actions: Vec<Action>,
+        current: Option<(u64, &KeyCreated)>,
+    ) -> anyhow::Result<()> {
+        let work = plan::sort(actions);
+        for action in &work.others {
+            if let Some(step) = plan::step(state, action) {
+                self.carry_out(step).await?;
+            }
+        }
+        let at_seq = state.last_seq();
+        for window in &work.windows {
+            let created = self.fetch_window(window, current).await;
+            for step in plan::clone_commands(window, &created, at_seq) {
+                self.carry_out(step).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `KeyCreated`s a window of clones comes from, by sequence: read
+    /// back from the stream, [`FETCH_AHEAD`] at a time, except the one
+    /// being handled.
+    async fn fetch_window(
+        &self,
+        window: &CloneWindow,
+        current: Option<(u64, &KeyCreated)>,
+    ) -> HashMap<u64, KeyCreated> {
+        let mut found = HashMap::with_capacity(window.clones.len());
+        let mut needed = Vec::with_capacity(window.clones.len());
+        for (seq, key_id) in &window.clones {
+            match current {
+                Some((s, c)) if s == *seq => {
+                    found.insert(s, c.clone());
+                }
+                _ => needed.push((*seq, *key_id)),
+            }
+        }
+        let fetched: Vec<(u64, KeyCreated)> = futures::stream::iter(needed)
+            .map(|(seq, key_id)| async move { (seq, self.fetch_created(seq, key_id).await) })
+            .buffered(FETCH_AHEAD)
+            .filter_map(|(seq, c)| async move { c.map(|c| (seq, c)) })
+            .collect()
+            .await;
+        found.extend(fetched);
+        found
+    }
+
+    /// Reads a `KeyCreated` back from the stream by sequence.
+    async fn fetch_created(&self, seq: u64, key_id: KeyId) -> Option<KeyCreated> {
+        let msg = match self.events.direct_get(seq).await {
+            Ok(m) => m,
+            Err(e) => {
+                // Purged (a deleted key) or lost: nothing to clone from.
+                tracing::warn!(seq, %key_id, error = %e, "KeyCreated not readable; clone skipped");
+                return None;
+            }
+        };
+        match decode::<Event>(&msg.payload).map(|e| e.body) {
+            Ok(Event::KeyCreated(c)) if c.key_id == key_id => Some(c),
+            _ => {
+                tracing::warn!(seq, %key_id, "message at that sequence is not the key's KeyCreated");
+                None
+            }
+        }
+    }
+
+    /// Carries out one planned step.
+    async fn carry_out(&mut self, step: Step) -> anyhow::Result<()> {
+        let source = self.publisher.source();
+        match step {
+            Step::Command { msg_id, command } => {
+                let subject = self.subjects.commands_for(command.target());
+                let env = Envelope::new(source, command);
+                self.publisher.publish(subject, msg_id, encode(&env)?).await
+            }
+            Step::Announce { msg_id, replicated } => {
+                let subject = self.subjects.key_replicated(&replicated.key_id);
+                let env = Envelope::new(source, Event::KeyReplicated(replicated));
+                self.publisher.publish(subject, msg_id, encode(&env)?).await
+            }
+            Step::Purge { key_id } => {
+                // Crypto-shredding: the key's wrapped material leaves the log.
+                let subject = self.subjects.key_created(&key_id);
+                let purged = self.events.purge().filter(subject).await?;
+                tracing::info!(%key_id, purged = purged.purged, "purged a deleted key's material from the stream");
+                Ok(())
+            }
+            Step::Withdraw { target } => {
+                // A removed HSM gets none of what was queued for it.
+                let stream = self.js.get_stream(self.subjects.commands_stream()).await?;
+                let purged = stream
+                    .purge()
+                    .filter(self.subjects.commands_for(&target))
+                    .await?;
+                let consumer = self.subjects.agent_consumer(&target);
+                if let Err(e) = stream.delete_consumer(&consumer).await {
+                    tracing::info!(%target, error = %e, "no command consumer to delete");
+                }
+                tracing::warn!(%target, withdrawn = purged.purged, "HSM removed: its queued commands are withdrawn");
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The event feed's intake: from a message of the events stream to a
+//! verified event for the fold, or to a refusal that is counted, told to
+//! the auditor and filed as a dead letter.
+//!
+//! Checking signatures is most of what a replay costs, so it is done once
+//! per event and as cheaply as it can be: a replay's batches are checked
+//! in parallel beforehand ([`Intake::preverify`]), and an event this
+//! process signed itself that comes back byte for byte is not checked
+//! again ([`OwnEvents`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use keysync_schemas::{Event, Subjects};
+use keysync_security::{DeadLetters, Keep, Refusal, Rejected, Signer};
+
+use crate::audit::Verdicts;
+use crate::decide::subject_matches;
+use crate::plan::{message_id, MsgId};
+use crate::state::{ClusterState, EventMeta};
+
+/// Smallest batch whose signatures are checked in parallel beforehand.
+const PREVERIFY_MIN: usize = 16;
+
+/// Most signed-here events remembered (cleared when full: the memo only
+/// saves work, forgetting costs a signature check).
+const OWN_MAX: usize = 100_000;
+
+/// Events this process signed and has not folded back yet: message id →
+/// (digest of subject and payload, signature). One that comes back with
+/// the same subject, payload and signature needs no signature check.
+#[derive(Debug, Default)]
+pub struct OwnEvents {
+    signed: HashMap<String, ([u8; 32], String)>,
+}
+
+fn own_digest(subject: &str, payload: &[u8]) -> [u8; 32] {
+    let mut bytes = Vec::with_capacity(subject.len() + 1 + payload.len());
+    bytes.extend_from_slice(subject.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(payload);
+    keysync_schemas::record_hash(&bytes)
+}
+
+impl OwnEvents {
+    /// This process signed `payload` for `subject` under `msg_id`.
+    pub fn remember(&mut self, msg_id: &str, subject: &str, payload: &[u8], signature: String) {
+        if self.signed.len() >= OWN_MAX {
+            self.signed.clear();
+        }
+        self.signed.insert(
+            msg_id.to_string(),
+            (own_digest(subject, payload), signature),
+        );
+    }
+
+    /// Whether `msg` is an event signed here, come back with the same
+    /// subject, payload and signature (and forgets it either way).
+    pub fn came_back(&mut self, msg: &jetstream::Message) -> bool {
+        let Some(h) = msg.headers.as_ref() else {
+            return false;
+        };
+        if h.get(keysync_schemas::headers::SIGNER)
+            .is_none_or(|s| s.as_str() != "cluster")
+        {
+            return false;
+        }
+        let Some(id) = h.get(keysync_schemas::headers::MSG_ID) else {
+            return false;
+        };
+        let Some((digest, sig)) = self.signed.remove(id.as_str()) else {
+            return false;
+        };
+        // Drained after a burst: give the memory back.
+        if self.signed.is_empty() && self.signed.capacity() > 4096 {
+            self.signed.shrink_to(1024);
+        }
+        digest == own_digest(&msg.subject, &msg.payload)
+            && h.get(keysync_schemas::headers::SIGNATURE)
+                .is_some_and(|s| s.as_str() == sig)
+    }
+}
+
+/// Where an event sits in the log, and how many more the consumer holds
+/// after it, from its JetStream metadata.
+pub fn meta_of(msg: &jetstream::Message) -> anyhow::Result<(EventMeta, u64)> {
+    let info = msg
+        .info()
+        .map_err(|e| anyhow::anyhow!("event without metadata: {e}"))?;
+    let meta = EventMeta {
+        seq: info.stream_sequence,
+        stored_at_ns: u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
+    };
+    Ok((meta, info.pending))
+}
+
+/// Checks events and reports what it refused.
+pub struct Intake {
+    subjects: Subjects,
+    cluster_key: [u8; 32],
+    dead_letters: DeadLetters,
+    verdicts: Arc<Verdicts>,
+}
+
+impl Intake {
+    /// An intake for the cluster with public key `cluster_key`; its
+    /// verdicts go to the auditor through `verdicts`.
+    pub fn new(
+        subjects: Subjects,
+        cluster_key: [u8; 32],
+        dead_letters: DeadLetters,
+        verdicts: Arc<Verdicts>,
+    ) -> Self {
+        Intake {
+            subjects,
+            cluster_key,
+            dead_letters,
+            verdicts,
+        }
+    }
+
+    /// Checks the signatures of a batch of events in parallel, against the
+    /// keys their signers have now (a batch below `PREVERIFY_MIN` is left
+    /// to [`Intake::check`]). Returns, per event, the key its signature
+    /// verified with.
+    pub async fn preverify(
+        &self,
+        state: &ClusterState,
+        msgs: &[jetstream::Message],
+    ) -> Vec<Option<[u8; 32]>> {
+        let mut out = vec![None; msgs.len()];
+        if msgs.len() < PREVERIFY_MIN {
+            return out;
+        }
+        let mut at = Vec::with_capacity(msgs.len());
+        let mut pending = Vec::with_capacity(msgs.len());
+        for (i, msg) in msgs.iter().enumerate() {
+            let Ok(claim) = keysync_security::Claim::read(msg.headers.as_ref()) else {
+                continue;
+            };
+            let key = match &claim.signer {
+                Signer::Cluster => Some(self.cluster_key),
+                Signer::Hsm(h) => state.enrolled_key(h),
+            };
+            if let Some(key) = key {
+                at.push(i);
+                pending.push(keysync_security::Pending {
+                    subject: msg.subject.to_string(),
+                    headers: msg.headers.clone(),
+                    payload: msg.payload.clone(),
+                    key,
+                });
+            }
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let verified =
+            tokio::task::spawn_blocking(move || keysync_security::preverify(&pending, threads))
+                .await
+                .unwrap_or_default();
+        for (i, v) in at.into_iter().zip(verified) {
+            if let Some(slot) = out.get_mut(i) {
+                *slot = v;
+            }
+        }
+        out
+    }
+
+    /// The event in `msg`, if it is signed by whom it must be, fresh, and
+    /// on the subject its body names. `preverified` is the key its
+    /// signature already verified with, if any; an event that came back
+    /// from `own` needs no check either.
+    pub fn check(
+        &self,
+        state: &ClusterState,
+        own: &mut OwnEvents,
+        msg: &jetstream::Message,
+        meta: EventMeta,
+        preverified: Option<[u8; 32]>,
+    ) -> Result<Event, Refusal> {
+        let preverified = preverified.or_else(|| own.came_back(msg).then_some(self.cluster_key));
+        let subject = msg.subject.as_str();
+        keysync_security::check_event_preverified(
+            msg.headers.as_ref(),
+            subject,
+            &msg.payload,
+            meta.stored_at_ns,
+            &self.cluster_key,
+            |h| state.enrolled_key(h),
+            preverified,
+        )
+        .and_then(|env| {
+            if subject_matches(self.subjects.parse_event(subject), &env.body) {
+                Ok(env.body)
+            } else {
+                Err(Refusal {
+                    reason: "subject_mismatch",
+                    detail: format!("a {} on this subject", env.body.kind()),
+                    signer: None,
+                })
+            }
+        })
+    }
+
+    /// The fold accepted the event at `seq` (for the auditor).
+    pub fn accepted(&self, seq: u64) {
+        self.verdicts.judged(seq, false);
+    }
+
+    /// An event was refused (by [`Intake::check`] or by the fold): the
+    /// auditor is told, and it is filed as a dead letter once, when first
+    /// seen caught up with the log (a replay after a restart does not file
+    /// it again).
+    pub async fn refused(
+        &self,
+        msg: &jetstream::Message,
+        meta: EventMeta,
+        caught_up: bool,
+        refusal: Refusal,
+    ) {
+        self.verdicts.judged(meta.seq, true);
+        if caught_up {
+            self.dead_letters
+                .file(
+                    Rejected {
+                        subject: &msg.subject,
+                        reason: refusal.reason,
+                        detail: refusal.detail,
+                        claimed_signer: refusal.signer,
+                        stream_seq: Some(meta.seq),
+                        payload: &msg.payload,
+                        dedup_id: Some(message_id(MsgId::DeadLetter { seq: meta.seq })),
+                    },
+                    Keep::Payload,
+                )
+                .await;
+        }
+    }
+}

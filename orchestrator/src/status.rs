@@ -1,0 +1,62 @@
+//! Answering `keysync cluster status` and publishing sync metrics: read-only
+//! views of the fold, on core NATS (nothing here is stored or acted on).
+
+use keysync_schemas::{decode, encode, Envelope, Source, StatusReply, StatusRequest, Subjects};
+
+use crate::metrics::SyncStats;
+use crate::prometheus::Latest;
+use crate::state::ClusterState;
+
+/// Answers a status request with the fold's view of the cluster. Any
+/// orchestrator answers, standby included: its fold is as current.
+pub async fn answer(
+    nats: &async_nats::Client,
+    state: &ClusterState,
+    cluster_key: [u8; 32],
+    source: Source,
+    req: async_nats::Message,
+) {
+    let Some(reply) = req.reply.clone() else {
+        return;
+    };
+    if let Err(e) = decode::<StatusRequest>(&req.payload) {
+        tracing::warn!(reason = e.reason(), "rejected status request");
+        return;
+    }
+    let mut status = state.status();
+    status.cluster_key = cluster_key;
+    let env = Envelope::new(source, StatusReply::Cluster(status));
+    match encode(&env) {
+        Ok(bytes) => {
+            if let Err(e) = nats.publish(reply, bytes.into()).await {
+                tracing::warn!(error = %e, "could not answer a status request");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "could not encode status"),
+    }
+}
+
+/// Publishes the metrics of the window that just ended, as JSON on core
+/// NATS, and keeps them for the Prometheus endpoint.
+pub async fn publish_metrics(
+    nats: &async_nats::Client,
+    subjects: &Subjects,
+    stats: &mut SyncStats,
+    state: &ClusterState,
+    name: &str,
+    latest: &Latest,
+) {
+    let at_unix_ms = keysync_schemas::Timestamp::now().as_nanos() / 1_000_000;
+    let doc = stats.roll(state, name, at_unix_ms);
+    match serde_json::to_vec(&doc) {
+        Ok(json) => {
+            if let Err(e) = nats.publish(subjects.metrics_sync(), json.into()).await {
+                tracing::warn!(error = %e, "could not publish metrics");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "could not encode metrics"),
+    }
+    if let Ok(mut l) = latest.write() {
+        *l = Some(doc);
+    }
+}
