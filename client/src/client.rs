@@ -750,10 +750,12 @@ impl Client {
                 let mut t = self.inner.trust.lock().await;
                 if t.is_none() || refresh {
                     if let Ok(s) = self.cluster_status().await {
-                        *t = Some(Trust {
-                            cluster_key: s.cluster_key,
-                            enrolled: s.enrolled.into_iter().collect(),
-                        });
+                        if let Some(cluster_key) = s.cluster_key {
+                            *t = Some(Trust {
+                                cluster_key,
+                                enrolled: s.enrolled.into_iter().collect(),
+                            });
+                        }
                     }
                 }
                 t.clone()?
@@ -767,9 +769,9 @@ impl Client {
                 |h| trust.enrolled.get(h).copied(),
             ) {
                 Ok(env) => return Some(env),
-                Err(r) if r.reason == "unenrolled" => continue,
+                Err(r) if r.reason == keysync_schemas::RejectReason::Unenrolled => continue,
                 Err(r) => {
-                    tracing::warn!(subject = %msg.subject, reason = r.reason, "ignored an event that does not verify");
+                    tracing::warn!(subject = %msg.subject, reason = %r.reason, "ignored an event that does not verify");
                     return None;
                 }
             }

@@ -13,9 +13,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use futures::StreamExt;
 use keysync_schemas::{
-    CloneApplied, CloneFailed, CloneFailure, CloneKey, Command, Envelope, Event, KeyErased, Source,
+    CloneApplied, CloneFailed, CloneFailure, CloneKey, Command, Envelope, Event, KeyErased,
+    RejectReason, Rejection, Source,
 };
-use keysync_security::{Keep, Rejected};
+use keysync_security::{Filing, Keep};
 use tracing::Instrument as _;
 
 use crate::keystore::{CloneOutcome, Keystore};
@@ -140,25 +141,22 @@ async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
             {
                 Ok(env.body)
             } else {
-                Err(keysync_security::Refusal {
-                    reason: "wrong_target",
-                    detail: format!("command addressed to {}", env.body.target()),
-                    signer: None,
-                })
+                Err(Rejection::new(
+                    RejectReason::WrongTarget,
+                    format!("command addressed to {}", env.body.target()),
+                ))
             }
         });
         let cmd = match checked {
             Ok(cmd) => cmd,
-            Err(refusal) => {
+            Err(rejection) => {
                 let seq = msg.info().map(|i| i.stream_sequence).ok();
                 agent
-                    .rejections
-                    .reject_message(
-                        Rejected {
+                    .bad_input
+                    .file(
+                        Filing {
                             subject: &msg.subject,
-                            reason: refusal.reason,
-                            detail: refusal.detail,
-                            claimed_signer: refusal.signer,
+                            rejection,
                             stream_seq: seq,
                             payload: &msg.payload,
                             dedup_id: seq.map(|s| format!("dlq-command-{s}")),
@@ -238,9 +236,9 @@ async fn apply_batch(agent: &Arc<Agent>, batch: Vec<jetstream::Message>) {
                 (Command::CloneKey(clone), Outcome::Clone(Err(reason))) => {
                     let key_id = clone.key.key_id;
                     tracing::warn!(%key_id, reason = reason.reason(), "clone failed; nothing stored");
-                    agent
-                        .rejections
-                        .reject("clone_failed", &msg.subject, &reason.reason());
+                    // A command that cannot be applied is a fact to report,
+                    // not bad input: counted apart from rejected messages.
+                    agent.clones_failed.fetch_add(1, Ordering::Relaxed);
                     (
                         agent.subjects.clone_failed(&key_id, &agent.hsm),
                         Event::CloneFailed(CloneFailed {

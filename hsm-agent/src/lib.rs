@@ -5,13 +5,13 @@
 //! cluster domain key), and applies the clone commands the orchestrator
 //! queues for it. See [`run`].
 
+pub mod bad_input;
 pub mod clones;
 pub mod keystore;
 pub mod material;
 pub mod membership;
 pub mod offline;
 pub mod ops;
-pub mod rejections;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -23,15 +23,15 @@ use async_nats::jetstream::{self, context::PublishAckFuture};
 use futures::StreamExt;
 use keysync_schemas::{
     decode, encode, subjects::ANY_OP_QUEUE, Envelope, Event, Heartbeat, HsmId, HsmJoined, KeyId,
-    OpReply, OpRequest, Source, Subjects, Timestamp,
+    OpReply, OpRequest, RejectReason, Rejection, Source, Subjects, Timestamp,
 };
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument as _;
 
 use keysync_security::{DeadLetters, Identity, Signer};
 
+use crate::bad_input::BadInput;
 use crate::keystore::{embedded::EmbeddedKeystore, Keystore};
-use crate::rejections::Rejections;
 use keysync_security::domain_key::DomainKey;
 
 /// How an agent is configured.
@@ -68,10 +68,12 @@ pub struct Agent {
     pub hsm: HsmId,
     /// Subject layout.
     pub subjects: Subjects,
-    /// Rejected-input counters.
-    pub rejections: Rejections,
+    /// Rejected input: counters and dead letters.
+    pub bad_input: BadInput,
     /// Clones applied since start.
     pub clones_applied: AtomicU64,
+    /// Clone commands that could not be applied (`CloneFailed`) since start.
+    pub clones_failed: AtomicU64,
     nats: async_nats::Client,
     js: jetstream::Context,
     outbox_done: mpsc::UnboundedSender<KeyId>,
@@ -160,7 +162,7 @@ pub async fn run(
         store,
         hsm: config.hsm.clone(),
         subjects: config.subjects.clone(),
-        rejections: Rejections::new(DeadLetters::new(
+        bad_input: BadInput::new(DeadLetters::new(
             js.clone(),
             &config.subjects,
             "agent",
@@ -169,6 +171,7 @@ pub async fn run(
         identity: config.identity.clone(),
         cluster_key,
         clones_applied: AtomicU64::new(0),
+        clones_failed: AtomicU64::new(0),
         js,
         nats: nats.clone(),
         outbox_done: done_tx,
@@ -228,10 +231,12 @@ async fn serve_ops(agent: Arc<Agent>, max_concurrent: usize) -> anyhow::Result<(
     let limit = Arc::new(Semaphore::new(max_concurrent.max(1)));
     while let Some(msg) = requests.next().await {
         let Some(reply_to) = msg.reply.clone() else {
-            agent.rejections.reject(
-                "no_reply_subject",
+            agent.bad_input.count(
                 &msg.subject,
-                &"request without a reply subject",
+                &Rejection::new(
+                    RejectReason::NoReplySubject,
+                    "request without a reply subject",
+                ),
             );
             continue;
         };

@@ -51,8 +51,8 @@ pub async fn cluster_key_from_status(
         )
         .await
         {
-            if s.cluster_key != [0; 32] {
-                return Ok(s.cluster_key);
+            if let Some(key) = s.cluster_key {
+                return Ok(key);
             }
         }
         if !warned {

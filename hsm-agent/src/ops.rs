@@ -19,20 +19,21 @@ pub async fn handle(agent: &Arc<Agent>, subject: &str, payload: &[u8]) -> OpRepl
         Err(e) => {
             // A request may be an import carrying plaintext: only its
             // digest is kept.
+            let message = e.to_string();
             agent
-                .rejections
-                .reject_message(
-                    keysync_security::Rejected {
+                .bad_input
+                .file(
+                    keysync_security::Filing {
                         subject,
-                        reason: e.reason(),
-                        detail: e.to_string(),
+                        rejection: e.into(),
+                        stream_seq: None,
                         payload,
-                        ..Default::default()
+                        dedup_id: None,
                     },
                     keysync_security::Keep::DigestOnly,
                 )
                 .await;
-            return OpReply::Error(OpError::new(OpErrorKind::BadRequest, e.to_string()));
+            return OpReply::Error(OpError::new(OpErrorKind::BadRequest, message));
         }
     };
     let kind = req.kind();
@@ -40,9 +41,13 @@ pub async fn handle(agent: &Arc<Agent>, subject: &str, payload: &[u8]) -> OpRepl
         Ok(reply) => reply,
         Err(err) => {
             if err.kind == OpErrorKind::BadRequest {
-                agent
-                    .rejections
-                    .reject("bad_request", subject, &err.message);
+                agent.bad_input.count(
+                    subject,
+                    &keysync_schemas::Rejection::new(
+                        keysync_schemas::RejectReason::BadRequest,
+                        err.message.clone(),
+                    ),
+                );
             } else {
                 tracing::debug!(op = kind, error = %err, "operation failed");
             }
@@ -199,7 +204,10 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
                 clones_applied: agent
                     .clones_applied
                     .load(std::sync::atomic::Ordering::Relaxed),
-                rejected: agent.rejections.snapshot(),
+                rejected: agent.bad_input.snapshot(),
+                clones_failed: agent
+                    .clones_failed
+                    .load(std::sync::atomic::Ordering::Relaxed),
             }))
         }
     }

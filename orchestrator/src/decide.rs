@@ -300,7 +300,7 @@ mod tests {
         assert!(log.when(&created(k, "a", 2)).is_empty());
         assert_eq!(
             log.state.status().rejected,
-            vec![("conflicting_create".to_string(), 1)]
+            vec![(keysync_schemas::RejectReason::ConflictingCreate, 1)]
         );
     }
 
@@ -335,9 +335,9 @@ mod tests {
         assert_eq!(
             status.rejected,
             vec![
-                ("fingerprint_mismatch".to_string(), 1),
-                ("unknown_key".to_string(), 1),
-                ("unknown_member".to_string(), 1)
+                (keysync_schemas::RejectReason::UnknownMember, 1),
+                (keysync_schemas::RejectReason::UnknownKey, 1),
+                (keysync_schemas::RejectReason::FingerprintMismatch, 1)
             ]
         );
     }

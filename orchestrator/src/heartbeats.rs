@@ -8,8 +8,8 @@
 //! monotonic check. What they mean (liveness, anti-entropy) is decided by
 //! [`liveness`](crate::liveness) and [`anti_entropy`](crate::anti_entropy).
 
-use keysync_schemas::{Heartbeat, Subjects};
-use keysync_security::{freshness::Monotonic, DeadLetters, Keep, Refusal, Rejected};
+use keysync_schemas::{Heartbeat, RejectReason, Rejection, Subjects};
+use keysync_security::{freshness::Monotonic, DeadLetters, Filing, Keep};
 
 use crate::state::ClusterState;
 
@@ -38,7 +38,7 @@ impl Heartbeats {
         state: &ClusterState,
         msg: &async_nats::Message,
         now_ns: u64,
-    ) -> Result<Heartbeat, Refusal> {
+    ) -> Result<Heartbeat, Rejection> {
         let env = keysync_security::check_heartbeat(
             msg.headers.as_ref(),
             &msg.subject,
@@ -50,23 +50,20 @@ impl Heartbeats {
         if msg.subject.as_str() == self.subjects.heartbeat(&env.body.hsm) {
             Ok(env.body)
         } else {
-            Err(Refusal {
-                reason: "subject_mismatch",
-                detail: "heartbeat on another HSM's subject".into(),
-                signer: None,
-            })
+            Err(Rejection::new(
+                RejectReason::SubjectMismatch,
+                "heartbeat on another HSM's subject",
+            ))
         }
     }
 
     /// Files a refused heartbeat as a dead letter.
-    pub async fn refused(&self, msg: &async_nats::Message, refusal: Refusal) {
+    pub async fn refused(&self, msg: &async_nats::Message, rejection: Rejection) {
         self.dead_letters
             .file(
-                Rejected {
+                Filing {
                     subject: &msg.subject,
-                    reason: refusal.reason,
-                    detail: refusal.detail,
-                    claimed_signer: refusal.signer,
+                    rejection,
                     stream_seq: None,
                     payload: &msg.payload,
                     dedup_id: None,

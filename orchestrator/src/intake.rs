@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_nats::jetstream;
-use keysync_schemas::{Event, Subjects};
-use keysync_security::{DeadLetters, Keep, Refusal, Rejected, Signer};
+use keysync_schemas::{Event, RejectReason, Rejection, Subjects};
+use keysync_security::{DeadLetters, Filing, Keep, Signer};
 
 use crate::audit::Verdicts;
 use crate::decide::subject_matches;
@@ -177,7 +177,7 @@ impl Intake {
         msg: &jetstream::Message,
         meta: EventMeta,
         preverified: Option<[u8; 32]>,
-    ) -> Result<Event, Refusal> {
+    ) -> Result<Event, Rejection> {
         let preverified = preverified.or_else(|| own.came_back(msg).then_some(self.cluster_key));
         let subject = msg.subject.as_str();
         keysync_security::check_event_preverified(
@@ -193,11 +193,10 @@ impl Intake {
             if subject_matches(self.subjects.parse_event(subject), &env.body) {
                 Ok(env.body)
             } else {
-                Err(Refusal {
-                    reason: "subject_mismatch",
-                    detail: format!("a {} on this subject", env.body.kind()),
-                    signer: None,
-                })
+                Err(Rejection::new(
+                    RejectReason::SubjectMismatch,
+                    format!("a {} on this subject", env.body.kind()),
+                ))
             }
         })
     }
@@ -216,17 +215,15 @@ impl Intake {
         msg: &jetstream::Message,
         meta: EventMeta,
         caught_up: bool,
-        refusal: Refusal,
+        rejection: Rejection,
     ) {
         self.verdicts.judged(meta.seq, true);
         if caught_up {
             self.dead_letters
                 .file(
-                    Rejected {
+                    Filing {
                         subject: &msg.subject,
-                        reason: refusal.reason,
-                        detail: refusal.detail,
-                        claimed_signer: refusal.signer,
+                        rejection,
                         stream_seq: Some(meta.seq),
                         payload: &msg.payload,
                         dedup_id: Some(message_id(MsgId::DeadLetter { seq: meta.seq })),

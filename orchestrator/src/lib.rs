@@ -465,23 +465,18 @@ impl Orchestrator {
         let own = self.executor.publisher.own_events();
         let event = match self.intake.check(&self.state, own, msg, meta, preverified) {
             Ok(event) => event,
-            Err(refusal) => {
-                tracing::warn!(seq = meta.seq, subject, reason = refusal.reason, detail = %refusal.detail, "rejected event");
-                self.state.reject_at(meta.seq, refusal.reason);
-                self.intake.refused(msg, meta, caught_up, refusal).await;
+            Err(rejection) => {
+                tracing::warn!(seq = meta.seq, subject, reason = %rejection.reason, detail = %rejection.detail, "rejected event");
+                self.state.reject_at(meta.seq, rejection.reason);
+                self.intake.refused(msg, meta, caught_up, rejection).await;
                 return Ok(());
             }
         };
         let change = match self.state.apply(meta, &event) {
             Ok(change) => change,
-            Err(r) => {
-                tracing::warn!(seq = meta.seq, subject, reason = r.reason(), error = %r, "rejected event");
-                let refusal = keysync_security::Refusal {
-                    reason: r.reason(),
-                    detail: r.to_string(),
-                    signer: None,
-                };
-                self.intake.refused(msg, meta, caught_up, refusal).await;
+            Err(rejection) => {
+                tracing::warn!(seq = meta.seq, subject, reason = %rejection.reason, detail = %rejection.detail, "rejected event");
+                self.intake.refused(msg, meta, caught_up, rejection).await;
                 return Ok(());
             }
         };
@@ -533,10 +528,10 @@ impl Orchestrator {
         let now_ns = keysync_schemas::Timestamp::now().as_nanos();
         let hb = match self.heartbeats.check(&self.state, &msg, now_ns) {
             Ok(hb) => hb,
-            Err(refusal) => {
-                tracing::warn!(subject = %msg.subject, reason = refusal.reason, detail = %refusal.detail, "rejected heartbeat");
-                self.state.count_rejection(refusal.reason);
-                self.heartbeats.refused(&msg, refusal).await;
+            Err(rejection) => {
+                tracing::warn!(subject = %msg.subject, reason = %rejection.reason, detail = %rejection.detail, "rejected heartbeat");
+                self.state.count_rejection(rejection.reason);
+                self.heartbeats.refused(&msg, rejection).await;
                 return Ok(());
             }
         };

@@ -106,7 +106,7 @@ pub fn render(m: &SyncMetrics) -> Result<String, std::fmt::Error> {
     let rejected = Family::<Labels, GaugeF>::default();
     for (reason, n) in &m.rejected {
         rejected
-            .get_or_create(&vec![("reason".into(), reason.clone())])
+            .get_or_create(&vec![("reason".into(), reason.to_string())])
             .set(*n as f64);
     }
     r.register(

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use keysync_schemas::{
     ClusterStatus, Durability, Event, Fingerprint, HsmId, InventoryDigest, KeyId, KeyType,
-    MemberState, MemberStatus,
+    MemberState, MemberStatus, RejectReason, Rejection,
 };
 
 /// Most members one cluster can have (a [`MemberSet`] is a 64-bit set).
@@ -140,49 +140,60 @@ pub enum Change {
     Other,
 }
 
-/// Why an event was not applied. Counted, never fatal.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Rejection {
-    /// The subject does not match the body.
-    #[error("subject does not match the event")]
-    SubjectMismatch,
-    /// The cluster has [`MAX_MEMBERS`] members already.
-    #[error("cluster is full ({MAX_MEMBERS} members)")]
-    TooManyMembers,
-    /// An event about a member that never joined.
-    #[error("event from {0}, which never joined")]
-    UnknownMember(HsmId),
-    /// An event about a key that was never created.
-    #[error("event about unknown key {0}")]
-    UnknownKey(KeyId),
-    /// A clone result whose fingerprint differs from the key's.
-    #[error("fingerprint of {0} differs from the one announced")]
-    FingerprintMismatch(KeyId),
-    /// A second `KeyCreated` with the same id and another fingerprint.
-    #[error("key {0} was already created with another fingerprint")]
-    ConflictingCreate(KeyId),
-    /// An erase of a key that is not deleted.
-    #[error("erase of live key {0}")]
-    EraseOfLiveKey(KeyId),
-    /// A join request whose token is unknown, used, expired or for
-    /// another HSM.
-    #[error("join request for {0} with an invalid token")]
-    InvalidToken(HsmId),
-}
+/// Why the fold refused an event: one constructor per rule, so the
+/// reason and its sentence stay together. Counted, never fatal.
+mod refuse {
+    use keysync_schemas::{HsmId, KeyId, RejectReason, Rejection};
 
-impl Rejection {
-    /// Stable counter name.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Rejection::SubjectMismatch => "subject_mismatch",
-            Rejection::TooManyMembers => "too_many_members",
-            Rejection::UnknownMember(_) => "unknown_member",
-            Rejection::UnknownKey(_) => "unknown_key",
-            Rejection::FingerprintMismatch(_) => "fingerprint_mismatch",
-            Rejection::ConflictingCreate(_) => "conflicting_create",
-            Rejection::EraseOfLiveKey(_) => "erase_of_live_key",
-            Rejection::InvalidToken(_) => "invalid_token",
-        }
+    use super::MAX_MEMBERS;
+
+    pub fn too_many_members() -> Rejection {
+        Rejection::new(
+            RejectReason::TooManyMembers,
+            format!("cluster is full ({MAX_MEMBERS} members)"),
+        )
+    }
+
+    pub fn unknown_member(hsm: &HsmId) -> Rejection {
+        Rejection::new(
+            RejectReason::UnknownMember,
+            format!("event from {hsm}, which never joined"),
+        )
+    }
+
+    pub fn unknown_key(key: KeyId) -> Rejection {
+        Rejection::new(
+            RejectReason::UnknownKey,
+            format!("event about unknown key {key}"),
+        )
+    }
+
+    pub fn fingerprint_mismatch(key: KeyId) -> Rejection {
+        Rejection::new(
+            RejectReason::FingerprintMismatch,
+            format!("fingerprint of {key} differs from the one announced"),
+        )
+    }
+
+    pub fn conflicting_create(key: KeyId) -> Rejection {
+        Rejection::new(
+            RejectReason::ConflictingCreate,
+            format!("key {key} was already created with another fingerprint"),
+        )
+    }
+
+    pub fn erase_of_live_key(key: KeyId) -> Rejection {
+        Rejection::new(
+            RejectReason::EraseOfLiveKey,
+            format!("erase of live key {key}"),
+        )
+    }
+
+    pub fn invalid_token(hsm: &HsmId) -> Rejection {
+        Rejection::new(
+            RejectReason::InvalidToken,
+            format!("join request for {hsm} with an invalid token"),
+        )
     }
 }
 
@@ -196,7 +207,7 @@ pub struct ClusterState {
     incomplete: HashSet<KeyId>,
     last_seq: u64,
     clone_failures: u64,
-    rejected: BTreeMap<String, u64>,
+    rejected: BTreeMap<RejectReason, u64>,
     live_keys: u64,
     /// Live keys each member holds.
     held: Vec<u64>,
@@ -230,7 +241,7 @@ impl ClusterState {
         self.last_seq = self.last_seq.max(meta.seq);
         let result = self.apply_inner(meta, event);
         if let Err(r) = &result {
-            self.count_rejection(r.reason());
+            self.count_rejection(r.reason);
         }
         result
     }
@@ -238,21 +249,21 @@ impl ClusterState {
     /// A stream event rejected before it could be applied (unsigned,
     /// forged, undecodable): counted, and folded past, so the fold's
     /// position keeps up with the stream.
-    pub fn reject_at(&mut self, seq: u64, reason: &str) {
+    pub fn reject_at(&mut self, seq: u64, reason: RejectReason) {
         self.last_seq = self.last_seq.max(seq);
         self.count_rejection(reason);
     }
 
     /// Counts a message rejected before it could be applied (say, it did not decode).
-    pub fn count_rejection(&mut self, reason: &str) {
-        *self.rejected.entry(reason.to_string()).or_default() += 1;
+    pub fn count_rejection(&mut self, reason: RejectReason) {
+        *self.rejected.entry(reason).or_default() += 1;
     }
 
     fn member(&self, hsm: &HsmId) -> Result<u8, Rejection> {
         self.index
             .get(hsm)
             .copied()
-            .ok_or_else(|| Rejection::UnknownMember(hsm.clone()))
+            .ok_or_else(|| refuse::unknown_member(hsm))
     }
 
     fn set_live(&mut self, m: u8, live: bool) {
@@ -297,7 +308,7 @@ impl ClusterState {
                     return Ok(Change::Other);
                 }
                 if self.members.len() >= MAX_MEMBERS {
-                    return Err(Rejection::TooManyMembers);
+                    return Err(refuse::too_many_members());
                 }
                 let i = self.members.len() as u8;
                 self.members.push(Member {
@@ -346,7 +357,7 @@ impl ClusterState {
                     self.enrolled.insert(j.hsm.clone(), j.public_key);
                     Ok(Change::Other)
                 }
-                _ => Err(Rejection::InvalidToken(j.hsm.clone())),
+                _ => Err(refuse::invalid_token(&j.hsm)),
             },
             Event::HsmRevoked(r) => {
                 self.enrolled.remove(&r.hsm);
@@ -369,7 +380,7 @@ impl ClusterState {
                     return if existing.fingerprint == c.fingerprint || existing.deleted {
                         Ok(Change::Other)
                     } else {
-                        Err(Rejection::ConflictingCreate(c.key_id))
+                        Err(refuse::conflicting_create(c.key_id))
                     };
                 }
                 let mut holders = MemberSet::default();
@@ -417,9 +428,9 @@ impl ClusterState {
                 let key = self
                     .keys
                     .get_mut(&a.key_id)
-                    .ok_or(Rejection::UnknownKey(a.key_id))?;
+                    .ok_or_else(|| refuse::unknown_key(a.key_id))?;
                 if key.fingerprint != a.fingerprint {
-                    return Err(Rejection::FingerprintMismatch(a.key_id));
+                    return Err(refuse::fingerprint_mismatch(a.key_id));
                 }
                 // Already known, or a clone that raced the key's deletion
                 // (the member is told to erase it anyway).
@@ -455,7 +466,7 @@ impl ClusterState {
                 let key = self
                     .keys
                     .get_mut(&f.key_id)
-                    .ok_or(Rejection::UnknownKey(f.key_id))?;
+                    .ok_or_else(|| refuse::unknown_key(f.key_id))?;
                 if !key.holders.contains(m) && !key.failed.contains(m) && !key.deleted {
                     key.failed.insert(m);
                     self.failed[m as usize] += 1;
@@ -467,7 +478,7 @@ impl ClusterState {
                 let key = self
                     .keys
                     .get_mut(&r.key_id)
-                    .ok_or(Rejection::UnknownKey(r.key_id))?;
+                    .ok_or_else(|| refuse::unknown_key(r.key_id))?;
                 key.announced = true;
                 Ok(Change::Other)
             }
@@ -522,9 +533,9 @@ impl ClusterState {
                 let key = self
                     .keys
                     .get_mut(&e.key_id)
-                    .ok_or(Rejection::UnknownKey(e.key_id))?;
+                    .ok_or_else(|| refuse::unknown_key(e.key_id))?;
                 if !key.deleted {
-                    return Err(Rejection::EraseOfLiveKey(e.key_id));
+                    return Err(refuse::erase_of_live_key(e.key_id));
                 }
                 key.holders.remove(m);
                 Ok(Change::Other)
@@ -619,7 +630,7 @@ impl ClusterState {
     }
 
     /// Rejections by reason.
-    pub fn rejected(&self) -> &BTreeMap<String, u64> {
+    pub fn rejected(&self) -> &BTreeMap<RejectReason, u64> {
         &self.rejected
     }
 
@@ -685,9 +696,9 @@ impl ClusterState {
             clone_failures: self.clone_failures,
             below_durability: self.below_durability,
             last_seq: self.last_seq,
-            rejected: self.rejected.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            rejected: self.rejected.iter().map(|(k, v)| (*k, *v)).collect(),
             enrolled: self.enrolled.iter().map(|(h, k)| (h.clone(), *k)).collect(),
-            cluster_key: [0; 32],
+            cluster_key: None,
         }
     }
 }
@@ -723,10 +734,13 @@ mod tests {
         let mut log = Log::given(&events);
         assert_eq!(log.state.members().count(), MAX_MEMBERS);
         assert_eq!(
-            log.when(&joined("one-more")),
-            Err(Rejection::TooManyMembers)
+            log.when(&joined("one-more")).map_err(|r| r.reason),
+            Err(RejectReason::TooManyMembers)
         );
-        assert_eq!(log.state.rejected().get("too_many_members"), Some(&1));
+        assert_eq!(
+            log.state.rejected().get(&RejectReason::TooManyMembers),
+            Some(&1)
+        );
         // A member already in still rejoins.
         assert_eq!(log.when(&joined("h3")), Ok(Change::Other));
     }
@@ -787,12 +801,13 @@ mod tests {
         let k = KeyId::new();
         let mut log = Log::given(&[joined("a"), created(k, "a", 1)]);
         assert_eq!(
-            log.when(&created(KeyId::new(), "zz", 1)),
-            Err(Rejection::UnknownMember(hsm("zz")))
+            log.when(&created(KeyId::new(), "zz", 1))
+                .map_err(|r| r.reason),
+            Err(RejectReason::UnknownMember)
         );
         assert_eq!(
-            log.when(&created(k, "a", 2)),
-            Err(Rejection::ConflictingCreate(k))
+            log.when(&created(k, "a", 2)).map_err(|r| r.reason),
+            Err(RejectReason::ConflictingCreate)
         );
         // The same create again (an outbox retry) changes nothing.
         assert_eq!(log.when(&created(k, "a", 1)), Ok(Change::Other));
@@ -836,34 +851,30 @@ mod tests {
         let mut log = Log::given(&[joined("a"), joined("b"), created(k, "a", 1)]);
         let stranger = KeyId::new();
         assert_eq!(
-            log.when(&applied(k, "b", 9)),
-            Err(Rejection::FingerprintMismatch(k))
+            log.when(&applied(k, "b", 9)).map_err(|r| r.reason),
+            Err(RejectReason::FingerprintMismatch)
         );
         assert_eq!(
-            log.when(&applied(stranger, "b", 1)),
-            Err(Rejection::UnknownKey(stranger))
+            log.when(&applied(stranger, "b", 1)).map_err(|r| r.reason),
+            Err(RejectReason::UnknownKey)
         );
         assert_eq!(
-            log.when(&applied(k, "zz", 1)),
-            Err(Rejection::UnknownMember(hsm("zz")))
+            log.when(&applied(k, "zz", 1)).map_err(|r| r.reason),
+            Err(RejectReason::UnknownMember)
         );
         assert_eq!(
-            log.when(&clone_failed(stranger, "b")),
-            Err(Rejection::UnknownKey(stranger))
+            log.when(&clone_failed(stranger, "b")).map_err(|r| r.reason),
+            Err(RejectReason::UnknownKey)
         );
         assert_eq!(log.state.held_by(1), 0);
-        let counts: Vec<(&str, u64)> = log
-            .state
-            .rejected()
-            .iter()
-            .map(|(r, n)| (r.as_str(), *n))
-            .collect();
+        let counts: Vec<(RejectReason, u64)> =
+            log.state.rejected().iter().map(|(r, n)| (*r, *n)).collect();
         assert_eq!(
             counts,
             vec![
-                ("fingerprint_mismatch", 1),
-                ("unknown_key", 2),
-                ("unknown_member", 1)
+                (RejectReason::UnknownMember, 1),
+                (RejectReason::UnknownKey, 2),
+                (RejectReason::FingerprintMismatch, 1)
             ]
         );
         // Rejections still move the fold's position.
@@ -916,8 +927,8 @@ mod tests {
         // Declared failed again: nothing more.
         assert_eq!(log.when(&failed("c")), Ok(Change::Other));
         assert_eq!(
-            log.when(&failed("zz")),
-            Err(Rejection::UnknownMember(hsm("zz")))
+            log.when(&failed("zz")).map_err(|r| r.reason),
+            Err(RejectReason::UnknownMember)
         );
     }
 
@@ -966,13 +977,13 @@ mod tests {
         let mut log = Log::given(&[token_issued("b", 1, 10_000_000), token_issued("c", 2, 1)]);
         // Wrong HSM for the token.
         assert_eq!(
-            log.when(&join_requested("x", 9, 1)),
-            Err(Rejection::InvalidToken(hsm("x")))
+            log.when(&join_requested("x", 9, 1)).map_err(|r| r.reason),
+            Err(RejectReason::InvalidToken)
         );
         // Expired (stored at 4 ms, expired at 1 ns).
         assert_eq!(
-            log.when(&join_requested("c", 9, 2)),
-            Err(Rejection::InvalidToken(hsm("c")))
+            log.when(&join_requested("c", 9, 2)).map_err(|r| r.reason),
+            Err(RejectReason::InvalidToken)
         );
         assert_eq!(log.state.enrolled_key(&hsm("c")), None);
         // Good.
@@ -980,11 +991,14 @@ mod tests {
         assert_eq!(log.state.enrolled_key(&hsm("b")), Some([9; 32]));
         // Used up.
         assert_eq!(
-            log.when(&join_requested("b", 8, 1)),
-            Err(Rejection::InvalidToken(hsm("b")))
+            log.when(&join_requested("b", 8, 1)).map_err(|r| r.reason),
+            Err(RejectReason::InvalidToken)
         );
         assert_eq!(log.state.enrolled_key(&hsm("b")), Some([9; 32]));
-        assert_eq!(log.state.rejected().get("invalid_token"), Some(&3));
+        assert_eq!(
+            log.state.rejected().get(&RejectReason::InvalidToken),
+            Some(&3)
+        );
     }
 
     #[test]
@@ -996,8 +1010,8 @@ mod tests {
         assert!(log.state.key(&k).is_some_and(|k| k.announced));
         let stranger = KeyId::new();
         assert_eq!(
-            log.when(&replicated(stranger, 1)),
-            Err(Rejection::UnknownKey(stranger))
+            log.when(&replicated(stranger, 1)).map_err(|r| r.reason),
+            Err(RejectReason::UnknownKey)
         );
     }
 
@@ -1033,7 +1047,10 @@ mod tests {
     fn an_erase_of_a_live_key_is_rejected() {
         let k = KeyId::new();
         let mut log = Log::given(&[joined("a"), created(k, "a", 1)]);
-        assert_eq!(log.when(&erased(k, "a")), Err(Rejection::EraseOfLiveKey(k)));
+        assert_eq!(
+            log.when(&erased(k, "a")).map_err(|r| r.reason),
+            Err(RejectReason::EraseOfLiveKey)
+        );
         assert_eq!(log.state.held_by(0), 1);
     }
 
@@ -1075,13 +1092,19 @@ mod tests {
     #[test]
     fn an_event_rejected_before_the_fold_still_moves_its_position() {
         let mut log = Log::given(&[joined("a")]);
-        log.state.reject_at(9, "bad_signature");
+        log.state.reject_at(9, RejectReason::BadSignature);
         assert_eq!(log.state.last_seq(), 9);
-        assert_eq!(log.state.rejected().get("bad_signature"), Some(&1));
+        assert_eq!(
+            log.state.rejected().get(&RejectReason::BadSignature),
+            Some(&1)
+        );
         // An older sequence does not move it back.
-        log.state.reject_at(5, "bad_signature");
+        log.state.reject_at(5, RejectReason::BadSignature);
         assert_eq!(log.state.last_seq(), 9);
-        assert_eq!(log.state.rejected().get("bad_signature"), Some(&2));
+        assert_eq!(
+            log.state.rejected().get(&RejectReason::BadSignature),
+            Some(&2)
+        );
     }
 
     #[test]

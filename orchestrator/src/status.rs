@@ -20,11 +20,11 @@ pub async fn answer(
         return;
     };
     if let Err(e) = decode::<StatusRequest>(&req.payload) {
-        tracing::warn!(reason = e.reason(), "rejected status request");
+        tracing::warn!(reason = %e.reason(), "rejected status request");
         return;
     }
     let mut status = state.status();
-    status.cluster_key = cluster_key;
+    status.cluster_key = Some(cluster_key);
     let env = Envelope::new(source, StatusReply::Cluster(status));
     match encode(&env) {
         Ok(bytes) => {

@@ -9,7 +9,9 @@ use keysync_schemas::{
     KeyReplicated, KeyType,
 };
 
-use crate::state::{Change, ClusterState, EventMeta, Rejection};
+use keysync_schemas::Rejection;
+
+use crate::state::{Change, ClusterState, EventMeta};
 
 pub fn hsm(s: &str) -> HsmId {
     HsmId::new(s).expect("a valid test HSM id")

@@ -131,15 +131,16 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// A stable name for counters and dead letters.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::RejectReason {
+        use crate::RejectReason as R;
         match self {
-            DecodeError::Oversized { .. } => "oversized",
-            DecodeError::Truncated(_) => "truncated",
-            DecodeError::BadMagic => "bad_magic",
-            DecodeError::UnknownVersion { .. } => "unknown_version",
-            DecodeError::WrongFamily { .. } => "wrong_family",
-            DecodeError::Malformed { .. } => "malformed",
-            DecodeError::TrailingBytes(_) => "trailing_bytes",
+            DecodeError::Oversized { .. } => R::Oversized,
+            DecodeError::Truncated(_) => R::Truncated,
+            DecodeError::BadMagic => R::BadMagic,
+            DecodeError::UnknownVersion { .. } => R::UnknownVersion,
+            DecodeError::WrongFamily { .. } => R::WrongFamily,
+            DecodeError::Malformed { .. } => R::Malformed,
+            DecodeError::TrailingBytes(_) => R::TrailingBytes,
         }
     }
 }
@@ -253,13 +254,13 @@ mod tests {
         let good = encode(&created(vec![9; 40], None)).expect("encodes");
         assert_eq!(
             decode::<Event>(&good[..3]).expect_err("rejected").reason(),
-            "truncated"
+            crate::RejectReason::Truncated
         );
         assert_eq!(
             decode::<Event>(b"XX\x00\x01\x01")
                 .expect_err("rejected")
                 .reason(),
-            "bad_magic"
+            crate::RejectReason::BadMagic
         );
         let mut v2 = good.clone();
         v2[3] = 2;
@@ -269,24 +270,24 @@ mod tests {
         );
         assert_eq!(
             decode::<Command>(&good).expect_err("rejected").reason(),
-            "wrong_family"
+            crate::RejectReason::WrongFamily
         );
         assert_eq!(
             decode::<Event>(&good[..good.len() - 4])
                 .expect_err("rejected")
                 .reason(),
-            "malformed"
+            crate::RejectReason::Malformed
         );
         let mut trailing = good.clone();
         trailing.push(0);
         assert_eq!(
             decode::<Event>(&trailing).expect_err("rejected").reason(),
-            "trailing_bytes"
+            crate::RejectReason::TrailingBytes
         );
         let huge = vec![0u8; MAX_MESSAGE_BYTES + 1];
         assert_eq!(
             decode::<Event>(&huge).expect_err("rejected").reason(),
-            "oversized"
+            crate::RejectReason::Oversized
         );
     }
 
@@ -323,7 +324,7 @@ mod tests {
         bytes[pos + 1] = b'.';
         assert_eq!(
             decode::<Event>(&bytes).expect_err("rejected").reason(),
-            "malformed"
+            crate::RejectReason::Malformed
         );
     }
 

@@ -17,8 +17,8 @@ pub struct DeadLetter {
     pub rejected_by: String,
     /// The subject it came on.
     pub subject: String,
-    /// The counted reason (`unsigned`, `bad_signature`, `stale`, ...).
-    pub reason: String,
+    /// The counted reason.
+    pub reason: crate::RejectReason,
     /// More detail for people (never payload bytes).
     pub detail: String,
     /// The signer it claimed, if any.

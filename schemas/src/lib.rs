@@ -11,6 +11,7 @@
 //! - [`commands`]: what the orchestrator asks one agent to do (`CloneKey`);
 //! - [`ops`]: the request/reply key operations clients send to agents;
 //! - [`dead_letter`]: a rejected message, kept with its reason;
+//! - [`rejection`]: why a message was rejected, one typed reason for all;
 //! - [`status`]: cluster status, as the orchestrator reports it;
 //! - [`subjects`]: the subject and stream layout under a cluster prefix;
 //! - [`headers`]: NATS header names (dedup id, later signatures and trace
@@ -32,6 +33,7 @@ pub mod heartbeat;
 pub mod keys;
 pub mod metrics;
 pub mod ops;
+pub mod rejection;
 pub mod status;
 pub mod subjects;
 
@@ -52,5 +54,6 @@ pub use keys::{
 };
 pub use metrics::{HsmMetrics, LatencySummary, SyncMetrics, METRICS_VERSION};
 pub use ops::{AgentHealth, KeyInfo, OpError, OpErrorKind, OpReply, OpRequest};
+pub use rejection::{RejectReason, Rejection};
 pub use status::{ClusterStatus, MemberState, MemberStatus, StatusReply, StatusRequest};
 pub use subjects::Subjects;

@@ -77,7 +77,7 @@ pub struct SyncMetrics {
     /// Per HSM.
     pub hsms: Vec<HsmMetrics>,
     /// Rejected messages by reason, ever.
-    pub rejected: BTreeMap<String, u64>,
+    pub rejected: BTreeMap<crate::RejectReason, u64>,
     /// Anti-entropy repair commands sent by this orchestrator since it started.
     #[serde(default)]
     pub repairs_total: u64,

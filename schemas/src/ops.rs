@@ -221,7 +221,10 @@ pub struct AgentHealth {
     /// Clone commands applied since start.
     pub clones_applied: u64,
     /// Rejected messages since start, by reason.
-    pub rejected: Vec<(String, u64)>,
+    pub rejected: Vec<(crate::RejectReason, u64)>,
+    /// Clone commands that could not be applied (`CloneFailed`) since
+    /// start: not bad input, so not among `rejected`.
+    pub clones_failed: u64,
 }
 
 /// Why an operation failed, kept apart because callers handle them apart.

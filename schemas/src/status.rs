@@ -74,9 +74,11 @@ pub struct ClusterStatus {
     /// Last event stream sequence folded into this state.
     pub last_seq: u64,
     /// Rejected messages by reason.
-    pub rejected: Vec<(String, u64)>,
+    pub rejected: Vec<(crate::RejectReason, u64)>,
     /// Enrolled HSMs and their identity keys.
     pub enrolled: Vec<(HsmId, [u8; 32])>,
-    /// The cluster's public key (what signs commands).
-    pub cluster_key: [u8; 32],
+    /// The cluster's public key (what signs commands), as the answering
+    /// orchestrator holds it; `None` where the state was not served by an
+    /// orchestrator (a fold computed offline, as `audit replay` does).
+    pub cluster_key: Option<[u8; 32]>,
 }

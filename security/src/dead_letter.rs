@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use keysync_schemas::{encode, headers, DeadLetter, Envelope, Source, Subjects, MAX_MESSAGE_BYTES};
+use keysync_schemas::{
+    encode, headers, DeadLetter, Envelope, Rejection, Source, Subjects, MAX_MESSAGE_BYTES,
+};
 use sha2::{Digest as _, Sha256};
 
 /// What of a rejected payload to keep.
@@ -29,17 +31,13 @@ pub struct DeadLetters {
     source: Source,
 }
 
-/// What is known about one rejected message.
-#[derive(Debug, Clone, Default)]
-pub struct Rejected<'a> {
+/// One rejected message to file: the message and its [`Rejection`].
+#[derive(Debug, Clone)]
+pub struct Filing<'a> {
     /// The subject it came on.
     pub subject: &'a str,
-    /// The counted reason.
-    pub reason: &'a str,
-    /// Detail for people (never payload bytes).
-    pub detail: String,
-    /// Its claimed signer.
-    pub claimed_signer: Option<String>,
+    /// Why it was rejected.
+    pub rejection: Rejection,
     /// Its stream sequence.
     pub stream_seq: Option<u64>,
     /// Its bytes.
@@ -66,14 +64,14 @@ impl DeadLetters {
     }
 
     /// Files one rejected message (in the background).
-    pub async fn file(&self, rejected: Rejected<'_>, keep: Keep) {
+    pub async fn file(&self, rejected: Filing<'_>, keep: Keep) {
         let keep_bytes = keep == Keep::Payload && rejected.payload.len() <= MAX_MESSAGE_BYTES / 2;
         let letter = DeadLetter {
             rejected_by: self.source.to_string(),
             subject: truncate(rejected.subject, 512),
-            reason: rejected.reason.to_string(),
-            detail: truncate(&rejected.detail, 1024),
-            claimed_signer: rejected.claimed_signer.map(|s| truncate(&s, 256)),
+            reason: rejected.rejection.reason,
+            detail: truncate(&rejected.rejection.detail, 1024),
+            claimed_signer: rejected.rejection.signer.map(|s| truncate(&s, 256)),
             stream_seq: rejected.stream_seq,
             payload_len: rejected.payload.len() as u64,
             payload_sha256: Sha256::digest(rejected.payload).into(),

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::signature::Rejection;
+use keysync_schemas::{RejectReason, Rejection};
 
 /// JetStream's duplicate window on keysync streams.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
@@ -32,15 +32,19 @@ pub const MAX_AGE: Duration = Duration::from_secs(200);
 /// `reference_ns`, both nanoseconds since the Unix epoch.
 pub fn check(emitted_ns: u64, reference_ns: u64) -> Result<(), Rejection> {
     if emitted_ns > reference_ns.saturating_add(MAX_SKEW.as_nanos() as u64) {
-        return Err(Rejection::Future {
-            ahead_ms: (emitted_ns - reference_ns) / 1_000_000,
-        });
+        let ahead_ms = (emitted_ns - reference_ns) / 1_000_000;
+        return Err(Rejection::new(
+            RejectReason::Future,
+            format!("emitted {ahead_ms} ms in the future"),
+        ));
     }
     let age = reference_ns.saturating_sub(emitted_ns);
     if age > MAX_AGE.as_nanos() as u64 {
-        return Err(Rejection::Stale {
-            age_ms: age / 1_000_000,
-        });
+        let age_ms = age / 1_000_000;
+        return Err(Rejection::new(
+            RejectReason::Stale,
+            format!("emitted {age_ms} ms before it was stored: outside the replay window"),
+        ));
     }
     Ok(())
 }
@@ -57,7 +61,10 @@ impl Monotonic {
     pub fn check(&mut self, sender: &str, emitted_ns: u64, now_ns: u64) -> Result<(), Rejection> {
         check(emitted_ns, now_ns)?;
         match self.last.get_mut(sender) {
-            Some(last) if emitted_ns <= *last => Err(Rejection::Replayed),
+            Some(last) if emitted_ns <= *last => Err(Rejection::new(
+                RejectReason::Replayed,
+                "not newer than the last one accepted from this sender",
+            )),
             Some(last) => {
                 *last = emitted_ns;
                 Ok(())
@@ -82,14 +89,14 @@ mod tests {
         assert_eq!(check(now, now), Ok(()));
         assert_eq!(check(now - 199 * S, now), Ok(()));
         assert_eq!(check(now + 30 * S, now), Ok(()));
-        assert!(matches!(
-            check(now - 201 * S, now),
-            Err(Rejection::Stale { .. })
-        ));
-        assert!(matches!(
-            check(now + 61 * S, now),
-            Err(Rejection::Future { .. })
-        ));
+        assert_eq!(
+            check(now - 201 * S, now).map_err(|r| r.reason),
+            Err(RejectReason::Stale)
+        );
+        assert_eq!(
+            check(now + 61 * S, now).map_err(|r| r.reason),
+            Err(RejectReason::Future)
+        );
     }
 
     #[test]
@@ -101,10 +108,10 @@ mod tests {
         let emitted = t + MAX_SKEW.as_nanos() as u64;
         let replay_stored = t + DUPLICATE_WINDOW.as_nanos() as u64;
         assert_eq!(check(emitted, t), Ok(()));
-        assert!(matches!(
-            check(emitted, replay_stored),
-            Err(Rejection::Stale { .. })
-        ));
+        assert_eq!(
+            check(emitted, replay_stored).map_err(|r| r.reason),
+            Err(RejectReason::Stale)
+        );
     }
 
     #[test]
@@ -112,8 +119,14 @@ mod tests {
         let mut m = Monotonic::default();
         let now = 1_000_000 * S;
         assert_eq!(m.check("a", now, now), Ok(()));
-        assert_eq!(m.check("a", now, now), Err(Rejection::Replayed));
-        assert_eq!(m.check("a", now - 1, now), Err(Rejection::Replayed));
+        assert_eq!(
+            m.check("a", now, now).map_err(|r| r.reason),
+            Err(RejectReason::Replayed)
+        );
+        assert_eq!(
+            m.check("a", now - 1, now).map_err(|r| r.reason),
+            Err(RejectReason::Replayed)
+        );
         assert_eq!(m.check("b", now - 1, now), Ok(()));
         assert_eq!(m.check("a", now + 1, now), Ok(()));
     }

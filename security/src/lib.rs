@@ -32,10 +32,10 @@ pub mod secret_file;
 pub mod signature;
 
 pub use credentials::NatsAuth;
-pub use dead_letter::{DeadLetters, Keep, Rejected};
+pub use dead_letter::{DeadLetters, Filing, Keep};
 pub use identity::{parse_public_key, Identity, IdentityError};
 pub use policy::{
     check_command, check_event, check_event_preverified, check_heartbeat, event_signer, preverify,
-    signed_headers, Pending, Refusal,
+    signed_headers, Pending,
 };
-pub use signature::{Claim, Rejection, Signer};
+pub use signature::{Claim, Signer};

@@ -8,50 +8,28 @@
 //! signature verifies over subject, id and bytes; and it is inside the
 //! replay window.
 
-use keysync_schemas::{decode, Command, Envelope, Event, Heartbeat, HsmId, Source};
+use keysync_schemas::{
+    decode, Command, Envelope, Event, Heartbeat, HsmId, RejectReason, Rejection, Source,
+};
 
 use crate::freshness::{self, Monotonic};
 use crate::identity::Identity;
-use crate::signature::{self, Claim, Rejection, Signer};
-
-/// A refused message: the counted reason, detail for people, and the
-/// signer it claimed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    /// Stable counter name.
-    pub reason: &'static str,
-    /// For people (never payload bytes).
-    pub detail: String,
-    /// The claimed signer, if it claimed one.
-    pub signer: Option<String>,
-}
-
-impl Refusal {
-    fn of(r: Rejection, signer: Option<&Signer>) -> Self {
-        Refusal {
-            reason: r.reason(),
-            detail: r.to_string(),
-            signer: signer.map(Signer::header_value),
-        }
-    }
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.reason, self.detail)
-    }
-}
+use crate::signature::{self, Claim, Signer};
 
 /// Decodes a payload whose signer is `signer`, refusing what does not decode.
 fn decoded<T: keysync_schemas::Message>(
     payload: &[u8],
     signer: &Signer,
-) -> Result<Envelope<T>, Refusal> {
-    decode::<T>(payload).map_err(|e| Refusal {
-        reason: e.reason(),
-        detail: e.to_string(),
-        signer: Some(signer.header_value()),
-    })
+) -> Result<Envelope<T>, Rejection> {
+    decode::<T>(payload).map_err(|e| Rejection::from(e).claimed_by(signer.header_value()))
+}
+
+/// Signed by `signer`, who may not send a message that is from `from`.
+fn signer_mismatch(signer: &Signer, from: impl std::fmt::Display) -> Rejection {
+    Rejection::new(
+        RejectReason::SignerMismatch,
+        format!("signer {signer} may not send this (it is from {from})"),
+    )
 }
 
 /// Who may sign `event`.
@@ -103,7 +81,7 @@ pub fn check_event(
     stored_at_ns: u64,
     cluster_key: &[u8; 32],
     enrolled: impl Fn(&HsmId) -> Option<[u8; 32]>,
-) -> Result<Envelope<Event>, Refusal> {
+) -> Result<Envelope<Event>, Rejection> {
     check_event_preverified(
         headers,
         subject,
@@ -126,16 +104,16 @@ pub fn check_event_preverified(
     cluster_key: &[u8; 32],
     enrolled: impl Fn(&HsmId) -> Option<[u8; 32]>,
     preverified: Option<[u8; 32]>,
-) -> Result<Envelope<Event>, Refusal> {
-    let claim = Claim::read(headers).map_err(|r| Refusal::of(r, None))?;
-    let refuse = |r: Rejection| Refusal::of(r, Some(&claim.signer));
+) -> Result<Envelope<Event>, Rejection> {
+    let claim = Claim::read(headers)?;
+    let refuse = |r: Rejection| r.claimed_by(claim.signer.header_value());
     let env = decoded::<Event>(payload, &claim.signer)?;
     let expected = event_signer(&env.body);
     if claim.signer != expected || !source_matches(&expected, &env.source) {
-        return Err(refuse(Rejection::SignerMismatch {
-            signer: claim.signer.header_value(),
-            claimed: expected.header_value(),
-        }));
+        return Err(refuse(signer_mismatch(
+            &claim.signer,
+            expected.header_value(),
+        )));
     }
     let key = match (&expected, &env.body) {
         (Signer::Cluster, _) => *cluster_key,
@@ -143,17 +121,19 @@ pub fn check_event_preverified(
         // (possession); the token proof is checked with it.
         (Signer::Hsm(h), Event::JoinRequested(j)) => {
             if !crate::join::verify_proof(&j.token_key, h, &j.public_key, &j.proof) {
-                return Err(Refusal {
-                    reason: "bad_join_proof",
-                    detail: "the join token's proof does not verify".into(),
-                    signer: Some(claim.signer.header_value()),
-                });
+                return Err(refuse(Rejection::new(
+                    RejectReason::BadJoinProof,
+                    "the join token's proof does not verify",
+                )));
             }
             j.public_key
         }
-        (Signer::Hsm(h), _) => {
-            enrolled(h).ok_or_else(|| refuse(Rejection::Unenrolled(claim.signer.header_value())))?
-        }
+        (Signer::Hsm(h), _) => enrolled(h).ok_or_else(|| {
+            refuse(Rejection::new(
+                RejectReason::Unenrolled,
+                format!("signer {} is not enrolled", claim.signer),
+            ))
+        })?,
     };
     if preverified != Some(key) {
         claim.verify(&key, subject, payload).map_err(refuse)?;
@@ -211,14 +191,14 @@ pub fn check_command(
     payload: &[u8],
     stored_at_ns: u64,
     cluster_key: &[u8; 32],
-) -> Result<Envelope<Command>, Refusal> {
-    let claim = Claim::read(headers).map_err(|r| Refusal::of(r, None))?;
-    let refuse = |r: Rejection| Refusal::of(r, Some(&claim.signer));
+) -> Result<Envelope<Command>, Rejection> {
+    let claim = Claim::read(headers)?;
+    let refuse = |r: Rejection| r.claimed_by(claim.signer.header_value());
     if claim.signer != Signer::Cluster {
-        return Err(refuse(Rejection::SignerMismatch {
-            signer: claim.signer.header_value(),
-            claimed: Signer::Cluster.header_value(),
-        }));
+        return Err(refuse(signer_mismatch(
+            &claim.signer,
+            Signer::Cluster.header_value(),
+        )));
     }
     // Verified before decoding: nothing but the cluster sends commands.
     claim
@@ -238,24 +218,25 @@ pub fn check_heartbeat(
     now_ns: u64,
     enrolled: impl Fn(&HsmId) -> Option<[u8; 32]>,
     seen: &mut Monotonic,
-) -> Result<Envelope<Heartbeat>, Refusal> {
-    let claim = Claim::read(headers).map_err(|r| Refusal::of(r, None))?;
-    let refuse = |r: Rejection| Refusal::of(r, Some(&claim.signer));
+) -> Result<Envelope<Heartbeat>, Rejection> {
+    let claim = Claim::read(headers)?;
+    let refuse = |r: Rejection| r.claimed_by(claim.signer.header_value());
     let Signer::Hsm(hsm) = &claim.signer else {
-        return Err(refuse(Rejection::SignerMismatch {
-            signer: claim.signer.header_value(),
-            claimed: "an HSM".into(),
-        }));
+        return Err(refuse(signer_mismatch(&claim.signer, "an HSM")));
     };
-    let key =
-        enrolled(hsm).ok_or_else(|| refuse(Rejection::Unenrolled(claim.signer.header_value())))?;
+    let key = enrolled(hsm).ok_or_else(|| {
+        refuse(Rejection::new(
+            RejectReason::Unenrolled,
+            format!("signer {} is not enrolled", claim.signer),
+        ))
+    })?;
     claim.verify(&key, subject, payload).map_err(refuse)?;
     let env = decoded::<Heartbeat>(payload, &claim.signer)?;
     if &env.body.hsm != hsm || !source_matches(&claim.signer, &env.source) {
-        return Err(refuse(Rejection::SignerMismatch {
-            signer: claim.signer.header_value(),
-            claimed: format!("hsm/{}", env.body.hsm),
-        }));
+        return Err(refuse(signer_mismatch(
+            &claim.signer,
+            format!("hsm/{}", env.body.hsm),
+        )));
     }
     seen.check(hsm.as_str(), env.emitted_at.as_nanos(), now_ns)
         .map_err(refuse)?;
@@ -320,7 +301,10 @@ mod tests {
             &cluster.public_key(),
             |_| None,
         );
-        assert_eq!(r.map(drop).err().map(|e| e.reason), Some("unenrolled"));
+        assert_eq!(
+            r.map(drop).err().map(|e| e.reason),
+            Some(RejectReason::Unenrolled)
+        );
         let other = Identity::generate().expect("rng").public_key();
         let r = check_event(
             Some(&h),
@@ -330,7 +314,10 @@ mod tests {
             &cluster.public_key(),
             enrolled(other),
         );
-        assert_eq!(r.map(drop).err().map(|e| e.reason), Some("bad_signature"));
+        assert_eq!(
+            r.map(drop).err().map(|e| e.reason),
+            Some(RejectReason::BadSignature)
+        );
         // Unsigned.
         let r = check_event(
             None,
@@ -340,7 +327,10 @@ mod tests {
             &cluster.public_key(),
             enrolled(agent.public_key()),
         );
-        assert_eq!(r.map(drop).err().map(|e| e.reason), Some("unsigned"));
+        assert_eq!(
+            r.map(drop).err().map(|e| e.reason),
+            Some(RejectReason::Unsigned)
+        );
         // Replayed after the window.
         let late = NOW + crate::freshness::DUPLICATE_WINDOW.as_nanos() as u64;
         let r = check_event(
@@ -351,7 +341,10 @@ mod tests {
             &cluster.public_key(),
             enrolled(agent.public_key()),
         );
-        assert_eq!(r.map(drop).err().map(|e| e.reason), Some("stale"));
+        assert_eq!(
+            r.map(drop).err().map(|e| e.reason),
+            Some(RejectReason::Stale)
+        );
         // Signed as the cluster: an HSM's event may not be.
         let hc = signed_headers(&cluster, &Signer::Cluster, &subject, "x", &bytes);
         let r = check_event(
@@ -362,7 +355,10 @@ mod tests {
             &cluster.public_key(),
             enrolled(agent.public_key()),
         );
-        assert_eq!(r.map(drop).err().map(|e| e.reason), Some("signer_mismatch"));
+        assert_eq!(
+            r.map(drop).err().map(|e| e.reason),
+            Some(RejectReason::SignerMismatch)
+        );
     }
 
     #[test]
@@ -387,7 +383,7 @@ mod tests {
                 .map(drop)
                 .err()
                 .map(|e| e.reason),
-            Some("bad_signature")
+            Some(RejectReason::BadSignature)
         );
         let ha = signed_headers(&forger, &Signer::Hsm(hsm("hsm-1")), subject, "d-1", &bytes);
         assert_eq!(
@@ -395,7 +391,7 @@ mod tests {
                 .map(drop)
                 .err()
                 .map(|e| e.reason),
-            Some("signer_mismatch")
+            Some(RejectReason::SignerMismatch)
         );
     }
 

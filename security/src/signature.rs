@@ -11,7 +11,7 @@
 //! `Keysync-Signature` holds the 64-byte Ed25519 signature in base64.
 
 use base64::Engine as _;
-use keysync_schemas::{headers, HsmId};
+use keysync_schemas::{headers, HsmId, RejectReason, Rejection};
 
 use crate::identity::{self, Identity};
 
@@ -47,64 +47,6 @@ impl Signer {
 impl std::fmt::Display for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.header_value())
-    }
-}
-
-/// Why a message was not accepted. [`Rejection::reason`] is the stable
-/// counter name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Rejection {
-    /// No signature, signer or deduplication id.
-    #[error("not signed")]
-    Unsigned,
-    /// The signature headers are not well formed.
-    #[error("malformed signature headers")]
-    MalformedSignature,
-    /// The signer is not enrolled (or was revoked).
-    #[error("signer {0} is not enrolled")]
-    Unenrolled(String),
-    /// The signature does not verify.
-    #[error("signature does not verify")]
-    BadSignature,
-    /// Signed by someone the message may not come from (say, an agent
-    /// signing another agent's event).
-    #[error("signer {signer} may not send this (it is from {claimed})")]
-    SignerMismatch {
-        /// The signer.
-        signer: String,
-        /// Who the message says it is from.
-        claimed: String,
-    },
-    /// Older than the replay window.
-    #[error("emitted {age_ms} ms before it was stored: outside the replay window")]
-    Stale {
-        /// How old it was.
-        age_ms: u64,
-    },
-    /// From the future (beyond the allowed clock skew).
-    #[error("emitted {ahead_ms} ms in the future")]
-    Future {
-        /// How far ahead.
-        ahead_ms: u64,
-    },
-    /// Seen already.
-    #[error("replayed")]
-    Replayed,
-}
-
-impl Rejection {
-    /// A stable reason for counters and the dead-letter stream.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Rejection::Unsigned => "unsigned",
-            Rejection::MalformedSignature => "malformed_signature",
-            Rejection::Unenrolled(_) => "unenrolled",
-            Rejection::BadSignature => "bad_signature",
-            Rejection::SignerMismatch { .. } => "signer_mismatch",
-            Rejection::Stale { .. } => "stale",
-            Rejection::Future { .. } => "future",
-            Rejection::Replayed => "replayed",
-        }
     }
 }
 
@@ -154,22 +96,26 @@ pub struct Claim {
 impl Claim {
     /// Reads the claim from a message's headers.
     pub fn read(headers: Option<&async_nats::HeaderMap>) -> Result<Claim, Rejection> {
-        let h = headers.ok_or(Rejection::Unsigned)?;
+        let unsigned = || Rejection::new(RejectReason::Unsigned, "not signed");
+        let malformed = || {
+            Rejection::new(
+                RejectReason::MalformedSignature,
+                "malformed signature headers",
+            )
+        };
+        let h = headers.ok_or_else(unsigned)?;
         let (Some(signer), Some(signature), Some(msg_id)) = (
             h.get(headers::SIGNER),
             h.get(headers::SIGNATURE),
             h.get(headers::MSG_ID),
         ) else {
-            return Err(Rejection::Unsigned);
+            return Err(unsigned());
         };
-        let signer = Signer::parse(signer.as_str()).ok_or(Rejection::MalformedSignature)?;
+        let signer = Signer::parse(signer.as_str()).ok_or_else(malformed)?;
         let raw = base64::engine::general_purpose::STANDARD
             .decode(signature.as_str())
-            .map_err(|_| Rejection::MalformedSignature)?;
-        let signature: [u8; 64] = raw
-            .as_slice()
-            .try_into()
-            .map_err(|_| Rejection::MalformedSignature)?;
+            .map_err(|_| malformed())?;
+        let signature: [u8; 64] = raw.as_slice().try_into().map_err(|_| malformed())?;
         Ok(Claim {
             signer,
             msg_id: msg_id.as_str().to_string(),
@@ -186,7 +132,10 @@ impl Claim {
         ) {
             Ok(())
         } else {
-            Err(Rejection::BadSignature)
+            Err(Rejection::new(
+                RejectReason::BadSignature,
+                "signature does not verify",
+            ))
         }
     }
 }
@@ -209,49 +158,63 @@ mod tests {
         assert_eq!(claim.signer, Signer::Cluster);
         assert_eq!(claim.verify(&id.public_key(), "a.b", b"payload"), Ok(()));
         assert_eq!(
-            claim.verify(&id.public_key(), "a.c", b"payload"),
-            Err(Rejection::BadSignature)
+            claim
+                .verify(&id.public_key(), "a.c", b"payload")
+                .map_err(|r| r.reason),
+            Err(RejectReason::BadSignature)
         );
         assert_eq!(
-            claim.verify(&id.public_key(), "a.b", b"payloaD"),
-            Err(Rejection::BadSignature)
+            claim
+                .verify(&id.public_key(), "a.b", b"payloaD")
+                .map_err(|r| r.reason),
+            Err(RejectReason::BadSignature)
         );
         let other = Identity::generate().expect("rng");
         assert_eq!(
-            claim.verify(&other.public_key(), "a.b", b"payload"),
-            Err(Rejection::BadSignature)
+            claim
+                .verify(&other.public_key(), "a.b", b"payload")
+                .map_err(|r| r.reason),
+            Err(RejectReason::BadSignature)
         );
         // Another id: the signature no longer verifies.
         let mut h2 = h.clone();
         h2.insert(headers::MSG_ID, "m-2");
         let claim2 = Claim::read(Some(&h2)).expect("claim");
         assert_eq!(
-            claim2.verify(&id.public_key(), "a.b", b"payload"),
-            Err(Rejection::BadSignature)
+            claim2
+                .verify(&id.public_key(), "a.b", b"payload")
+                .map_err(|r| r.reason),
+            Err(RejectReason::BadSignature)
         );
     }
 
     #[test]
     fn missing_or_malformed_headers_are_rejected() {
-        assert_eq!(Claim::read(None).err(), Some(Rejection::Unsigned));
+        assert_eq!(
+            Claim::read(None).err().map(|r| r.reason),
+            Some(RejectReason::Unsigned)
+        );
         let mut h = async_nats::HeaderMap::new();
         h.insert(headers::MSG_ID, "x");
-        assert_eq!(Claim::read(Some(&h)).err(), Some(Rejection::Unsigned));
+        assert_eq!(
+            Claim::read(Some(&h)).err().map(|r| r.reason),
+            Some(RejectReason::Unsigned)
+        );
         h.insert(headers::SIGNER, "hsm/ok");
         h.insert(headers::SIGNATURE, "not base64!");
         assert_eq!(
-            Claim::read(Some(&h)).err(),
-            Some(Rejection::MalformedSignature)
+            Claim::read(Some(&h)).err().map(|r| r.reason),
+            Some(RejectReason::MalformedSignature)
         );
         h.insert(headers::SIGNATURE, "AAAA");
         assert_eq!(
-            Claim::read(Some(&h)).err(),
-            Some(Rejection::MalformedSignature)
+            Claim::read(Some(&h)).err().map(|r| r.reason),
+            Some(RejectReason::MalformedSignature)
         );
         h.insert(headers::SIGNER, "someone");
         assert_eq!(
-            Claim::read(Some(&h)).err(),
-            Some(Rejection::MalformedSignature)
+            Claim::read(Some(&h)).err().map(|r| r.reason),
+            Some(RejectReason::MalformedSignature)
         );
     }
 

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use keysync_schemas::{
     decode, encode, CloneKey, Command, DomainId, Durability, Envelope, Event, Fingerprint,
-    HsmJoined, KeyAttributes, KeyCreated, KeyId, KeyOrigin, KeyType, OpErrorKind, OpReply, Source,
+    HsmJoined, KeyAttributes, KeyCreated, KeyId, KeyOrigin, KeyType, OpErrorKind, OpReply,
+    RejectReason, Source,
 };
 use keysync_testkit::{assert_converges, create, hsm, inventory, start_stack, wait_until};
 
-fn count(list: &[(String, u64)], reason: &str) -> u64 {
+fn count(list: &[(RejectReason, u64)], reason: RejectReason) -> u64 {
     list.iter()
-        .find(|(r, _)| r == reason)
+        .find(|(r, _)| *r == reason)
         .map_or(0, |(_, n)| *n)
 }
 
@@ -189,22 +190,22 @@ async fn bad_input_is_rejected_counted_and_changes_nothing() {
     // Counted, per reason.
     let agent_ok = wait_until(Duration::from_secs(10), || async {
         client.health(&h1).await.is_ok_and(|h| {
-            count(&h.rejected, "wrong_target") == 1
-                && count(&h.rejected, "clone_failed") == 1
-                && count(&h.rejected, "no_reply_subject") == 1
-                && count(&h.rejected, "oversized") >= 1
-                && count(&h.rejected, "unsigned") == garbage.len() as u64
+            count(&h.rejected, RejectReason::WrongTarget) == 1
+                && h.clones_failed == 1
+                && count(&h.rejected, RejectReason::NoReplySubject) == 1
+                && count(&h.rejected, RejectReason::Oversized) >= 1
+                && count(&h.rejected, RejectReason::Unsigned) == garbage.len() as u64
         })
     })
     .await;
     let health = client.health(&h1).await.expect("health");
     assert!(agent_ok, "agent counters: {:?}", health.rejected);
     for reason in [
-        "truncated",
-        "bad_magic",
-        "unknown_version",
-        "malformed",
-        "wrong_family",
+        RejectReason::Truncated,
+        RejectReason::BadMagic,
+        RejectReason::UnknownVersion,
+        RejectReason::Malformed,
+        RejectReason::WrongFamily,
     ] {
         assert!(
             count(&health.rejected, reason) >= 1,
@@ -214,14 +215,18 @@ async fn bad_input_is_rejected_counted_and_changes_nothing() {
     }
     let orch_ok = wait_until(Duration::from_secs(10), || async {
         client.cluster_status().await.is_ok_and(|s| {
-            count(&s.rejected, "subject_mismatch") == 1
-                && count(&s.rejected, "unknown_version") == 1
+            count(&s.rejected, RejectReason::SubjectMismatch) == 1
+                && count(&s.rejected, RejectReason::UnknownVersion) == 1
         })
     })
     .await;
     let status = client.cluster_status().await.expect("status");
     assert!(orch_ok, "orchestrator counters: {:?}", status.rejected);
-    for reason in ["truncated", "bad_magic", "malformed"] {
+    for reason in [
+        RejectReason::Truncated,
+        RejectReason::BadMagic,
+        RejectReason::Malformed,
+    ] {
         assert!(
             count(&status.rejected, reason) >= 1,
             "{reason}: {:?}",

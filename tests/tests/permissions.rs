@@ -11,7 +11,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use keysync::{Client, ClientOptions};
 use keysync_harness::StackAuth;
-use keysync_schemas::{encode, CloneApplied, Envelope, Event, Fingerprint, KeyId, KeyType, Source};
+use keysync_schemas::{
+    encode, CloneApplied, Envelope, Event, Fingerprint, KeyId, KeyType, RejectReason, Source,
+};
 use keysync_security::{Identity, NatsAuth, Signer};
 use keysync_testkit::{assert_converges, create, fast_options, wait_until, DevStack};
 
@@ -56,14 +58,14 @@ async fn refused(
     }
 }
 
-async fn rejected(client: &Client, reason: &str) -> u64 {
+async fn rejected(client: &Client, reason: RejectReason) -> u64 {
     client
         .cluster_status()
         .await
         .map(|s| {
             s.rejected
                 .iter()
-                .find(|(r, _)| r == reason)
+                .find(|(r, _)| *r == reason)
                 .map_or(0, |(_, n)| *n)
         })
         .unwrap_or(0)
@@ -186,7 +188,7 @@ async fn under_the_secure_config_every_role_works_and_none_can_act_for_another()
     // Where the subject does not name the HSM (a key's `created`), NATS lets
     // hsm-1 publish, and the signature check refuses a KeyCreated that claims
     // to come from hsm-2.
-    let before = rejected(stack.client(), "signer_mismatch").await;
+    let before = rejected(stack.client(), RejectReason::SignerMismatch).await;
     let forged = Envelope::new(
         Source::Hsm(hsms[1].clone()),
         Event::KeyCreated(keysync_schemas::KeyCreated {
@@ -217,7 +219,7 @@ async fn under_the_secure_config_every_role_works_and_none_can_act_for_another()
     );
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            rejected(stack.client(), "signer_mismatch").await > before
+            rejected(stack.client(), RejectReason::SignerMismatch).await > before
         })
         .await,
         "a KeyCreated signed by hsm-1 in hsm-2's name was not rejected"

@@ -52,7 +52,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     "clone_failures": s.clone_failures,
                     "below_durability": s.below_durability,
                     "last_seq": s.last_seq,
-                    "rejected": s.rejected.iter().map(|(r, n)| (r.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
+                    "rejected": s.rejected.iter().map(|(r, n)| (r.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 }))
             } else {
                 println!("{:<16} {:<11} {:>8} {:>8}", "HSM", "STATE", "KEYS", "LAG");
