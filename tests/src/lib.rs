@@ -13,6 +13,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Output;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -83,12 +85,46 @@ pub async fn create_many(
     n: usize,
     in_flight: usize,
 ) -> BTreeMap<KeyId, Fingerprint> {
+    create_many_counted(client, on, n, in_flight, &Progress::default()).await
+}
+
+/// What a load in flight has done so far, for tests that stage a fault
+/// mid-load and must show it really was mid-load.
+#[derive(Debug, Default, Clone)]
+pub struct Progress {
+    /// Creates that succeeded.
+    pub created: Arc<AtomicUsize>,
+    /// Create attempts that failed for a transient reason and were retried.
+    pub retried: Arc<AtomicUsize>,
+}
+
+impl Progress {
+    /// Creates that succeeded so far.
+    pub fn created(&self) -> usize {
+        self.created.load(Ordering::SeqCst)
+    }
+
+    /// Transient failures retried so far.
+    pub fn retried(&self) -> usize {
+        self.retried.load(Ordering::SeqCst)
+    }
+}
+
+/// [`create_many`], counting into `progress` as it goes.
+pub async fn create_many_counted(
+    client: &Client,
+    on: &[HsmId],
+    n: usize,
+    in_flight: usize,
+    progress: &Progress,
+) -> BTreeMap<KeyId, Fingerprint> {
     use futures::StreamExt;
     let types = [KeyType::Ed25519, KeyType::P256, KeyType::Aes256];
     futures::stream::iter(0..n)
         .map(|i| {
             let client = client.clone();
             let hsm = on[i % on.len()].clone();
+            let progress = progress.clone();
             async move {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
                 loop {
@@ -98,8 +134,12 @@ pub async fn create_many(
                         )
                         .await
                     {
-                        Ok(k) => return (k.info.key_id, k.info.fingerprint),
+                        Ok(k) => {
+                            progress.created.fetch_add(1, Ordering::SeqCst);
+                            return (k.info.key_id, k.info.fingerprint);
+                        }
                         Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                            progress.retried.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                         Err(e) => panic!("create {i} on {hsm}: {e}"),
@@ -110,6 +150,22 @@ pub async fn create_many(
         .buffer_unordered(in_flight)
         .collect()
         .await
+}
+
+/// Waits until `n` signed heartbeats of `hsm` have been published after
+/// this call (each one is a round of the orchestrator's liveness and
+/// anti-entropy checks for that HSM).
+pub async fn wait_for_heartbeats(client: &Client, hsm: &HsmId, n: usize, timeout: Duration) {
+    use futures::StreamExt;
+    let mut sub = client
+        .nats()
+        .subscribe(client.subjects().heartbeat(hsm))
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let seen = tokio::time::timeout(timeout, sub.by_ref().take(n).count())
+        .await
+        .unwrap_or_else(|_| panic!("fewer than {n} heartbeats from {hsm} within {timeout:?}"));
+    assert_eq!(seen, n, "the heartbeat subscription ended");
 }
 
 /// The latest metrics document a plain subscriber sees next.

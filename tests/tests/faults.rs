@@ -9,7 +9,7 @@ use keysync::{CreateKey, Route};
 use keysync_schemas::{Durability, KeyType};
 use keysync_testkit::{
     assert_converges, count_events, create, create_many, hsm, inventory, next_metrics,
-    start_fast_stack, wait_for_state, wait_until,
+    start_fast_stack, wait_for_heartbeats, wait_for_state, wait_until,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,10 +208,13 @@ async fn a_key_deleted_while_an_hsm_is_down_never_comes_back() {
         Duration::from_secs(20),
     )
     .await;
-    // And it stays gone through several anti-entropy rounds and more keys.
+    // And it stays gone through several anti-entropy rounds and more keys:
+    // each heartbeat is one round for hsm-3, and the orchestrator repairs
+    // after 3 differing ones in a row (`--repair-after`), so 8 are enough
+    // for a repair to have brought the key back if it were going to.
     let k = create(&client, KeyType::Aes256, &h3).await;
     expected.insert(k.info.key_id, k.info.fingerprint);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for_heartbeats(&client, &h3, 8, Duration::from_secs(20)).await;
     assert_converges(
         &client,
         &stack.hsm_ids(),

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use keysync::Client;
 use keysync_schemas::{Fingerprint, HsmId, KeyId};
-use keysync_testkit::{create_many, fast_options, inventory, DevStack};
+use keysync_testkit::{
+    create_many, create_many_counted, fast_options, inventory, wait_until, DevStack, Progress,
+};
 
 /// Every HSM holds the same keys, including every key in `created`. (A
 /// create that failed during the outage may still have made a key, logged
@@ -38,22 +40,63 @@ async fn assert_same_everywhere(
     }
 }
 
+type Load = tokio::task::JoinHandle<BTreeMap<KeyId, Fingerprint>>;
+
+/// `n` creates in the background, 16 at a time, counted as they go.
+fn start_load(client: &Client, hsms: &[HsmId], n: usize) -> (Load, Progress) {
+    let progress = Progress::default();
+    let load = {
+        let client = client.clone();
+        let hsms = hsms.to_vec();
+        let progress = progress.clone();
+        tokio::spawn(async move { create_many_counted(&client, &hsms, n, 16, &progress).await })
+    };
+    (load, progress)
+}
+
+/// Waits until a load has created `n` keys: the fault that follows is
+/// then staged while the load runs, not before it starts.
+async fn wait_for_progress(progress: &Progress, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            progress.created() >= n
+        })
+        .await,
+        "the load made only {} creates",
+        progress.created()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_restarted_mid_load_loses_nothing() {
     let mut stack = DevStack::start(fast_options(3)).await.expect("stack");
     let client = stack.client().clone();
     let hsms = stack.hsm_ids();
     let mut created = create_many(&client, &hsms, 300, 16).await;
-    let load = {
-        let client = client.clone();
-        let hsms = hsms.clone();
-        tokio::spawn(async move { create_many(&client, &hsms, 600, 16).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (load, progress) = start_load(&client, &hsms, 600);
+    wait_for_progress(&progress, 100).await;
     stack.nats().kill();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at_kill = progress.created();
+    // Down until the client has seen it go (not a fixed pause).
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            client.nats().connection_state() != async_nats::connection::State::Connected
+        })
+        .await,
+        "the client never saw the server go"
+    );
     stack.nats().restart().await.expect("nats-server restart");
-    created.extend(load.await.expect("load task"));
+    let during = load.await.expect("load task");
+    assert!(
+        at_kill < 600,
+        "the server was killed after the load had finished ({at_kill} of 600)"
+    );
+    assert!(
+        progress.retried() > 0,
+        "no create failed while the server was down: the fault missed the load"
+    );
+    assert_eq!(during.len(), 600);
+    created.extend(during);
     created.extend(create_many(&client, &hsms, 100, 16).await);
     assert!(created.len() >= 1000);
     assert_same_everywhere(&client, &hsms, &created).await;
@@ -82,14 +125,17 @@ async fn one_nats_node_of_three_killed_mid_load_loses_nothing() {
     assert_eq!(info.config.num_replicas, 3, "R3 on a NATS cluster");
 
     let mut created = create_many(&client, &hsms, 200, 16).await;
-    let load = {
-        let client = client.clone();
-        let hsms = hsms.clone();
-        tokio::spawn(async move { create_many(&client, &hsms, 400, 16).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (load, progress) = start_load(&client, &hsms, 400);
+    wait_for_progress(&progress, 100).await;
     stack.nats_node(1).expect("node 2").kill();
-    created.extend(load.await.expect("load task"));
+    let at_kill = progress.created();
+    let during = load.await.expect("load task");
+    assert!(
+        at_kill < 400,
+        "the node was killed after the load had finished ({at_kill} of 400)"
+    );
+    assert_eq!(during.len(), 400);
+    created.extend(during);
     created.extend(create_many(&client, &hsms, 100, 16).await);
     assert_same_everywhere(&client, &hsms, &created).await;
 }
