@@ -22,6 +22,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use aes_gcm::aead::KeyInit;
 use aes_gcm::Aes256Gcm;
@@ -76,6 +77,10 @@ pub struct EmbeddedKeystore {
     db: RwLock<Option<redb::Database>>,
     /// redb reported an I/O error: reopen before the next transaction.
     poisoned: AtomicBool,
+    /// What poisoned it, and when to try reopening next.
+    fault: Mutex<Fault>,
+    /// [`REOPEN_PAUSE`], but for tests.
+    reopen_pause: Duration,
     /// Ordered by id, so list and inventory pages are range reads.
     keys: RwLock<BTreeMap<KeyId, Arc<Entry>>>,
     tombstones: RwLock<HashSet<KeyId>>,
@@ -84,6 +89,42 @@ pub struct EmbeddedKeystore {
 
 fn storage(e: impl std::fmt::Display) -> KeystoreError {
     KeystoreError::Storage(e.to_string())
+}
+
+/// Least time between two attempts to reopen the database while the cause
+/// of its I/O error lasts: each one reloads the index (a scan of every
+/// stored key), and retried clones and heartbeats would otherwise reopen it
+/// many times a second. Meanwhile writes fail at once.
+const REOPEN_PAUSE: Duration = Duration::from_secs(1);
+
+/// At most one log line this often about I/O errors and reopens (a long
+/// outage would otherwise write one or two every [`REOPEN_PAUSE`]).
+const FAULT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The I/O errors since the store last wrote successfully.
+#[derive(Default)]
+struct Fault {
+    /// What redb said last.
+    cause: String,
+    /// No reopen before this.
+    not_before: Option<Instant>,
+    /// Errors since the last successful write (0: none, all is well).
+    errors: u64,
+    /// When an error was last logged.
+    logged: Option<Instant>,
+}
+
+impl Fault {
+    /// Counts an error; logs it unless one was logged within
+    /// [`FAULT_LOG_EVERY`] (so the first one always is).
+    fn error(&mut self, e: &redb::Error) {
+        self.cause = e.to_string();
+        self.errors += 1;
+        if self.logged.is_none_or(|t| t.elapsed() >= FAULT_LOG_EVERY) {
+            tracing::warn!(error = %e, errors = self.errors, "keystore I/O error; the database is reopened before its next use");
+            self.logged = Some(Instant::now());
+        }
+    }
 }
 
 /// Whether a redb error may have poisoned the database handle (every later
@@ -165,6 +206,8 @@ impl EmbeddedKeystore {
             opener,
             db: RwLock::new(None),
             poisoned: AtomicBool::new(false),
+            fault: Mutex::new(Fault::default()),
+            reopen_pause: REOPEN_PAUSE,
             keys: RwLock::new(BTreeMap::new()),
             tombstones: RwLock::new(HashSet::new()),
             digest: Mutex::new(InventoryDigest::default()),
@@ -251,36 +294,75 @@ impl EmbeddedKeystore {
     /// reopened if the error may have poisoned it.
     fn db_err(&self, e: impl Into<redb::Error>) -> KeystoreError {
         let e: redb::Error = e.into();
-        if poisons(&e) && !self.poisoned.swap(true, Ordering::AcqRel) {
-            tracing::warn!(error = %e, "keystore I/O error; the database will be reopened");
+        if poisons(&e) {
+            let newly = !self.poisoned.swap(true, Ordering::AcqRel);
+            if let Ok(mut fault) = self.fault.lock() {
+                if newly {
+                    fault.not_before = Some(Instant::now() + self.reopen_pause);
+                }
+                fault.error(&e);
+            }
         }
         storage(e)
+    }
+
+    /// A write transaction committed: if I/O errors came before, say that
+    /// the store works again.
+    fn written(&self) {
+        if let Ok(mut fault) = self.fault.lock() {
+            if fault.errors > 0 {
+                tracing::info!(
+                    errors = fault.errors,
+                    token_keys = self.token_key_count(),
+                    "keystore writes again after I/O errors"
+                );
+                *fault = Fault::default();
+            }
+        }
     }
 
     /// Closes the poisoned database and opens it again (redb's recovery
     /// rolls the file back to its last commit), then reloads the index
     /// from it: whatever the failed transaction did or did not leave, the
-    /// memory matches the disk afterwards.
+    /// memory matches the disk afterwards. Not more often than
+    /// [`REOPEN_PAUSE`]: in between, fails at once with the cause.
     fn reopen(&self) -> Result<(), KeystoreError> {
         let mut slot = self.db.write().map_err(storage)?;
         if !self.poisoned.load(Ordering::Acquire) {
             return Ok(()); // another thread reopened it meanwhile
         }
+        let mut fault = self.fault.lock().map_err(storage)?;
+        if fault.not_before.is_some_and(|t| Instant::now() < t) {
+            return Err(storage(format!(
+                "the database is closed after an I/O error ({}); it is reopened when that passes",
+                fault.cause
+            )));
+        }
         // redb locks the file: the old handle must be gone first.
         *slot = None;
-        let db = (self.opener)(&self.path).map_err(|e| {
-            storage(format!(
-                "the database could not be reopened after an I/O error: {e}"
-            ))
-        })?;
-        self.load(&db)?;
-        *slot = Some(db);
-        self.poisoned.store(false, Ordering::Release);
-        tracing::info!(
-            token_keys = self.token_key_count(),
-            "keystore reopened after an I/O error"
-        );
-        Ok(())
+        let reopened = (self.opener)(&self.path)
+            .map_err(|e| {
+                storage(format!(
+                    "the database could not be reopened after an I/O error: {e}"
+                ))
+            })
+            .and_then(|db| self.load(&db).map(|()| db));
+        match reopened {
+            Ok(db) => {
+                *slot = Some(db);
+                self.poisoned.store(false, Ordering::Release);
+                fault.not_before = None;
+                tracing::debug!(
+                    token_keys = self.token_key_count(),
+                    "keystore reopened after an I/O error"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                fault.not_before = Some(Instant::now() + self.reopen_pause);
+                Err(e)
+            }
+        }
     }
 
     fn toggle_digest(&self, id: &KeyId, fp: &Fingerprint) {
@@ -482,6 +564,7 @@ impl Keystore for EmbeddedKeystore {
                     .map_err(|e| self.db_err(e))?;
             }
             txn.commit().map_err(|e| self.db_err(e))?;
+            self.written();
             let mut keys = self.keys.write().map_err(storage)?;
             if keys.contains_key(&key.id) {
                 // A concurrent create of a session key with the same id won.
@@ -544,6 +627,7 @@ impl Keystore for EmbeddedKeystore {
                 }
             }
             txn.commit().map_err(|e| self.db_err(e))?;
+            self.written();
             let mut keys = self.keys.write().map_err(storage)?;
             for (_, info, material, _) in staged {
                 self.toggle_digest(&info.key_id, &info.fingerprint);
@@ -648,6 +732,7 @@ impl Keystore for EmbeddedKeystore {
                 }
             }
             txn.commit().map_err(|e| self.db_err(e))?;
+            self.written();
             self.tombstones.write().map_err(storage)?.insert(*id);
             let removed = self.keys.write().map_err(storage)?.remove(id);
             if let Some(e) = &removed {
@@ -697,7 +782,9 @@ impl Keystore for EmbeddedKeystore {
                     ob.remove(id.0.as_u128()).map_err(|e| self.db_err(e))?;
                 }
             }
-            txn.commit().map_err(|e| self.db_err(e))
+            txn.commit().map_err(|e| self.db_err(e))?;
+            self.written();
+            Ok(())
         })
     }
 }
@@ -922,13 +1009,14 @@ mod tests {
         let source = EmbeddedKeystore::open(src_dir.path(), hsm("a"), DomainKey::from_bytes(dk))
             .expect("open");
         let full = Arc::new(AtomicBool::new(false));
-        let store = EmbeddedKeystore::open_with(
+        let mut store = EmbeddedKeystore::open_with(
             dir.path(),
             hsm("b"),
             DomainKey::from_bytes(dk),
             fullable(full.clone()),
         )
         .expect("open");
+        store.reopen_pause = Duration::ZERO;
         let first = store
             .create(new_key(KeyType::P256, false), &mut no_outbox)
             .expect("create");
@@ -1008,6 +1096,33 @@ mod tests {
         let mut created = vec![first.info.key_id, second.info.key_id];
         created.sort();
         assert_eq!(outbox, created);
+    }
+
+    #[test]
+    fn reopening_is_not_tried_again_and_again_while_the_cause_lasts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let full = Arc::new(AtomicBool::new(false));
+        let mut store = EmbeddedKeystore::open_with(
+            dir.path(),
+            hsm("b"),
+            DomainKey::from_bytes([5; 32]),
+            fullable(full.clone()),
+        )
+        .expect("open");
+        store.reopen_pause = Duration::from_secs(3600);
+        full.store(true, Ordering::SeqCst);
+        let err = store
+            .create(new_key(KeyType::Ed25519, false), &mut no_outbox)
+            .expect_err("full");
+        assert!(err.to_string().contains("space"), "{err}");
+        full.store(false, Ordering::SeqCst);
+        // Within the pause it fails at once, saying why, without reopening.
+        let err = store.outbox().expect_err("closed");
+        assert!(
+            err.to_string().contains("reopened when that passes"),
+            "{err}"
+        );
+        assert!(store.db.read().is_ok_and(|db| db.is_some()), "not reopened");
     }
 
     #[test]
