@@ -400,7 +400,16 @@ const OUTBOX_GRACE: Duration = Duration::from_secs(5);
 async fn republish_outbox(agent: Arc<Agent>) -> anyhow::Result<()> {
     loop {
         let store = agent.store.clone();
-        let pending = tokio::task::spawn_blocking(move || store.outbox()).await??;
+        // A store that cannot be read now (an I/O error, reopened when it
+        // passes) is no reason to stop the agent: try again next round.
+        let pending = match tokio::task::spawn_blocking(move || store.outbox()).await? {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outbox; will retry");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
         if !pending.is_empty() {
             tracing::info!(
                 count = pending.len(),
