@@ -3,7 +3,9 @@
 //! Bad input is never fatal: it is logged (without payload bytes, which
 //! could hold key material), counted here by a stable reason, filed in the
 //! dead-letter stream, and dropped. The counts are served by the `Health`
-//! operation.
+//! operation, with a few that are not rejections but an operator wants
+//! beside them: `clone_retried` and `delete_retried` count command units
+//! that failed for a passing reason and were handed back to retry.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -29,6 +31,15 @@ impl Rejections {
     /// Counts one rejection and logs it.
     pub fn reject(&self, reason: &str, subject: &str, detail: &dyn std::fmt::Display) {
         tracing::warn!(reason, subject, %detail, "rejected message");
+        if let Ok(mut c) = self.counts.lock() {
+            *c.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Counts one occurrence of `reason` without logging it: for counters
+    /// served beside the rejections that are not bad input (a clone handed
+    /// back to be retried), logged by the caller in summary.
+    pub fn count(&self, reason: &str) {
         if let Ok(mut c) = self.counts.lock() {
             *c.entry(reason.to_string()).or_default() += 1;
         }

@@ -49,7 +49,13 @@ impl Tmpfs {
         }
         std::fs::create_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "keysync-disk-full"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "keysync-disk-full",
+            ])
             .arg(path)
             .output()
             .map_err(|e| format!("running mount: {e}"))?;
@@ -185,6 +191,39 @@ async fn an_hsm_whose_disk_is_full_catches_up_once_space_is_freed() {
         count(&health.rejected, "clone_retried")
     );
     assert!(lacking > 0, "{h3} stored every key on a full disk");
+    // And it goes on: every missing key is retried again and again (with
+    // growing delays) while the disk stays full.
+    let rounds = 4 * lacking as u64;
+    let retried = wait_until(Duration::from_secs(60), || async {
+        client
+            .health(&h3)
+            .await
+            .is_ok_and(|h| count(&h.rejected, "clone_retried") >= rounds)
+    })
+    .await;
+    let health = client.health(&h3).await.expect("health");
+    assert!(
+        retried,
+        "fewer than {rounds} retries while full: {:?}",
+        health.rejected
+    );
+    // (A few keys may land meanwhile, in pages redb frees when it rolls
+    // back a failed commit; most cannot.)
+    let held = inventory(&client, &h3).await;
+    let still_lacking = while_full.keys().filter(|k| !held.contains_key(k)).count();
+    println!(
+        "after {} retries: {h3} still lacks {still_lacking} keys",
+        count(&health.rejected, "clone_retried")
+    );
+    assert!(still_lacking > 0, "{h3} stored every key on a full disk");
+    assert_eq!(
+        client
+            .cluster_status()
+            .await
+            .expect("status")
+            .clone_failures,
+        0
+    );
 
     // Its own create fails cleanly: an `unavailable` error naming the store,
     // nothing stored, nothing waiting in its outbox.
@@ -217,15 +256,15 @@ async fn an_hsm_whose_disk_is_full_catches_up_once_space_is_freed() {
     let caught_up = freed.elapsed();
     let settled = wait_until(Duration::from_secs(30), || async {
         client.cluster_status().await.is_ok_and(|s| {
-            s.pending_clones == 0
-                && s.members
-                    .iter()
-                    .all(|m| m.state.as_str() == "in-service")
+            s.pending_clones == 0 && s.members.iter().all(|m| m.state.as_str() == "in-service")
         })
     })
     .await;
     let status = client.cluster_status().await.expect("status");
-    assert!(settled, "clones still pending after the catch-up: {status:?}");
+    assert!(
+        settled,
+        "clones still pending after the catch-up: {status:?}"
+    );
     let health = client.health(&h3).await.expect("health");
     println!(
         "{h3} caught up {:.2} s after space was freed; clone_retried {}",
@@ -238,6 +277,18 @@ async fn an_hsm_whose_disk_is_full_catches_up_once_space_is_freed() {
         "a CloneFailed was logged for the full HSM"
     );
     assert_eq!(status.clone_failures, 0, "{status:?}");
+    let log = std::fs::read_to_string(root.path().join(format!("logs/{FULL}.log")))
+        .expect("the agent's log");
+    let handed_back: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("handed back to retry"))
+        .collect();
+    println!(
+        "{} retry log lines; last: {}",
+        handed_back.len(),
+        handed_back.last().unwrap_or(&"")
+    );
+    assert!(!handed_back.is_empty());
 
     // And its own creates work again, and reach the others.
     let k = create(&client, KeyType::Ed25519, &h3).await;
