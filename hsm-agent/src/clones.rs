@@ -80,19 +80,23 @@ impl Announced {
     /// duplicate `CloneApplied` events, which the orchestrator ignores).
     const MAX: usize = 20_000;
 
-    fn get(&self, seq: u64) -> Option<&HashSet<usize>> {
-        self.0.get(&seq)
+    /// A command without a known stream sequence is never remembered.
+    fn get(&self, seq: Option<u64>) -> Option<&HashSet<usize>> {
+        self.0.get(&seq?)
     }
 
-    fn add(&mut self, seq: u64, units: impl IntoIterator<Item = usize>) {
+    fn add(&mut self, seq: Option<u64>, units: impl IntoIterator<Item = usize>) {
+        let Some(seq) = seq else { return };
         if self.0.len() >= Self::MAX && !self.0.contains_key(&seq) {
             self.0.clear();
         }
         self.0.entry(seq).or_default().extend(units);
     }
 
-    fn done(&mut self, seq: u64) {
-        self.0.remove(&seq);
+    fn done(&mut self, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            self.0.remove(&seq);
+        }
     }
 }
 
@@ -277,8 +281,8 @@ async fn apply_batch(
     for (i, (msg, cmd)) in valid.into_iter().enumerate() {
         let (seq, delivered) = msg
             .info()
-            .map(|info| (info.stream_sequence, info.delivered))
-            .unwrap_or((0, 1));
+            .map(|info| (Some(info.stream_sequence), info.delivered))
+            .unwrap_or((None, 1));
         let skip = announced.get(seq);
         let before = units.len();
         units.extend(
@@ -532,8 +536,8 @@ impl RetryLog {
 /// One command message of a batch, and what became of it.
 struct Delivery {
     msg: jetstream::Message,
-    /// Its stream sequence (0 if unknown).
-    seq: u64,
+    /// Its stream sequence, if its reply subject could be read.
+    seq: Option<u64>,
     /// How many times JetStream has delivered it, this time included.
     delivered: i64,
     /// Whether it had units left to apply (not all announced before).
@@ -629,14 +633,16 @@ mod tests {
     #[test]
     fn announced_units_are_remembered_until_the_command_is_done() {
         let mut a = Announced::default();
-        a.add(7, [0, 2]);
-        a.add(7, [3]);
-        assert_eq!(a.get(7).map(|s| s.len()), Some(3));
-        assert!(a.get(8).is_none());
-        a.done(7);
-        assert!(a.get(7).is_none());
+        a.add(Some(7), [0, 2]);
+        a.add(Some(7), [3]);
+        assert_eq!(a.get(Some(7)).map(|s| s.len()), Some(3));
+        assert!(a.get(Some(8)).is_none());
+        a.add(None, [1]);
+        assert!(a.get(None).is_none());
+        a.done(Some(7));
+        assert!(a.get(Some(7)).is_none());
         for seq in 0..Announced::MAX as u64 + 1 {
-            a.add(seq, [0]);
+            a.add(Some(seq), [0]);
         }
         assert!(a.0.len() <= Announced::MAX);
     }
