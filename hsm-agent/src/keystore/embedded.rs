@@ -630,8 +630,15 @@ impl Keystore for EmbeddedKeystore {
             self.written();
             let mut keys = self.keys.write().map_err(storage)?;
             for (_, info, material, _) in staged {
-                self.toggle_digest(&info.key_id, &info.fingerprint);
-                keys.insert(info.key_id, Arc::new(Entry { info, material }));
+                let (id, fp) = (info.key_id, info.fingerprint);
+                // The digest stays right even if the key came into memory
+                // meanwhile (a reload after a reopen).
+                if let Some(old) = keys.insert(id, Arc::new(Entry { info, material })) {
+                    if !old.info.session {
+                        self.toggle_digest(&id, &old.info.fingerprint);
+                    }
+                }
+                self.toggle_digest(&id, &fp);
             }
             Ok(())
         });
