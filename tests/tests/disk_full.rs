@@ -10,11 +10,15 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::Command as Process;
 use std::time::{Duration, Instant};
 
 use keysync::{CreateKey, Route};
-use keysync_schemas::{KeyType, OpErrorKind};
+use keysync_schemas::{
+    decode, encode, CloneBatch, CloneKey, Command, Envelope, Event, HsmId, KeyId, KeyType,
+    OpErrorKind, Source,
+};
+use keysync_security::{signed_headers, Identity, Signer};
 use keysync_testkit::{
     assert_converges, count_events, create, create_many, fast_options, hsm, inventory, wait_until,
     DevStack,
@@ -48,7 +52,7 @@ impl Tmpfs {
             return Err(format!("not root (effective uid {uid:?})"));
         }
         std::fs::create_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let out = Command::new("mount")
+        let out = Process::new("mount")
             .args([
                 "-t",
                 "tmpfs",
@@ -74,7 +78,7 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         for _ in 0..50 {
-            let unmounted = Command::new("umount")
+            let unmounted = Process::new("umount")
                 .arg(&self.path)
                 .status()
                 .is_ok_and(|s| s.success());
@@ -84,7 +88,7 @@ impl Drop for Tmpfs {
             // A process that was just killed may still hold a file open.
             std::thread::sleep(Duration::from_millis(100));
         }
-        let lazy = Command::new("umount").arg("-l").arg(&self.path).status();
+        let lazy = Process::new("umount").arg("-l").arg(&self.path).status();
         eprintln!("{}: lazy unmount: {lazy:?}", self.path.display());
     }
 }
@@ -110,6 +114,45 @@ fn fill(path: &Path) -> u64 {
     written
 }
 
+/// A 3-HSM stack (fast failure detection) whose hsm-3 keeps its data on a
+/// 16 MiB tmpfs. Fields drop in order: the processes are reaped before the
+/// tmpfs is unmounted, and that before the temp dir is removed.
+struct SmallDiskStack {
+    stack: DevStack,
+    _tmpfs: Tmpfs,
+    full_dir: PathBuf,
+    root: tempfile::TempDir,
+}
+
+impl SmallDiskStack {
+    /// The stack, or `None` (having said why) where no tmpfs can be mounted.
+    async fn start() -> Option<SmallDiskStack> {
+        let root = tempfile::Builder::new()
+            .prefix("keysync-disk-full-")
+            .tempdir()
+            .expect("temp dir");
+        let full_dir = root.path().join(FULL);
+        let tmpfs = match Tmpfs::mount(&full_dir, "16m") {
+            Ok(m) => m,
+            Err(why) => {
+                println!("skipping the disk-full test: {why}");
+                return None;
+            }
+        };
+        let mut options = fast_options(3);
+        options.data_dir = Some(root.path().to_path_buf());
+        let stack = DevStack::start(options)
+            .await
+            .unwrap_or_else(|e| panic!("stack did not start: {e}"));
+        Some(SmallDiskStack {
+            stack,
+            _tmpfs: tmpfs,
+            full_dir,
+            root,
+        })
+    }
+}
+
 fn count(counters: &[(String, u64)], reason: &str) -> u64 {
     counters
         .iter()
@@ -119,23 +162,10 @@ fn count(counters: &[(String, u64)], reason: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_hsm_whose_disk_is_full_catches_up_once_space_is_freed() {
-    let root = tempfile::Builder::new()
-        .prefix("keysync-disk-full-")
-        .tempdir()
-        .expect("temp dir");
-    let full_dir = root.path().join(FULL);
-    let _tmpfs = match Tmpfs::mount(&full_dir, "16m") {
-        Ok(m) => m,
-        Err(why) => {
-            println!("skipping the disk-full test: {why}");
-            return;
-        }
+    let Some(small) = SmallDiskStack::start().await else {
+        return;
     };
-    let mut options = fast_options(3);
-    options.data_dir = Some(root.path().to_path_buf());
-    let stack = DevStack::start(options)
-        .await
-        .unwrap_or_else(|e| panic!("stack did not start: {e}"));
+    let (root, full_dir, stack) = (&small.root, &small.full_dir, &small.stack);
     let client = stack.client().clone();
     let hsms = stack.hsm_ids();
     let (h1, h2, h3) = (hsm("hsm-1"), hsm("hsm-2"), hsm(FULL));
@@ -297,4 +327,130 @@ async fn an_hsm_whose_disk_is_full_catches_up_once_space_is_freed() {
     let k = create(&client, KeyType::Ed25519, &h3).await;
     expected.insert(k.info.key_id, k.info.fingerprint);
     assert_converges(&client, &hsms, &expected, Duration::from_secs(30)).await;
+}
+
+/// The `CloneKey` the orchestrator would send `target` for `key`, from the
+/// key's `KeyCreated` in the events stream.
+async fn clone_command(
+    events: &async_nats::jetstream::stream::Stream,
+    client: &keysync::Client,
+    key: &KeyId,
+    target: &HsmId,
+) -> CloneKey {
+    let msg = events
+        .direct_get_last_for_subject(client.subjects().key_created(key))
+        .await
+        .unwrap_or_else(|e| panic!("KeyCreated of {key}: {e}"));
+    match decode::<Event>(&msg.payload).map(|env| env.body) {
+        Ok(Event::KeyCreated(created)) => CloneKey {
+            target: target.clone(),
+            created_seq: msg.sequence,
+            key: created,
+        },
+        other => panic!("not a KeyCreated: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_on_a_full_disk_announces_each_decided_clone_once_and_retries_the_rest() {
+    let Some(small) = SmallDiskStack::start().await else {
+        return;
+    };
+    let stack = &small.stack;
+    let client = stack.client().clone();
+    let hsms = stack.hsm_ids();
+    let (h1, h2, h3) = (hsm("hsm-1"), hsm("hsm-2"), hsm(FULL));
+    let mut expected = create_many(&client, &hsms, 6, 6).await;
+    assert_converges(&client, &hsms, &expected, Duration::from_secs(30)).await;
+    let (held, _) = expected.first_key_value().expect("a key");
+    let held = *held;
+
+    let filler = small.full_dir.join("filler");
+    fill(&filler);
+    let missing = create_many(&client, &[h1.clone(), h2.clone()], KEYS_WHILE_FULL, 8).await;
+
+    // One batch command, signed with the cluster key as the orchestrator
+    // signs them: a key hsm-3 holds (applied: already present), a tampered
+    // one (failed for good: integrity), and the keys it lacks (transient).
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let events = js
+        .get_stream(client.subjects().events_stream())
+        .await
+        .expect("events stream");
+    let mut clones = vec![clone_command(&events, &client, &held, &h3).await];
+    let mut tampered = clones[0].clone();
+    tampered.key.key_id = KeyId::new();
+    tampered.key.wrapped[5] ^= 1;
+    let tampered_id = tampered.key.key_id;
+    clones.push(tampered);
+    for key in missing.keys() {
+        clones.push(clone_command(&events, &client, key, &h3).await);
+    }
+    let env = Envelope::new(
+        Source::Orchestrator("orchestrator".into()),
+        Command::CloneBatch(CloneBatch {
+            target: h3.clone(),
+            clones,
+        }),
+    );
+    let payload = encode(&env).expect("encode");
+    let subject = client.subjects().commands_for(&h3);
+    let cluster = Identity::load(stack.cluster_identity()).expect("cluster identity");
+    let headers = signed_headers(
+        &cluster,
+        &Signer::Cluster,
+        &subject,
+        &env.id.to_string(),
+        &payload,
+    );
+    js.publish_with_headers(subject, headers, payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    let failed_subject = format!("keysync.evt.key.{tampered_id}.failed.{FULL}");
+    let applied_subject = format!("keysync.evt.key.{held}.applied.{FULL}");
+    let failed_once = wait_until(Duration::from_secs(30), || async {
+        count_events(&client, &failed_subject).await == 1
+    })
+    .await;
+    assert!(failed_once, "the tampered clone was not logged as failed");
+    // Its commit failed: some keys of the batch are still missing, so it was
+    // handed back and will come again.
+    let inv = inventory(&client, &h3).await;
+    let lacking = missing.keys().filter(|k| !inv.contains_key(k)).count();
+    println!(
+        "batch taken on a full disk: {lacking} of its {KEYS_WHILE_FULL} missing keys not stored"
+    );
+    assert!(lacking > 0, "{h3} stored every key on a full disk");
+    // Fan-out, then the batch.
+    assert_eq!(count_events(&client, &applied_subject).await, 2);
+
+    std::fs::remove_file(&filler).expect("removing the filler");
+    expected.extend(missing);
+    assert_converges(&client, &hsms, &expected, Duration::from_secs(120)).await;
+    // Every command taken, the batch included.
+    let consumer = client.subjects().agent_consumer(&h3);
+    let commands = js
+        .get_stream(client.subjects().commands_stream())
+        .await
+        .expect("commands stream");
+    let drained = wait_until(Duration::from_secs(60), || async {
+        commands
+            .consumer_info(consumer.clone())
+            .await
+            .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+    })
+    .await;
+    assert!(drained, "commands left for {h3}");
+    let health = client.health(&h3).await.expect("health");
+    println!(
+        "batch done; clone_retried {}",
+        count(&health.rejected, "clone_retried")
+    );
+    // Redelivered at least once after space was freed, yet each decided
+    // clone was announced once.
+    assert_eq!(count_events(&client, &failed_subject).await, 1);
+    assert_eq!(count_events(&client, &applied_subject).await, 2);
 }
