@@ -74,6 +74,10 @@ pub struct Agent {
     pub clones_applied: AtomicU64,
     /// Clone commands that could not be applied (`CloneFailed`) since start.
     pub clones_failed: AtomicU64,
+    /// Clones handed back to be retried after a passing failure, since start.
+    pub clones_retried: AtomicU64,
+    /// Deletes handed back to be retried after a passing failure, since start.
+    pub deletes_retried: AtomicU64,
     nats: async_nats::Client,
     js: jetstream::Context,
     outbox_done: mpsc::UnboundedSender<KeyId>,
@@ -172,6 +176,8 @@ pub async fn run(
         cluster_key,
         clones_applied: AtomicU64::new(0),
         clones_failed: AtomicU64::new(0),
+        clones_retried: AtomicU64::new(0),
+        deletes_retried: AtomicU64::new(0),
         js,
         nats: nats.clone(),
         outbox_done: done_tx,
@@ -405,7 +411,16 @@ const OUTBOX_GRACE: Duration = Duration::from_secs(5);
 async fn republish_outbox(agent: Arc<Agent>) -> anyhow::Result<()> {
     loop {
         let store = agent.store.clone();
-        let pending = tokio::task::spawn_blocking(move || store.outbox()).await??;
+        // A store that cannot be read now (an I/O error, reopened when it
+        // passes) is no reason to stop the agent: try again next round.
+        let pending = match tokio::task::spawn_blocking(move || store.outbox()).await? {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outbox; will retry");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
         if !pending.is_empty() {
             tracing::info!(
                 count = pending.len(),

@@ -208,6 +208,12 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
                 clones_failed: agent
                     .clones_failed
                     .load(std::sync::atomic::Ordering::Relaxed),
+                clones_retried: agent
+                    .clones_retried
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                deletes_retried: agent
+                    .deletes_retried
+                    .load(std::sync::atomic::Ordering::Relaxed),
             }))
         }
     }

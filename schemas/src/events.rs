@@ -141,6 +141,25 @@ impl CloneFailure {
             CloneFailure::Storage(_) => "storage error",
         }
     }
+
+    /// Whether the clone can never succeed as sent: the blob or the id is
+    /// wrong, and applying it again gives the same answer. Such a failure
+    /// is final and logged as `CloneFailed`.
+    ///
+    /// `Storage` is not permanent: the key is fine and the HSM could not
+    /// keep it *now* (disk full, an I/O error, the store busy or closed),
+    /// which passes. An agent does not log such a failure; it leaves the
+    /// command queued and tries again.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            CloneFailure::WrongDomain
+            | CloneFailure::Integrity
+            | CloneFailure::InvalidMaterial
+            | CloneFailure::FingerprintMismatch
+            | CloneFailure::Conflict => true,
+            CloneFailure::Storage(_) => false,
+        }
+    }
 }
 
 /// An HSM could not apply a clone; nothing was stored.

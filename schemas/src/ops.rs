@@ -225,6 +225,11 @@ pub struct AgentHealth {
     /// Clone commands that could not be applied (`CloneFailed`) since
     /// start: not bad input, so not among `rejected`.
     pub clones_failed: u64,
+    /// Clones that failed for a passing reason (a full disk) and were
+    /// handed back to be retried, since start.
+    pub clones_retried: u64,
+    /// Deletes handed back to be retried likewise.
+    pub deletes_retried: u64,
 }
 
 /// Why an operation failed, kept apart because callers handle them apart.

@@ -7,11 +7,22 @@
 //! transaction is atomic and durable on commit. Keys are decrypted once at
 //! start and held in memory in zeroizing types; session keys live only
 //! there.
+//!
+//! An I/O error poisons a redb `Database`: after a failed write, sync or
+//! commit (a full disk, say) every later transaction fails with
+//! `PreviousIo` until the database is closed and opened again. The store
+//! notes such an error and reopens the database before its next use
+//! (redb's recovery brings the file back to its last commit), then brings
+//! its in-memory index in line with what is on disk, so it recovers once
+//! the cause passes, without a restart. While the reopen fails, every
+//! write fails fast with a storage error.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use aes_gcm::aead::KeyInit;
 use aes_gcm::Aes256Gcm;
@@ -50,12 +61,26 @@ struct Entry {
     material: KeyMaterial,
 }
 
+/// Opens (or creates) the database file; replaced in tests by one whose
+/// disk can be made to fail.
+type Opener = Box<dyn Fn(&Path) -> Result<redb::Database, redb::DatabaseError> + Send + Sync>;
+
 /// A software HSM in one directory.
 pub struct EmbeddedKeystore {
     hsm: HsmId,
     domain: DomainKey,
     at_rest: Aes256Gcm,
-    db: redb::Database,
+    path: PathBuf,
+    opener: Opener,
+    /// The database; `None` after an I/O error until a reopen succeeds.
+    /// Transactions run under the read lock, a reopen under the write lock.
+    db: RwLock<Option<redb::Database>>,
+    /// redb reported an I/O error: reopen before the next transaction.
+    poisoned: AtomicBool,
+    /// What poisoned it, and when to try reopening next.
+    fault: Mutex<Fault>,
+    /// [`REOPEN_PAUSE`], but for tests.
+    reopen_pause: Duration,
     /// Ordered by id, so list and inventory pages are range reads.
     keys: RwLock<BTreeMap<KeyId, Arc<Entry>>>,
     tombstones: RwLock<HashSet<KeyId>>,
@@ -64,6 +89,55 @@ pub struct EmbeddedKeystore {
 
 fn storage(e: impl std::fmt::Display) -> KeystoreError {
     KeystoreError::Storage(e.to_string())
+}
+
+/// Least time between two attempts to reopen the database while the cause
+/// of its I/O error lasts: each one reloads the index (a scan of every
+/// stored key), and retried clones and heartbeats would otherwise reopen it
+/// many times a second. Meanwhile writes fail at once.
+const REOPEN_PAUSE: Duration = Duration::from_secs(1);
+
+/// At most one log line this often about I/O errors and reopens (a long
+/// outage would otherwise write one or two every [`REOPEN_PAUSE`]).
+const FAULT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The I/O errors since the store last wrote successfully.
+#[derive(Default)]
+struct Fault {
+    /// What redb said last.
+    cause: String,
+    /// No reopen before this.
+    not_before: Option<Instant>,
+    /// Errors since the last successful write (0: none, all is well).
+    errors: u64,
+    /// When an error was last logged.
+    logged: Option<Instant>,
+}
+
+impl Fault {
+    /// Counts an error; logs it unless one was logged within
+    /// [`FAULT_LOG_EVERY`] (so the first one always is).
+    fn error(&mut self, e: &redb::Error) {
+        self.cause = e.to_string();
+        self.errors += 1;
+        if self.logged.is_none_or(|t| t.elapsed() >= FAULT_LOG_EVERY) {
+            tracing::warn!(error = %e, errors = self.errors, "keystore I/O error; the database is reopened before its next use");
+            self.logged = Some(Instant::now());
+        }
+    }
+}
+
+/// Whether a redb error may have poisoned the database handle (every later
+/// transaction failing until it is reopened).
+fn poisons(e: &redb::Error) -> bool {
+    matches!(
+        e,
+        redb::Error::Io(_)
+            | redb::Error::PreviousIo
+            | redb::Error::Backend(_)
+            | redb::Error::DatabaseClosed
+            | redb::Error::LockPoisoned(_)
+    )
 }
 
 /// The key range of a page that starts after `after`.
@@ -88,16 +162,33 @@ fn aad(id: &KeyId, key_type: KeyType, fp: &Fingerprint) -> Vec<u8> {
     a
 }
 
+/// The key type and fingerprint a stored record claims (not checked: the
+/// material is not decrypted).
+fn stored_fingerprint(bytes: &[u8]) -> Option<(KeyType, Fingerprint)> {
+    let (rec, _): (StoredRecord, usize) =
+        bincode::serde::decode_from_slice(bytes, bincode_config()).ok()?;
+    Some((rec.key_type, rec.fingerprint))
+}
+
 impl EmbeddedKeystore {
     /// Opens (or creates) the store in `dir` and loads every token key.
     /// Fails if any stored key cannot be decrypted: a wrong domain key or a
     /// corrupt store is not something to serve around.
     pub fn open(dir: &Path, hsm: HsmId, domain: DomainKey) -> Result<Self, KeystoreError> {
+        Self::open_with(dir, hsm, domain, Box::new(|p| redb::Database::create(p)))
+    }
+
+    fn open_with(
+        dir: &Path,
+        hsm: HsmId,
+        domain: DomainKey,
+        opener: Opener,
+    ) -> Result<Self, KeystoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| KeystoreError::Open(format!("{}: {e}", dir.display())))?;
-        let db = redb::Database::create(dir.join("keystore.redb")).map_err(|e| {
-            KeystoreError::Open(format!("{}: {e}", dir.join("keystore.redb").display()))
-        })?;
+        let path = dir.join("keystore.redb");
+        let db =
+            opener(&path).map_err(|e| KeystoreError::Open(format!("{}: {e}", path.display())))?;
         let at_rest_key = domain.derive(hsm.as_str().as_bytes(), b"keysync at-rest v1");
         let at_rest = Aes256Gcm::new_from_slice(at_rest_key.as_ref()).map_err(storage)?;
         {
@@ -111,23 +202,47 @@ impl EmbeddedKeystore {
             hsm,
             domain,
             at_rest,
-            db,
+            path,
+            opener,
+            db: RwLock::new(None),
+            poisoned: AtomicBool::new(false),
+            fault: Mutex::new(Fault::default()),
+            reopen_pause: REOPEN_PAUSE,
             keys: RwLock::new(BTreeMap::new()),
             tombstones: RwLock::new(HashSet::new()),
             digest: Mutex::new(InventoryDigest::default()),
         };
-        store.load()?;
+        store.load(&db)?;
+        *store.db.write().map_err(storage)? = Some(db);
         Ok(store)
     }
 
-    fn load(&self) -> Result<(), KeystoreError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+    /// Makes the in-memory index what `db` holds: its token keys and
+    /// tombstones; session keys (memory only) are kept. A key already in
+    /// memory with the stored fingerprint is kept as it is (not decrypted
+    /// again), so reloading after a reopen is cheap.
+    fn load(&self, db: &redb::Database) -> Result<(), KeystoreError> {
+        let txn = db.begin_read().map_err(storage)?;
         let table = txn.open_table(KEYS).map_err(storage)?;
-        let mut loaded = BTreeMap::new();
+        let mut keys = self.keys.write().map_err(storage)?;
+        let mut loaded: BTreeMap<KeyId, Arc<Entry>> = keys
+            .iter()
+            .filter(|(_, e)| e.info.session)
+            .map(|(id, e)| (*id, e.clone()))
+            .collect();
         let mut bad = 0usize;
         for row in table.iter().map_err(storage)? {
             let (k, v) = row.map_err(storage)?;
             let id = KeyId(uuid::Uuid::from_u128(k.value()));
+            let held = keys.get(&id).filter(|e| {
+                !e.info.session
+                    && stored_fingerprint(v.value())
+                        .is_some_and(|(t, fp)| t == e.info.key_type && fp == e.info.fingerprint)
+            });
+            if let Some(e) = held {
+                loaded.insert(id, e.clone());
+                continue;
+            }
             match self.decode_record(&id, v.value()) {
                 Ok(entry) => {
                     loaded.insert(id, Arc::new(entry));
@@ -143,20 +258,111 @@ impl EmbeddedKeystore {
                 "{bad} stored keys cannot be decrypted: wrong domain key for this HSM, or a corrupt store"
             )));
         }
-        let mut digest = InventoryDigest::default();
-        for (id, e) in &loaded {
-            digest.toggle(id, &e.info.fingerprint);
-        }
-        *self.digest.lock().map_err(storage)? = digest;
-        *self.keys.write().map_err(storage)? = loaded;
         let tombs = txn.open_table(TOMBSTONES).map_err(storage)?;
         let mut set = HashSet::new();
         for row in tombs.iter().map_err(storage)? {
             let (k, _) = row.map_err(storage)?;
             set.insert(KeyId(uuid::Uuid::from_u128(k.value())));
         }
+        let mut digest = InventoryDigest::default();
+        for (id, e) in loaded.iter().filter(|(_, e)| !e.info.session) {
+            digest.toggle(id, &e.info.fingerprint);
+        }
+        *self.digest.lock().map_err(storage)? = digest;
         *self.tombstones.write().map_err(storage)? = set;
+        *keys = loaded;
         Ok(())
+    }
+
+    /// Runs `f` on the database, reopening it first if an I/O error
+    /// poisoned it. `f` reports redb errors through [`Self::db_err`].
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&redb::Database) -> Result<T, KeystoreError>,
+    ) -> Result<T, KeystoreError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            self.reopen()?;
+        }
+        let db = self.db.read().map_err(storage)?;
+        let db = db.as_ref().ok_or_else(|| {
+            storage("the database is closed after an I/O error and could not be reopened yet")
+        })?;
+        f(db)
+    }
+
+    /// A redb error as a storage error, noting that the database must be
+    /// reopened if the error may have poisoned it.
+    fn db_err(&self, e: impl Into<redb::Error>) -> KeystoreError {
+        let e: redb::Error = e.into();
+        if poisons(&e) {
+            let newly = !self.poisoned.swap(true, Ordering::AcqRel);
+            if let Ok(mut fault) = self.fault.lock() {
+                if newly {
+                    fault.not_before = Some(Instant::now() + self.reopen_pause);
+                }
+                fault.error(&e);
+            }
+        }
+        storage(e)
+    }
+
+    /// A write transaction committed: if I/O errors came before, say that
+    /// the store works again.
+    fn written(&self) {
+        if let Ok(mut fault) = self.fault.lock() {
+            if fault.errors > 0 {
+                tracing::info!(
+                    errors = fault.errors,
+                    token_keys = self.token_key_count(),
+                    "keystore writes again after I/O errors"
+                );
+                *fault = Fault::default();
+            }
+        }
+    }
+
+    /// Closes the poisoned database and opens it again (redb's recovery
+    /// rolls the file back to its last commit), then reloads the index
+    /// from it: whatever the failed transaction did or did not leave, the
+    /// memory matches the disk afterwards. Not more often than
+    /// [`REOPEN_PAUSE`]: in between, fails at once with the cause.
+    fn reopen(&self) -> Result<(), KeystoreError> {
+        let mut slot = self.db.write().map_err(storage)?;
+        if !self.poisoned.load(Ordering::Acquire) {
+            return Ok(()); // another thread reopened it meanwhile
+        }
+        let mut fault = self.fault.lock().map_err(storage)?;
+        if fault.not_before.is_some_and(|t| Instant::now() < t) {
+            return Err(storage(format!(
+                "the database is closed after an I/O error ({}); it is reopened when that passes",
+                fault.cause
+            )));
+        }
+        // redb locks the file: the old handle must be gone first.
+        *slot = None;
+        let reopened = (self.opener)(&self.path)
+            .map_err(|e| {
+                storage(format!(
+                    "the database could not be reopened after an I/O error: {e}"
+                ))
+            })
+            .and_then(|db| self.load(&db).map(|()| db));
+        match reopened {
+            Ok(db) => {
+                *slot = Some(db);
+                self.poisoned.store(false, Ordering::Release);
+                fault.not_before = None;
+                tracing::debug!(
+                    token_keys = self.token_key_count(),
+                    "keystore reopened after an I/O error"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                fault.not_before = Some(Instant::now() + self.reopen_pause);
+                Err(e)
+            }
+        }
     }
 
     fn toggle_digest(&self, id: &KeyId, fp: &Fingerprint) {
@@ -326,32 +532,54 @@ impl Keystore for EmbeddedKeystore {
             public_key,
             domain: self.domain.id(),
         };
-        if !key.session {
-            let record = self.encode_record(&info, &material)?;
-            let event = outbox(&created).map_err(storage)?;
-            let txn = self.db.begin_write().map_err(storage)?;
+        let entry = Arc::new(Entry { info, material });
+        if key.session {
+            let mut keys = self.keys.write().map_err(storage)?;
+            if keys.contains_key(&key.id) {
+                // A concurrent create with the same id won.
+                return Err(KeystoreError::AlreadyExists(key.id));
+            }
+            keys.insert(key.id, entry);
+            return Ok(created);
+        }
+        let record = self.encode_record(&entry.info, &entry.material)?;
+        let event = outbox(&created).map_err(storage)?;
+        // The key and its outbox entry in one transaction, and into memory
+        // under the same database guard (a reopen cannot come between).
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(|e| self.db_err(e))?;
             {
-                let mut keys = txn.open_table(KEYS).map_err(storage)?;
-                if keys.get(key.id.0.as_u128()).map_err(storage)?.is_some() {
+                let mut keys = txn.open_table(KEYS).map_err(|e| self.db_err(e))?;
+                if keys
+                    .get(key.id.0.as_u128())
+                    .map_err(|e| self.db_err(e))?
+                    .is_some()
+                {
                     return Err(KeystoreError::AlreadyExists(key.id));
                 }
                 keys.insert(key.id.0.as_u128(), record.as_slice())
-                    .map_err(storage)?;
-                let mut ob = txn.open_table(OUTBOX).map_err(storage)?;
+                    .map_err(|e| self.db_err(e))?;
+                let mut ob = txn.open_table(OUTBOX).map_err(|e| self.db_err(e))?;
                 ob.insert(key.id.0.as_u128(), event.as_slice())
-                    .map_err(storage)?;
+                    .map_err(|e| self.db_err(e))?;
             }
-            txn.commit().map_err(storage)?;
-        }
-        let mut keys = self.keys.write().map_err(storage)?;
-        if keys.contains_key(&key.id) {
-            // A concurrent create of a session key with the same id won.
-            return Err(KeystoreError::AlreadyExists(key.id));
-        }
-        if !key.session {
-            self.toggle_digest(&key.id, &info.fingerprint);
-        }
-        keys.insert(key.id, Arc::new(Entry { info, material }));
+            txn.commit().map_err(|e| self.db_err(e))?;
+            self.written();
+            let mut keys = self.keys.write().map_err(storage)?;
+            if keys.contains_key(&key.id) {
+                // A concurrent create of a session key with the same id won.
+                return Err(KeystoreError::AlreadyExists(key.id));
+            }
+            self.toggle_digest(&key.id, &entry.info.fingerprint);
+            keys.insert(key.id, entry);
+            Ok(())
+        })
+        .map_err(|e| match e {
+            KeystoreError::Storage(detail) => {
+                KeystoreError::Storage(format!("key {} was not stored: {detail}", key.id))
+            }
+            other => other,
+        })?;
         Ok(created)
     }
 
@@ -388,35 +616,39 @@ impl Keystore for EmbeddedKeystore {
         if staged.is_empty() {
             return results;
         }
-        let committed = (|| -> Result<(), redb::Error> {
-            let txn = self.db.begin_write()?;
+        let at: Vec<usize> = staged.iter().map(|(i, ..)| *i).collect();
+        let committed = self.with_db(|db| {
+            let txn = db.begin_write().map_err(|e| self.db_err(e))?;
             {
-                let mut keys = txn.open_table(KEYS)?;
+                let mut keys = txn.open_table(KEYS).map_err(|e| self.db_err(e))?;
                 for (_, info, _, record) in &staged {
-                    keys.insert(info.key_id.0.as_u128(), record.as_slice())?;
+                    keys.insert(info.key_id.0.as_u128(), record.as_slice())
+                        .map_err(|e| self.db_err(e))?;
                 }
             }
-            txn.commit()?;
+            txn.commit().map_err(|e| self.db_err(e))?;
+            self.written();
+            let mut keys = self.keys.write().map_err(storage)?;
+            for (_, info, material, _) in staged {
+                let (id, fp) = (info.key_id, info.fingerprint);
+                // The digest stays right even if the key came into memory
+                // meanwhile (a reload after a reopen).
+                if let Some(old) = keys.insert(id, Arc::new(Entry { info, material })) {
+                    if !old.info.session {
+                        self.toggle_digest(&id, &old.info.fingerprint);
+                    }
+                }
+                self.toggle_digest(&id, &fp);
+            }
             Ok(())
-        })();
-        match committed {
-            Ok(()) => match self.keys.write() {
-                Ok(mut keys) => {
-                    for (_, info, material, _) in staged {
-                        self.toggle_digest(&info.key_id, &info.fingerprint);
-                        keys.insert(info.key_id, Arc::new(Entry { info, material }));
-                    }
-                }
-                Err(e) => {
-                    for (i, ..) in staged {
-                        results[i] = Err(CloneFailure::Storage(e.to_string()));
-                    }
-                }
-            },
-            Err(e) => {
-                for (i, ..) in staged {
-                    results[i] = Err(CloneFailure::Storage(e.to_string()));
-                }
+        });
+        if let Err(e) = committed {
+            let detail = match e {
+                KeystoreError::Storage(detail) => detail,
+                other => other.to_string(),
+            };
+            for i in at {
+                results[i] = Err(CloneFailure::Storage(detail.clone()));
             }
         }
         results
@@ -491,27 +723,30 @@ impl Keystore for EmbeddedKeystore {
             }
             return Ok(existing.map(|e| e.info.clone()));
         }
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let mut keys = txn.open_table(KEYS).map_err(storage)?;
-            keys.remove(id.0.as_u128()).map_err(storage)?;
-            let mut tombs = txn.open_table(TOMBSTONES).map_err(storage)?;
-            tombs
-                .insert(id.0.as_u128(), Timestamp::now().as_nanos())
-                .map_err(storage)?;
-            if let Some(event) = &outbox {
-                let mut ob = txn.open_table(OUTBOX).map_err(storage)?;
-                ob.insert(id.0.as_u128(), event.as_slice())
-                    .map_err(storage)?;
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(|e| self.db_err(e))?;
+            {
+                let mut keys = txn.open_table(KEYS).map_err(|e| self.db_err(e))?;
+                keys.remove(id.0.as_u128()).map_err(|e| self.db_err(e))?;
+                let mut tombs = txn.open_table(TOMBSTONES).map_err(|e| self.db_err(e))?;
+                tombs
+                    .insert(id.0.as_u128(), Timestamp::now().as_nanos())
+                    .map_err(|e| self.db_err(e))?;
+                if let Some(event) = &outbox {
+                    let mut ob = txn.open_table(OUTBOX).map_err(|e| self.db_err(e))?;
+                    ob.insert(id.0.as_u128(), event.as_slice())
+                        .map_err(|e| self.db_err(e))?;
+                }
             }
-        }
-        txn.commit().map_err(storage)?;
-        self.tombstones.write().map_err(storage)?.insert(*id);
-        let removed = self.keys.write().map_err(storage)?.remove(id);
-        if let Some(e) = &removed {
-            self.toggle_digest(id, &e.info.fingerprint);
-        }
-        Ok(removed.map(|e| e.info.clone()))
+            txn.commit().map_err(|e| self.db_err(e))?;
+            self.written();
+            self.tombstones.write().map_err(storage)?.insert(*id);
+            let removed = self.keys.write().map_err(storage)?.remove(id);
+            if let Some(e) = &removed {
+                self.toggle_digest(id, &e.info.fingerprint);
+            }
+            Ok(removed.map(|e| e.info.clone()))
+        })
     }
 
     fn inventory_digest(&self) -> InventoryDigest {
@@ -530,28 +765,34 @@ impl Keystore for EmbeddedKeystore {
     }
 
     fn outbox(&self) -> Result<Vec<(KeyId, OutboxEntry)>, KeystoreError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let table = txn.open_table(OUTBOX).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(storage)? {
-            let (k, v) = row.map_err(storage)?;
-            out.push((KeyId(uuid::Uuid::from_u128(k.value())), v.value().to_vec()));
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| self.db_err(e))?;
+            let table = txn.open_table(OUTBOX).map_err(|e| self.db_err(e))?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(|e| self.db_err(e))? {
+                let (k, v) = row.map_err(|e| self.db_err(e))?;
+                out.push((KeyId(uuid::Uuid::from_u128(k.value())), v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     fn outbox_done(&self, ids: &[KeyId]) -> Result<(), KeystoreError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let mut ob = txn.open_table(OUTBOX).map_err(storage)?;
-            for id in ids {
-                ob.remove(id.0.as_u128()).map_err(storage)?;
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(|e| self.db_err(e))?;
+            {
+                let mut ob = txn.open_table(OUTBOX).map_err(|e| self.db_err(e))?;
+                for id in ids {
+                    ob.remove(id.0.as_u128()).map_err(|e| self.db_err(e))?;
+                }
             }
-        }
-        txn.commit().map_err(storage)
+            txn.commit().map_err(|e| self.db_err(e))?;
+            self.written();
+            Ok(())
+        })
     }
 }
 
@@ -687,6 +928,222 @@ mod tests {
             b.apply_clones(&[&conflict]),
             vec![Err(CloneFailure::Conflict)]
         );
+    }
+
+    /// A file backend whose disk can be made full: writes, syncs and
+    /// resizes then fail with ENOSPC, as on a full file system.
+    #[derive(Debug)]
+    struct FullableDisk {
+        inner: redb::backends::FileBackend,
+        full: Arc<AtomicBool>,
+    }
+
+    impl FullableDisk {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.full.load(Ordering::SeqCst) {
+                Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    type Bound = std::ops::Bound<u64>;
+
+    impl redb::StorageBackend for FullableDisk {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> Result<(), std::io::Error> {
+            self.inner.close()
+        }
+        fn try_lock_range(&self, s: Bound, e: Bound) -> Result<bool, redb::BackendError> {
+            self.inner.try_lock_range(s, e)
+        }
+        fn try_lock_shared_range(&self, s: Bound, e: Bound) -> Result<bool, redb::BackendError> {
+            self.inner.try_lock_shared_range(s, e)
+        }
+        fn lock_range(&self, s: Bound, e: Bound) -> Result<(), redb::BackendError> {
+            self.inner.lock_range(s, e)
+        }
+        fn lock_shared_range(&self, s: Bound, e: Bound) -> Result<(), redb::BackendError> {
+            self.inner.lock_shared_range(s, e)
+        }
+        fn unlock_range(&self, s: Bound, e: Bound) -> Result<(), redb::BackendError> {
+            self.inner.unlock_range(s, e)
+        }
+        fn query_lock_range(&self, s: Bound, e: Bound) -> Result<bool, redb::BackendError> {
+            self.inner.query_lock_range(s, e)
+        }
+    }
+
+    fn fullable(full: Arc<AtomicBool>) -> Opener {
+        Box::new(move |path| {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
+            redb::Builder::new().create_with_backend(FullableDisk {
+                inner: redb::backends::FileBackend::new(file)?,
+                full: full.clone(),
+            })
+        })
+    }
+
+    #[test]
+    fn a_full_disk_fails_writes_cleanly_and_the_store_recovers_when_space_returns() {
+        let src_dir = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dk = [4u8; 32];
+        let source = EmbeddedKeystore::open(src_dir.path(), hsm("a"), DomainKey::from_bytes(dk))
+            .expect("open");
+        let full = Arc::new(AtomicBool::new(false));
+        let mut store = EmbeddedKeystore::open_with(
+            dir.path(),
+            hsm("b"),
+            DomainKey::from_bytes(dk),
+            fullable(full.clone()),
+        )
+        .expect("open");
+        store.reopen_pause = Duration::ZERO;
+        let first = store
+            .create(new_key(KeyType::P256, false), &mut no_outbox)
+            .expect("create");
+        let session = store
+            .create(new_key(KeyType::Ed25519, true), &mut no_outbox)
+            .expect("session key");
+        let c1 = source
+            .create(new_key(KeyType::Ed25519, false), &mut no_outbox)
+            .expect("create");
+        let c2 = source
+            .create(new_key(KeyType::Aes256, false), &mut no_outbox)
+            .expect("create");
+        let (cmd1, cmd2) = (clone_of(&c1, "b"), clone_of(&c2, "b"));
+
+        full.store(true, Ordering::SeqCst);
+        // A create fails with a storage error (`unavailable` to the client)
+        // and nothing of it is kept.
+        let doomed = new_key(KeyType::Ed25519, false);
+        let doomed_id = doomed.id;
+        let err = store
+            .create(doomed, &mut no_outbox)
+            .expect_err("a create on a full disk");
+        assert!(matches!(err, KeystoreError::Storage(_)), "{err}");
+        assert_eq!(err.kind(), keysync_schemas::OpErrorKind::Unavailable);
+        assert!(err.to_string().contains("was not stored"), "{err}");
+        assert!(store.info(&doomed_id).is_err());
+        // Clones fail for a passing reason, again and again while it lasts
+        // (the first error poisoned redb's handle; reopening fails too).
+        for _ in 0..3 {
+            let r = store.apply_clones(&[&cmd1, &cmd2]);
+            assert_eq!(r.len(), 2);
+            assert!(
+                r.iter()
+                    .all(|r| matches!(r, Err(f @ CloneFailure::Storage(_)) if !f.is_permanent())),
+                "{r:?}"
+            );
+        }
+        assert!(store.delete(&first.info.key_id, None).is_err());
+        assert_eq!(store.token_key_count(), 1);
+        // What is in memory keeps working.
+        let sig = store.sign(&first.info.key_id, b"m").expect("sign");
+
+        // Space returns: the store reopens by itself and catches up.
+        full.store(false, Ordering::SeqCst);
+        assert_eq!(
+            store.apply_clones(&[&cmd1, &cmd2]),
+            vec![Ok(CloneOutcome::Stored), Ok(CloneOutcome::Stored)]
+        );
+        assert_eq!(
+            store.apply_clones(&[&cmd1]),
+            vec![Ok(CloneOutcome::AlreadyPresent)]
+        );
+        let second = store
+            .create(new_key(KeyType::P256, false), &mut no_outbox)
+            .expect("create after space returned");
+        assert!(store
+            .verify(&first.info.key_id, b"m", &sig)
+            .expect("verify"));
+        assert!(store.info(&session.info.key_id).is_ok(), "session key lost");
+        assert_eq!(store.token_key_count(), 4);
+        let digest = store.inventory_digest();
+        drop(store);
+
+        // The disk holds exactly what memory held: no trace of the failed create.
+        let reopened = EmbeddedKeystore::open(dir.path(), hsm("b"), DomainKey::from_bytes(dk))
+            .expect("reopen");
+        assert_eq!(reopened.token_key_count(), 4);
+        assert_eq!(reopened.inventory_digest(), digest);
+        assert!(reopened.info(&doomed_id).is_err());
+        let mut outbox: Vec<KeyId> = reopened
+            .outbox()
+            .expect("outbox")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        outbox.sort();
+        let mut created = vec![first.info.key_id, second.info.key_id];
+        created.sort();
+        assert_eq!(outbox, created);
+    }
+
+    #[test]
+    fn reopening_is_not_tried_again_and_again_while_the_cause_lasts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let full = Arc::new(AtomicBool::new(false));
+        let mut store = EmbeddedKeystore::open_with(
+            dir.path(),
+            hsm("b"),
+            DomainKey::from_bytes([5; 32]),
+            fullable(full.clone()),
+        )
+        .expect("open");
+        store.reopen_pause = Duration::from_secs(3600);
+        full.store(true, Ordering::SeqCst);
+        let err = store
+            .create(new_key(KeyType::Ed25519, false), &mut no_outbox)
+            .expect_err("full");
+        assert!(err.to_string().contains("space"), "{err}");
+        full.store(false, Ordering::SeqCst);
+        // Within the pause it fails at once, saying why, without reopening.
+        let err = store.outbox().expect_err("closed");
+        assert!(
+            err.to_string().contains("reopened when that passes"),
+            "{err}"
+        );
+        assert!(store.db.read().is_ok_and(|db| db.is_some()), "not reopened");
+    }
+
+    #[test]
+    fn failure_kinds() {
+        for permanent in [
+            CloneFailure::WrongDomain,
+            CloneFailure::Integrity,
+            CloneFailure::InvalidMaterial,
+            CloneFailure::FingerprintMismatch,
+            CloneFailure::Conflict,
+        ] {
+            assert!(permanent.is_permanent(), "{permanent:?}");
+        }
+        assert!(!CloneFailure::Storage("disk full".into()).is_permanent());
     }
 
     #[test]
