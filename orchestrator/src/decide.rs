@@ -357,6 +357,33 @@ mod tests {
     }
 
     #[test]
+    fn a_passing_clone_failure_in_the_log_leaves_the_clone_pending_for_reconcile() {
+        // Given an older agent that logged a full disk as CloneFailed,
+        let k = KeyId::new();
+        let log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            created(k, "a", 1),
+            Event::CloneFailed(CloneFailed {
+                key_id: k,
+                hsm: hsm("b"),
+                reason: CloneFailure::Storage("No space left on device".into()),
+            }),
+        ]);
+        // then the failure is not final: the clone is still outstanding,
+        // is not counted as a failure, and a restart sends it again.
+        assert_eq!(log.state.pending_clones(), 1);
+        assert_eq!(log.state.clone_failures(), 0);
+        assert_eq!(reconcile(&log.state), vec![clone_to("b", k, 3)]);
+        // A permanent failure is final.
+        let mut log = log;
+        log.when(&crate::testkit::clone_failed(k, "b"));
+        assert_eq!(log.state.pending_clones(), 0);
+        assert_eq!(log.state.clone_failures(), 1);
+        assert!(reconcile(&log.state).is_empty());
+    }
+
+    #[test]
     fn reconcile_after_replay_finishes_what_was_left() {
         let (k1, k2) = (KeyId::new(), KeyId::new());
         // k1 is fully applied but its KeyReplicated never made it to the

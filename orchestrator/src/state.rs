@@ -467,6 +467,13 @@ impl ClusterState {
                     .keys
                     .get_mut(&f.key_id)
                     .ok_or_else(|| refuse::unknown_key(f.key_id))?;
+                // Only a permanent failure is final. A passing one (a full
+                // disk) is never logged by current agents, which retry it;
+                // one logged by an older agent leaves the clone pending, so
+                // the next reconcile sends it again.
+                if !f.reason.is_permanent() {
+                    return Ok(Change::Other);
+                }
                 if !key.holders.contains(m) && !key.failed.contains(m) && !key.deleted {
                     key.failed.insert(m);
                     self.failed[m as usize] += 1;
