@@ -460,7 +460,14 @@ impl DevStack {
             loop {
                 match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
                     Ok(Some(_)) => break,
-                    Ok(None) => {}
+                    // A closed subscription answers at once, forever: fail
+                    // rather than spin until the deadline.
+                    Ok(None) => {
+                        return Err(StackError::NotReady {
+                            what: format!("hsm-agent {id}"),
+                            detail: "the HsmJoined subscription closed".into(),
+                        })
+                    }
                     Err(_) => {}
                 }
                 let p = self

@@ -288,11 +288,16 @@ pub async fn run(
                     }
                     orch.on_events(&msgs, started).await?;
                 }
-                Some(req) = status_requests.next() => {
+                // A subscription that ends (its connection closed for good)
+                // ends the run, so the restart subscribes again; it is
+                // never left silently disabled.
+                req = status_requests.next() => {
+                    let req = req.ok_or_else(|| anyhow::anyhow!("the status subscription closed"))?;
                     let source = orch.executor.publisher.source();
                     status::answer(&orch.nats, &orch.state, orch.cluster_key, source, req).await;
                 }
-                Some(hb) = heartbeat_feed.next() => {
+                hb = heartbeat_feed.next() => {
+                    let hb = hb.ok_or_else(|| anyhow::anyhow!("the heartbeat subscription closed"))?;
                     if orch.active {
                         orch.on_heartbeat(hb).await?;
                     }
