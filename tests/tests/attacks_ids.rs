@@ -1,0 +1,318 @@
+//! Attack: message-id poisoning (issue 12, attack 2), on real processes.
+//!
+//! JetStream drops a message whose `Nats-Msg-Id` it has stored within its
+//! duplicate window, whatever the subject, across the whole stream. An
+//! attacker on the bus who publishes junk first under an id the
+//! orchestrator will use makes JetStream drop the real command or event as
+//! its duplicate. These tests publish junk under the ids the orchestrator
+//! used to derive from public content alone — `delete-<key>-<hsm>`,
+//! `clone-<key>-<hsm>`, `replicated-<key>` (decision 8) — and check that
+//! no command or event of the orchestrator is lost to it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use keysync::{CreateKey, Route};
+use keysync_schemas::subjects::KeySubject;
+use keysync_schemas::{decode, Durability, Event, HsmId, KeyId, KeyType, Subjects};
+use keysync_testkit::{
+    assert_converges, create, hsm, inventory, keysync_cli, start_stack, wait_until,
+};
+
+/// Bytes no keysync receiver accepts: what the attacker stores under a
+/// stolen id (its content does not matter, only that it is there first).
+fn junk() -> Bytes {
+    Bytes::from_static(b"junk under a predictable message id")
+}
+
+/// The ids the orchestrator derived from public content before they were
+/// keyed (`plan::message_id` as of decision 8): anyone who reads the log
+/// can compute them.
+mod predictable {
+    use super::*;
+
+    pub fn delete(key: &KeyId, target: &HsmId) -> String {
+        format!("delete-{key}-{target}")
+    }
+
+    pub fn clone(key: &KeyId, target: &HsmId) -> String {
+        format!("clone-{key}-{target}")
+    }
+
+    pub fn replicated(key: &KeyId) -> String {
+        format!("replicated-{key}")
+    }
+}
+
+/// A connection of the attacker's own.
+async fn attacker(url: &str) -> jetstream::Context {
+    let nats = async_nats::ConnectOptions::new()
+        .name("attacker")
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("the attacker connects: {e}"));
+    jetstream::new(nats)
+}
+
+/// Publishes junk on `subject` under `msg_id` into JetStream; returns the
+/// PubAck.
+async fn junk_under(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+) -> jetstream::publish::PublishAck {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", msg_id);
+    js.publish_with_headers(subject.clone(), h, junk())
+        .await
+        .unwrap_or_else(|e| panic!("publish on {subject}: {e}"))
+        .await
+        .unwrap_or_else(|e| panic!("junk on {subject} not acknowledged: {e}"))
+}
+
+/// Runs the `keysync` CLI off the runtime's threads.
+async fn cli(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        keysync_cli(&args)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the CLI task: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_under_the_delete_ids_does_not_keep_a_deleted_key_on_any_hsm() {
+    let stack = start_stack(3).await;
+    let client = stack.client().clone();
+    let subjects = client.subjects().clone();
+    let hsms = stack.hsm_ids();
+    let creator = hsm("hsm-1");
+    let key = create(&client, KeyType::P256, &creator).await;
+    let key_id = key.info.key_id;
+    let everywhere = BTreeMap::from([(key_id, key.info.fingerprint)]);
+    assert_converges(&client, &hsms, &everywhere, Duration::from_secs(20)).await;
+
+    // The attack: junk in every HSM's command queue under the id of the
+    // delete the orchestrator will send it. JetStream stores it (it is
+    // the first message under that id), so it holds the id.
+    let js = attacker(&stack.url()).await;
+    for h in &hsms {
+        let id = predictable::delete(&key_id, h);
+        let ack = junk_under(&js, subjects.commands_for(h), &id).await;
+        assert!(
+            !ack.duplicate,
+            "the junk under {id} was not stored (the attack was not performed)"
+        );
+    }
+
+    // The operator deletes the key: "every HSM erases it".
+    let out = cli(vec![
+        "--nats".into(),
+        stack.url(),
+        "key".into(),
+        "delete".into(),
+        key_id.to_string(),
+        "--hsm".into(),
+        creator.to_string(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "keysync key delete failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Then no HSM holds it.
+    let erased = wait_until(Duration::from_secs(20), || async {
+        let mut any = false;
+        for h in &hsms {
+            any |= inventory(&client, h).await.contains_key(&key_id);
+        }
+        !any
+    })
+    .await;
+    let mut still = Vec::new();
+    for h in &hsms {
+        if inventory(&client, h).await.contains_key(&key_id) {
+            still.push(h.to_string());
+        }
+    }
+    assert!(
+        erased,
+        "20 s after `keysync key delete`, {key_id} is still on {still:?}: the deletes were dropped as duplicates of the junk"
+    );
+}
+
+/// What the racer did.
+#[derive(Debug, Default)]
+struct Raced {
+    /// Keys whose `KeyCreated` it saw.
+    keys: AtomicUsize,
+    /// Junk it published under a clone id, and how much of it JetStream
+    /// stored (it was first under that id) or dropped (the real clone was).
+    clones_sent: AtomicUsize,
+    clones_stored: AtomicUsize,
+    clones_dropped: AtomicUsize,
+    /// The same for the `replicated` id.
+    replicated_stored: AtomicUsize,
+    replicated_dropped: AtomicUsize,
+}
+
+/// Answers each `KeyCreated` on the bus, as fast as it can, with junk under
+/// the ids of the clones to every other member and of the key's
+/// `KeyReplicated`.
+fn spawn_racer(
+    js: jetstream::Context,
+    subjects: Subjects,
+    hsms: Vec<HsmId>,
+    mut created: async_nats::Subscriber,
+    raced: Arc<Raced>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut acks = futures::stream::FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                msg = created.next() => {
+                    let Some(msg) = msg else { break };
+                    let Some(KeySubject::Created(key)) = subjects.parse_event(&msg.subject) else {
+                        continue;
+                    };
+                    let Ok(Event::KeyCreated(c)) = decode::<Event>(&msg.payload).map(|e| e.body) else {
+                        continue;
+                    };
+                    raced.keys.fetch_add(1, Ordering::SeqCst);
+                    let mut sends = Vec::new();
+                    for h in hsms.iter().filter(|h| **h != c.hsm) {
+                        sends.push((true, subjects.commands_for(h), predictable::clone(&key, h)));
+                    }
+                    sends.push((false, subjects.key_replicated(&key), predictable::replicated(&key)));
+                    for (is_clone, subject, id) in sends {
+                        let mut h = async_nats::HeaderMap::new();
+                        h.insert("Nats-Msg-Id", id.as_str());
+                        if let Ok(ack) = js.publish_with_headers(subject, h, junk()).await {
+                            if is_clone {
+                                raced.clones_sent.fetch_add(1, Ordering::SeqCst);
+                            }
+                            acks.push(async move { (is_clone, ack.await) });
+                        }
+                    }
+                }
+                Some((is_clone, ack)) = acks.next(), if !acks.is_empty() => {
+                    let Ok(ack) = ack else { continue };
+                    let counter = match (is_clone, ack.duplicate) {
+                        (true, false) => &raced.clones_stored,
+                        (true, true) => &raced.clones_dropped,
+                        (false, false) => &raced.replicated_stored,
+                        (false, true) => &raced.replicated_dropped,
+                    };
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_racer_on_the_clone_and_replicated_ids_does_not_fail_all_creates() {
+    const KEYS: usize = 12;
+    let stack = start_stack(3).await;
+    let client = stack.client().clone();
+    let subjects = client.subjects().clone();
+    let hsms = stack.hsm_ids();
+
+    // The racer listens to every key's creation on the bus.
+    let js = attacker(&stack.url()).await;
+    let created = js
+        .client()
+        .subscribe(format!("{}.evt.key.*.created", subjects.prefix()))
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    js.client()
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    let raced = Arc::new(Raced::default());
+    let racer = spawn_racer(js, subjects.clone(), hsms.clone(), created, raced.clone());
+
+    // `all` creates, a few at a time, on every HSM in turn.
+    let results: Vec<(HsmId, Result<keysync::CreatedKey, keysync::Error>)> =
+        futures::stream::iter(0..KEYS)
+            .map(|i| {
+                let client = client.clone();
+                let on = hsms[i % hsms.len()].clone();
+                async move {
+                    let r = client
+                        .create_key(
+                            CreateKey::new(KeyType::P256)
+                                .on(Route::Hsm(on.clone()))
+                                .durability(Durability::All),
+                        )
+                        .await;
+                    (on, r)
+                }
+            })
+            .buffer_unordered(4)
+            .collect()
+            .await;
+
+    // The attack was performed: the racer answered every creation, and its
+    // junk under each key's `replicated` id was stored first.
+    let performed = wait_until(Duration::from_secs(10), || async {
+        raced.keys.load(Ordering::SeqCst) >= KEYS
+            && raced.replicated_stored.load(Ordering::SeqCst)
+                + raced.replicated_dropped.load(Ordering::SeqCst)
+                >= KEYS
+            && raced.clones_stored.load(Ordering::SeqCst)
+                + raced.clones_dropped.load(Ordering::SeqCst)
+                >= raced.clones_sent.load(Ordering::SeqCst)
+    })
+    .await;
+    racer.abort();
+    println!("racer: {raced:?}");
+    assert!(
+        performed,
+        "the racer did not answer every creation: {raced:?}"
+    );
+
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(on, r)| r.as_ref().err().map(|e| format!("on {on}: {e}")))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {KEYS} `all` creates failed while a racer held the predictable ids ({raced:?}): {failed:#?}",
+        failed.len()
+    );
+    assert_eq!(
+        raced.replicated_stored.load(Ordering::SeqCst),
+        KEYS,
+        "the junk under every key's `replicated` id was stored, yet the real announcements still landed"
+    );
+
+    // And the cluster is whole: every HSM holds every key, none is left
+    // syncing, no clone is outstanding.
+    let expected: BTreeMap<KeyId, keysync_schemas::Fingerprint> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .map(|k| (k.info.key_id, k.info.fingerprint))
+        .collect();
+    assert_converges(&client, &hsms, &expected, Duration::from_secs(20)).await;
+    let settled = wait_until(Duration::from_secs(20), || async {
+        client.cluster_status().await.is_ok_and(|s| {
+            s.pending_clones == 0
+                && s.replicated == KEYS as u64
+                && s.members.iter().all(|m| m.state.as_str() == "in-service")
+        })
+    })
+    .await;
+    assert!(
+        settled,
+        "the cluster did not settle: {:?}",
+        client.cluster_status().await
+    );
+}
