@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use keysync_schemas::{Event, RejectReason, Rejection, Subjects};
-use keysync_security::{DeadLetters, Filing, Keep, Signer};
+use keysync_security::{DeadLetters, Filing, Keep, MessageIdKey, Signer};
 
 use crate::audit::Verdicts;
 use crate::decide::subject_matches;
@@ -101,22 +101,27 @@ pub struct Intake {
     cluster_key: [u8; 32],
     dead_letters: DeadLetters,
     verdicts: Arc<Verdicts>,
+    /// What dead letters' ids are MACed under.
+    ids: MessageIdKey,
 }
 
 impl Intake {
     /// An intake for the cluster with public key `cluster_key`; its
-    /// verdicts go to the auditor through `verdicts`.
+    /// verdicts go to the auditor through `verdicts`; dead letters' ids
+    /// are MACed under `ids`.
     pub fn new(
         subjects: Subjects,
         cluster_key: [u8; 32],
         dead_letters: DeadLetters,
         verdicts: Arc<Verdicts>,
+        ids: MessageIdKey,
     ) -> Self {
         Intake {
             subjects,
             cluster_key,
             dead_letters,
             verdicts,
+            ids,
         }
     }
 
@@ -226,7 +231,7 @@ impl Intake {
                         rejection,
                         stream_seq: Some(meta.seq),
                         payload: &msg.payload,
-                        dedup_id: Some(message_id(MsgId::DeadLetter { seq: meta.seq })),
+                        dedup_id: Some(message_id(&self.ids, MsgId::DeadLetter { seq: meta.seq })),
                     },
                     Keep::Payload,
                 )

@@ -224,6 +224,7 @@ pub async fn run(
             cluster_key,
             dead_letters.clone(),
             verdicts.clone(),
+            publisher.ids().clone(),
         ),
         heartbeats: Heartbeats::new(config.subjects.clone(), dead_letters),
         executor: Executor::new(

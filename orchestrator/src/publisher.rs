@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use keysync_schemas::{encode, Envelope, Event, Source, Subjects};
-use keysync_security::{Identity, Signer};
+use keysync_security::{Identity, MessageIdKey, Signer};
 
 use crate::intake::OwnEvents;
 use crate::plan::{message_id, MsgId};
@@ -28,6 +28,8 @@ type AckFuture = BoxFuture<'static, Result<PublishAck, PublishError>>;
 pub struct Publisher {
     js: jetstream::Context,
     identity: Arc<Identity>,
+    /// What message ids are MACed under (derived from `identity`).
+    ids: MessageIdKey,
     source: Source,
     /// Subjects under this are events (they come back through the fold).
     events_prefix: String,
@@ -48,6 +50,7 @@ impl Publisher {
     ) -> Self {
         Publisher {
             js,
+            ids: MessageIdKey::derive(&identity),
             identity,
             source: Source::Orchestrator(name.to_string()),
             events_prefix: format!("{}.evt.", subjects.prefix()),
@@ -55,6 +58,11 @@ impl Publisher {
             in_flight: FuturesUnordered::new(),
             own: OwnEvents::default(),
         }
+    }
+
+    /// The key message ids are MACed under (see [`message_id`]).
+    pub fn ids(&self) -> &MessageIdKey {
+        &self.ids
     }
 
     /// Who this publisher speaks for, in the envelopes it sends.
@@ -107,9 +115,12 @@ impl Publisher {
     /// under its envelope's id.
     pub async fn announce(&mut self, subject: String, event: Event) -> anyhow::Result<()> {
         let env = Envelope::new(self.source(), event);
-        let id = message_id(MsgId::Fact {
-            envelope_id: env.id,
-        });
+        let id = message_id(
+            &self.ids,
+            MsgId::Fact {
+                envelope_id: env.id,
+            },
+        );
         self.publish(subject, id, encode(&env)?).await
     }
 

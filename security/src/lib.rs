@@ -14,6 +14,8 @@
 //!   JetStream's duplicate window is dropped by JetStream (the id is
 //!   signed); one replayed later is older than the window and rejected.
 //! - [`join`]: one-time join tokens.
+//! - [`message_id`]: the key the orchestrators' message ids are MACed
+//!   under, so nobody else can tell an id in advance.
 //! - [`dead_letter`]: every rejected message is copied, with its reason, to
 //!   the dead-letter stream.
 //! - [`domain_key`]: the cluster domain key file and RFC 5649 wrapping
@@ -27,6 +29,7 @@ pub mod domain_key;
 pub mod freshness;
 pub mod identity;
 pub mod join;
+pub mod message_id;
 pub mod policy;
 pub mod secret_file;
 pub mod signature;
@@ -34,6 +37,7 @@ pub mod signature;
 pub use credentials::NatsAuth;
 pub use dead_letter::{DeadLetters, Filing, Keep};
 pub use identity::{parse_public_key, Identity, IdentityError};
+pub use message_id::MessageIdKey;
 pub use policy::{
     check_command, check_event, check_event_preverified, check_heartbeat, event_signer, preverify,
     signed_headers, Pending,
