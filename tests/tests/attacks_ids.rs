@@ -316,3 +316,182 @@ async fn a_racer_on_the_clone_and_replicated_ids_does_not_fail_all_creates() {
         client.cluster_status().await
     );
 }
+
+/// Consumer `agent-<hsm>` has nothing left to deliver or to be acked.
+async fn queue_drained(client: &keysync::Client, h: &HsmId) -> bool {
+    let js = jetstream::new(client.nats().clone());
+    let Ok(stream) = js.get_stream(client.subjects().commands_stream()).await else {
+        return false;
+    };
+    let Ok(mut c) = stream
+        .get_consumer::<jetstream::consumer::pull::Config>(&client.subjects().agent_consumer(h))
+        .await
+    else {
+        return false;
+    };
+    c.info()
+        .await
+        .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+}
+
+/// Defense in depth: even junk stored under the *keyed* ids — by someone
+/// who holds the message-id key, or after any future mistake in deriving
+/// ids — does not cost a command or an event. A publish JetStream answers
+/// "duplicate" is checked against what it holds under that id; what is not
+/// an orchestrator's is removed, counted, and the real message sent again
+/// under a fresh id. The test derives the ids from the cluster identity
+/// file, as only an orchestrator can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_under_the_keyed_ids_is_caught_on_the_duplicate_ack() {
+    use keysync_schemas::{KeyAttributes, OpReply, OpRequest};
+    use orchestrator::plan::{message_id, MsgId};
+
+    let mut stack = start_stack(3).await;
+    let client = stack.client().clone();
+    let subjects = client.subjects().clone();
+    let hsms = stack.hsm_ids();
+    let (h1, h2, h3) = (hsm("hsm-1"), hsm("hsm-2"), hsm("hsm-3"));
+    let cluster = keysync_security::Identity::load(stack.cluster_identity())
+        .unwrap_or_else(|e| panic!("cluster identity: {e}"));
+    let ids = keysync_security::MessageIdKey::derive(&cluster);
+
+    let doomed = create(&client, KeyType::P256, &h1).await;
+    let doomed_id = doomed.info.key_id;
+    let everywhere = BTreeMap::from([(doomed_id, doomed.info.fingerprint)]);
+    assert_converges(&client, &hsms, &everywhere, Duration::from_secs(20)).await;
+
+    // hsm-3 is down, so the junk waits in its queue; hsm-2 takes its junk
+    // at once (and rejects it), so what held the id is gone by the time
+    // the orchestrator publishes.
+    stack.kill_agent(&h3);
+    let fresh = KeyId::new();
+    let js = attacker(&stack.url()).await;
+    let mut poisoned = Vec::new();
+    for target in [&h2, &h3] {
+        poisoned.push((
+            subjects.commands_for(target),
+            message_id(
+                &ids,
+                MsgId::Delete {
+                    key_id: doomed_id,
+                    target,
+                },
+            ),
+        ));
+        poisoned.push((
+            subjects.commands_for(target),
+            message_id(
+                &ids,
+                MsgId::Clone {
+                    key_id: fresh,
+                    target,
+                },
+            ),
+        ));
+    }
+    poisoned.push((
+        subjects.key_replicated(&fresh),
+        message_id(&ids, MsgId::Replicated { key_id: fresh }),
+    ));
+    for (subject, id) in &poisoned {
+        let ack = junk_under(&js, subject.clone(), id).await;
+        assert!(!ack.duplicate, "the junk under {id} was not stored");
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || queue_drained(&client, &h2)).await,
+        "hsm-2 did not take its junk"
+    );
+
+    // The key is deleted; another is created under an id chosen in
+    // advance (its clones' and announcement's ids were poisoned).
+    let out = cli(vec![
+        "--nats".into(),
+        stack.url(),
+        "key".into(),
+        "delete".into(),
+        doomed_id.to_string(),
+        "--hsm".into(),
+        h1.to_string(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "keysync key delete failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut announced = client
+        .nats()
+        .subscribe(subjects.key_replicated(&fresh))
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    client
+        .nats()
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    let reply = client
+        .request(
+            &Route::Hsm(h1.clone()),
+            OpRequest::Generate {
+                key_id: Some(fresh),
+                key_type: KeyType::P256,
+                session: false,
+                durability: Durability::Logged,
+                attributes: KeyAttributes::default(),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("creating {fresh}: {e}"));
+    let OpReply::Created { info, .. } = reply else {
+        panic!("creating {fresh}: {reply:?}");
+    };
+    stack
+        .start_agents(&[h3.clone()])
+        .await
+        .unwrap_or_else(|e| panic!("hsm-3 restarts: {e}"));
+
+    // Then the deleted key is gone from every HSM, the new one is on
+    // every HSM, and its real announcement (signed by the cluster) landed.
+    let expected = BTreeMap::from([(fresh, info.fingerprint)]);
+    assert_converges(&client, &hsms, &expected, Duration::from_secs(30)).await;
+    let cluster_key = cluster.public_key();
+    let real_announcement = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(msg) = announced.next().await {
+            if keysync_security::check_event(
+                msg.headers.as_ref(),
+                &msg.subject,
+                &msg.payload,
+                keysync_schemas::Timestamp::now().as_nanos(),
+                &cluster_key,
+                |_| None,
+            )
+            .is_ok()
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        real_announcement,
+        Ok(true),
+        "no KeyReplicated for {fresh} signed by the cluster: it was dropped as a duplicate of the junk"
+    );
+    // The junk found in place (hsm-3's queue) was counted by its reason.
+    let status = client
+        .cluster_status()
+        .await
+        .unwrap_or_else(|e| panic!("cluster status: {e}"));
+    let foreign: u64 = status
+        .rejected
+        .iter()
+        .filter(|(r, _)| r.as_str() == "foreign_duplicate")
+        .map(|(_, n)| *n)
+        .sum();
+    assert!(
+        foreign >= 2,
+        "the junk under hsm-3's delete and clone ids was not counted as foreign_duplicate: {:?}",
+        status.rejected
+    );
+}
