@@ -211,6 +211,32 @@ impl Intake {
         self.verdicts.judged(seq, false);
     }
 
+    /// Files a message that held one of our message ids and was not ours
+    /// (the publisher removed it from `f.stream`). One in the events
+    /// stream gets the dead-letter id the fold would give it.
+    pub async fn file_foreign(&self, f: &crate::publisher::Foreign) {
+        let in_events = f.stream == self.subjects.events_stream();
+        self.dead_letters
+            .file(
+                Filing {
+                    subject: &f.subject,
+                    rejection: Rejection::new(
+                        RejectReason::ForeignDuplicate,
+                        format!(
+                            "held message id {} in {} at {}: {}",
+                            f.msg_id, f.stream, f.seq, f.why
+                        ),
+                    ),
+                    stream_seq: in_events.then_some(f.seq),
+                    payload: &f.payload,
+                    dedup_id: in_events
+                        .then(|| message_id(&self.ids, MsgId::DeadLetter { seq: f.seq })),
+                },
+                Keep::Payload,
+            )
+            .await;
+    }
+
     /// An event was refused (by [`Intake::check`] or by the fold): the
     /// auditor is told, and it is filed as a dead letter once, when first
     /// seen caught up with the log (a replay after a restart does not file

@@ -30,6 +30,7 @@
 pub mod anti_entropy;
 pub mod audit;
 pub mod decide;
+pub mod duplicates;
 pub mod executor;
 pub mod heartbeats;
 pub mod intake;
@@ -368,7 +369,9 @@ pub async fn run(
                         saving = Some(tokio::spawn(async move { snapshot::save(&store, state, identity).await }));
                     }
                 }
-                ack = orch.executor.publisher.next_ack(), if !orch.executor.publisher.is_idle() => ack?,
+                acked = orch.executor.publisher.next_ack(), if !orch.executor.publisher.is_idle() => {
+                    orch.executor.publisher.settle(acked).await?;
+                }
                 done = async {
                     match orch.auditor.as_mut() {
                         Some(h) => h.await,
@@ -383,6 +386,9 @@ pub async fn run(
                     }
                 }
             }
+            // Junk found under one of our ids by any publish above: counted
+            // and filed here, in one place.
+            orch.report_foreign().await;
         }
     }
     .await;
@@ -577,6 +583,16 @@ impl Orchestrator {
         tracing::info!(%hsm, held = inventory.len(), repairs = actions.len(), "anti-entropy repair");
         self.stats.repairs += actions.len() as u64;
         self.executor.execute(&self.state, actions, None).await
+    }
+
+    /// Counts and files what the publisher found holding one of our
+    /// message ids (it removed it and sent the real message again).
+    async fn report_foreign(&mut self) {
+        for f in self.executor.publisher.take_foreign() {
+            self.state
+                .count_rejection(keysync_schemas::RejectReason::ForeignDuplicate);
+            self.intake.file_foreign(&f).await;
+        }
     }
 
     /// Announces failed every live member [`Liveness::tick`] finds silent.

@@ -75,11 +75,16 @@ pub enum RejectReason {
     BadRequest,
     /// A request with no reply subject.
     NoReplySubject,
+    /// A message stored under one of the orchestrator's message ids that
+    /// no orchestrator sent: JetStream dropped the real one as its
+    /// duplicate. It is removed and the real one sent again under a fresh
+    /// id.
+    ForeignDuplicate,
 }
 
 impl RejectReason {
     /// Every reason, in wire order.
-    pub const ALL: [RejectReason; 27] = [
+    pub const ALL: [RejectReason; 28] = [
         RejectReason::Oversized,
         RejectReason::Truncated,
         RejectReason::BadMagic,
@@ -107,6 +112,7 @@ impl RejectReason {
         RejectReason::InvalidToken,
         RejectReason::BadRequest,
         RejectReason::NoReplySubject,
+        RejectReason::ForeignDuplicate,
     ];
 
     /// The snake_case name, for people, JSON and metric labels.
@@ -139,6 +145,7 @@ impl RejectReason {
             RejectReason::InvalidToken => "invalid_token",
             RejectReason::BadRequest => "bad_request",
             RejectReason::NoReplySubject => "no_reply_subject",
+            RejectReason::ForeignDuplicate => "foreign_duplicate",
         }
     }
 }
