@@ -80,11 +80,15 @@ pub enum RejectReason {
     /// duplicate. It is removed and the real one sent again under a fresh
     /// id.
     ForeignDuplicate,
+    /// A `KeyCreated` of a key that was deleted (a replay, or an outbox
+    /// retry after the delete): never applied, and removed from the log at
+    /// once, since it carries the wrapped material the delete purged.
+    CreateOfDeletedKey,
 }
 
 impl RejectReason {
     /// Every reason, in wire order.
-    pub const ALL: [RejectReason; 28] = [
+    pub const ALL: [RejectReason; 29] = [
         RejectReason::Oversized,
         RejectReason::Truncated,
         RejectReason::BadMagic,
@@ -113,6 +117,7 @@ impl RejectReason {
         RejectReason::BadRequest,
         RejectReason::NoReplySubject,
         RejectReason::ForeignDuplicate,
+        RejectReason::CreateOfDeletedKey,
     ];
 
     /// The snake_case name, for people, JSON and metric labels.
@@ -146,6 +151,7 @@ impl RejectReason {
             RejectReason::BadRequest => "bad_request",
             RejectReason::NoReplySubject => "no_reply_subject",
             RejectReason::ForeignDuplicate => "foreign_duplicate",
+            RejectReason::CreateOfDeletedKey => "create_of_deleted_key",
         }
     }
 }
