@@ -42,6 +42,7 @@ pub mod plan;
 pub mod progress;
 pub mod prometheus;
 pub mod publisher;
+pub mod removal;
 pub mod snapshot;
 pub mod state;
 pub mod status;
@@ -169,12 +170,22 @@ pub async fn run(
         .await
         .filter(|s| s.last_seq() <= replay_until)
         .unwrap_or_default();
-    let progress = Progress::new(
+    let mut progress = Progress::new(
         info.state.messages,
         replay_until,
         state.last_seq(),
         config.snapshot_every,
     );
+    // Everything after the snapshot removed (refused events): no event
+    // will come to say the replay is over.
+    if !progress.caught_up()
+        && matches!(
+            next_stored_after(&events, &config.subjects, state.last_seq()).await,
+            Ok(None)
+        )
+    {
+        progress.reached_end();
+    }
     tracing::info!(
         stream = %config.subjects.events_stream(),
         messages = info.state.messages,
@@ -226,6 +237,7 @@ pub async fn run(
             dead_letters.clone(),
             verdicts.clone(),
             publisher.ids().clone(),
+            events.clone(),
         ),
         heartbeats: Heartbeats::new(config.subjects.clone(), dead_letters),
         executor: Executor::new(
@@ -347,8 +359,19 @@ pub async fn run(
                     let folded = orch.state.last_seq();
                     if orch.progress.idle_since_last_check(folded) {
                         let stream_last = orch.events.info().await.map(|i| i.state.last_sequence).unwrap_or(0);
-                        if progress::stalled(folded, stream_last) {
-                            anyhow::bail!("event consumer stalled at {folded} while the stream is at {stream_last}");
+                        if stream_last > folded {
+                            match next_stored_after(&orch.events, &orch.config.subjects, folded).await {
+                                Ok(next) if progress::stalled(folded, next) => anyhow::bail!(
+                                    "event consumer stalled at {folded} while the stream holds {next:?} (last {stream_last})"
+                                ),
+                                Ok(_) => {
+                                    if orch.progress.reached_end() {
+                                        tracing::info!(events = folded, "replay done (the log's last events were removed)");
+                                    }
+                                }
+                                // Asked again at the next check.
+                                Err(e) => tracing::info!(error = %e, "could not read past the fold"),
+                            }
                         }
                     }
                 }
@@ -411,6 +434,22 @@ pub async fn run(
     result
 }
 
+/// The sequence of the first event stored after `seq`, if any.
+async fn next_stored_after(
+    events: &jetstream::stream::Stream,
+    subjects: &Subjects,
+    seq: u64,
+) -> Result<Option<u64>, jetstream::stream::DirectGetError> {
+    match events
+        .direct_get_next_for_subject(subjects.events_all(), Some(seq + 1))
+        .await
+    {
+        Ok(m) => Ok(Some(m.sequence)),
+        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 impl Orchestrator {
     /// Took the lease: start the auditor, start measuring silence, and
     /// finish whatever the log says is outstanding.
@@ -434,7 +473,9 @@ impl Orchestrator {
             since_start_ms = started.elapsed().as_millis() as u64,
             "holding the lease; active"
         );
-        self.executor.execute(&self.state, actions, None).await
+        self.executor.execute(&self.state, actions, None).await?;
+        self.intake.remove_pending().await;
+        Ok(())
     }
 
     /// A batch from the event feed, folded in order.
@@ -480,7 +521,9 @@ impl Orchestrator {
             Err(rejection) => {
                 tracing::warn!(seq = meta.seq, subject, reason = %rejection.reason, detail = %rejection.detail, "rejected event");
                 self.state.reject_at(meta.seq, rejection.reason);
-                self.intake.refused(msg, meta, caught_up, rejection).await;
+                self.intake
+                    .refused(&self.state, msg, meta, (caught_up, self.active), rejection)
+                    .await;
                 return Ok(());
             }
         };
@@ -488,7 +531,9 @@ impl Orchestrator {
             Ok(change) => change,
             Err(rejection) => {
                 tracing::warn!(seq = meta.seq, subject, reason = %rejection.reason, detail = %rejection.detail, "rejected event");
-                self.intake.refused(msg, meta, caught_up, rejection).await;
+                self.intake
+                    .refused(&self.state, msg, meta, (caught_up, self.active), rejection)
+                    .await;
                 return Ok(());
             }
         };

@@ -574,6 +574,16 @@ impl ClusterState {
         s
     }
 
+    /// Whether the fold has accepted an enrollment or a join, which only
+    /// the cluster key signs (directly, or through a join token it
+    /// issued): the key this orchestrator checks with is the cluster's
+    /// own. An orchestrator started with another cluster's identity
+    /// rejects every enrollment, hence every event of the log it reads,
+    /// and must not remove any (see `removal`).
+    pub fn knows_cluster_key(&self) -> bool {
+        !self.members.is_empty() || !self.enrolled.is_empty()
+    }
+
     /// An enrolled HSM's identity key, as of the last event folded.
     pub fn enrolled_key(&self, hsm: &HsmId) -> Option<[u8; 32]> {
         self.enrolled.get(hsm).copied()

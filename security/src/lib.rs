@@ -35,7 +35,7 @@ pub mod secret_file;
 pub mod signature;
 
 pub use credentials::NatsAuth;
-pub use dead_letter::{DeadLetters, Filing, Keep};
+pub use dead_letter::{DeadLetterError, DeadLetters, Filing, Keep};
 pub use identity::{parse_public_key, Identity, IdentityError};
 pub use message_id::MessageIdKey;
 pub use policy::{
