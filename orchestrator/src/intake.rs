@@ -124,6 +124,9 @@ struct Removal {
     payload: Bytes,
     rejection: Rejection,
     keep: Keep,
+    /// Overwrite its bytes on disk (a deleted key's material), not only
+    /// delete it.
+    erase: bool,
 }
 
 /// A refused event to remove once this process acts.
@@ -131,6 +134,7 @@ struct Pending {
     seq: u64,
     rejection: Rejection,
     keep: Keep,
+    erase: bool,
 }
 
 /// Checks events and reports what it refused.
@@ -161,14 +165,15 @@ impl Drop for Intake {
 async fn remove(
     rx: mpsc::Receiver<Removal>,
     dead_letters: DeadLetters,
-    events: jetstream::stream::Stream,
+    js: jetstream::Context,
+    stream: String,
     ids: MessageIdKey,
 ) {
     let queue =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     queue
         .for_each_concurrent(REMOVING_AT_ONCE, |r| {
-            let (dead_letters, events, ids) = (&dead_letters, &events, &ids);
+            let (dead_letters, js, stream, ids) = (&dead_letters, &js, &stream, &ids);
             async move {
                 let filing = Filing {
                     subject: &r.subject,
@@ -181,7 +186,7 @@ async fn remove(
                     tracing::warn!(seq = r.seq, error = %e, "a refused event was not filed, so it stays in the log");
                     return;
                 }
-                match events.delete_message(r.seq).await {
+                match crate::streams::delete_message(js, stream, r.seq, r.erase).await {
                     Ok(_) => tracing::debug!(seq = r.seq, "refused event removed from the log"),
                     Err(e) => tracing::info!(seq = r.seq, error = %e, "refused event not removed (gone already?)"),
                 }
@@ -201,13 +206,15 @@ impl Intake {
         dead_letters: DeadLetters,
         verdicts: Arc<Verdicts>,
         ids: MessageIdKey,
+        js: jetstream::Context,
         events: jetstream::stream::Stream,
     ) -> Self {
         let (removals, rx) = mpsc::channel(REMOVAL_QUEUE);
         let remover = tokio::spawn(remove(
             rx,
             dead_letters.clone(),
-            events.clone(),
+            js,
+            subjects.events_stream(),
             ids.clone(),
         ));
         Intake {
@@ -350,7 +357,8 @@ impl Intake {
         rejection: Rejection,
     ) {
         self.verdicts.judged(meta.seq, true);
-        let keep = removal::kept(self.of_deleted_key(state, &msg.subject));
+        let of_deleted_key = self.of_deleted_key(state, &msg.subject);
+        let keep = removal::kept(of_deleted_key);
         let remove = removal::removable(
             rejection.reason,
             || self.authentic(state, msg),
@@ -363,6 +371,7 @@ impl Intake {
                 payload: msg.payload.clone(),
                 rejection,
                 keep,
+                erase: of_deleted_key,
             };
             // Waits for room: a flood slows the fold rather than grow
             // without bound.
@@ -376,6 +385,7 @@ impl Intake {
                 seq: meta.seq,
                 rejection: rejection.clone(),
                 keep,
+                erase: of_deleted_key,
             });
         }
         if caught_up {
@@ -412,6 +422,7 @@ impl Intake {
                 payload: msg.payload,
                 rejection: p.rejection,
                 keep: p.keep,
+                erase: p.erase,
             };
             if self.removals.send(r).await.is_err() {
                 break;

@@ -237,6 +237,7 @@ pub async fn run(
             dead_letters.clone(),
             verdicts.clone(),
             publisher.ids().clone(),
+            js.clone(),
             events.clone(),
         ),
         heartbeats: Heartbeats::new(config.subjects.clone(), dead_letters),

@@ -260,7 +260,9 @@ impl Publisher {
                     %why,
                     "a foreign message holds one of our ids: removing it, sending again under a fresh id"
                 );
-                if let Err(e) = stream.delete_message(ack.sequence).await {
+                if let Err(e) =
+                    crate::streams::delete_message(&self.js, &ack.stream, ack.sequence, false).await
+                {
                     // Taken meanwhile (an agent, or the intake removing it
                     // as rejected): gone either way.
                     tracing::info!(seq = ack.sequence, error = %e, "the foreign message was not removed");

@@ -263,3 +263,94 @@ async fn a_replayed_key_created_after_a_delete_leaves_nothing_stored() {
         );
     }
 }
+
+/// An existing deployment's streams, made by an older build with looser
+/// limits, are tightened in place when an orchestrator starts: the bound
+/// on what a sender can store holds there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_deployments_streams_are_tightened_in_place() {
+    let mut stack = start_stack(1).await;
+    let client = stack.client().clone();
+    let subjects = client.subjects().clone();
+    let js = jetstream::new(client.nats().clone());
+    let config_of = |name: String| {
+        let js = js.clone();
+        async move {
+            let mut s = js
+                .get_stream(&name)
+                .await
+                .unwrap_or_else(|e| panic!("stream {name}: {e}"));
+            s.info()
+                .await
+                .unwrap_or_else(|e| panic!("stream {name} info: {e}"))
+                .config
+                .clone()
+        }
+    };
+    // As an older build left them: events up to 128 KiB, dead letters
+    // bounded in count only.
+    stack.kill_orchestrator();
+    let mut events = config_of(subjects.events_stream()).await;
+    events.max_message_size = keysync_schemas::MAX_MESSAGE_BYTES as i32;
+    js.update_stream(&events)
+        .await
+        .unwrap_or_else(|e| panic!("loosening the events stream: {e}"));
+    let mut dlq = config_of(subjects.dead_letter_stream()).await;
+    dlq.max_bytes = -1;
+    js.update_stream(&dlq)
+        .await
+        .unwrap_or_else(|e| panic!("loosening the dead-letter stream: {e}"));
+    let loose = jetstream::new(client.nats().clone())
+        .publish(
+            format!("{}.evt.hsm.hsm-9.joined", subjects.prefix()),
+            noise(7, 100_000),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("publish: {e}"))
+        .await;
+    let loose_seq = match loose {
+        Ok(ack) => ack.sequence,
+        Err(e) => panic!("the loosened stream refused 100 KB: {e}"),
+    };
+
+    stack
+        .start_orchestrator()
+        .await
+        .unwrap_or_else(|e| panic!("the orchestrator restarts: {e}"));
+    let events = config_of(subjects.events_stream()).await;
+    let dlq = config_of(subjects.dead_letter_stream()).await;
+    assert_eq!(
+        events.max_message_size,
+        keysync_schemas::MAX_EVENT_BYTES as i32
+    );
+    assert!(
+        dlq.max_bytes > 0,
+        "the dead-letter stream is unbounded in bytes"
+    );
+    let refused = jetstream::new(client.nats().clone())
+        .publish(
+            format!("{}.evt.hsm.hsm-9.joined", subjects.prefix()),
+            noise(8, 100_000),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("publish: {e}"))
+        .await;
+    assert!(
+        refused.is_err(),
+        "100 KB stored on an event subject after the update: {refused:?}"
+    );
+    // And the junk stored while no orchestrator ran, refused by the
+    // restart's replay, is removed once it holds the lease.
+    let events_stream = js
+        .get_stream(subjects.events_stream())
+        .await
+        .unwrap_or_else(|e| panic!("events stream: {e}"));
+    let removed = wait_until(Duration::from_secs(20), || async {
+        events_stream.direct_get(loose_seq).await.is_err()
+    })
+    .await;
+    assert!(
+        removed,
+        "the junk stored at {loose_seq} before the restart is still in the log"
+    );
+}
