@@ -446,7 +446,7 @@ async fn junk_under_the_keyed_ids_is_caught_on_the_duplicate_ack() {
         panic!("creating {fresh}: {reply:?}");
     };
     stack
-        .start_agents(&[h3.clone()])
+        .start_agents(std::slice::from_ref(&h3))
         .await
         .unwrap_or_else(|e| panic!("hsm-3 restarts: {e}"));
 
