@@ -5,7 +5,7 @@
 //! and drops the new message. That is how a restarted or standby
 //! orchestrator avoids sending twice (decision 8); it is also what an
 //! attacker who stored junk under the id first exploits (issue 12). Ids are
-//! keyed with a secret only orchestrators hold (decision 10), so an outsider
+//! keyed with a secret only orchestrators hold (decision 11), so an outsider
 //! cannot tell one in advance; as defense in depth, every duplicate answer
 //! is checked against what is stored:
 //!

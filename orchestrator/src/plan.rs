@@ -27,7 +27,7 @@
 //! message under an id someone else stored first, the content is MACed
 //! under a key only orchestrators hold ([`MessageIdKey`], derived from the
 //! cluster identity): nobody else can tell an id in advance and take it
-//! (decision 10). Every id is made by [`message_id`].
+//! (decision 11). Every id is made by [`message_id`].
 
 use std::collections::{BTreeMap, HashMap};
 
