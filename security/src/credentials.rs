@@ -104,6 +104,14 @@ impl NatsAuth {
         Ok(opts)
     }
 
+    /// Whether any credential is given.
+    pub fn is_set(&self) -> bool {
+        self.nats_user.is_some()
+            || self.nats_password.is_some()
+            || self.nats_creds.is_some()
+            || self.nats_nkey.is_some()
+    }
+
     /// The environment that passes these credentials to a child process.
     pub fn to_env(&self) -> Vec<(&'static str, String)> {
         let mut env = Vec::new();
