@@ -664,9 +664,16 @@ impl Token {
     /// Verifies a signature with the key's public key (in software: it is
     /// public). Blocks.
     pub fn verify(&self, id: &KeyId, data: &[u8], signature: &[u8]) -> Result<bool, Pkcs11Error> {
-        let spki = self.public_key(id)?;
-        let key_type = self
-            .with_session(|s| Ok(find_key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?.key_type))?;
+        let (key_type, spki) = self.with_session(|s| {
+            let key = find_key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            if !key.key_type.is_asymmetric() {
+                return Err(cannot(key.key_type, "verify"));
+            }
+            let p = key.public.ok_or_else(|| {
+                Pkcs11Error::BadObject(format!("key {id} has no public-key object"))
+            })?;
+            Ok((key.key_type, read_spki(s, p, key.key_type)?))
+        })?;
         spki::verify(key_type, &spki, data, signature)
     }
 

@@ -105,11 +105,12 @@ impl Capabilities {
     }
 }
 
+/// Never returned (every type is probed); says "no" to be safe.
 static NOT_PROBED: TypeSupport = TypeSupport {
-    generate: Check::Yes,
-    operate: Check::Yes,
-    wrap: Check::Yes,
-    unwrap: Check::Yes,
+    generate: Check::No(String::new()),
+    operate: Check::No(String::new()),
+    wrap: Check::No(String::new()),
+    unwrap: Check::No(String::new()),
 };
 
 impl fmt::Display for Capabilities {
