@@ -473,6 +473,7 @@ fn blobs_move_both_ways_between_tokens_and_the_embedded_keystore() {
     let dir = tempfile::tempdir().expect("tempdir");
     let soft = embedded(dir.path(), "soft", dk_bytes);
 
+    let mut padded = Vec::new();
     for t in CLONABLE_ON_261 {
         // Token → embedded and token → token.
         let id = KeyId::new();
@@ -480,6 +481,16 @@ fn blobs_move_both_ways_between_tokens_and_the_embedded_keystore() {
         let blob = a.wrap(&id).expect("wrap");
         let plain = dk.unwrap(&blob).expect("software unwrap");
         let material = KeyMaterial::from_bytes(t, &plain).expect("token PKCS#8 parses (trimmed)");
+        if t.is_asymmetric() {
+            let der_len = hsm_agent::material::trim_wrap_padding(&plain).len();
+            println!(
+                "{t}: the token's blob unwraps to {} bytes: {der_len} of PKCS#8 DER, then zeros",
+                plain.len()
+            );
+            if plain.len() != der_len {
+                padded.push(t);
+            }
+        }
         assert_eq!(material.fingerprint().expect("fp"), made.fingerprint, "{t}");
         assert_eq!(
             material.public_key_der().expect("pk"),
@@ -622,6 +633,11 @@ fn blobs_move_both_ways_between_tokens_and_the_embedded_keystore() {
             vec![Ok(CloneOutcome::Stored)],
             "{t}"
         );
+    }
+
+    // SoftHSM 2.6.1 zero-pads PKCS#8 before wrapping: the trimming ran.
+    if is_261() {
+        assert!(!padded.is_empty(), "no padded PKCS#8 seen");
     }
 
     // A key wrapped under a user's AES key (`KeySource::Unwrap`) goes into

@@ -37,3 +37,9 @@ pub use token::{read_pin_file, Token};
 
 /// The cryptoki crate, for callers that inspect attributes.
 pub use cryptoki;
+
+// A token is shared between threads (sessions are pooled inside it).
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Token>();
+};
