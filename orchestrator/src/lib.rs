@@ -139,6 +139,9 @@ struct Orchestrator {
     verdicts: Arc<audit::Verdicts>,
     /// Where refused requests are filed.
     dead_letters: DeadLetters,
+    /// Foreign messages the auditor and the lease skipped, to be counted
+    /// by the loop (it owns the counters).
+    side_rejections: audit::Report,
 }
 
 /// Runs the orchestrator until `shutdown` resolves or a fatal error occurs.
@@ -213,6 +216,7 @@ pub async fn run(
     );
     let cluster_key = config.identity.public_key();
     let verdicts = Arc::new(audit::Verdicts::default());
+    let (side_rejections, mut skipped) = tokio::sync::mpsc::unbounded_channel();
     let publisher = Publisher::new(
         js.clone(),
         config.identity.clone(),
@@ -229,6 +233,7 @@ pub async fn run(
         ),
         heartbeats: Heartbeats::new(config.subjects.clone(), dead_letters.clone()),
         dead_letters,
+        side_rejections,
         executor: Executor::new(
             publisher,
             js.clone(),
@@ -301,6 +306,7 @@ pub async fn run(
                         orch.refused_request(&req, rejection).await;
                     }
                 }
+                Some(reason) = skipped.recv() => orch.state.count_rejection(reason),
                 hb = heartbeat_feed.next() => {
                     let hb = hb.ok_or_else(|| anyhow::anyhow!("the heartbeat subscription closed"))?;
                     if orch.active {
@@ -422,6 +428,7 @@ impl Orchestrator {
             self.config.replicas,
             self.cluster_key,
             self.verdicts.clone(),
+            self.side_rejections.clone(),
         )));
         self.liveness
             .start(Instant::now(), self.state.members().map(|m| &m.hsm));
