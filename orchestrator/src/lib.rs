@@ -156,12 +156,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let js = jetstream::new(nats.clone());
     let mut events = streams::ensure(&js, &config.subjects, config.replicas).await?;
+    // Foreign messages the auditor and the lease skip, counted by the loop.
+    let (side_rejections, mut skipped) = tokio::sync::mpsc::unbounded_channel();
     let lease = Lease::open(
         &js,
         &config.subjects.lease_bucket(),
         &config.name,
         config.lease_ttl,
         config.replicas,
+        config.identity.clone(),
+        side_rejections.clone(),
     )
     .await?;
     let snapshots =
@@ -216,7 +220,6 @@ pub async fn run(
     );
     let cluster_key = config.identity.public_key();
     let verdicts = Arc::new(audit::Verdicts::default());
-    let (side_rejections, mut skipped) = tokio::sync::mpsc::unbounded_channel();
     let publisher = Publisher::new(
         js.clone(),
         config.identity.clone(),
