@@ -283,12 +283,6 @@ enum Stop {
     Failed(anyhow::Error),
 }
 
-impl<E: Into<anyhow::Error>> From<E> for Stop {
-    fn from(e: E) -> Self {
-        Stop::Failed(e.into())
-    }
-}
-
 /// Appends audit records for every fact after the chain's end, until the
 /// task is aborted or an append fails for a reason other than the stream
 /// moving under it.
