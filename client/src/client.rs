@@ -62,7 +62,10 @@ pub struct ClientOptions {
     pub watch_replicas: bool,
     /// Watch the orchestrator's sync metrics (sizes retry budgets).
     pub watch_metrics: bool,
-    /// NATS credentials.
+    /// NATS credentials, and the inbox prefix replies come back under
+    /// (`auth.inbox_prefix`; default `_INBOX.<NATS user>`, or
+    /// `_INBOX.client`), which NATS permissions can keep private to this
+    /// client's role.
     pub auth: keysync_security::NatsAuth,
 }
 
@@ -199,7 +202,7 @@ impl Client {
             })?;
         let nats = options
             .auth
-            .apply(async_nats::ConnectOptions::new())
+            .apply_as(async_nats::ConnectOptions::new(), "client")
             .await
             .map_err(|e| Error::Connect {
                 url: url.to_string(),

@@ -75,11 +75,20 @@ pub enum RejectReason {
     BadRequest,
     /// A request with no reply subject.
     NoReplySubject,
+    /// A request whose reply subject is not an inbox (`_INBOX.…`):
+    /// answering it would publish the reply wherever the requester
+    /// pointed (the audit stream, the lease bucket, a command queue), with
+    /// the responder's permissions. Never answered.
+    ForeignReplySubject,
+    /// A message in a stream or bucket keysync writes alone (the audit
+    /// stream, the lease bucket) that is not one of keysync's records:
+    /// skipped and reported, never taken for one.
+    ForeignRecord,
 }
 
 impl RejectReason {
     /// Every reason, in wire order.
-    pub const ALL: [RejectReason; 27] = [
+    pub const ALL: [RejectReason; 29] = [
         RejectReason::Oversized,
         RejectReason::Truncated,
         RejectReason::BadMagic,
@@ -107,6 +116,8 @@ impl RejectReason {
         RejectReason::InvalidToken,
         RejectReason::BadRequest,
         RejectReason::NoReplySubject,
+        RejectReason::ForeignReplySubject,
+        RejectReason::ForeignRecord,
     ];
 
     /// The snake_case name, for people, JSON and metric labels.
@@ -139,6 +150,8 @@ impl RejectReason {
             RejectReason::InvalidToken => "invalid_token",
             RejectReason::BadRequest => "bad_request",
             RejectReason::NoReplySubject => "no_reply_subject",
+            RejectReason::ForeignReplySubject => "foreign_reply_subject",
+            RejectReason::ForeignRecord => "foreign_record",
         }
     }
 }

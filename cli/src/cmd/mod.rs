@@ -81,7 +81,7 @@ impl Cli {
         let servers =
             keysync_telemetry::process::servers(&self.nats).map_err(anyhow::Error::msg)?;
         self.auth
-            .apply(async_nats::ConnectOptions::new())
+            .apply_as(async_nats::ConnectOptions::new(), "client")
             .await?
             .name(name)
             .connect(servers)
