@@ -55,8 +55,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
-use keysync_schemas::{Event, HsmId, KeyCreated, Subjects};
-use keysync_security::{DeadLetters, Identity};
+use keysync_schemas::{Event, HsmId, KeyCreated, Rejection, Subjects};
+use keysync_security::{DeadLetters, Filing, Identity, Keep};
 use tracing::Instrument as _;
 
 use crate::anti_entropy::{AntiEntropy, Inventory, Verdict};
@@ -139,6 +139,11 @@ struct Orchestrator {
     cluster_key: [u8; 32],
     /// What the fold accepted and rejected, for the auditor.
     verdicts: Arc<audit::Verdicts>,
+    /// Where refused requests are filed.
+    dead_letters: DeadLetters,
+    /// Foreign messages the auditor and the lease skipped, to be counted
+    /// by the loop (it owns the counters).
+    side_rejections: audit::Report,
 }
 
 /// Runs the orchestrator until `shutdown` resolves or a fatal error occurs.
@@ -153,12 +158,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let js = jetstream::new(nats.clone());
     let mut events = streams::ensure(&js, &config.subjects, config.replicas).await?;
+    // Foreign messages the auditor and the lease skip, counted by the loop.
+    let (side_rejections, mut skipped) = tokio::sync::mpsc::unbounded_channel();
     let lease = Lease::open(
         &js,
         &config.subjects.lease_bucket(),
         &config.name,
         config.lease_ttl,
         config.replicas,
+        config.identity.clone(),
+        side_rejections.clone(),
     )
     .await?;
     let snapshots =
@@ -240,7 +249,9 @@ pub async fn run(
             js.clone(),
             events.clone(),
         ),
-        heartbeats: Heartbeats::new(config.subjects.clone(), dead_letters),
+        heartbeats: Heartbeats::new(config.subjects.clone(), dead_letters.clone()),
+        dead_letters,
+        side_rejections,
         executor: Executor::new(
             publisher,
             js.clone(),
@@ -309,8 +320,11 @@ pub async fn run(
                 req = status_requests.next() => {
                     let req = req.ok_or_else(|| anyhow::anyhow!("the status subscription closed"))?;
                     let source = orch.executor.publisher.source();
-                    status::answer(&orch.nats, &orch.state, orch.cluster_key, source, req).await;
+                    if let Err(rejection) = status::answer(&orch.nats, &orch.state, orch.cluster_key, source, &req).await {
+                        orch.refused_request(&req, rejection).await;
+                    }
                 }
+                Some(reason) = skipped.recv() => orch.state.count_rejection(reason),
                 hb = heartbeat_feed.next() => {
                     let hb = hb.ok_or_else(|| anyhow::anyhow!("the heartbeat subscription closed"))?;
                     if orch.active {
@@ -464,6 +478,7 @@ impl Orchestrator {
             self.config.replicas,
             self.cluster_key,
             self.verdicts.clone(),
+            self.side_rejections.clone(),
         )));
         self.liveness
             .start(Instant::now(), self.state.members().map(|m| &m.hsm));
@@ -477,6 +492,25 @@ impl Orchestrator {
         self.executor.execute(&self.state, actions, None).await?;
         self.intake.remove_pending().await;
         Ok(())
+    }
+
+    /// A request refused before it was answered (a reply subject that is
+    /// not an inbox): logged, counted, filed; never answered.
+    async fn refused_request(&mut self, req: &async_nats::Message, rejection: Rejection) {
+        tracing::warn!(subject = %req.subject, reason = %rejection.reason, detail = %rejection.detail, "refused a request");
+        self.state.count_rejection(rejection.reason);
+        self.dead_letters
+            .file(
+                Filing {
+                    subject: &req.subject,
+                    rejection,
+                    stream_seq: None,
+                    payload: &req.payload,
+                    dedup_id: None,
+                },
+                Keep::Payload,
+            )
+            .await;
     }
 
     /// A batch from the event feed, folded in order.

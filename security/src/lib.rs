@@ -22,6 +22,8 @@
 //!   under it (what travels between HSMs is wrapped by it).
 //! - [`credentials`]: NATS user/password, nkey or creds-file flags shared by
 //!   every binary, so NATS permissions can confine each role.
+//! - [`reply`]: responders answer only inboxes; each role asks under its
+//!   own inbox prefix.
 
 pub mod credentials;
 pub mod dead_letter;
@@ -31,6 +33,7 @@ pub mod identity;
 pub mod join;
 pub mod message_id;
 pub mod policy;
+pub mod reply;
 pub mod secret_file;
 pub mod signature;
 
