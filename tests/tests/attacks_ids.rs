@@ -334,6 +334,40 @@ async fn queue_drained(client: &keysync::Client, h: &HsmId) -> bool {
         .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
 }
 
+/// Whether the events stream stores a `KeyReplicated` of `key` signed by
+/// the cluster. (A subscriber on the subject sees the orchestrator's
+/// publish even when JetStream drops it as a duplicate: only the stream
+/// tells whether it landed.)
+async fn replicated_stored(client: &keysync::Client, cluster_key: &[u8; 32], key: &KeyId) -> bool {
+    let subject = client.subjects().key_replicated(key);
+    let Ok(stream) = jetstream::new(client.nats().clone())
+        .get_stream(client.subjects().events_stream())
+        .await
+    else {
+        return false;
+    };
+    let mut from = 1;
+    while let Ok(m) = stream
+        .direct_get_next_for_subject(subject.as_str(), Some(from))
+        .await
+    {
+        let signed = keysync_security::check_event(
+            Some(&m.headers),
+            &subject,
+            &m.payload,
+            keysync_schemas::Timestamp::now().as_nanos(),
+            cluster_key,
+            |_| None,
+        );
+        if matches!(signed, Ok(e) if matches!(&e.body, Event::KeyReplicated(r) if r.key_id == *key))
+        {
+            return true;
+        }
+        from = m.sequence + 1;
+    }
+    false
+}
+
 /// Defense in depth: even junk stored under the *keyed* ids — by someone
 /// who holds the message-id key, or after any future mistake in deriving
 /// ids — does not cost a command or an event. A publish JetStream answers
@@ -419,16 +453,6 @@ async fn junk_under_the_keyed_ids_is_caught_on_the_duplicate_ack() {
         "keysync key delete failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut announced = client
-        .nats()
-        .subscribe(subjects.key_replicated(&fresh))
-        .await
-        .unwrap_or_else(|e| panic!("subscribe: {e}"));
-    client
-        .nats()
-        .flush()
-        .await
-        .unwrap_or_else(|e| panic!("flush: {e}"));
     let reply = client
         .request(
             &Route::Hsm(h1.clone()),
@@ -455,28 +479,13 @@ async fn junk_under_the_keyed_ids_is_caught_on_the_duplicate_ack() {
     let expected = BTreeMap::from([(fresh, info.fingerprint)]);
     assert_converges(&client, &hsms, &expected, Duration::from_secs(30)).await;
     let cluster_key = cluster.public_key();
-    let real_announcement = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(msg) = announced.next().await {
-            if keysync_security::check_event(
-                msg.headers.as_ref(),
-                &msg.subject,
-                &msg.payload,
-                keysync_schemas::Timestamp::now().as_nanos(),
-                &cluster_key,
-                |_| None,
-            )
-            .is_ok()
-            {
-                return true;
-            }
-        }
-        false
+    let landed = wait_until(Duration::from_secs(20), || {
+        replicated_stored(&client, &cluster_key, &fresh)
     })
     .await;
-    assert_eq!(
-        real_announcement,
-        Ok(true),
-        "no KeyReplicated for {fresh} signed by the cluster: it was dropped as a duplicate of the junk"
+    assert!(
+        landed,
+        "no KeyReplicated for {fresh} signed by the cluster in the stream: it was dropped as a duplicate of the junk"
     );
     // The junk found in place (hsm-3's queue) was counted by its reason.
     let status = client
@@ -493,5 +502,98 @@ async fn junk_under_the_keyed_ids_is_caught_on_the_duplicate_ack() {
         foreign >= 2,
         "the junk under hsm-3's delete and clone ids was not counted as foreign_duplicate: {:?}",
         status.rejected
+    );
+}
+
+/// Under `deploy/nats/secure.conf` an agent may publish on its own event
+/// subjects (and on any key's `created`): it learns a key's id from the
+/// clone it is sent, and junk it stores under that key's `replicated` id
+/// would make JetStream drop the orchestrator's announcement. Here hsm-1's
+/// credentials are the attacker's; hsm-3 is down so the key cannot
+/// complete before the junk is in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_secure_config_an_agent_cannot_take_a_keys_replicated_id() {
+    use keysync_harness::StackAuth;
+    use keysync_security::NatsAuth;
+
+    let user = |name: &str| NatsAuth::user(name, &format!("{name}-dev-secret"));
+    let mut stack = keysync_testkit::DevStack::start(keysync_testkit::StackOptions {
+        hsms: 3,
+        nats_config: Some(
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/secure.conf"),
+        ),
+        auth: StackAuth {
+            orchestrator: user("orchestrator"),
+            operator: user("operator"),
+            agents: (1..=3)
+                .map(|i| (format!("hsm-{i}"), user(&format!("hsm-{i}"))))
+                .collect(),
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("stack on secure.conf: {e}"));
+    let client = stack.client().clone();
+    let subjects = client.subjects().clone();
+    let hsms = stack.hsm_ids();
+    let (h1, h3) = (hsm("hsm-1"), hsm("hsm-3"));
+    let cluster_key = keysync_security::Identity::load(stack.cluster_identity())
+        .unwrap_or_else(|e| panic!("cluster identity: {e}"))
+        .public_key();
+
+    stack.kill_agent(&h3);
+    let key = create(&client, KeyType::P256, &h1).await;
+    let key_id = key.info.key_id;
+
+    // The attack, with hsm-1's credentials, on hsm-1's own subject.
+    let as_hsm1 = user("hsm-1")
+        .apply(async_nats::ConnectOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("credentials: {e}"))
+        .connect(stack.url())
+        .await
+        .unwrap_or_else(|e| panic!("hsm-1 connects: {e}"));
+    let ack = junk_under(
+        &jetstream::new(as_hsm1),
+        subjects.clone_applied(&key_id, &h1),
+        &predictable::replicated(&key_id),
+    )
+    .await;
+    assert!(
+        !ack.duplicate,
+        "the key was announced before the junk was in place (the attack was not performed)"
+    );
+
+    // hsm-3 comes back; the key completes on every member.
+    stack
+        .start_agents(std::slice::from_ref(&h3))
+        .await
+        .unwrap_or_else(|e| panic!("hsm-3 restarts: {e}"));
+    let everywhere = BTreeMap::from([(key_id, key.info.fingerprint)]);
+    assert_converges(&client, &hsms, &everywhere, Duration::from_secs(30)).await;
+
+    // Then the orchestrator's announcement landed in the stream.
+    let landed = wait_until(Duration::from_secs(20), || {
+        replicated_stored(&client, &cluster_key, &key_id)
+    })
+    .await;
+    assert!(
+        landed,
+        "no KeyReplicated for {key_id} signed by the cluster in the stream: dropped as a duplicate of hsm-1's junk"
+    );
+    // And the junk, refused, left the log (the orchestrator may delete
+    // events under secure.conf).
+    let events = jetstream::new(client.nats().clone())
+        .get_stream(subjects.events_stream())
+        .await
+        .unwrap_or_else(|e| panic!("events stream: {e}"));
+    let removed = wait_until(Duration::from_secs(20), || async {
+        events.direct_get(ack.sequence).await.is_err()
+    })
+    .await;
+    assert!(
+        removed,
+        "hsm-1's junk at {} is still in the log",
+        ack.sequence
     );
 }
