@@ -183,6 +183,16 @@ fn key_of(op: &OpRequest) -> Option<KeyId> {
     }
 }
 
+/// The id a create asks for, if it names one.
+fn requested_id(op: &OpRequest) -> Option<KeyId> {
+    match op {
+        OpRequest::Generate { key_id, .. }
+        | OpRequest::Import { key_id, .. }
+        | OpRequest::Unwrap { key_id, .. } => *key_id,
+        _ => None,
+    }
+}
+
 impl Client {
     /// Connects with default options.
     pub async fn connect(url: &str) -> Result<Self> {
@@ -337,6 +347,7 @@ impl Client {
             Route::Any | Route::ReplicaAware => self.inner.options.subjects.any_op(),
         };
         let key_id = key_of(op);
+        let requested_id = requested_id(op);
         let payload = encode(&Envelope::new(self.source(), op.clone()))
             .map_err(|e| Error::BadRequest(e.to_string()))?;
         let span = tracing::info_span!("keysync.request", op = op.kind(), route = %route);
@@ -368,6 +379,13 @@ impl Client {
                     route: route.to_string(),
                 },
                 (OpErrorKind::BadRequest, _) => Error::BadRequest(e.message),
+                (OpErrorKind::KeyIdTaken, _) => match requested_id {
+                    Some(key_id) => Error::KeyIdTaken {
+                        key_id,
+                        detail: e.message,
+                    },
+                    None => Error::Operation(e),
+                },
                 _ => Error::Operation(e),
             }),
             other => Ok(other),

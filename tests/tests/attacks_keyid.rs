@@ -1,0 +1,234 @@
+//! Attack 3 of issue 12, "two keys, one id", on real processes.
+//!
+//! A create names the id its key gets (the SDK picks a random one, but the
+//! op API takes any). Sending the same id to two HSMs at once made both
+//! create a key, with different material: signatures under that id then
+//! depended on which HSM answered, and the second HSM's clone of the first
+//! key failed "conflict" for good. A key id must name one key in the whole
+//! cluster, for ever (a deleted key's id too).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keysync::{Client, Error, Route};
+use keysync_schemas::{
+    decode, Durability, Event, Fingerprint, HsmId, KeyAttributes, KeyId, KeyType, OpReply,
+    OpRequest,
+};
+use keysync_testkit::{
+    assert_converges, count_events, create, hsm, inventory, start_stack, wait_until,
+};
+
+/// Rounds of the race: each one a fresh id sent to two HSMs at once.
+const ROUNDS: usize = 50;
+
+fn generate(key_id: KeyId, key_type: KeyType, durability: Durability) -> OpRequest {
+    OpRequest::Generate {
+        key_id: Some(key_id),
+        key_type,
+        session: false,
+        durability,
+        attributes: KeyAttributes::default(),
+    }
+}
+
+/// The fingerprint in the `KeyCreated` the log holds for `key`, if any.
+async fn logged_fingerprint(client: &Client, key: &KeyId) -> Option<Fingerprint> {
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let stream = js
+        .get_stream(client.subjects().events_stream())
+        .await
+        .unwrap_or_else(|e| panic!("events stream: {e}"));
+    let msg = stream
+        .direct_get_last_for_subject(client.subjects().key_created(key))
+        .await
+        .ok()?;
+    match decode::<Event>(&msg.payload).map(|e| e.body) {
+        Ok(Event::KeyCreated(c)) => Some(c.fingerprint),
+        other => panic!("the created subject of {key} holds {other:?}"),
+    }
+}
+
+/// Sends `op` to both HSMs at once; returns each answer.
+async fn race(
+    client: &Client,
+    a: &HsmId,
+    b: &HsmId,
+    op: &OpRequest,
+) -> [(HsmId, Result<OpReply, Error>); 2] {
+    let (to_a, to_b) = (Route::Hsm(a.clone()), Route::Hsm(b.clone()));
+    let (ra, rb) = tokio::join!(
+        client.request(&to_a, op.clone()),
+        client.request(&to_b, op.clone()),
+    );
+    [(a.clone(), ra), (b.clone(), rb)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_one_id_leave_one_key_in_the_cluster() {
+    let stack = start_stack(3).await;
+    let client = stack.client();
+    let (h1, h2) = (hsm("hsm-1"), hsm("hsm-2"));
+    let types = [KeyType::Ed25519, KeyType::P256, KeyType::Aes256];
+
+    let mut winners: BTreeMap<KeyId, Fingerprint> = BTreeMap::new();
+    let mut twice = Vec::new();
+    let mut refused = 0usize;
+    let mut unexpected = Vec::new();
+    for round in 0..ROUNDS {
+        let id = KeyId::new();
+        let op = generate(id, types[round % types.len()], Durability::Logged);
+        let mut created = Vec::new();
+        for (h, answer) in race(client, &h1, &h2, &op).await {
+            match answer {
+                Ok(OpReply::Created { info, .. }) => created.push((h, info.fingerprint)),
+                Err(Error::KeyIdTaken { key_id, detail }) => {
+                    assert_eq!(key_id, id, "round {round}");
+                    assert!(
+                        detail.contains("taken in the cluster") || detail.contains("already holds"),
+                        "round {round}: the refusal says why: {detail}"
+                    );
+                    refused += 1;
+                }
+                other => unexpected.push(format!("round {round}, {h}: {other:?}")),
+            }
+        }
+        // The attack was performed: both HSMs answered, and the id exists.
+        match created.as_slice() {
+            [(_, fp)] => {
+                winners.insert(id, *fp);
+            }
+            [(_, a), (_, b)] => {
+                twice.push((id, a != b));
+                winners.insert(id, *a);
+            }
+            _ => panic!("round {round}: both creates of {id} were refused"),
+        }
+    }
+    assert!(
+        twice.is_empty(),
+        "{} of {ROUNDS} ids were created on both HSMs ({} with different material); \
+         other answers: {unexpected:?}",
+        twice.len(),
+        twice.iter().filter(|(_, differ)| *differ).count(),
+    );
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+    assert_eq!(refused, ROUNDS, "one create of each id is refused");
+
+    // The log holds one KeyCreated per id, the winner's.
+    for (id, fp) in &winners {
+        assert_eq!(
+            count_events(client, &client.subjects().key_created(id)).await,
+            1,
+            "{id}"
+        );
+        assert_eq!(logged_fingerprint(client, id).await, Some(*fp), "{id}");
+    }
+    // Every HSM ends up with the winner's key under each id: no HSM keeps
+    // a losing key (it would show as another fingerprint).
+    assert_converges(client, &stack.hsm_ids(), &winners, Duration::from_secs(60)).await;
+    for h in stack.hsm_ids() {
+        let health = client.health(&h).await.expect("health");
+        assert_eq!(
+            health.outbox, 0,
+            "{h} keeps no outbox entry of a lost create"
+        );
+        assert_eq!(
+            health.clones_failed, 0,
+            "{h}: no clone failed (a kept losing key makes its clone conflict)"
+        );
+    }
+}
+
+/// With durability `none` the HSM answers before JetStream decides, so both
+/// creates may answer `Created`; the loser's key is removed once the log
+/// refuses it, and the cluster still ends with one key per id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_durability_none_the_losing_key_is_removed_afterwards() {
+    let stack = start_stack(2).await;
+    let client = stack.client();
+    let (h1, h2) = (hsm("hsm-1"), hsm("hsm-2"));
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let id = KeyId::new();
+        let op = generate(id, KeyType::Ed25519, Durability::None);
+        let mut answered = 0;
+        for (h, answer) in race(client, &h1, &h2, &op).await {
+            match answer {
+                Ok(OpReply::Created { .. }) | Err(Error::KeyIdTaken { .. }) => answered += 1,
+                other => panic!("the create on {h} answered {other:?}"),
+            }
+        }
+        assert_eq!(answered, 2);
+        ids.push(id);
+    }
+    let mut winners = BTreeMap::new();
+    for id in &ids {
+        let logged = wait_until(Duration::from_secs(20), || async {
+            logged_fingerprint(client, id).await.is_some()
+        })
+        .await;
+        assert!(logged, "{id} was never logged");
+        let fp = logged_fingerprint(client, id).await.expect("logged");
+        assert_eq!(
+            count_events(client, &client.subjects().key_created(id)).await,
+            1
+        );
+        winners.insert(*id, fp);
+    }
+    assert_converges(client, &stack.hsm_ids(), &winners, Duration::from_secs(60)).await;
+}
+
+/// A deleted key's id stays taken: an HSM that never held the key (it
+/// joined after the delete, so it has no tombstone) cannot create a new key
+/// under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_keys_id_cannot_be_created_again() {
+    let mut stack = start_stack(2).await;
+    let key = create(stack.client(), KeyType::Ed25519, &hsm("hsm-1")).await;
+    let id = key.info.key_id;
+    stack
+        .client()
+        .delete_key(id, &Route::Hsm(hsm("hsm-1")))
+        .await
+        .expect("delete");
+    let client = stack.client().clone();
+    let erased = wait_until(Duration::from_secs(20), || async {
+        for h in [hsm("hsm-1"), hsm("hsm-2")] {
+            if inventory(&client, &h).await.contains_key(&id) {
+                return false;
+            }
+        }
+        count_events(&client, &client.subjects().key_created(&id)).await == 0
+    })
+    .await;
+    assert!(erased, "the delete did not complete");
+
+    let fresh = hsm("hsm-3");
+    stack
+        .start_agents(std::slice::from_ref(&fresh))
+        .await
+        .expect("hsm-3 starts");
+    stack.wait_for_members(3).await.expect("hsm-3 is a member");
+    let answer = client
+        .request(
+            &Route::Hsm(fresh.clone()),
+            generate(id, KeyType::Ed25519, Durability::Logged),
+        )
+        .await;
+    // The attack was performed: hsm-3 answered the create.
+    match answer {
+        Err(Error::KeyIdTaken { key_id, .. }) => assert_eq!(key_id, id),
+        other => panic!("a create under a deleted key's id answered {other:?}"),
+    }
+    assert!(
+        !inventory(&client, &fresh).await.contains_key(&id),
+        "hsm-3 keeps the refused key"
+    );
+    assert_eq!(
+        count_events(&client, &client.subjects().key_created(&id)).await,
+        0,
+        "the deleted key's created subject stays empty"
+    );
+    assert_eq!(client.health(&fresh).await.expect("health").outbox, 0);
+}
