@@ -379,7 +379,9 @@ impl Client {
                     route: route.to_string(),
                 },
                 (OpErrorKind::BadRequest, _) => Error::BadRequest(e.message),
-                (OpErrorKind::KeyIdTaken, _) => match requested_id {
+                // On the HSM asked, or in the cluster's log: either way
+                // the id names another key, and only a new id helps.
+                (OpErrorKind::KeyIdTaken | OpErrorKind::AlreadyExists, _) => match requested_id {
                     Some(key_id) => Error::KeyIdTaken {
                         key_id,
                         detail: e.message,
@@ -496,10 +498,10 @@ impl Client {
         };
         let reply = match self.request(&spec.route, op).await {
             // A retried create whose first attempt had worked (its reply was
-            // lost): the id is ours (random 122 bits), so the key is ours.
-            Err(Error::Operation(e)) if e.kind == OpErrorKind::AlreadyExists => {
-                self.recover_create(key_id, spec).await?
-            }
+            // lost; the retry may even have reached another HSM, whose key
+            // the log then refused): the id is ours (random 122 bits), so
+            // the key holding it is ours.
+            Err(Error::KeyIdTaken { .. }) => self.recover_create(key_id, spec).await?,
             other => other?,
         };
         let OpReply::Created {

@@ -12,6 +12,7 @@ pub mod material;
 pub mod membership;
 pub mod offline;
 pub mod ops;
+pub mod uniqueness;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -98,6 +99,31 @@ impl Agent {
         msg_id: uuid::Uuid,
         payload: Vec<u8>,
     ) -> anyhow::Result<PublishAckFuture> {
+        self.publish_with(subject, msg_id, payload, |_| {}).await
+    }
+
+    /// Publishes a `KeyCreated` like [`Agent::publish_event`], stored only
+    /// if the log holds nothing yet under its key id (see [`uniqueness`]):
+    /// the PubAck is then "wrong last sequence" for a taken id.
+    pub async fn publish_key_created(
+        &self,
+        key: &KeyId,
+        msg_id: uuid::Uuid,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<PublishAckFuture> {
+        self.publish_with(self.subjects.key_created(key), msg_id, payload, |h| {
+            uniqueness::expect_new_key_id(h, &self.subjects, key)
+        })
+        .await
+    }
+
+    async fn publish_with(
+        &self,
+        subject: String,
+        msg_id: uuid::Uuid,
+        payload: Vec<u8>,
+        extra: impl FnOnce(&mut async_nats::HeaderMap),
+    ) -> anyhow::Result<PublishAckFuture> {
         let mut h = keysync_security::signed_headers(
             &self.identity,
             &Signer::Hsm(self.hsm.clone()),
@@ -106,6 +132,7 @@ impl Agent {
             &payload,
         );
         keysync_telemetry::inject(&tracing::Span::current(), &mut h);
+        extra(&mut h);
         Ok(self
             .js
             .publish_with_headers(subject, h, payload.into())
@@ -402,10 +429,13 @@ async fn forget_confirmed(
     Ok(())
 }
 
-/// Publishes `KeyCreated` events that were stored but never acknowledged
-/// (the agent died, or JetStream was away): at start, then every few
-/// seconds. JetStream deduplicates by `Nats-Msg-Id` and the orchestrator
-/// ignores a repeated `KeyCreated`, so publishing one twice is harmless.
+/// Publishes `KeyCreated` (and `KeyDeleted`) events that were stored but
+/// never acknowledged (the agent died, or JetStream was away): at start,
+/// then every few seconds. JetStream deduplicates by `Nats-Msg-Id`, and a
+/// `KeyCreated` is stored only while its id is free in the log: one refused
+/// because it is there already is recognised as ours ([`uniqueness`]), so
+/// publishing one twice is harmless; one whose id another key took first
+/// is undone.
 const OUTBOX_GRACE: Duration = Duration::from_secs(5);
 
 async fn republish_outbox(agent: Arc<Agent>) -> anyhow::Result<()> {
@@ -440,23 +470,50 @@ async fn republish_outbox(agent: Arc<Agent>) -> anyhow::Result<()> {
             if age < OUTBOX_GRACE.as_nanos() as u64 {
                 continue;
             }
-            let subject = match &env.body {
-                Event::KeyDeleted(_) => agent.subjects.key_deleted(&key_id),
-                _ => agent.subjects.key_created(&key_id),
-            };
             // Stamped now (same id), so that an entry that waited out a long
             // outage is inside the replay window when it is stored.
+            let created = match &env.body {
+                Event::KeyCreated(c) => Some(c.fingerprint),
+                _ => None,
+            };
             let restamped = Envelope::with_id(env.id, env.source, env.body);
-            let Ok(bytes) = encode(&restamped) else {
+            let Ok(restamped_bytes) = encode(&restamped) else {
                 continue;
             };
-            match agent.publish_event(subject, env.id, bytes).await {
-                Ok(ack) => {
-                    if ack.await.is_ok() {
-                        agent.outbox_confirmed(key_id);
+            match created {
+                // Stored only if the id is still free in the cluster, or
+                // found to be ours already; a lost id is undone here.
+                Some(fingerprint) => {
+                    let published = agent
+                        .publish_key_created(&key_id, env.id, restamped_bytes)
+                        .await;
+                    match uniqueness::await_created(
+                        &agent,
+                        key_id,
+                        fingerprint,
+                        bytes,
+                        published,
+                        None,
+                    )
+                    .await
+                    {
+                        uniqueness::Outcome::Logged(_) | uniqueness::Outcome::Taken(_) => {}
+                        uniqueness::Outcome::Pending(e) => {
+                            tracing::warn!(%key_id, error = %e, "outbox publish not decided; will retry")
+                        }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "outbox publish failed; will retry"),
+                None => {
+                    let subject = agent.subjects.key_deleted(&key_id);
+                    match agent.publish_event(subject, env.id, restamped_bytes).await {
+                        Ok(ack) => {
+                            if ack.await.is_ok() {
+                                agent.outbox_confirmed(key_id);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "outbox publish failed; will retry"),
+                    }
+                }
             }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;

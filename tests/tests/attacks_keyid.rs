@@ -8,6 +8,7 @@
 //! cluster, for ever (a deleted key's id too).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use keysync::{Client, Error, Route};
@@ -16,7 +17,8 @@ use keysync_schemas::{
     OpRequest,
 };
 use keysync_testkit::{
-    assert_converges, count_events, create, hsm, inventory, start_stack, wait_until,
+    assert_converges, count_events, create, hsm, inventory, start_stack, wait_until, DevStack,
+    StackOptions,
 };
 
 /// Rounds of the race: each one a fresh id sent to two HSMs at once.
@@ -66,7 +68,30 @@ async fn race(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_of_one_id_leave_one_key_in_the_cluster() {
-    let stack = start_stack(3).await;
+    race_rounds(&start_stack(3).await, ROUNDS).await;
+}
+
+/// The same on a three-node NATS cluster (R3 streams), where JetStream
+/// checks the message id before the expectation, and refuses a publish
+/// while another one under the same filter is in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_one_id_on_a_nats_cluster_leave_one_key() {
+    let stack = DevStack::start(StackOptions {
+        hsms: 3,
+        nats_nodes: 3,
+        nats_config: Some(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/cluster-node.conf"),
+        ),
+        ..Default::default()
+    })
+    .await
+    .expect("stack on a 3-node NATS cluster");
+    race_rounds(&stack, 20).await;
+}
+
+/// `rounds` fresh ids, each sent to hsm-1 and hsm-2 at once: one key per
+/// id, the other create refused, every HSM converging on the winner.
+async fn race_rounds(stack: &DevStack, rounds: usize) {
     let client = stack.client();
     let (h1, h2) = (hsm("hsm-1"), hsm("hsm-2"));
     let types = [KeyType::Ed25519, KeyType::P256, KeyType::Aes256];
@@ -75,7 +100,7 @@ async fn concurrent_creates_of_one_id_leave_one_key_in_the_cluster() {
     let mut twice = Vec::new();
     let mut refused = 0usize;
     let mut unexpected = Vec::new();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let id = KeyId::new();
         let op = generate(id, types[round % types.len()], Durability::Logged);
         let mut created = Vec::new();
@@ -107,13 +132,13 @@ async fn concurrent_creates_of_one_id_leave_one_key_in_the_cluster() {
     }
     assert!(
         twice.is_empty(),
-        "{} of {ROUNDS} ids were created on both HSMs ({} with different material); \
+        "{} of {rounds} ids were created on both HSMs ({} with different material); \
          other answers: {unexpected:?}",
         twice.len(),
         twice.iter().filter(|(_, differ)| *differ).count(),
     );
     assert!(unexpected.is_empty(), "{unexpected:?}");
-    assert_eq!(refused, ROUNDS, "one create of each id is refused");
+    assert_eq!(refused, rounds, "one create of each id is refused");
 
     // The log holds one KeyCreated per id, the winner's.
     for (id, fp) in &winners {
@@ -149,19 +174,25 @@ async fn with_durability_none_the_losing_key_is_removed_afterwards() {
     let client = stack.client();
     let (h1, h2) = (hsm("hsm-1"), hsm("hsm-2"));
     let mut ids = Vec::new();
+    let mut both_created = 0;
     for _ in 0..10 {
         let id = KeyId::new();
         let op = generate(id, KeyType::Ed25519, Durability::None);
-        let mut answered = 0;
+        let mut created = 0;
         for (h, answer) in race(client, &h1, &h2, &op).await {
             match answer {
-                Ok(OpReply::Created { .. }) | Err(Error::KeyIdTaken { .. }) => answered += 1,
+                Ok(OpReply::Created { .. }) => created += 1,
+                Err(Error::KeyIdTaken { .. }) => {}
                 other => panic!("the create on {h} answered {other:?}"),
             }
         }
-        assert_eq!(answered, 2);
+        if created == 2 {
+            both_created += 1;
+        }
         ids.push(id);
     }
+    // The attack was performed: both HSMs made a key under one id.
+    assert!(both_created > 0, "no round had both creates answered");
     let mut winners = BTreeMap::new();
     for id in &ids {
         let logged = wait_until(Duration::from_secs(20), || async {
@@ -231,4 +262,75 @@ async fn a_deleted_keys_id_cannot_be_created_again() {
         "the deleted key's created subject stays empty"
     );
     assert_eq!(client.health(&fresh).await.expect("health").outbox, 0);
+}
+
+/// The expectation must not refuse our own event: a `KeyCreated` stored
+/// and then published again from the outbox (the agent died between the
+/// PubAck and forgetting the entry) is refused by a single-node server,
+/// which checks the expectation before de-duplication; the agent must see
+/// that the log holds its own event, keep its key and forget the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_own_key_created_published_again_is_recognised_as_logged() {
+    let mut stack = start_stack(2).await;
+    let client = stack.client().clone();
+    let h1 = hsm("hsm-1");
+    let key = create(&client, KeyType::Ed25519, &h1).await;
+    let id = key.info.key_id;
+    let drained = wait_until(Duration::from_secs(10), || async {
+        client.health(&h1).await.is_ok_and(|h| h.outbox == 0)
+    })
+    .await;
+    assert!(drained, "the outbox never drained");
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let logged = js
+        .get_stream(client.subjects().events_stream())
+        .await
+        .expect("events stream")
+        .direct_get_last_for_subject(client.subjects().key_created(&id))
+        .await
+        .expect("the KeyCreated");
+
+    // Put the logged event back into hsm-1's outbox while it is down.
+    stack.kill_agent(&h1);
+    {
+        let db = redb::Database::open(stack.dir().join("hsm-1/keystore.redb")).expect("open store");
+        let txn = db.begin_write().expect("txn");
+        {
+            let table: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("outbox");
+            let mut outbox = txn.open_table(table).expect("outbox table");
+            outbox
+                .insert(id.0.as_u128(), logged.payload.as_ref())
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    stack
+        .start_agents(std::slice::from_ref(&h1))
+        .await
+        .expect("restart");
+    assert_eq!(client.health(&h1).await.expect("health").outbox, 1);
+
+    let drained = wait_until(Duration::from_secs(20), || async {
+        client.health(&h1).await.is_ok_and(|h| h.outbox == 0)
+    })
+    .await;
+    assert!(drained, "the republished KeyCreated was never settled");
+    let log = std::fs::read_to_string(stack.dir().join("logs/hsm-1.log")).expect("log");
+    assert!(
+        log.contains("KeyCreated refused as already logged"),
+        "the republish was refused and recognised (the path under test)"
+    );
+    assert!(
+        !log.contains("key id is taken"),
+        "hsm-1 judged its own key lost"
+    );
+    assert_eq!(
+        inventory(&client, &h1).await.get(&id),
+        Some(&key.info.fingerprint),
+        "hsm-1 keeps its key"
+    );
+    assert_eq!(
+        count_events(&client, &client.subjects().key_created(&id)).await,
+        1
+    );
 }
