@@ -44,10 +44,13 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// A child's log, appended to; made 0600 (its dir is private too).
 fn log_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .map_err(|e| StackError::Io(path.display().to_string(), e))
 }

@@ -564,6 +564,12 @@ async fn cluster_key(config: &Config, nats: &async_nats::Client) -> anyhow::Resu
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(anyhow::anyhow!("{}: {e}", pin.display())),
     };
+    if pinned.is_some() {
+        // Pinned by an older version, readable by all: it is the data
+        // dir's business only.
+        keysync_security::secret_file::private_file(&pin)
+            .with_context(|| format!("{}", pin.display()))?;
+    }
     let key = match (config.cluster_key, pinned) {
         (Some(given), Some(p)) if given != p => {
             tracing::warn!(
@@ -583,8 +589,11 @@ async fn cluster_key(config: &Config, nats: &async_nats::Client) -> anyhow::Resu
         }
     };
     if pinned != Some(key) {
-        std::fs::write(&pin, format!("{}\n", hex::encode(key)))
-            .with_context(|| format!("pinning the cluster key in {}", pin.display()))?;
+        keysync_security::secret_file::write_private(
+            &pin,
+            format!("{}\n", hex::encode(key)).as_bytes(),
+        )
+        .with_context(|| format!("pinning the cluster key in {}", pin.display()))?;
     }
     Ok(key)
 }

@@ -188,6 +188,36 @@ fn stored_fingerprint(bytes: &[u8]) -> Option<(KeyType, Fingerprint)> {
     Some((rec.key_type, rec.fingerprint))
 }
 
+/// Makes `dir` private (0700) and the database file in it too (0600):
+/// created empty with that mode if missing (redb initialises an empty
+/// file), narrowed if a looser mode was left by an older version. The file
+/// is sealed at rest, but its ids, fingerprints and outbox are nobody
+/// else's business.
+fn private_store_file(dir: &Path, path: &Path) -> Result<(), KeystoreError> {
+    use keysync_security::secret_file;
+    let open_err = |e: &dyn std::fmt::Display| KeystoreError::Open(e.to_string());
+    if secret_file::private_dir(dir).map_err(|e| open_err(&e))? {
+        tracing::warn!(dir = %dir.display(), "the data dir was accessible to group or others; narrowed to 0700");
+    }
+    let mut create = std::fs::OpenOptions::new();
+    create.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        create.mode(0o600);
+    }
+    match create.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if secret_file::private_file(path).map_err(|e| open_err(&e))? {
+                tracing::warn!(file = %path.display(), "the keystore was accessible to group or others; narrowed to 0600");
+            }
+            Ok(())
+        }
+        Err(e) => Err(open_err(&format!("{}: {e}", path.display()))),
+    }
+}
+
 impl EmbeddedKeystore {
     /// Opens (or creates) the store in `dir` and loads every token key.
     /// Fails if any stored key cannot be decrypted: a wrong domain key or a
@@ -202,9 +232,8 @@ impl EmbeddedKeystore {
         domain: DomainKey,
         opener: Opener,
     ) -> Result<Self, KeystoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| KeystoreError::Open(format!("{}: {e}", dir.display())))?;
         let path = dir.join("keystore.redb");
+        private_store_file(dir, &path)?;
         let db =
             opener(&path).map_err(|e| KeystoreError::Open(format!("{}: {e}", path.display())))?;
         let at_rest_key = domain.derive(hsm.as_str().as_bytes(), b"keysync at-rest v1");
