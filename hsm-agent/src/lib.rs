@@ -179,16 +179,52 @@ pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Keystore>> {
 }
 
 /// Runs the agent on `store` until `shutdown` resolves or a fatal error
-/// occurs (after which it may simply be run again).
+/// occurs (after which it may simply be run again). It returns soon after
+/// `shutdown` resolves whether NATS is there or not (while starting too).
 pub async fn run(
     config: Config,
     store: Arc<dyn Keystore>,
     nats: async_nats::Client,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    let mut tasks = tokio::task::JoinSet::new();
+    // Starting needs NATS (the streams, a status reply, the first
+    // publishes) and waits for it: a stop signal ends the wait.
+    let agent = tokio::select! {
+        started = start(&config, store, &nats, &mut tasks) => started?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    tracing::info!(hsm = %agent.hsm, identity = %agent.identity.public_hex(), "agent ready");
+
+    let result = tokio::select! {
+        _ = &mut shutdown => Ok(()),
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a task ended unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("a task panicked: {e}")),
+        },
+    };
+    // Stop consuming before the client goes away.
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    // Sends what is buffered, if the server is there: a flush waits for a
+    // server round trip, forever while it is away.
+    let _ = tokio::time::timeout(Duration::from_secs(1), nats.flush()).await;
+    result
+}
+
+/// Connects the agent to the cluster and starts its tasks into `tasks`;
+/// returns once it serves and is announced.
+async fn start(
+    config: &Config,
+    store: Arc<dyn Keystore>,
+    nats: &async_nats::Client,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<Arc<Agent>> {
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let js = jetstream::new(nats.clone());
-    let cluster_key = cluster_key(&config, &nats).await?;
+    let cluster_key = cluster_key(config, nats).await?;
     let agent = Arc::new(Agent {
         store,
         hsm: config.hsm.clone(),
@@ -216,7 +252,6 @@ pub async fn run(
         .wait_for_stream(&agent.subjects.events_stream())
         .await?;
 
-    let mut tasks = tokio::task::JoinSet::new();
     let agent_for_membership = agent.clone();
     let agent_for_heartbeat = agent.clone();
     let heartbeat_interval = config.heartbeat_interval;
@@ -233,21 +268,7 @@ pub async fn run(
         membership::confirm(agent_for_membership).await?;
         heartbeat(agent_for_heartbeat, heartbeat_interval).await
     });
-    tracing::info!(hsm = %agent.hsm, identity = %agent.identity.public_hex(), "agent ready");
-
-    let result = tokio::select! {
-        _ = shutdown => Ok(()),
-        Some(done) = tasks.join_next() => match done {
-            Ok(Ok(())) => Err(anyhow::anyhow!("a task ended unexpectedly")),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(anyhow::anyhow!("a task panicked: {e}")),
-        },
-    };
-    // Stop consuming before the client goes away.
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
-    let _ = nats.flush().await;
-    result
+    Ok(agent)
 }
 
 /// Serves key operations on this HSM's subject and the any-HSM queue group.
