@@ -1,11 +1,13 @@
 //! Issue 12, item 6, on real processes: an agent's files are private to
-//! it, and it stops on SIGTERM within its grace even while NATS is down.
+//! it, it stops on SIGTERM within its grace even while NATS is down, and a
+//! dead letter anyone forged is told apart from one a process filed.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keysync_testkit::{hsm, wait_until, DevStack, StackOptions};
+use keysync_schemas::{encode, DeadLetter, Envelope, OpErrorKind, OpReply, RejectReason, Source};
+use keysync_testkit::{hsm, keysync_cli, start_stack, wait_until, DevStack, StackOptions};
 
 /// A path's permission bits, in octal ("700").
 fn octal(path: &Path) -> String {
@@ -133,4 +135,99 @@ async fn an_agent_stops_on_sigterm_while_nats_is_down() {
         }
     }
     assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+/// `keysync dlq list --json`, off the runtime's threads.
+async fn dlq_list(url: &str) -> serde_json::Value {
+    let url = url.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        keysync_cli(&["--nats", &url, "dlq", "list", "--json", "--limit", "100"])
+    })
+    .await
+    .expect("the CLI task");
+    assert!(
+        out.status.success(),
+        "keysync dlq list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON document")
+}
+
+/// Any role allowed on `keysync.dlq.agent` (every agent under
+/// `secure.conf`) can publish dead letters of its own making, claiming any
+/// filer. `keysync dlq list` must show which letters were filed (signed) by
+/// whom, and that a forged one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_dead_letters_are_told_apart_from_filed_ones() {
+    let stack = start_stack(1).await;
+    let client = stack.client();
+    let subjects = client.subjects().clone();
+
+    // A genuine one: hsm-1 rejects a malformed request and files it.
+    let reply = client
+        .nats()
+        .request(subjects.hsm_op(&hsm("hsm-1")), "not an envelope".into())
+        .await
+        .expect("hsm-1 answers");
+    match keysync_schemas::decode::<OpReply>(&reply.payload).map(|e| e.body) {
+        Ok(OpReply::Error(e)) => assert_eq!(e.kind, OpErrorKind::BadRequest),
+        other => panic!("a malformed request answered {other:?}"),
+    }
+
+    // A forged one, claiming the orchestrator rejected a signed event.
+    let forged = DeadLetter {
+        rejected_by: "orchestrator orchestrator".into(),
+        subject: "keysync.evt.hsm.hsm-1.joined".into(),
+        reason: RejectReason::BadSignature,
+        detail: "forged by a test".into(),
+        claimed_signer: Some("hsm/hsm-1".into()),
+        stream_seq: Some(1),
+        payload_len: 0,
+        payload_sha256: [0; 32],
+        payload: None,
+    };
+    let bytes = encode(&Envelope::new(
+        Source::Orchestrator("orchestrator".into()),
+        forged,
+    ))
+    .expect("encode");
+    let js = async_nats::jetstream::new(client.nats().clone());
+    js.publish(subjects.dead_letters("agent"), bytes.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("the forged dead letter is stored");
+
+    let url = stack.url();
+    let both_listed = |doc: &serde_json::Value| {
+        let letters = doc["letters"].as_array().cloned().unwrap_or_default();
+        letters.iter().any(|l| l["detail"] == "forged by a test")
+            && letters
+                .iter()
+                .any(|l| l["rejected_by"] == "hsm-agent hsm-1")
+    };
+    let listed = wait_until(Duration::from_secs(20), || async {
+        both_listed(&dlq_list(&url).await)
+    })
+    .await;
+    let doc = dlq_list(&url).await;
+    assert!(listed, "both letters are listed: {doc:#}");
+    let letters = doc["letters"].as_array().cloned().unwrap_or_default();
+    let forged = letters
+        .iter()
+        .find(|l| l["detail"] == "forged by a test")
+        .expect("forged letter");
+    let filed = letters
+        .iter()
+        .find(|l| l["rejected_by"] == "hsm-agent hsm-1")
+        .expect("filed letter");
+    assert_eq!(filed["verified"], true, "{filed:#}");
+    assert_eq!(filed["signed_by"], "hsm/hsm-1", "{filed:#}");
+    assert_eq!(forged["verified"], false, "{forged:#}");
+    assert!(
+        forged["unverified_reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{forged:#}"
+    );
 }
