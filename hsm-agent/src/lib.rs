@@ -234,6 +234,8 @@ async fn start(
             &config.subjects,
             "agent",
             Source::Hsm(config.hsm.clone()),
+            config.identity.clone(),
+            Signer::Hsm(config.hsm.clone()),
         )),
         identity: config.identity.clone(),
         cluster_key,
