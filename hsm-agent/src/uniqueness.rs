@@ -190,9 +190,10 @@ pub enum Outcome {
     Pending(String),
 }
 
-/// Waits for the PubAck of a `KeyCreated` (at most `timeout`, if given)
-/// and, if the log refused it, settles who holds the id; a lost create is
-/// undone here. `entry` is the outbox entry as stored.
+/// Waits for the PubAck of a `KeyCreated` (at most `timeout`, if given,
+/// and as long again to read the log after a refusal) and, if the log
+/// refused it, settles who holds the id; a lost create is undone here.
+/// `entry` is the outbox entry as stored.
 pub async fn await_created(
     agent: &Arc<Agent>,
     key: KeyId,
@@ -225,7 +226,15 @@ pub async fn await_created(
         Err(e) if refused_by_log(&e) => e,
         Err(e) => return Outcome::Pending(e.to_string()),
     };
-    match settle(agent, &key, &fingerprint).await {
+    // The log is read within the caller's time too: a create's answer
+    // must not wait on a server that stopped answering.
+    let verdict = match timeout {
+        Some(t) => tokio::time::timeout(t, settle(agent, &key, &fingerprint))
+            .await
+            .unwrap_or(Verdict::Undecided),
+        None => settle(agent, &key, &fingerprint).await,
+    };
+    match verdict {
         Verdict::Ours { seq } => {
             tracing::info!(%key, seq, "KeyCreated refused as already logged: the log holds this HSM's own (published again)");
             agent.outbox_confirmed(key);

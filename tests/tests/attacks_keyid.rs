@@ -12,10 +12,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keysync::{Client, Error, Route};
+use keysync_harness::StackAuth;
 use keysync_schemas::{
     decode, Durability, Event, Fingerprint, HsmId, KeyAttributes, KeyId, KeyType, OpReply,
     OpRequest,
 };
+use keysync_security::NatsAuth;
 use keysync_testkit::{
     assert_converges, count_events, create, hsm, inventory, start_stack, wait_until, DevStack,
     StackOptions,
@@ -87,6 +89,30 @@ async fn concurrent_creates_of_one_id_on_a_nats_cluster_leave_one_key() {
     .await
     .expect("stack on a 3-node NATS cluster");
     race_rounds(&stack, 20).await;
+}
+
+/// The same under `deploy/nats/secure.conf`, each process logged in as its
+/// role: an agent may read what it needs to settle a refused create.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_one_id_under_the_secure_config_leave_one_key() {
+    let user = |name: &str| NatsAuth::user(name, &format!("{name}-dev-secret"));
+    let stack = DevStack::start(StackOptions {
+        hsms: 3,
+        nats_config: Some(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/secure.conf"),
+        ),
+        auth: StackAuth {
+            orchestrator: user("orchestrator"),
+            operator: user("operator"),
+            agents: (1..=3)
+                .map(|i| (format!("hsm-{i}"), user(&format!("hsm-{i}"))))
+                .collect(),
+        },
+        ..Default::default()
+    })
+    .await
+    .expect("stack on deploy/nats/secure.conf with per-role users");
+    race_rounds(&stack, 10).await;
 }
 
 /// `rounds` fresh ids, each sent to hsm-1 and hsm-2 at once: one key per
