@@ -26,6 +26,11 @@ use keysync_testkit::{
 /// Rounds of the race: each one a fresh id sent to two HSMs at once.
 const ROUNDS: usize = 50;
 
+/// The three-node NATS cluster is the heaviest stack here: it runs alone
+/// (write), the others together (read), so that on a busy 2-core machine
+/// its start-up does not compete with five other stacks.
+static HEAVY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn generate(key_id: KeyId, key_type: KeyType, durability: Durability) -> OpRequest {
     OpRequest::Generate {
         key_id: Some(key_id),
@@ -70,6 +75,7 @@ async fn race(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_of_one_id_leave_one_key_in_the_cluster() {
+    let _heavy = HEAVY.read().await;
     race_rounds(&start_stack(3).await, ROUNDS).await;
 }
 
@@ -78,6 +84,7 @@ async fn concurrent_creates_of_one_id_leave_one_key_in_the_cluster() {
 /// while another one under the same filter is in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_of_one_id_on_a_nats_cluster_leave_one_key() {
+    let _heavy = HEAVY.write().await;
     let stack = DevStack::start(StackOptions {
         hsms: 3,
         nats_nodes: 3,
@@ -95,6 +102,7 @@ async fn concurrent_creates_of_one_id_on_a_nats_cluster_leave_one_key() {
 /// role: an agent may read what it needs to settle a refused create.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_of_one_id_under_the_secure_config_leave_one_key() {
+    let _heavy = HEAVY.read().await;
     let user = |name: &str| NatsAuth::user(name, &format!("{name}-dev-secret"));
     let stack = DevStack::start(StackOptions {
         hsms: 3,
@@ -196,6 +204,7 @@ async fn race_rounds(stack: &DevStack, rounds: usize) {
 /// refuses it, and the cluster still ends with one key per id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_durability_none_the_losing_key_is_removed_afterwards() {
+    let _heavy = HEAVY.read().await;
     let stack = start_stack(2).await;
     let client = stack.client();
     let (h1, h2) = (hsm("hsm-1"), hsm("hsm-2"));
@@ -241,6 +250,7 @@ async fn with_durability_none_the_losing_key_is_removed_afterwards() {
 /// under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_keys_id_cannot_be_created_again() {
+    let _heavy = HEAVY.read().await;
     let mut stack = start_stack(2).await;
     let key = create(stack.client(), KeyType::Ed25519, &hsm("hsm-1")).await;
     let id = key.info.key_id;
@@ -297,6 +307,7 @@ async fn a_deleted_keys_id_cannot_be_created_again() {
 /// that the log holds its own event, keep its key and forget the entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_own_key_created_published_again_is_recognised_as_logged() {
+    let _heavy = HEAVY.read().await;
     let mut stack = start_stack(2).await;
     let client = stack.client().clone();
     let h1 = hsm("hsm-1");
