@@ -49,7 +49,7 @@ pub enum Error {
     /// asked), or a key with that id was deleted, and ids are never
     /// reused. Nothing was created. Apart from [`Error::BadRequest`]: the
     /// request was well formed, and the same create under a new id works.
-    #[error("key id {key_id} is taken in the cluster: {detail}")]
+    #[error("key id {key_id} is taken: {detail}")]
     KeyIdTaken {
         /// The id asked for.
         key_id: KeyId,

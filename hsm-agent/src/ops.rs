@@ -363,7 +363,7 @@ async fn create(agent: &Arc<Agent>, req: Create<'_>) -> Result<OpReply, OpError>
         Durability::None => {
             // Answered before JetStream decides: a create under an id taken
             // in the cluster is undone in the background (the caller was
-            // told `Created`; see docs/security.md).
+            // told `Created`; see decision 4).
             let agent = agent.clone();
             tokio::spawn(async move {
                 match uniqueness::await_created(&agent, key_id, fingerprint, bytes, published, None)
