@@ -11,6 +11,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cmd::Cli::parse();
+    cli.check();
     let telemetry = keysync_telemetry::init("keysync", &[], "warn");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -62,7 +62,10 @@ pub struct ClientOptions {
     pub watch_replicas: bool,
     /// Watch the orchestrator's sync metrics (sizes retry budgets).
     pub watch_metrics: bool,
-    /// NATS credentials.
+    /// NATS credentials, and the inbox prefix replies come back under
+    /// (`auth.inbox_prefix`; default `_INBOX.<NATS user>`, or
+    /// `_INBOX.client`), which NATS permissions can keep private to this
+    /// client's role.
     pub auth: keysync_security::NatsAuth,
 }
 
@@ -209,7 +212,7 @@ impl Client {
             })?;
         let nats = options
             .auth
-            .apply(async_nats::ConnectOptions::new())
+            .apply_as(async_nats::ConnectOptions::new(), "client")
             .await
             .map_err(|e| Error::Connect {
                 url: url.to_string(),
@@ -311,10 +314,26 @@ impl Client {
         }
     }
 
+    /// Retries what reached no HSM (no responders) within the policy's
+    /// transient budget, long enough to ride out agents reconnecting after
+    /// a NATS restart; a timed-out request (it may have been carried out)
+    /// is retried only a few times.
     async fn request_retrying_transient(&self, route: &Route, op: &OpRequest) -> Result<OpReply> {
+        let policy = &self.inner.options.retry;
+        let timeouts = std::sync::atomic::AtomicU32::new(0);
         (|| self.request_once(route, op))
-            .retry(self.inner.options.retry.transient_backoff())
-            .when(|e| matches!(e, Error::HsmUnavailable { .. }))
+            .retry(policy.transient_backoff())
+            .when(|e| match e {
+                Error::HsmUnavailable {
+                    no_responders: true,
+                    ..
+                } => true,
+                Error::HsmUnavailable { .. } => {
+                    timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        < policy.timeout_retries
+                }
+                _ => false,
+            })
             .await
     }
 
@@ -367,6 +386,7 @@ impl Client {
             .await
             .map_err(|e| Error::HsmUnavailable {
                 route: route.to_string(),
+                no_responders: e.kind() == async_nats::RequestErrorKind::NoResponders,
                 detail: e.to_string(),
             })?;
         let reply = decode::<OpReply>(&msg.payload)
@@ -491,6 +511,7 @@ impl Client {
                     .map_err(|e| Error::HsmUnavailable {
                         route: spec.route.to_string(),
                         detail: e.to_string(),
+                        no_responders: false,
                     })?,
             )
         } else {

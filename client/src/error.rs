@@ -21,6 +21,10 @@ pub enum Error {
         route: String,
         /// Why.
         detail: String,
+        /// Nobody was subscribed to answer (no HSM serving that route right
+        /// now, as while agents reconnect after a NATS restart): the request
+        /// reached no HSM, so it is always safe to send again.
+        no_responders: bool,
     },
     /// The HSM asked does not hold the key. Right after a create this can
     /// mean "not yet replicated there".

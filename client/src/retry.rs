@@ -18,6 +18,12 @@ pub struct RetryPolicy {
     pub key_not_found: bool,
     /// Retry transient failures (no HSM answered).
     pub transient: bool,
+    /// How long, in backoff delays, a request that reached no HSM (no
+    /// responders) is retried: a NATS restart leaves agents resubscribing
+    /// for a second or two, and a create must not fail for it.
+    pub transient_budget: Duration,
+    /// How many times a timed-out request is sent again.
+    pub timeout_retries: u32,
     /// Budget for not-found retries when no metrics have been seen yet.
     pub fallback_budget: Duration,
     /// Budget bounds.
@@ -31,6 +37,8 @@ impl Default for RetryPolicy {
         RetryPolicy {
             key_not_found: true,
             transient: true,
+            transient_budget: Duration::from_secs(5),
+            timeout_retries: 3,
             fallback_budget: Duration::from_secs(2),
             min_budget: Duration::from_millis(50),
             max_budget: Duration::from_secs(10),
@@ -44,6 +52,7 @@ impl RetryPolicy {
         RetryPolicy {
             key_not_found: false,
             transient: false,
+            timeout_retries: 0,
             ..Default::default()
         }
     }
@@ -76,20 +85,37 @@ impl RetryPolicy {
             .with_max_times(64)
     }
 
-    /// A few quick retries for transient failures.
+    /// Quick retries for transient failures, spending at most
+    /// `transient_budget` in delays.
     pub fn transient_backoff(&self) -> ExponentialBuilder {
         ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(20))
-            .with_max_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_millis(250))
             .with_jitter()
-            .with_max_times(if self.transient { 3 } else { 0 })
+            .with_total_delay(Some(self.transient_budget))
+            .with_max_times(if self.transient { 64 } else { 0 })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use backon::BackoffBuilder as _;
     use keysync_schemas::LatencySummary;
+
+    #[test]
+    fn requests_that_reached_no_hsm_are_retried_through_a_reconnect_window() {
+        // Agents resubscribe a second or two after a NATS restart: the
+        // transient retries must span that, and stop at the budget.
+        let p = RetryPolicy::default();
+        let total: Duration = p.transient_backoff().build().sum();
+        assert!(total >= Duration::from_secs(3), "{total:?}");
+        assert!(
+            total <= p.transient_budget + Duration::from_millis(250),
+            "{total:?}"
+        );
+        assert_eq!(RetryPolicy::none().transient_backoff().build().count(), 0);
+    }
 
     #[test]
     fn budget_follows_the_live_p99() {

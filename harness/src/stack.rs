@@ -186,7 +186,7 @@ impl DevStack {
         let nats_client = opts
             .auth
             .operator
-            .apply(async_nats::ConnectOptions::new())
+            .apply_as(async_nats::ConnectOptions::new(), "operator")
             .await
             .map_err(|e| StackError::NotReady {
                 what: "nats credentials".into(),

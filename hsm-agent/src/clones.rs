@@ -247,6 +247,10 @@ async fn apply_batch(
             Ok(cmd) => cmd,
             Err(rejection) => {
                 let seq = msg.info().map(|i| i.stream_sequence).ok();
+                // Keyed by this agent's identity, so nobody else can take
+                // the id first and have the letter dropped as a duplicate
+                // (a restart re-derives it: a redelivery is filed once).
+                let ids = keysync_security::MessageIdKey::derive(&agent.identity);
                 agent
                     .bad_input
                     .file(
@@ -255,7 +259,12 @@ async fn apply_batch(
                             rejection,
                             stream_seq: seq,
                             payload: &msg.payload,
-                            dedup_id: seq.map(|s| format!("dlq-command-{s}")),
+                            dedup_id: seq.map(|s| {
+                                format!(
+                                    "dlq-command-{}",
+                                    ids.tag("dlq-command", &[&s.to_be_bytes()])
+                                )
+                            }),
                         },
                         Keep::Payload,
                     )

@@ -29,7 +29,7 @@ use keysync_schemas::{
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument as _;
 
-use keysync_security::{DeadLetters, Identity, Signer};
+use keysync_security::{DeadLetters, Filing, Identity, Keep, Signer};
 
 use crate::bad_input::BadInput;
 use crate::keystore::{embedded::EmbeddedKeystore, Keystore};
@@ -296,6 +296,27 @@ async fn serve_ops(agent: Arc<Agent>, max_concurrent: usize) -> anyhow::Result<(
             );
             continue;
         };
+        // Only an inbox is answered (nor is the operation carried out):
+        // the reply goes out with this agent's permissions, and a request
+        // could otherwise aim it at the audit stream, the lease bucket or
+        // a command queue.
+        if let Err(rejection) = keysync_security::reply::check(&reply_to) {
+            agent
+                .bad_input
+                .file(
+                    Filing {
+                        subject: &msg.subject,
+                        rejection,
+                        stream_seq: None,
+                        payload: &msg.payload,
+                        dedup_id: None,
+                    },
+                    // A request may carry plaintext material (Import).
+                    Keep::DigestOnly,
+                )
+                .await;
+            continue;
+        }
         let permit = limit.clone().acquire_owned().await?;
         let agent = agent.clone();
         let span = tracing::info_span!("keysync.op", hsm = %agent.hsm, subject = %msg.subject);

@@ -97,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let nats = args
         .auth
-        .apply(async_nats::ConnectOptions::new())
+        .apply_as(async_nats::ConnectOptions::new(), args.id.as_str())
         .await?
         .name(format!("hsm-agent {}", args.id))
         .retry_on_initial_connect()

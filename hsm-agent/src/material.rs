@@ -94,8 +94,15 @@ impl KeyMaterial {
     }
 
     /// Parses material: PKCS#8 DER for asymmetric keys, 32 raw bytes for AES.
+    /// PKCS#8 may carry the zero padding some PKCS#11 tokens add before
+    /// wrapping (see [`trim_wrap_padding`]).
     pub fn from_bytes(key_type: KeyType, bytes: &[u8]) -> Result<Self, MaterialError> {
         let invalid = |_| MaterialError::Invalid(key_type);
+        let bytes = if key_type.is_asymmetric() {
+            trim_wrap_padding(bytes)
+        } else {
+            bytes
+        };
         Ok(match key_type {
             KeyType::P256 => {
                 KeyMaterial::P256(p256::ecdsa::SigningKey::from_pkcs8_der(bytes).map_err(invalid)?)
@@ -173,31 +180,23 @@ impl KeyMaterial {
     }
 
     /// The fingerprint every HSM computes alike. Asymmetric keys: SHA-256 of
-    /// a label, the type and the SPKI DER. Secret keys: HMAC-SHA-256 under
-    /// the key itself of a label and the type, which reveals nothing of the
-    /// key (the PKCS#11 key-check-value idea, with a modern MAC).
+    /// a label, the type and the SPKI DER ([`public_fingerprint`]). Secret
+    /// keys: HMAC-SHA-256 under the key itself of
+    /// [`secret_fingerprint_message`], which reveals nothing of the key (the
+    /// PKCS#11 key-check-value idea, with a modern MAC).
     pub fn fingerprint(&self) -> Result<Fingerprint, MaterialError> {
-        const LABEL: &[u8] = b"keysync fingerprint v1\0";
-        let ty = self.key_type().as_str().as_bytes();
-        let out: [u8; 32] = match self {
+        match self {
             KeyMaterial::Aes256(k) => {
                 let mut mac = <Hmac<Sha256>>::new_from_slice(k.as_ref())
                     .map_err(|e| MaterialError::Encoding(e.to_string()))?;
-                mac.update(LABEL);
-                mac.update(ty);
-                mac.finalize().into_bytes().into()
+                mac.update(&secret_fingerprint_message(self.key_type()));
+                Ok(Fingerprint(mac.finalize().into_bytes().into()))
             }
             _ => {
                 let spki = self.public_key_der()?.unwrap_or_default();
-                let mut h = Sha256::new();
-                h.update(LABEL);
-                h.update(ty);
-                h.update([0]);
-                h.update(&spki);
-                h.finalize().into()
+                Ok(public_fingerprint(self.key_type(), &spki))
             }
-        };
-        Ok(Fingerprint(out))
+        }
     }
 
     /// Signs `data`: ECDSA P-256 over SHA-256 (DER), Ed25519 (raw 64 bytes),
@@ -273,6 +272,76 @@ impl KeyMaterial {
         let cipher = self.aes("decrypt")?;
         open(&cipher, sealed, aad)
     }
+}
+
+/// Label every fingerprint starts with.
+const FINGERPRINT_LABEL: &[u8] = b"keysync fingerprint v1\0";
+
+/// The fingerprint of an asymmetric key from its SPKI DER: SHA-256 of a
+/// label, the type, a zero byte and the SPKI. A PKCS#11 backend computes it
+/// from the SPKI it builds out of the public-key object's attributes.
+pub fn public_fingerprint(key_type: KeyType, spki: &[u8]) -> Fingerprint {
+    let mut h = Sha256::new();
+    h.update(FINGERPRINT_LABEL);
+    h.update(key_type.as_str().as_bytes());
+    h.update([0]);
+    h.update(spki);
+    Fingerprint(h.finalize().into())
+}
+
+/// What a secret key's fingerprint MACs (HMAC-SHA-256 under the key): a
+/// label and the type. A PKCS#11 backend computes `CKM_SHA256_HMAC` over
+/// the same bytes inside the token.
+pub fn secret_fingerprint_message(key_type: KeyType) -> Vec<u8> {
+    let ty = key_type.as_str().as_bytes();
+    let mut m = Vec::with_capacity(FINGERPRINT_LABEL.len() + ty.len());
+    m.extend_from_slice(FINGERPRINT_LABEL);
+    m.extend_from_slice(ty);
+    m
+}
+
+/// PKCS#8 as some PKCS#11 tokens unwrap it: SoftHSM 2.6.1 pads the DER
+/// with zeros to a multiple of 8 bytes before `CKM_AES_KEY_WRAP_PAD`, so
+/// its blobs unwrap (in software) to the DER followed by up to 7 zeros.
+/// Returns the DER alone when `bytes` is exactly that (one outer SEQUENCE
+/// whose length fits, then 1 to 7 zero bytes reaching a multiple of 8);
+/// otherwise `bytes` unchanged, for the DER parser to judge.
+pub fn trim_wrap_padding(bytes: &[u8]) -> &[u8] {
+    let Some(der_len) = der_sequence_len(bytes) else {
+        return bytes;
+    };
+    if der_len >= bytes.len() {
+        return bytes;
+    }
+    let pad = &bytes[der_len..];
+    if pad.len() < 8 && bytes.len().is_multiple_of(8) && pad.iter().all(|b| *b == 0) {
+        &bytes[..der_len]
+    } else {
+        bytes
+    }
+}
+
+/// The encoded length (header included) of the DER SEQUENCE `bytes` starts
+/// with, if its header is well formed.
+fn der_sequence_len(bytes: &[u8]) -> Option<usize> {
+    if bytes.first() != Some(&0x30) {
+        return None;
+    }
+    let first = *bytes.get(1)?;
+    let (len, header) = if first < 0x80 {
+        (usize::from(first), 2)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for b in bytes.get(2..2 + n)? {
+            len = (len << 8) | usize::from(*b);
+        }
+        (len, 2 + n)
+    };
+    len.checked_add(header)
 }
 
 /// AES-256-GCM seal with a given nonce: nonce ‖ ciphertext ‖ tag.
@@ -365,6 +434,61 @@ mod tests {
         assert!(k.decrypt(&ct, b"aad").is_err());
         assert!(k.decrypt(&[0; 5], b"").is_err());
         assert!(k.sign(b"x").is_err());
+    }
+
+    #[test]
+    fn zero_padded_pkcs8_from_a_token_parses() {
+        for t in [KeyType::P256, KeyType::Ed25519, KeyType::Rsa2048] {
+            let k = KeyMaterial::generate(t).expect("generate");
+            let der = k.to_bytes().expect("enc");
+            let mut padded = der.to_vec();
+            while !padded.len().is_multiple_of(8) {
+                padded.push(0);
+            }
+            let k2 = KeyMaterial::from_bytes(t, &padded).expect("padded PKCS#8");
+            assert_eq!(k.fingerprint().expect("fp"), k2.fingerprint().expect("fp"));
+            assert_eq!(trim_wrap_padding(&padded), &der[..]);
+            // Only zero padding to a multiple of 8, at most 7 bytes.
+            let mut junk = der.to_vec();
+            junk.push(1);
+            while !junk.len().is_multiple_of(8) {
+                junk.push(0);
+            }
+            assert_eq!(trim_wrap_padding(&junk), &junk[..]);
+            assert!(KeyMaterial::from_bytes(t, &junk).is_err(), "{t}");
+            let mut long = der.to_vec();
+            long.extend_from_slice(&[0; 8]);
+            assert_eq!(trim_wrap_padding(&long), &long[..]);
+            assert!(KeyMaterial::from_bytes(t, &long).is_err(), "{t}");
+        }
+        // AES keys are raw bytes: never trimmed.
+        let mut aes = vec![0x30, 0x1e];
+        aes.extend_from_slice(&[0; 30]);
+        assert_eq!(
+            KeyMaterial::from_bytes(KeyType::Aes256, &aes)
+                .expect("aes")
+                .to_bytes()
+                .expect("enc")
+                .as_slice(),
+            &aes[..]
+        );
+        assert_eq!(trim_wrap_padding(&[0x30, 0x84, 0xff]), &[0x30, 0x84, 0xff]);
+        assert_eq!(trim_wrap_padding(&[]), &[] as &[u8]);
+    }
+
+    #[test]
+    fn fingerprints_are_pinned() {
+        // The AES fingerprint: HMAC-SHA-256 under the key of the label and
+        // type (checked with Python's hmac); a PKCS#11 token must match it.
+        let k = KeyMaterial::from_bytes(KeyType::Aes256, &[0x11; 32]).expect("aes");
+        assert_eq!(
+            k.fingerprint().expect("fp").to_hex(),
+            "0b9d6ec8b6d82717bb8b7d60bc1a28a2386434bde99fd8547793b92eeb426c82"
+        );
+        assert_eq!(
+            secret_fingerprint_message(KeyType::Aes256),
+            b"keysync fingerprint v1\0aes256"
+        );
     }
 
     #[test]

@@ -5,20 +5,32 @@
 //! last one audited (the chain's last record says which), so it neither
 //! waits for nor depends on the fold or its snapshots. Each record is
 //! appended with `Nats-Expected-Last-Sequence` set to the chain's end: it
-//! lands exactly at the sequence it claims, or not at all (a second writer
-//! makes the append fail, and the run restart from the chain's real end).
+//! lands exactly at the sequence it claims, or not at all.
+//!
+//! The appender is not the only one who can write to the stream: a second
+//! orchestrator briefly, and anyone NATS lets publish on `keysync.audit`
+//! (on an open bus, anyone). A message there that is not an audit record at
+//! its own sequence is *foreign*: the appender skips it, logs and reports
+//! it (counted as `foreign_record`), and chains the next record to the last
+//! real one, at the next free sequence. `keysync audit verify` lists
+//! foreign messages by sequence and checks the chain across them. The
+//! appender never stops for one, so no fact goes unaudited.
 
 use std::collections::BTreeSet;
-use std::future::IntoFuture;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use async_nats::header;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, consumer::pull, stream};
-use futures::stream::FuturesUnordered;
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use keysync_schemas::{
-    decode, encode, record_hash, AuditFact, AuditRecord, Envelope, Event, Source, Subjects,
-    MAX_MESSAGE_BYTES,
+    decode, encode, record_hash, AuditFact, AuditRecord, Envelope, Event, RejectReason, Source,
+    Subjects, MAX_MESSAGE_BYTES,
 };
 
 use crate::decide::subject_matches;
@@ -189,8 +201,101 @@ pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
     }
 }
 
+/// Where the appender reports what it skipped: a foreign message in the
+/// audit stream is sent as [`RejectReason::ForeignRecord`], for the
+/// orchestrator to count.
+pub type Report = tokio::sync::mpsc::UnboundedSender<RejectReason>;
+
+/// Whether a stored message is one of the appenders' records at its place:
+/// it decodes as an audit record and claims its own stream sequence.
+/// Anything else in the audit stream is foreign (a reply aimed at
+/// `keysync.audit`, anything published there by someone else) and the
+/// appender skips it; `keysync audit verify` reports it at its sequence.
+pub fn own_record(seq: u64, payload: &[u8]) -> Option<AuditRecord> {
+    decode::<AuditRecord>(payload)
+        .ok()
+        .map(|e| e.body)
+        .filter(|r| r.chain_seq == seq)
+}
+
+/// The end of the chain as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ChainEnd {
+    /// [`record_hash`] of the last record (zeros if there is none).
+    hash: [u8; 32],
+    /// The last fact audited (0: none).
+    event_seq: u64,
+    /// The stream's last sequence: the last record's, or that of a
+    /// foreign message after it. The next record must land right after it.
+    stream_last: u64,
+}
+
+/// Finds the chain's end: the last message of the stream that is one of
+/// ours ([`own_record`]), walking back over foreign messages (each reported
+/// once) and removed ones.
+async fn chain_end(
+    audit: &jetstream::stream::Stream,
+    reported: &mut BTreeSet<u64>,
+    report: &Report,
+) -> anyhow::Result<ChainEnd> {
+    let state = audit.get_info().await?.state;
+    let mut end = ChainEnd {
+        hash: [0; 32],
+        event_seq: 0,
+        stream_last: state.last_sequence,
+    };
+    let mut seq = state.last_sequence;
+    while seq >= state.first_sequence.max(1) {
+        match audit.direct_get(seq).await {
+            Ok(msg) => {
+                if let Some(rec) = own_record(seq, &msg.payload) {
+                    end.hash = record_hash(&msg.payload);
+                    end.event_seq = rec.event_seq;
+                    break;
+                }
+                if reported.insert(seq) {
+                    tracing::warn!(
+                        seq,
+                        bytes = msg.payload.len(),
+                        "a foreign message in the audit stream (not an audit record): skipped"
+                    );
+                    let _ = report.send(RejectReason::ForeignRecord);
+                }
+            }
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        seq -= 1;
+    }
+    // Foreign messages below the chain's end are behind us for good.
+    let below = seq;
+    reported.retain(|s| *s > below);
+    Ok(end)
+}
+
+/// Why an append session ended.
+enum Stop {
+    /// The stream moved under it (a foreign message, or another writer):
+    /// start again from the chain's end. `progress`: whether it appended
+    /// anything first.
+    Resync { why: String, progress: bool },
+    /// Anything else: the orchestrator's run ends (crash-only).
+    Failed(anyhow::Error),
+}
+
 /// Appends audit records for every fact after the chain's end, until the
-/// task is aborted or an append fails.
+/// task is aborted or an append fails for a reason other than the stream
+/// moving under it.
+///
+/// A foreign message in the audit stream never stops it: each record is
+/// appended with `Nats-Expected-Last-Sequence` (and, after the first of a
+/// session, `Nats-Expected-Last-Msg-Id` naming the previous record's random
+/// id, so that no pipelined record can land one place off behind a foreign
+/// message). When the stream moved, the appender lets the appends in flight
+/// settle, finds the chain's real end again (skipping and reporting what is
+/// not a record), and resumes from the fact after it: a record lands where
+/// it says or nowhere, and no fact is skipped.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     js: jetstream::Context,
     mut events: jetstream::stream::Stream,
@@ -199,69 +304,240 @@ pub async fn run(
     replicas: usize,
     cluster_key: [u8; 32],
     verdicts: Arc<Verdicts>,
+    report: Report,
 ) -> anyhow::Result<()> {
-    let mut audit = js
+    let audit = js
         .get_or_create_stream(stream_config(&subjects, replicas))
         .await?;
-    let last = audit.info().await?.state.last_sequence;
-    let (mut chain_seq, mut prev_hash, cursor) = if last == 0 {
-        (0, [0u8; 32], 0)
-    } else {
-        let msg = audit.direct_get(last).await?;
-        let rec = decode::<AuditRecord>(&msg.payload)?.body;
-        (last, record_hash(&msg.payload), rec.event_seq)
-    };
-    if events.info().await?.state.last_sequence <= cursor {
-        tracing::info!(chain_seq, "audit chain up to date");
-    }
-    let mut enrollment = enrollment_until(&events, &subjects, cluster_key, cursor).await?;
-    let consumer = events
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: subjects.events_all(),
-            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: cursor + 1,
-            },
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
-    let mut acks = FuturesUnordered::new();
+    let mut reported = BTreeSet::new();
+    let mut idle_resyncs = 0u32;
+    let mut first = true;
     loop {
-        tokio::select! {
-            msg = messages.next() => {
-                let msg = msg.ok_or_else(|| anyhow::anyhow!("audit reader ended"))??;
-                let meta = meta_of(&msg)?;
-                let (event_seq, event_time_ns) = (meta.seq, meta.stored_at_ns);
-                // Rejected input (unsigned, forged, replayed) is not a fact.
-                if event_seq % 1024 == 0 {
-                    verdicts.forget_upto(event_seq);
+        let end = chain_end(&audit, &mut reported, &report).await?;
+        if first && events.info().await?.state.last_sequence <= end.event_seq {
+            tracing::info!(chain_end = end.stream_last, "audit chain up to date");
+        }
+        first = false;
+        let session = Session {
+            js: &js,
+            events: &events,
+            subjects: &subjects,
+            name: &name,
+            cluster_key,
+            verdicts: &verdicts,
+        };
+        match session.append_from(end).await {
+            Stop::Failed(e) => return Err(e),
+            Stop::Resync { why, progress } => {
+                tracing::warn!(%why, "the audit stream moved under the appender; resuming from the chain's end");
+                // A stream that moves again before anything lands (a
+                // flood of foreign messages) is retried ever more slowly.
+                idle_resyncs = if progress { 0 } else { idle_resyncs + 1 };
+                if idle_resyncs > 0 {
+                    let pause = Duration::from_millis(50 * u64::from(idle_resyncs.min(40)));
+                    tokio::time::sleep(pause).await;
                 }
-                let Some(event) = enrollment.check(&subjects, &msg, meta, &verdicts) else {
-                    continue;
-                };
-                let record = AuditRecord {
-                    chain_seq: chain_seq + 1,
-                    prev_hash,
-                    event_seq,
-                    event_time_ns,
-                    fact: AuditFact::of(&event),
-                };
-                let bytes = encode(&Envelope::new(Source::Orchestrator(name.clone()), record))?;
-                let mut h = async_nats::HeaderMap::new();
-                h.insert("Nats-Expected-Last-Sequence", chain_seq.to_string().as_str());
-                prev_hash = record_hash(&bytes);
-                chain_seq += 1;
-                let fut = js.publish_with_headers(subjects.audit(), h, bytes.into()).await?;
-                acks.push(fut.into_future());
-                while acks.len() >= 256 {
-                    if let Some(ack) = acks.next().await {
-                        ack?;
+            }
+        }
+    }
+}
+
+/// One run of appends from a known chain end.
+struct Session<'a> {
+    js: &'a jetstream::Context,
+    events: &'a jetstream::stream::Stream,
+    subjects: &'a Subjects,
+    name: &'a str,
+    cluster_key: [u8; 32],
+    verdicts: &'a Verdicts,
+}
+
+/// Most appends awaiting their acknowledgement at once.
+const IN_FLIGHT: usize = 256;
+
+type Acks =
+    FuturesOrdered<futures::future::BoxFuture<'static, (u64, Result<PublishAck, PublishError>)>>;
+
+impl Session<'_> {
+    /// Appends from `end` until the stream moves under it or an append
+    /// fails.
+    async fn append_from(&self, end: ChainEnd) -> Stop {
+        let mut acks: Acks = FuturesOrdered::new();
+        let mut progress = false;
+        let stop = self.appending(end, &mut acks, &mut progress).await;
+        // Let what is in flight settle before the chain's end is read
+        // again: a record acknowledged late would otherwise move it.
+        while let Some(done) = acks.next().await {
+            if let Err(Stop::Failed(e)) = self.settled(done, &mut progress) {
+                return Stop::Failed(e);
+            }
+        }
+        match stop {
+            Stop::Resync { why, .. } => Stop::Resync { why, progress },
+            failed => failed,
+        }
+    }
+
+    async fn appending(&self, end: ChainEnd, acks: &mut Acks, progress: &mut bool) -> Stop {
+        let cursor = end.event_seq;
+        let mut enrollment =
+            match enrollment_until(self.events, self.subjects, self.cluster_key, cursor).await {
+                Ok(e) => e,
+                Err(e) => return Stop::Failed(e),
+            };
+        let consumer = match self
+            .events
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: self.subjects.events_all(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: cursor + 1,
+                },
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => return Stop::Failed(e.into()),
+        };
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => return Stop::Failed(e.into()),
+        };
+        // The next record must land right after `last_seq`, whose message
+        // id is `last_id` once this session wrote it.
+        let mut last_seq = end.stream_last;
+        let mut last_id: Option<String> = None;
+        let mut prev_hash = end.hash;
+        loop {
+            tokio::select! {
+                msg = messages.next() => {
+                    let msg = match msg {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => return Stop::Failed(anyhow::anyhow!("audit reader failed: {e}")),
+                        None => return Stop::Failed(anyhow::anyhow!("audit reader ended")),
+                    };
+                    let meta = match meta_of(&msg) {
+                        Ok(m) => m,
+                        Err(e) => return Stop::Failed(e),
+                    };
+                    // Rejected input (unsigned, forged, replayed) is not a fact.
+                    let Some(event) = enrollment.check(self.subjects, &msg, meta, self.verdicts) else {
+                        continue;
+                    };
+                    let record = AuditRecord {
+                        chain_seq: last_seq + 1,
+                        prev_hash,
+                        event_seq: meta.seq,
+                        event_time_ns: meta.stored_at_ns,
+                        fact: AuditFact::of(&event),
+                    };
+                    let bytes = match encode(&Envelope::new(Source::Orchestrator(self.name.to_string()), record)) {
+                        Ok(b) => b,
+                        Err(e) => return Stop::Failed(e.into()),
+                    };
+                    let id = uuid::Uuid::new_v4().to_string();
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert(header::NATS_MESSAGE_ID, id.as_str());
+                    h.insert(header::NATS_EXPECTED_LAST_SEQUENCE, last_seq.to_string().as_str());
+                    if let Some(last) = &last_id {
+                        h.insert(header::NATS_EXPECTED_LAST_MESSAGE_ID, last.as_str());
+                    }
+                    prev_hash = record_hash(&bytes);
+                    last_seq += 1;
+                    last_id = Some(id);
+                    let fut = match self.js.publish_with_headers(self.subjects.audit(), h, bytes.into()).await {
+                        Ok(f) => f,
+                        Err(e) => return Stop::Failed(e.into()),
+                    };
+                    let event_seq = meta.seq;
+                    acks.push_back(Box::pin(async move { (event_seq, fut.await) }));
+                    while acks.len() >= IN_FLIGHT {
+                        if let Some(done) = acks.next().await {
+                            if let Err(stop) = self.settled(done, progress) {
+                                return stop;
+                            }
+                        }
+                    }
+                }
+                Some(done) = acks.next(), if !acks.is_empty() => {
+                    if let Err(stop) = self.settled(done, progress) {
+                        return stop;
                     }
                 }
             }
-            Some(ack) = acks.next(), if !acks.is_empty() => {
-                ack?;
-            }
         }
+    }
+
+    /// One acknowledgement, in append order. The rejections the fold
+    /// judged can be forgotten up to a fact whose record is stored: a
+    /// resync resumes after the chain's end, which is at or beyond it.
+    fn settled(
+        &self,
+        (event_seq, ack): (u64, Result<PublishAck, PublishError>),
+        progress: &mut bool,
+    ) -> Result<(), Stop> {
+        match ack {
+            Ok(ack) if !ack.duplicate => {
+                *progress = true;
+                if event_seq % 1024 == 0 {
+                    self.verdicts.forget_upto(event_seq);
+                }
+                Ok(())
+            }
+            Ok(ack) => Err(Stop::Resync {
+                why: format!("an append at {} was taken for a duplicate", ack.sequence),
+                progress: *progress,
+            }),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
+                ) =>
+            {
+                Err(Stop::Resync {
+                    why: e.to_string(),
+                    progress: *progress,
+                })
+            }
+            Err(e) => Err(Stop::Failed(anyhow::anyhow!("audit append failed: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keysync_schemas::{HsmId, StatusRequest};
+
+    fn record(chain_seq: u64) -> Vec<u8> {
+        encode(&Envelope::new(
+            Source::Orchestrator("o".into()),
+            AuditRecord {
+                chain_seq,
+                prev_hash: [1; 32],
+                event_seq: 9,
+                event_time_ns: 1,
+                fact: AuditFact::HsmJoined {
+                    hsm: HsmId::new("hsm-1").expect("id"),
+                },
+            },
+        ))
+        .expect("encode")
+    }
+
+    #[test]
+    fn only_a_record_at_its_own_sequence_is_ours() {
+        assert_eq!(own_record(4, &record(4)).map(|r| r.event_seq), Some(9));
+        // Moved, or copied elsewhere.
+        assert!(own_record(5, &record(4)).is_none());
+        // A reply aimed at the audit stream, or junk.
+        let reply = encode(&Envelope::new(
+            Source::Client("mallory".into()),
+            StatusRequest::Cluster,
+        ))
+        .expect("encode");
+        assert!(own_record(4, &reply).is_none());
+        assert!(own_record(4, b"not an audit record").is_none());
+        assert!(own_record(4, b"").is_none());
     }
 }

@@ -524,10 +524,16 @@ mod tests {
         let s = log.state.status();
         assert_eq!((s.keys, s.pending_clones), (0, 0));
         assert_eq!(log.state.digest_of(1), Default::default());
-        // A late clone result and a republished create change nothing.
+        // A late clone result and a republished create change nothing (the
+        // create is refused, and so never cloned).
         assert!(log.when(&applied(k, "c", 1)).is_empty());
         assert!(log.when(&created(k, "a", 1)).is_empty());
         assert_eq!(log.state.status().keys, 0);
+        assert!(log
+            .state
+            .status()
+            .rejected
+            .contains(&(keysync_schemas::RejectReason::CreateOfDeletedKey, 1)));
         // Reconcile finishes the erasure still under way...
         assert_eq!(
             reconcile(&log.state),

@@ -61,14 +61,15 @@ impl Executor {
     ) -> anyhow::Result<()> {
         let work = plan::sort(actions);
         for action in &work.others {
-            if let Some(step) = plan::step(state, action) {
+            if let Some(step) = plan::step(self.publisher.ids(), state, action) {
                 self.carry_out(step).await?;
             }
         }
         let at_seq = state.last_seq();
         for window in &work.windows {
             let created = self.fetch_window(window, current).await;
-            for step in plan::clone_commands(window, &created, at_seq) {
+            let steps = plan::clone_commands(self.publisher.ids(), window, &created, at_seq);
+            for step in steps {
                 self.carry_out(step).await?;
             }
         }

@@ -2,6 +2,13 @@
 //! verified event for the fold, or to a refusal that is counted, told to
 //! the auditor and filed as a dead letter.
 //!
+//! A refused event is also removed from the events stream by the active
+//! orchestrator, once it is filed ([`removal`](crate::removal) says which
+//! and why no later verdict moves): a background task files it, waits
+//! until the dead-letter stream has it, then deletes it. What a process
+//! refuses while it is not acting (a replay, a standby) is remembered and
+//! removed when it takes the lease.
+//!
 //! Checking signatures is most of what a replay costs, so it is done once
 //! per event and as cheaply as it can be: a replay's batches are checked
 //! in parallel beforehand ([`Intake::preverify`]), and an event this
@@ -12,13 +19,28 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use keysync_schemas::subjects::KeySubject;
 use keysync_schemas::{Event, RejectReason, Rejection, Subjects};
-use keysync_security::{DeadLetters, Filing, Keep, Signer};
+use keysync_security::{Claim, DeadLetters, Filing, Keep, MessageIdKey, Signer};
+use tokio::sync::mpsc;
 
 use crate::audit::Verdicts;
 use crate::decide::subject_matches;
 use crate::plan::{message_id, MsgId};
+use crate::removal;
 use crate::state::{ClusterState, EventMeta};
+
+/// Refused events being filed and removed at once.
+const REMOVING_AT_ONCE: usize = 16;
+
+/// Refused events queued for removal before the loop waits for room.
+const REMOVAL_QUEUE: usize = 4096;
+
+/// Refused events remembered while not acting, to remove on taking the
+/// lease (beyond that, the next run's replay finds the rest again).
+const PENDING_MAX: usize = 100_000;
 
 /// Smallest batch whose signatures are checked in parallel beforehand.
 const PREVERIFY_MIN: usize = 16;
@@ -95,28 +117,116 @@ pub fn meta_of(msg: &jetstream::Message) -> anyhow::Result<(EventMeta, u64)> {
     Ok((meta, info.pending))
 }
 
+/// A refused event on its way out of the log.
+struct Removal {
+    seq: u64,
+    subject: String,
+    payload: Bytes,
+    rejection: Rejection,
+    keep: Keep,
+    /// Overwrite its bytes on disk (a deleted key's material), not only
+    /// delete it.
+    erase: bool,
+}
+
+/// A refused event to remove once this process acts.
+struct Pending {
+    seq: u64,
+    rejection: Rejection,
+    keep: Keep,
+    erase: bool,
+}
+
 /// Checks events and reports what it refused.
 pub struct Intake {
     subjects: Subjects,
     cluster_key: [u8; 32],
     dead_letters: DeadLetters,
     verdicts: Arc<Verdicts>,
+    /// What dead letters' ids are MACed under.
+    ids: MessageIdKey,
+    events: jetstream::stream::Stream,
+    /// To the task that files and removes refused events.
+    removals: mpsc::Sender<Removal>,
+    remover: tokio::task::JoinHandle<()>,
+    /// Refused while not acting, to remove on taking the lease.
+    pending: Vec<Pending>,
+}
+
+impl Drop for Intake {
+    fn drop(&mut self) {
+        self.remover.abort();
+    }
+}
+
+/// Files each refused event and, once the dead-letter stream has it,
+/// deletes it from the events stream; a few at a time, off the loop. One
+/// not filed stays (the next run's replay finds it again).
+async fn remove(
+    rx: mpsc::Receiver<Removal>,
+    dead_letters: DeadLetters,
+    js: jetstream::Context,
+    stream: String,
+    ids: MessageIdKey,
+) {
+    let queue =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    queue
+        .for_each_concurrent(REMOVING_AT_ONCE, |r| {
+            let (dead_letters, js, stream, ids) = (&dead_letters, &js, &stream, &ids);
+            async move {
+                let filing = Filing {
+                    subject: &r.subject,
+                    rejection: r.rejection,
+                    stream_seq: Some(r.seq),
+                    payload: &r.payload,
+                    dedup_id: Some(message_id(ids, MsgId::DeadLetter { seq: r.seq })),
+                };
+                if let Err(e) = dead_letters.file_confirmed(filing, r.keep).await {
+                    tracing::warn!(seq = r.seq, error = %e, "a refused event was not filed, so it stays in the log");
+                    return;
+                }
+                match crate::streams::delete_message(js, stream, r.seq, r.erase).await {
+                    Ok(_) => tracing::debug!(seq = r.seq, "refused event removed from the log"),
+                    Err(e) => tracing::info!(seq = r.seq, error = %e, "refused event not removed (gone already?)"),
+                }
+            }
+        })
+        .await;
 }
 
 impl Intake {
-    /// An intake for the cluster with public key `cluster_key`; its
-    /// verdicts go to the auditor through `verdicts`.
+    /// An intake for the cluster with public key `cluster_key`, reading
+    /// (and removing what it refuses from) `events`; its verdicts go to the
+    /// auditor through `verdicts`; dead letters' ids are MACed under
+    /// `ids`.
     pub fn new(
         subjects: Subjects,
         cluster_key: [u8; 32],
         dead_letters: DeadLetters,
         verdicts: Arc<Verdicts>,
+        ids: MessageIdKey,
+        js: jetstream::Context,
+        events: jetstream::stream::Stream,
     ) -> Self {
+        let (removals, rx) = mpsc::channel(REMOVAL_QUEUE);
+        let remover = tokio::spawn(remove(
+            rx,
+            dead_letters.clone(),
+            js,
+            subjects.events_stream(),
+            ids.clone(),
+        ));
         Intake {
             subjects,
             cluster_key,
             dead_letters,
             verdicts,
+            ids,
+            events,
+            removals,
+            remover,
+            pending: Vec::new(),
         }
     }
 
@@ -206,18 +316,78 @@ impl Intake {
         self.verdicts.judged(seq, false);
     }
 
+    /// Files a message that held one of our message ids and was not ours
+    /// (the publisher removed it from `f.stream`). One in the events
+    /// stream gets the dead-letter id the fold would give it.
+    pub async fn file_foreign(&self, f: &crate::publisher::Foreign) {
+        let in_events = f.stream == self.subjects.events_stream();
+        self.dead_letters
+            .file(
+                Filing {
+                    subject: &f.subject,
+                    rejection: Rejection::new(
+                        RejectReason::ForeignDuplicate,
+                        format!(
+                            "held message id {} in {} at {}: {}",
+                            f.msg_id, f.stream, f.seq, f.why
+                        ),
+                    ),
+                    stream_seq: in_events.then_some(f.seq),
+                    payload: &f.payload,
+                    dedup_id: in_events
+                        .then(|| message_id(&self.ids, MsgId::DeadLetter { seq: f.seq })),
+                },
+                Keep::Payload,
+            )
+            .await;
+    }
+
     /// An event was refused (by [`Intake::check`] or by the fold): the
-    /// auditor is told, and it is filed as a dead letter once, when first
-    /// seen caught up with the log (a replay after a restart does not file
-    /// it again).
+    /// auditor is told. Acting (caught up and holding the lease), the
+    /// event is filed and removed from the log if [`removal::removable`]
+    /// (filed only, otherwise). Not acting, it is filed once when first
+    /// seen caught up (a replay after a restart does not file it again)
+    /// and, if removable, remembered for [`Intake::remove_pending`].
     pub async fn refused(
-        &self,
+        &mut self,
+        state: &ClusterState,
         msg: &jetstream::Message,
         meta: EventMeta,
-        caught_up: bool,
+        (caught_up, active): (bool, bool),
         rejection: Rejection,
     ) {
         self.verdicts.judged(meta.seq, true);
+        let of_deleted_key = self.of_deleted_key(state, &msg.subject);
+        let keep = removal::kept(of_deleted_key);
+        let remove = removal::removable(
+            rejection.reason,
+            || self.authentic(state, msg),
+            state.knows_cluster_key(),
+        );
+        if remove && caught_up && active {
+            let r = Removal {
+                seq: meta.seq,
+                subject: msg.subject.to_string(),
+                payload: msg.payload.clone(),
+                rejection,
+                keep,
+                erase: of_deleted_key,
+            };
+            // Waits for room: a flood slows the fold rather than grow
+            // without bound.
+            if self.removals.send(r).await.is_err() {
+                tracing::warn!(seq = meta.seq, "the remover stopped; a refused event stays");
+            }
+            return;
+        }
+        if remove && self.pending.len() < PENDING_MAX {
+            self.pending.push(Pending {
+                seq: meta.seq,
+                rejection: rejection.clone(),
+                keep,
+                erase: of_deleted_key,
+            });
+        }
         if caught_up {
             self.dead_letters
                 .file(
@@ -226,11 +396,62 @@ impl Intake {
                         rejection,
                         stream_seq: Some(meta.seq),
                         payload: &msg.payload,
-                        dedup_id: Some(message_id(MsgId::DeadLetter { seq: meta.seq })),
+                        dedup_id: Some(message_id(&self.ids, MsgId::DeadLetter { seq: meta.seq })),
                     },
-                    Keep::Payload,
+                    keep,
                 )
                 .await;
         }
+    }
+
+    /// Took the lease: files and removes what was refused while not
+    /// acting, if it is still in the log.
+    pub async fn remove_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return;
+        }
+        let mut queued = 0usize;
+        for p in pending {
+            let Ok(msg) = self.events.direct_get(p.seq).await else {
+                continue; // removed already (by the previous active one)
+            };
+            let r = Removal {
+                seq: p.seq,
+                subject: msg.subject.to_string(),
+                payload: msg.payload,
+                rejection: p.rejection,
+                keep: p.keep,
+                erase: p.erase,
+            };
+            if self.removals.send(r).await.is_err() {
+                break;
+            }
+            queued += 1;
+        }
+        tracing::info!(queued, "removing events refused before this process acted");
+    }
+
+    /// Whether `msg`'s signature verifies with the key its claimed signer
+    /// has at this point of the log (for a message this build cannot
+    /// read: see [`removal`]).
+    fn authentic(&self, state: &ClusterState, msg: &jetstream::Message) -> bool {
+        let Ok(claim) = Claim::read(msg.headers.as_ref()) else {
+            return false;
+        };
+        let key = match &claim.signer {
+            Signer::Cluster => Some(self.cluster_key),
+            Signer::Hsm(h) => state.enrolled_key(h),
+        };
+        key.is_some_and(|k| claim.verify(&k, &msg.subject, &msg.payload).is_ok())
+    }
+
+    /// Whether `subject` is the `created` subject of a key the fold holds
+    /// a tombstone for.
+    fn of_deleted_key(&self, state: &ClusterState, subject: &str) -> bool {
+        matches!(
+            self.subjects.parse_event(subject),
+            Some(KeySubject::Created(k)) if state.key(&k).is_some_and(|k| k.deleted)
+        )
     }
 }

@@ -30,6 +30,7 @@
 pub mod anti_entropy;
 pub mod audit;
 pub mod decide;
+pub mod duplicates;
 pub mod executor;
 pub mod heartbeats;
 pub mod intake;
@@ -41,6 +42,7 @@ pub mod plan;
 pub mod progress;
 pub mod prometheus;
 pub mod publisher;
+pub mod removal;
 pub mod snapshot;
 pub mod state;
 pub mod status;
@@ -53,8 +55,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
-use keysync_schemas::{Event, HsmId, KeyCreated, Subjects};
-use keysync_security::{DeadLetters, Identity};
+use keysync_schemas::{Event, HsmId, KeyCreated, Rejection, Subjects};
+use keysync_security::{DeadLetters, Filing, Identity, Keep};
 use tracing::Instrument as _;
 
 use crate::anti_entropy::{AntiEntropy, Inventory, Verdict};
@@ -137,6 +139,11 @@ struct Orchestrator {
     cluster_key: [u8; 32],
     /// What the fold accepted and rejected, for the auditor.
     verdicts: Arc<audit::Verdicts>,
+    /// Where refused requests are filed.
+    dead_letters: DeadLetters,
+    /// Foreign messages the auditor and the lease skipped, to be counted
+    /// by the loop (it owns the counters).
+    side_rejections: audit::Report,
 }
 
 /// Runs the orchestrator until `shutdown` resolves or a fatal error occurs.
@@ -151,12 +158,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let js = jetstream::new(nats.clone());
     let mut events = streams::ensure(&js, &config.subjects, config.replicas).await?;
+    // Foreign messages the auditor and the lease skip, counted by the loop.
+    let (side_rejections, mut skipped) = tokio::sync::mpsc::unbounded_channel();
     let lease = Lease::open(
         &js,
         &config.subjects.lease_bucket(),
         &config.name,
         config.lease_ttl,
         config.replicas,
+        config.identity.clone(),
+        side_rejections.clone(),
     )
     .await?;
     let snapshots =
@@ -168,12 +179,22 @@ pub async fn run(
         .await
         .filter(|s| s.last_seq() <= replay_until)
         .unwrap_or_default();
-    let progress = Progress::new(
+    let mut progress = Progress::new(
         info.state.messages,
         replay_until,
         state.last_seq(),
         config.snapshot_every,
     );
+    // Everything after the snapshot removed (refused events): no event
+    // will come to say the replay is over.
+    if !progress.caught_up()
+        && matches!(
+            next_stored_after(&events, &config.subjects, state.last_seq()).await,
+            Ok(None)
+        )
+    {
+        progress.reached_end();
+    }
     tracing::info!(
         stream = %config.subjects.events_stream(),
         messages = info.state.messages,
@@ -226,8 +247,13 @@ pub async fn run(
             cluster_key,
             dead_letters.clone(),
             verdicts.clone(),
+            publisher.ids().clone(),
+            js.clone(),
+            events.clone(),
         ),
-        heartbeats: Heartbeats::new(config.subjects.clone(), dead_letters),
+        heartbeats: Heartbeats::new(config.subjects.clone(), dead_letters.clone()),
+        dead_letters,
+        side_rejections,
         executor: Executor::new(
             publisher,
             js.clone(),
@@ -296,8 +322,11 @@ pub async fn run(
                 req = status_requests.next() => {
                     let req = req.ok_or_else(|| anyhow::anyhow!("the status subscription closed"))?;
                     let source = orch.executor.publisher.source();
-                    status::answer(&orch.nats, &orch.state, orch.cluster_key, source, req).await;
+                    if let Err(rejection) = status::answer(&orch.nats, &orch.state, orch.cluster_key, source, &req).await {
+                        orch.refused_request(&req, rejection).await;
+                    }
                 }
+                Some(reason) = skipped.recv() => orch.state.count_rejection(reason),
                 hb = heartbeat_feed.next() => {
                     let hb = hb.ok_or_else(|| anyhow::anyhow!("the heartbeat subscription closed"))?;
                     if orch.active {
@@ -347,8 +376,19 @@ pub async fn run(
                     let folded = orch.state.last_seq();
                     if orch.progress.idle_since_last_check(folded) {
                         let stream_last = orch.events.info().await.map(|i| i.state.last_sequence).unwrap_or(0);
-                        if progress::stalled(folded, stream_last) {
-                            anyhow::bail!("event consumer stalled at {folded} while the stream is at {stream_last}");
+                        if stream_last > folded {
+                            match next_stored_after(&orch.events, &orch.config.subjects, folded).await {
+                                Ok(next) if progress::stalled(folded, next) => anyhow::bail!(
+                                    "event consumer stalled at {folded} while the stream holds {next:?} (last {stream_last})"
+                                ),
+                                Ok(_) => {
+                                    if orch.progress.reached_end() {
+                                        tracing::info!(events = folded, "replay done (the log's last events were removed)");
+                                    }
+                                }
+                                // Asked again at the next check.
+                                Err(e) => tracing::info!(error = %e, "could not read past the fold"),
+                            }
                         }
                     }
                 }
@@ -369,7 +409,9 @@ pub async fn run(
                         saving = Some(tokio::spawn(async move { snapshot::save(&store, state, identity).await }));
                     }
                 }
-                ack = orch.executor.publisher.next_ack(), if !orch.executor.publisher.is_idle() => ack?,
+                acked = orch.executor.publisher.next_ack(), if !orch.executor.publisher.is_idle() => {
+                    orch.executor.publisher.settle(acked).await?;
+                }
                 done = async {
                     match orch.auditor.as_mut() {
                         Some(h) => h.await,
@@ -384,6 +426,9 @@ pub async fn run(
                     }
                 }
             }
+            // Junk found under one of our ids by any publish above: counted
+            // and filed here, in one place.
+            orch.report_foreign().await;
         }
     }
     .await;
@@ -406,6 +451,22 @@ pub async fn run(
     result
 }
 
+/// The sequence of the first event stored after `seq`, if any.
+async fn next_stored_after(
+    events: &jetstream::stream::Stream,
+    subjects: &Subjects,
+    seq: u64,
+) -> Result<Option<u64>, jetstream::stream::DirectGetError> {
+    match events
+        .direct_get_next_for_subject(subjects.events_all(), Some(seq + 1))
+        .await
+    {
+        Ok(m) => Ok(Some(m.sequence)),
+        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 impl Orchestrator {
     /// Took the lease: start the auditor, start measuring silence, and
     /// finish whatever the log says is outstanding.
@@ -419,6 +480,7 @@ impl Orchestrator {
             self.config.replicas,
             self.cluster_key,
             self.verdicts.clone(),
+            self.side_rejections.clone(),
         )));
         self.liveness
             .start(Instant::now(), self.state.members().map(|m| &m.hsm));
@@ -429,7 +491,28 @@ impl Orchestrator {
             since_start_ms = started.elapsed().as_millis() as u64,
             "holding the lease; active"
         );
-        self.executor.execute(&self.state, actions, None).await
+        self.executor.execute(&self.state, actions, None).await?;
+        self.intake.remove_pending().await;
+        Ok(())
+    }
+
+    /// A request refused before it was answered (a reply subject that is
+    /// not an inbox): logged, counted, filed; never answered.
+    async fn refused_request(&mut self, req: &async_nats::Message, rejection: Rejection) {
+        tracing::warn!(subject = %req.subject, reason = %rejection.reason, detail = %rejection.detail, "refused a request");
+        self.state.count_rejection(rejection.reason);
+        self.dead_letters
+            .file(
+                Filing {
+                    subject: &req.subject,
+                    rejection,
+                    stream_seq: None,
+                    payload: &req.payload,
+                    dedup_id: None,
+                },
+                Keep::Payload,
+            )
+            .await;
     }
 
     /// A batch from the event feed, folded in order.
@@ -475,7 +558,9 @@ impl Orchestrator {
             Err(rejection) => {
                 tracing::warn!(seq = meta.seq, subject, reason = %rejection.reason, detail = %rejection.detail, "rejected event");
                 self.state.reject_at(meta.seq, rejection.reason);
-                self.intake.refused(msg, meta, caught_up, rejection).await;
+                self.intake
+                    .refused(&self.state, msg, meta, (caught_up, self.active), rejection)
+                    .await;
                 return Ok(());
             }
         };
@@ -483,7 +568,9 @@ impl Orchestrator {
             Ok(change) => change,
             Err(rejection) => {
                 tracing::warn!(seq = meta.seq, subject, reason = %rejection.reason, detail = %rejection.detail, "rejected event");
-                self.intake.refused(msg, meta, caught_up, rejection).await;
+                self.intake
+                    .refused(&self.state, msg, meta, (caught_up, self.active), rejection)
+                    .await;
                 return Ok(());
             }
         };
@@ -578,6 +665,16 @@ impl Orchestrator {
         tracing::info!(%hsm, held = inventory.len(), repairs = actions.len(), "anti-entropy repair");
         self.stats.repairs += actions.len() as u64;
         self.executor.execute(&self.state, actions, None).await
+    }
+
+    /// Counts and files what the publisher found holding one of our
+    /// message ids (it removed it and sent the real message again).
+    async fn report_foreign(&mut self) {
+        for f in self.executor.publisher.take_foreign() {
+            self.state
+                .count_rejection(keysync_schemas::RejectReason::ForeignDuplicate);
+            self.intake.file_foreign(&f).await;
+        }
     }
 
     /// Announces failed every live member [`Liveness::tick`] finds silent.

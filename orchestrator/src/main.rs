@@ -91,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let nats = args
         .auth
-        .apply(async_nats::ConnectOptions::new())
+        .apply_as(async_nats::ConnectOptions::new(), "orchestrator")
         .await?
         .name(format!("orchestrator {}", args.name))
         .retry_on_initial_connect()

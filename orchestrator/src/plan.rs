@@ -22,16 +22,20 @@
 //! must publish it under the ids the crashed one used, so that whatever was
 //! already published is stored once. So an id is made from the message's
 //! content only: a batch's from its target and the (created_seq, key) pairs
-//! it carries, hashed. The same outstanding set gives the same batches,
-//! hence the same ids, whichever process plans them. Every id is made by
-//! [`message_id`]: one place for a later change to key them with a secret.
+//! it carries. The same outstanding set gives the same batches, hence the
+//! same ids, whichever process plans them. And since JetStream drops a
+//! message under an id someone else stored first, the content is MACed
+//! under a key only orchestrators hold ([`MessageIdKey`], derived from the
+//! cluster identity): nobody else can tell an id in advance and take it
+//! (decision 11). Every id is made by [`message_id`].
 
 use std::collections::{BTreeMap, HashMap};
 
 use keysync_schemas::{
-    record_hash, CloneBatch, CloneKey, Command, DeleteKey, HsmId, KeyCreated, KeyId, KeyReplicated,
+    CloneBatch, CloneKey, Command, DeleteKey, HsmId, KeyCreated, KeyId, KeyReplicated,
     MAX_MESSAGE_BYTES,
 };
+use keysync_security::MessageIdKey;
 
 use crate::decide::Action;
 use crate::state::ClusterState;
@@ -102,56 +106,80 @@ pub enum MsgId<'a> {
         /// Its sequence in the events stream.
         seq: u64,
     },
+    /// A message sent again because what JetStream holds under its id
+    /// `of` is not ours (the publisher checks every duplicate): the
+    /// `attempt`th fresh id for it, as deterministic as the first.
+    Retry {
+        /// The id it was first published under.
+        of: &'a str,
+        /// 1 for the first retry, and so on.
+        attempt: u32,
+    },
 }
 
 /// The message id for `id`: every `Nats-Msg-Id` the orchestrator publishes
-/// is made here. Batch and repair ids hash their content (order-free), so
-/// they are reproducible from the log alone.
-pub fn message_id(id: MsgId<'_>) -> String {
+/// is made here. The content is MACed under `ids` (only orchestrators hold
+/// it), so an id is reproducible from the log by an orchestrator and by
+/// nobody else. Batch and repair ids are order-free. The kind and target
+/// stay readable, for people reading the stream.
+pub fn message_id(ids: &MessageIdKey, id: MsgId<'_>) -> String {
     match id {
-        MsgId::Clone { key_id, target } => format!("clone-{key_id}-{target}"),
-        MsgId::CloneBatch { target, clones } => {
-            format!(
-                "clone-batch-{target}-{}",
-                content_hash(b"clone-batch", target, None, clones)
+        MsgId::Clone { key_id, target } => format!(
+            "clone-{target}-{}",
+            ids.tag("clone", &[key_id.0.as_bytes(), target.as_str().as_bytes()])
+        ),
+        MsgId::CloneBatch { target, clones } => format!(
+            "clone-batch-{target}-{}",
+            ids.tag(
+                "clone-batch",
+                &[target.as_str().as_bytes(), &positions(clones)]
             )
-        }
+        ),
         MsgId::Repair {
             target,
             at_seq,
             clones,
         } => format!(
             "repair-{target}-{}",
-            content_hash(b"repair", target, Some(at_seq), clones)
+            ids.tag(
+                "repair",
+                &[
+                    target.as_str().as_bytes(),
+                    &at_seq.to_be_bytes(),
+                    &positions(clones)
+                ]
+            )
         ),
-        MsgId::Delete { key_id, target } => format!("delete-{key_id}-{target}"),
-        MsgId::Replicated { key_id } => format!("replicated-{key_id}"),
+        MsgId::Delete { key_id, target } => format!(
+            "delete-{target}-{}",
+            ids.tag("delete", &[key_id.0.as_bytes(), target.as_str().as_bytes()])
+        ),
+        MsgId::Replicated { key_id } => format!(
+            "replicated-{}",
+            ids.tag("replicated", &[key_id.0.as_bytes()])
+        ),
+        // Random (UUID v7, 74 random bits): nobody can tell it in advance.
         MsgId::Fact { envelope_id } => envelope_id.to_string(),
-        MsgId::DeadLetter { seq } => format!("dlq-event-{seq}"),
+        MsgId::DeadLetter { seq } => {
+            format!("dlq-event-{}", ids.tag("dlq-event", &[&seq.to_be_bytes()]))
+        }
+        MsgId::Retry { of, attempt } => format!(
+            "retry-{attempt}-{}",
+            ids.tag("retry", &[of.as_bytes(), &attempt.to_be_bytes()])
+        ),
     }
 }
 
-/// SHA-256 over a domain label, the kind, the target, the log position
-/// (repairs) and the clones in `created_seq` order; 128 bits in hex. HSM
-/// ids never contain a NUL, so the fields cannot run into each other.
-fn content_hash(kind: &[u8], target: &HsmId, at_seq: Option<u64>, clones: &[ClonePos]) -> String {
+/// The clones carried, in `created_seq` order, as bytes (each 8 + 16).
+fn positions(clones: &[ClonePos]) -> Vec<u8> {
     let mut sorted = clones.to_vec();
     sorted.sort_unstable();
-    let mut bytes = Vec::with_capacity(64 + sorted.len() * 24);
-    bytes.extend_from_slice(b"keysync message id v1\0");
-    bytes.extend_from_slice(kind);
-    bytes.push(0);
-    bytes.extend_from_slice(target.as_str().as_bytes());
-    bytes.push(0);
-    if let Some(seq) = at_seq {
-        bytes.extend_from_slice(&seq.to_be_bytes());
-    }
+    let mut bytes = Vec::with_capacity(sorted.len() * 24);
     for (seq, key) in &sorted {
         bytes.extend_from_slice(&seq.to_be_bytes());
         bytes.extend_from_slice(key.0.as_bytes());
     }
-    let digest = record_hash(&bytes);
-    hex::encode(&digest[..16])
+    bytes
 }
 
 /// One thing to publish or do, with its message id.
@@ -257,6 +285,7 @@ fn clone_size(key: &KeyCreated) -> usize {
 /// (a key larger than that goes alone). A batch of one is a plain
 /// `CloneKey`.
 pub fn clone_commands(
+    ids: &MessageIdKey,
     window: &CloneWindow,
     created: &HashMap<u64, KeyCreated>,
     at_seq: u64,
@@ -270,7 +299,12 @@ pub fn clone_commands(
         };
         let size = clone_size(key);
         if !batch.is_empty() && bytes + size > CLONE_BATCH_BYTES {
-            steps.extend(batch_command(window, std::mem::take(&mut batch), at_seq));
+            steps.extend(batch_command(
+                ids,
+                window,
+                std::mem::take(&mut batch),
+                at_seq,
+            ));
             bytes = 0;
         }
         bytes += size;
@@ -280,12 +314,17 @@ pub fn clone_commands(
             key: key.clone(),
         });
     }
-    steps.extend(batch_command(window, batch, at_seq));
+    steps.extend(batch_command(ids, window, batch, at_seq));
     steps
 }
 
 /// One command for `clones` (none for none), with its id.
-fn batch_command(window: &CloneWindow, mut clones: Vec<CloneKey>, at_seq: u64) -> Option<Step> {
+fn batch_command(
+    ids: &MessageIdKey,
+    window: &CloneWindow,
+    mut clones: Vec<CloneKey>,
+    at_seq: u64,
+) -> Option<Step> {
     let carried: Vec<ClonePos> = clones
         .iter()
         .map(|c| (c.created_seq, c.key.key_id))
@@ -293,19 +332,28 @@ fn batch_command(window: &CloneWindow, mut clones: Vec<CloneKey>, at_seq: u64) -
     let target = &window.target;
     let msg_id = match carried.as_slice() {
         [] => return None,
-        _ if window.repair => message_id(MsgId::Repair {
-            target,
-            at_seq,
-            clones: &carried,
-        }),
-        [(_, key_id)] => message_id(MsgId::Clone {
-            key_id: *key_id,
-            target,
-        }),
-        _ => message_id(MsgId::CloneBatch {
-            target,
-            clones: &carried,
-        }),
+        _ if window.repair => message_id(
+            ids,
+            MsgId::Repair {
+                target,
+                at_seq,
+                clones: &carried,
+            },
+        ),
+        [(_, key_id)] => message_id(
+            ids,
+            MsgId::Clone {
+                key_id: *key_id,
+                target,
+            },
+        ),
+        _ => message_id(
+            ids,
+            MsgId::CloneBatch {
+                target,
+                clones: &carried,
+            },
+        ),
     };
     let command = match clones.pop() {
         Some(single) if clones.is_empty() => Command::CloneKey(single),
@@ -324,14 +372,17 @@ fn batch_command(window: &CloneWindow, mut clones: Vec<CloneKey>, at_seq: u64) -
 /// The step for an action other than a clone. `None` for a clone (they
 /// are planned in windows, [`clone_commands`]) and for an announcement of
 /// a key the state no longer knows.
-pub fn step(state: &ClusterState, action: &Action) -> Option<Step> {
+pub fn step(ids: &MessageIdKey, state: &ClusterState, action: &Action) -> Option<Step> {
     match action {
         Action::SendClone { .. } => None,
         Action::SendDelete { target, key_id } => Some(Step::Command {
-            msg_id: message_id(MsgId::Delete {
-                key_id: *key_id,
-                target,
-            }),
+            msg_id: message_id(
+                ids,
+                MsgId::Delete {
+                    key_id: *key_id,
+                    target,
+                },
+            ),
             command: Command::DeleteKey(DeleteKey {
                 target: target.clone(),
                 key_id: *key_id,
@@ -349,7 +400,7 @@ pub fn step(state: &ClusterState, action: &Action) -> Option<Step> {
                 .filter_map(|i| state.member_at(i).map(|m| m.hsm.clone()))
                 .collect();
             Some(Step::Announce {
-                msg_id: message_id(MsgId::Replicated { key_id: *key_id }),
+                msg_id: message_id(ids, MsgId::Replicated { key_id: *key_id }),
                 replicated: KeyReplicated {
                     key_id: *key_id,
                     fingerprint: key.fingerprint,
@@ -367,14 +418,19 @@ pub fn step(state: &ClusterState, action: &Action) -> Option<Step> {
 /// order window by window, fetching each window's `KeyCreated`s just
 /// before its commands are planned.
 pub fn plan(
+    ids: &MessageIdKey,
     state: &ClusterState,
     actions: Vec<Action>,
     created: &HashMap<u64, KeyCreated>,
 ) -> Vec<Step> {
     let work = sort(actions);
-    let mut steps: Vec<Step> = work.others.iter().filter_map(|a| step(state, a)).collect();
+    let mut steps: Vec<Step> = work
+        .others
+        .iter()
+        .filter_map(|a| step(ids, state, a))
+        .collect();
     for window in &work.windows {
-        steps.extend(clone_commands(window, created, state.last_seq()));
+        steps.extend(clone_commands(ids, window, created, state.last_seq()));
     }
     steps
 }
@@ -448,12 +504,28 @@ mod tests {
         ClusterState::default()
     }
 
+    /// The message-id key of a test cluster.
+    fn id_key() -> MessageIdKey {
+        MessageIdKey::derive(&keysync_security::Identity::from_seed(&[9; 32]))
+    }
+
+    /// The id of a single clone of `key` to `target` in the test cluster.
+    fn clone_id(key: KeyId, target: &str) -> String {
+        message_id(
+            &id_key(),
+            MsgId::Clone {
+                key_id: key,
+                target: &hsm(target),
+            },
+        )
+    }
+
     #[test]
     fn clones_for_one_member_go_in_one_batch_in_created_order() {
         let (ids, created) = keys(5, 40);
         let mut actions = clones("b", &ids, false);
         actions.reverse();
-        let steps = plan(&empty(), actions, &created);
+        let steps = plan(&id_key(), &empty(), actions, &created);
         let cmds = commands(&steps);
         assert_eq!(cmds.len(), 1);
         let (id, target, seqs) = &cmds[0];
@@ -472,8 +544,8 @@ mod tests {
     #[test]
     fn a_single_clone_is_a_clone_key_under_its_readable_id() {
         let (ids, created) = keys(1, 40);
-        let steps = plan(&empty(), clones("b", &ids, false), &created);
-        assert_eq!(msg_ids(&steps), vec![format!("clone-{}-b", ids[0])]);
+        let steps = plan(&id_key(), &empty(), clones("b", &ids, false), &created);
+        assert_eq!(msg_ids(&steps), vec![clone_id(ids[0], "b")]);
         assert!(matches!(
             &steps[0],
             Step::Command {
@@ -487,17 +559,17 @@ mod tests {
     fn batches_are_cut_at_the_byte_budget() {
         // Given keys of 30,000 wrapped bytes: three fit in 96 KiB, four do not
         let (ids, created) = keys(7, 30_000);
-        let steps = plan(&empty(), clones("b", &ids, false), &created);
+        let steps = plan(&id_key(), &empty(), clones("b", &ids, false), &created);
         let seqs: Vec<Vec<u64>> = commands(&steps).into_iter().map(|(_, _, s)| s).collect();
         assert_eq!(seqs, vec![vec![1, 2, 3], vec![4, 5, 6], vec![7]]);
         // The lone last one is a plain CloneKey.
-        assert_eq!(msg_ids(&steps)[2], format!("clone-{}-b", ids[6]));
+        assert_eq!(msg_ids(&steps)[2], clone_id(ids[6], "b"));
     }
 
     #[test]
     fn a_key_larger_than_the_budget_goes_alone() {
         let (ids, created) = keys(1, CLONE_BATCH_BYTES + 1);
-        let steps = plan(&empty(), clones("b", &ids, false), &created);
+        let steps = plan(&id_key(), &empty(), clones("b", &ids, false), &created);
         assert_eq!(commands(&steps).len(), 1);
     }
 
@@ -508,7 +580,7 @@ mod tests {
         let actions: Vec<Action> = (0..4)
             .flat_map(|i| [clone("c", &ids, i, false), clone("b", &ids, i, false)])
             .collect();
-        let cmds = commands(&plan(&empty(), actions, &created));
+        let cmds = commands(&plan(&id_key(), &empty(), actions, &created));
         // Then one batch per member, not eight single clones
         let per_target: Vec<(String, Vec<u64>)> =
             cmds.into_iter().map(|(_, t, s)| (t, s)).collect();
@@ -528,10 +600,15 @@ mod tests {
         let sizes: Vec<usize> = work.windows.iter().map(|w| w.clones.len()).collect();
         assert_eq!(sizes, vec![CLONE_WINDOW, CLONE_WINDOW, 3]);
         // Every clone is sent exactly once.
-        let sent: usize = commands(&plan(&empty(), clones("b", &ids, false), &created))
-            .iter()
-            .map(|(_, _, s)| s.len())
-            .sum();
+        let sent: usize = commands(&plan(
+            &id_key(),
+            &empty(),
+            clones("b", &ids, false),
+            &created,
+        ))
+        .iter()
+        .map(|(_, _, s)| s.len())
+        .sum();
         assert_eq!(sent, ids.len());
     }
 
@@ -540,24 +617,39 @@ mod tests {
         let (ids, created) = keys(40, 5_000);
         let mut actions = clones("b", &ids, false);
         actions.extend(clones("c", &ids, false));
-        let first = plan(&empty(), actions.clone(), &created);
+        let first = plan(&id_key(), &empty(), actions.clone(), &created);
         // Reversed, rotated, and with duplicates: the same plan.
         let mut shuffled = actions.clone();
         shuffled.reverse();
         shuffled.rotate_left(17);
         shuffled.extend(actions[3..9].iter().cloned());
-        assert_eq!(plan(&empty(), shuffled, &created), first);
+        assert_eq!(plan(&id_key(), &empty(), shuffled, &created), first);
         assert!(commands(&first).len() > 2, "several batches per member");
     }
 
     #[test]
     fn other_content_gives_other_ids() {
         let (ids, created) = keys(6, 40);
-        let base = msg_ids(&plan(&empty(), clones("b", &ids[..5], false), &created));
+        let base = msg_ids(&plan(
+            &id_key(),
+            &empty(),
+            clones("b", &ids[..5], false),
+            &created,
+        ));
         // Another target.
-        let other_target = msg_ids(&plan(&empty(), clones("c", &ids[..5], false), &created));
+        let other_target = msg_ids(&plan(
+            &id_key(),
+            &empty(),
+            clones("c", &ids[..5], false),
+            &created,
+        ));
         // One key fewer.
-        let fewer = msg_ids(&plan(&empty(), clones("b", &ids[..4], false), &created));
+        let fewer = msg_ids(&plan(
+            &id_key(),
+            &empty(),
+            clones("b", &ids[..4], false),
+            &created,
+        ));
         assert_ne!(base, other_target);
         assert_ne!(base, fewer);
         // The same keys under other sequences.
@@ -575,15 +667,16 @@ mod tests {
                 shifted.insert(i + 2, c.clone());
             }
         }
-        assert_ne!(base, msg_ids(&plan(&empty(), moved, &shifted)));
+        assert_ne!(base, msg_ids(&plan(&id_key(), &empty(), moved, &shifted)));
     }
 
     #[test]
     fn a_clone_whose_creation_is_gone_is_left_out_of_the_batch_and_its_id() {
         let (ids, mut created) = keys(4, 40);
         created.remove(&2);
-        let steps = plan(&empty(), clones("b", &ids, false), &created);
+        let steps = plan(&id_key(), &empty(), clones("b", &ids, false), &created);
         let without = plan(
+            &id_key(),
             &empty(),
             [0, 2, 3]
                 .iter()
@@ -599,7 +692,10 @@ mod tests {
         if let Some(c) = stranger.get(&2) {
             wrong.insert(2, c.clone());
         }
-        assert_eq!(plan(&empty(), clones("b", &ids, false), &wrong), steps);
+        assert_eq!(
+            plan(&id_key(), &empty(), clones("b", &ids, false), &wrong),
+            steps
+        );
     }
 
     #[test]
@@ -608,7 +704,7 @@ mod tests {
         let at = |seq: u64| {
             let mut w = sort(clones("b", &ids, true));
             let window = w.windows.remove(0);
-            msg_ids(&clone_commands(&window, &created, seq))
+            msg_ids(&clone_commands(&id_key(), &window, &created, seq))
         };
         // The same repair at the same log position: the same id.
         assert_eq!(at(10), at(10));
@@ -616,12 +712,17 @@ mod tests {
         // At another position (the log moved): another id.
         assert_ne!(at(10), at(11));
         // Never the id of the original clones.
-        let original = msg_ids(&plan(&empty(), clones("b", &ids, false), &created));
+        let original = msg_ids(&plan(
+            &id_key(),
+            &empty(),
+            clones("b", &ids, false),
+            &created,
+        ));
         assert_ne!(at(10), original);
         // A single repair clone also gets a repair id.
         let (one, created_one) = keys(1, 40);
         let mut w = sort(clones("b", &one, true));
-        let steps = clone_commands(&w.windows.remove(0), &created_one, 10);
+        let steps = clone_commands(&id_key(), &w.windows.remove(0), &created_one, 10);
         assert!(msg_ids(&steps)[0].starts_with("repair-b-"));
         assert!(matches!(
             &steps[0],
@@ -637,7 +738,7 @@ mod tests {
         let (ids, created) = keys(2, 40);
         let mut actions = clones("b", &ids, false);
         actions.extend(clones("b", &ids, true));
-        let found = msg_ids(&plan(&empty(), actions, &created));
+        let found = msg_ids(&plan(&id_key(), &empty(), actions, &created));
         assert_eq!(found.len(), 2);
         assert!(found[0].starts_with("clone-batch-b-"));
         assert!(found[1].starts_with("repair-b-"));
@@ -654,6 +755,7 @@ mod tests {
         ]);
         let gone = KeyId::new();
         let steps = plan(
+            &id_key(),
             &log.state,
             vec![
                 Action::Withdraw { target: hsm("c") },
@@ -679,7 +781,7 @@ mod tests {
             vec![
                 Step::Withdraw { target: hsm("c") },
                 Step::Announce {
-                    msg_id: format!("replicated-{k}"),
+                    msg_id: message_id(&id_key(), MsgId::Replicated { key_id: k }),
                     replicated: KeyReplicated {
                         key_id: k,
                         fingerprint: keysync_schemas::Fingerprint([1; 32]),
@@ -690,7 +792,13 @@ mod tests {
                 },
                 Step::Purge { key_id: k },
                 Step::Command {
-                    msg_id: format!("delete-{k}-a"),
+                    msg_id: message_id(
+                        &id_key(),
+                        MsgId::Delete {
+                            key_id: k,
+                            target: &hsm("a")
+                        }
+                    ),
                     command: Command::DeleteKey(DeleteKey {
                         target: hsm("a"),
                         key_id: k
@@ -727,9 +835,9 @@ mod tests {
                 ))
             })
             .collect();
-        let live = plan(&log.state, actions, &created);
+        let live = plan(&id_key(), &log.state, actions, &created);
         // When it crashes after publishing, and a new one reconciles the same log
-        let restarted = plan(&log.state, reconcile(&log.state), &created);
+        let restarted = plan(&id_key(), &log.state, reconcile(&log.state), &created);
         // Then it publishes under the same ids: JetStream stores them once
         assert_eq!(msg_ids(&restarted), msg_ids(&live));
         assert_eq!(restarted, live);
@@ -737,58 +845,137 @@ mod tests {
     }
 
     #[test]
-    fn every_id_comes_from_message_id() {
+    fn every_id_comes_from_message_id_keyed_by_the_cluster() {
         let k = KeyId::new();
         let b = hsm("b");
-        assert_eq!(
-            message_id(MsgId::Clone {
-                key_id: k,
-                target: &b
-            }),
-            format!("clone-{k}-b")
-        );
-        assert_eq!(
-            message_id(MsgId::Delete {
-                key_id: k,
-                target: &b
-            }),
-            format!("delete-{k}-b")
-        );
-        assert_eq!(
-            message_id(MsgId::Replicated { key_id: k }),
-            format!("replicated-{k}")
-        );
-        assert_eq!(message_id(MsgId::DeadLetter { seq: 42 }), "dlq-event-42");
+        let ids = id_key();
+        let all = |ids: &MessageIdKey| {
+            let pairs = [(3, k), (1, KeyId::new())];
+            vec![
+                message_id(
+                    ids,
+                    MsgId::Clone {
+                        key_id: k,
+                        target: &b,
+                    },
+                ),
+                message_id(
+                    ids,
+                    MsgId::Delete {
+                        key_id: k,
+                        target: &b,
+                    },
+                ),
+                message_id(ids, MsgId::Replicated { key_id: k }),
+                message_id(ids, MsgId::DeadLetter { seq: 42 }),
+                message_id(
+                    ids,
+                    MsgId::Retry {
+                        of: "x",
+                        attempt: 1,
+                    },
+                ),
+                message_id(
+                    ids,
+                    MsgId::CloneBatch {
+                        target: &b,
+                        clones: &pairs[..1],
+                    },
+                ),
+                message_id(
+                    ids,
+                    MsgId::Repair {
+                        target: &b,
+                        at_seq: 0,
+                        clones: &pairs[..1],
+                    },
+                ),
+            ]
+        };
+        let mine = all(&ids);
+        // Readable kind and target, then 128 bits of MAC.
+        assert!(mine[0].starts_with("clone-b-") && mine[0].len() == "clone-b-".len() + 32);
+        assert!(mine[1].starts_with("delete-b-"));
+        assert!(mine[2].starts_with("replicated-"));
+        assert!(mine[3].starts_with("dlq-event-"));
+        assert!(mine[4].starts_with("retry-1-"));
+        // None is what anyone could compute from the content alone
+        // (the ids of decision 8), and none names the key.
+        assert_ne!(mine[0], format!("clone-{k}-b"));
+        assert_ne!(mine[1], format!("delete-{k}-b"));
+        assert_ne!(mine[2], format!("replicated-{k}"));
+        assert_ne!(mine[3], "dlq-event-42");
+        assert!(mine.iter().all(|id| !id.contains(&k.to_string())));
+        // Another cluster (another identity) has other ids for the same
+        // content; the same cluster, the same ids.
+        let other = MessageIdKey::derive(&keysync_security::Identity::from_seed(&[8; 32]));
+        let theirs = all(&other);
+        assert!(mine.iter().zip(&theirs).all(|(a, b)| a != b));
         let envelope_id = uuid::Uuid::now_v7();
         assert_eq!(
-            message_id(MsgId::Fact { envelope_id }),
+            message_id(&ids, MsgId::Fact { envelope_id }),
             envelope_id.to_string()
         );
-        // Batch ids: the target in clear, then 128 bits of hash; order-free.
+        // Batch ids: order-free; a repair never shares a batch's MAC.
         let pairs = [(3, k), (1, KeyId::new())];
         let mut reversed = pairs;
         reversed.reverse();
-        let id = message_id(MsgId::CloneBatch {
-            target: &b,
-            clones: &pairs,
-        });
+        let id = message_id(
+            &ids,
+            MsgId::CloneBatch {
+                target: &b,
+                clones: &pairs,
+            },
+        );
         assert_eq!(id.len(), "clone-batch-b-".len() + 32);
         assert_eq!(
             id,
-            message_id(MsgId::CloneBatch {
-                target: &b,
-                clones: &reversed
-            })
+            message_id(
+                &ids,
+                MsgId::CloneBatch {
+                    target: &b,
+                    clones: &reversed
+                }
+            )
         );
         assert_ne!(
-            message_id(MsgId::Repair {
-                target: &b,
-                at_seq: 0,
-                clones: &pairs
-            })
+            message_id(
+                &ids,
+                MsgId::Repair {
+                    target: &b,
+                    at_seq: 0,
+                    clones: &pairs
+                }
+            )
             .trim_start_matches("repair-"),
             id.trim_start_matches("clone-batch-"),
-            "a repair never shares a clone batch's hash"
+            "a repair never shares a clone batch's MAC"
+        );
+        // Each retry of an id is another id, the same on every orchestrator.
+        let r1 = message_id(
+            &ids,
+            MsgId::Retry {
+                of: &id,
+                attempt: 1,
+            },
+        );
+        let r2 = message_id(
+            &ids,
+            MsgId::Retry {
+                of: &id,
+                attempt: 2,
+            },
+        );
+        assert_ne!(r1, r2);
+        assert_eq!(
+            r1,
+            message_id(
+                &id_key(),
+                MsgId::Retry {
+                    of: &id,
+                    attempt: 1
+                }
+            )
         );
     }
 }

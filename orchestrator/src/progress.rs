@@ -53,6 +53,15 @@ impl Progress {
         true
     }
 
+    /// Nothing is stored after the fold any more (the log's last events
+    /// were removed: refused events, purged material), so no event will
+    /// come to say it caught up. Returns true when this caught it up.
+    pub fn reached_end(&mut self) -> bool {
+        let was = self.caught_up;
+        self.caught_up = true;
+        !was
+    }
+
     /// Whether a snapshot of the fold at `folded` is due: caught up, and
     /// `snapshot_every` events folded since the last one.
     pub fn snapshot_due(&self, folded: u64) -> bool {
@@ -76,12 +85,14 @@ impl Progress {
     }
 }
 
-/// Whether a fold idle at `folded` is stalled: the stream has events past
-/// it that the consumer does not deliver (as after the NATS node serving
-/// the consumer died). The run then ends, and the next one starts a fresh
-/// consumer.
-pub fn stalled(folded: u64, stream_last: u64) -> bool {
-    stream_last > folded
+/// Whether a fold idle at `folded` is stalled: the stream holds an event
+/// past it (`next_stored`, the first stored after it) that the consumer
+/// does not deliver (as after the NATS node serving the consumer died).
+/// The run then ends, and the next one starts a fresh consumer. The
+/// stream's last sequence is not enough: it stays where it was when the
+/// last events are removed.
+pub fn stalled(folded: u64, next_stored: Option<u64>) -> bool {
+    next_stored.is_some_and(|next| next > folded)
 }
 
 #[cfg(test)]
@@ -147,9 +158,23 @@ mod tests {
         let mut p = Progress::new(0, 0, 40, 100);
         // The first check after start: idle since the fold started at 40.
         assert!(p.idle_since_last_check(40));
-        assert!(!stalled(40, 40), "nothing new in the stream");
+        assert!(!stalled(40, None), "nothing new in the stream");
         assert!(!p.idle_since_last_check(45));
         assert!(p.idle_since_last_check(45));
-        assert!(stalled(45, 46));
+        assert!(stalled(45, Some(46)));
+    }
+
+    #[test]
+    fn a_log_whose_tail_was_removed_is_not_a_stall_and_ends_the_replay() {
+        // Given a snapshot at 10 and a log that ended at 14, whose events
+        // 11 to 14 were refused and removed: no event will come.
+        let mut p = Progress::new(3, 14, 10, 100);
+        assert!(!p.caught_up());
+        // The stream's last sequence is past the fold, but nothing is stored there.
+        assert!(!stalled(10, None));
+        // Then the replay is over, once.
+        assert!(p.reached_end());
+        assert!(p.caught_up());
+        assert!(!p.reached_end());
     }
 }

@@ -5,29 +5,76 @@
 //! Awaiting each PubAck in turn would make a fan-out of thousands of
 //! commands cost thousands of round trips; not awaiting them at all would
 //! let a publish fail unnoticed. So acks are collected in the background
-//! ([`Publisher::next_ack`] in the loop), and a failed one ends the run:
-//! the orchestrator is crash-only, and the restart's reconcile publishes
-//! again under the same message ids, which JetStream stores once.
+//! ([`Publisher::next_ack`] in the loop, then [`Publisher::settle`]), and a
+//! failed one ends the run: the orchestrator is crash-only, and the
+//! restart's reconcile publishes again under the same message ids, which
+//! JetStream stores once.
+//!
+//! A PubAck that says "duplicate" is not taken on trust: what JetStream
+//! holds under the id is read back and judged ([`duplicates`]). If it is
+//! not ours, it is removed, reported ([`Publisher::take_foreign`]) and the
+//! message sent again under a fresh id, so junk stored first under one of
+//! our ids never costs a command or an event.
 
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::sync::Arc;
 
 use async_nats::jetstream::{self, context::PublishError, publish::PublishAck};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use keysync_schemas::{encode, Envelope, Event, Source, Subjects};
-use keysync_security::{Identity, Signer};
+use keysync_security::{Identity, MessageIdKey, Signer};
 
+use crate::duplicates::{self, Published, Stored, Verdict};
 use crate::intake::OwnEvents;
 use crate::plan::{message_id, MsgId};
 
-type AckFuture = BoxFuture<'static, Result<PublishAck, PublishError>>;
+/// A message published and not acknowledged yet: what checking a
+/// duplicate answer, and sending again, takes.
+#[derive(Debug, Clone)]
+struct Sent {
+    subject: String,
+    /// The id it is published under now.
+    msg_id: String,
+    /// The id it was first published under (retry ids derive from it).
+    first_id: String,
+    payload: Bytes,
+    /// 0 for the first id, then each retry.
+    attempt: u32,
+}
+
+type AckFuture = BoxFuture<'static, (Sent, Result<PublishAck, PublishError>)>;
+
+/// A PubAck (or its failure), with the message it answers.
+pub struct Acked(Sent, Result<PublishAck, PublishError>);
+
+/// A message that held one of our ids and was not ours: removed from its
+/// stream, for the loop to count and file.
+#[derive(Debug, Clone)]
+pub struct Foreign {
+    /// The stream that held it.
+    pub stream: String,
+    /// Its sequence there.
+    pub seq: u64,
+    /// Its subject.
+    pub subject: String,
+    /// Its bytes.
+    pub payload: Bytes,
+    /// The id it held.
+    pub msg_id: String,
+    /// Why it is not ours.
+    pub why: String,
+}
 
 /// Signs and publishes, and keeps the PubAcks to come.
 pub struct Publisher {
     js: jetstream::Context,
     identity: Arc<Identity>,
+    /// What message ids are MACed under (derived from `identity`).
+    ids: MessageIdKey,
     source: Source,
     /// Subjects under this are events (they come back through the fold).
     events_prefix: String,
@@ -35,6 +82,10 @@ pub struct Publisher {
     in_flight: FuturesUnordered<AckFuture>,
     /// Events signed here and not folded back yet.
     own: OwnEvents,
+    /// Streams read back after a duplicate answer, by name.
+    streams: HashMap<String, jetstream::stream::Stream>,
+    /// Foreign messages found under our ids, not reported yet.
+    foreign: Vec<Foreign>,
 }
 
 impl Publisher {
@@ -48,13 +99,21 @@ impl Publisher {
     ) -> Self {
         Publisher {
             js,
+            ids: MessageIdKey::derive(&identity),
             identity,
             source: Source::Orchestrator(name.to_string()),
             events_prefix: format!("{}.evt.", subjects.prefix()),
             max_in_flight: max_in_flight.max(1),
             in_flight: FuturesUnordered::new(),
             own: OwnEvents::default(),
+            streams: HashMap::new(),
+            foreign: Vec::new(),
         }
+    }
+
+    /// The key message ids are MACed under (see [`message_id`]).
+    pub fn ids(&self) -> &MessageIdKey {
+        &self.ids
     }
 
     /// Who this publisher speaks for, in the envelopes it sends.
@@ -77,29 +136,47 @@ impl Publisher {
         payload: Vec<u8>,
     ) -> anyhow::Result<()> {
         while self.in_flight.len() >= self.max_in_flight {
-            if let Some(ack) = self.in_flight.next().await {
-                ack.map_err(|e| anyhow::anyhow!("a publish was not acknowledged: {e}"))?;
+            if let Some(acked) = self.in_flight.next().await {
+                self.settle(Acked(acked.0, acked.1)).await?;
             }
         }
+        self.send(Sent {
+            subject,
+            first_id: msg_id.clone(),
+            msg_id,
+            payload: payload.into(),
+            attempt: 0,
+        })
+        .await
+    }
+
+    /// Signs and publishes one message; its PubAck joins those in flight.
+    async fn send(&mut self, sent: Sent) -> anyhow::Result<()> {
         let mut h = keysync_security::signed_headers(
             &self.identity,
             &Signer::Cluster,
-            &subject,
-            &msg_id,
-            &payload,
+            &sent.subject,
+            &sent.msg_id,
+            &sent.payload,
         );
-        if subject.starts_with(&self.events_prefix) {
+        if sent.subject.starts_with(&self.events_prefix) {
             if let Some(sig) = h.get(keysync_schemas::headers::SIGNATURE) {
-                self.own
-                    .remember(&msg_id, &subject, &payload, sig.as_str().to_string());
+                self.own.remember(
+                    &sent.msg_id,
+                    &sent.subject,
+                    &sent.payload,
+                    sig.as_str().to_string(),
+                );
             }
         }
         keysync_telemetry::inject(&tracing::Span::current(), &mut h);
         let fut = self
             .js
-            .publish_with_headers(subject, h, payload.into())
-            .await?;
-        self.in_flight.push(Box::pin(fut.into_future()));
+            .publish_with_headers(sent.subject.clone(), h, sent.payload.clone())
+            .await?
+            .into_future();
+        self.in_flight
+            .push(Box::pin(async move { (sent, fut.await) }));
         Ok(())
     }
 
@@ -107,9 +184,12 @@ impl Publisher {
     /// under its envelope's id.
     pub async fn announce(&mut self, subject: String, event: Event) -> anyhow::Result<()> {
         let env = Envelope::new(self.source(), event);
-        let id = message_id(MsgId::Fact {
-            envelope_id: env.id,
-        });
+        let id = message_id(
+            &self.ids,
+            MsgId::Fact {
+                envelope_id: env.id,
+            },
+        );
         self.publish(subject, id, encode(&env)?).await
     }
 
@@ -119,21 +199,133 @@ impl Publisher {
     }
 
     /// The next PubAck to come in (pending forever while none is
-    /// outstanding, so the loop can always select on it).
-    pub async fn next_ack(&mut self) -> anyhow::Result<()> {
+    /// outstanding, so the loop can always select on it). Cancel-safe;
+    /// hand what it returns to [`Publisher::settle`].
+    pub async fn next_ack(&mut self) -> Acked {
         match self.in_flight.next().await {
-            Some(ack) => ack
-                .map(|_| ())
-                .map_err(|e| anyhow::anyhow!("a publish was not acknowledged: {e}")),
+            Some((sent, ack)) => Acked(sent, ack),
             None => std::future::pending().await,
         }
     }
 
+    /// Settles one PubAck: a failure is an error (the run ends); a
+    /// duplicate answer is checked against what JetStream holds under the
+    /// id, and if that is not ours the message is sent again under a fresh
+    /// id (what was in the way is removed and kept for
+    /// [`Publisher::take_foreign`]).
+    pub async fn settle(&mut self, acked: Acked) -> anyhow::Result<()> {
+        let Acked(sent, ack) = acked;
+        let ack = ack.map_err(|e| anyhow::anyhow!("a publish was not acknowledged: {e}"))?;
+        if !ack.duplicate {
+            return Ok(());
+        }
+        let stream = self.stream(&ack.stream).await?;
+        let stored = match stream.get_raw_message(ack.sequence).await {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => None,
+            Err(e) => anyhow::bail!(
+                "reading back {} seq {} (a duplicate of {}): {e}",
+                ack.stream,
+                ack.sequence,
+                sent.msg_id
+            ),
+        };
+        let verdict = duplicates::judge(
+            Published {
+                subject: &sent.subject,
+                msg_id: &sent.msg_id,
+                payload: &sent.payload,
+            },
+            stored.as_ref().map(|m| Stored {
+                subject: m.subject.as_str(),
+                headers: Some(&m.headers),
+                payload: &m.payload,
+            }),
+            &self.identity.public_key(),
+        );
+        match verdict {
+            Verdict::Ours => return Ok(()),
+            Verdict::Gone => tracing::info!(
+                stream = %ack.stream,
+                seq = ack.sequence,
+                msg_id = %sent.msg_id,
+                "what held this id is gone; sending again under a fresh id"
+            ),
+            Verdict::Foreign(why) => {
+                tracing::warn!(
+                    stream = %ack.stream,
+                    seq = ack.sequence,
+                    msg_id = %sent.msg_id,
+                    subject = %sent.subject,
+                    %why,
+                    "a foreign message holds one of our ids: removing it, sending again under a fresh id"
+                );
+                if let Err(e) =
+                    crate::streams::delete_message(&self.js, &ack.stream, ack.sequence, false).await
+                {
+                    // Taken meanwhile (an agent, or the intake removing it
+                    // as rejected): gone either way.
+                    tracing::info!(seq = ack.sequence, error = %e, "the foreign message was not removed");
+                }
+                if let Some(m) = stored {
+                    self.foreign.push(Foreign {
+                        stream: ack.stream.clone(),
+                        seq: ack.sequence,
+                        subject: m.subject.to_string(),
+                        payload: m.payload,
+                        msg_id: sent.msg_id.clone(),
+                        why,
+                    });
+                }
+            }
+        }
+        let Some(attempt) = duplicates::next_attempt(sent.attempt) else {
+            anyhow::bail!(
+                "{} is still taken after {} fresh ids",
+                sent.first_id,
+                duplicates::MAX_RETRIES
+            );
+        };
+        let msg_id = message_id(
+            &self.ids,
+            MsgId::Retry {
+                of: &sent.first_id,
+                attempt,
+            },
+        );
+        self.send(Sent {
+            msg_id,
+            attempt,
+            ..sent
+        })
+        .await
+    }
+
+    /// A stream by name, looked up once.
+    async fn stream(&mut self, name: &str) -> anyhow::Result<jetstream::stream::Stream> {
+        if let Some(s) = self.streams.get(name) {
+            return Ok(s.clone());
+        }
+        let s = self.js.get_stream(name).await?;
+        self.streams.insert(name.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Foreign messages found under our ids since the last call.
+    pub fn take_foreign(&mut self) -> Vec<Foreign> {
+        std::mem::take(&mut self.foreign)
+    }
+
     /// Waits for every PubAck outstanding (at shutdown), logging failures.
     pub async fn drain(&mut self) {
-        while let Some(ack) = self.in_flight.next().await {
-            if let Err(e) = ack {
-                tracing::warn!(error = %e, "publish not acknowledged at shutdown");
+        while let Some((sent, ack)) = self.in_flight.next().await {
+            match ack {
+                Err(e) => tracing::warn!(error = %e, "publish not acknowledged at shutdown"),
+                Ok(a) if a.duplicate => tracing::info!(
+                    msg_id = %sent.msg_id,
+                    "a duplicate answer at shutdown, not checked: the next run plans it again"
+                ),
+                Ok(_) => {}
             }
         }
     }

@@ -182,6 +182,13 @@ mod refuse {
         )
     }
 
+    pub fn create_of_deleted_key(key: KeyId) -> Rejection {
+        Rejection::new(
+            RejectReason::CreateOfDeletedKey,
+            format!("key {key} was deleted: its creation is not taken again"),
+        )
+    }
+
     pub fn erase_of_live_key(key: KeyId) -> Rejection {
         Rejection::new(
             RejectReason::EraseOfLiveKey,
@@ -375,9 +382,15 @@ impl ClusterState {
             Event::KeyCreated(c) => {
                 let creator = self.member(&c.hsm)?;
                 if let Some(existing) = self.keys.get(&c.key_id) {
-                    // A republished KeyCreated (outbox retry), or one for a
-                    // deleted key, is a no-op.
-                    return if existing.fingerprint == c.fingerprint || existing.deleted {
+                    // One for a deleted key (a replay once JetStream forgot
+                    // the purged original's id, or an outbox retry after
+                    // the delete) is refused: it is removed from the log,
+                    // so the key's `created` subject stays empty.
+                    if existing.deleted {
+                        return Err(refuse::create_of_deleted_key(c.key_id));
+                    }
+                    // A republished KeyCreated (outbox retry) is a no-op.
+                    return if existing.fingerprint == c.fingerprint {
                         Ok(Change::Other)
                     } else {
                         Err(refuse::conflicting_create(c.key_id))
@@ -559,6 +572,16 @@ impl ClusterState {
             }
         }
         s
+    }
+
+    /// Whether the fold has accepted an enrollment or a join, which only
+    /// the cluster key signs (directly, or through a join token it
+    /// issued): the key this orchestrator checks with is the cluster's
+    /// own. An orchestrator started with another cluster's identity
+    /// rejects every enrollment, hence every event of the log it reads,
+    /// and must not remove any (see `removal`).
+    pub fn knows_cluster_key(&self) -> bool {
+        !self.members.is_empty() || !self.enrolled.is_empty()
     }
 
     /// An enrolled HSM's identity key, as of the last event folded.
@@ -1069,9 +1092,13 @@ mod tests {
         let key = log.state.key(&k).expect("tombstone");
         assert!(key.deleted && key.announced);
         assert_eq!(key.created_seq, 0);
-        // The create, seen late, cannot bring it back.
-        assert_eq!(log.when(&created(k, "a", 1)), Ok(Change::Other));
+        // The create, seen late (replayed), cannot bring it back: refused.
+        assert_eq!(
+            log.when(&created(k, "a", 1)).map_err(|r| r.reason),
+            Err(RejectReason::CreateOfDeletedKey)
+        );
         assert_eq!(log.state.key_count(), 0);
+        assert!(log.state.key(&k).is_some_and(|k| k.deleted));
     }
 
     #[test]

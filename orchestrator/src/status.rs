@@ -1,7 +1,9 @@
 //! Answering `keysync cluster status` and publishing sync metrics: read-only
 //! views of the fold, on core NATS (nothing here is stored or acted on).
 
-use keysync_schemas::{decode, encode, Envelope, Source, StatusReply, StatusRequest, Subjects};
+use keysync_schemas::{
+    decode, encode, Envelope, Rejection, Source, StatusReply, StatusRequest, Subjects,
+};
 
 use crate::metrics::SyncStats;
 use crate::prometheus::Latest;
@@ -9,19 +11,29 @@ use crate::state::ClusterState;
 
 /// Answers a status request with the fold's view of the cluster. Any
 /// orchestrator answers, standby included: its fold is as current.
+///
+/// Only an inbox is answered ([`keysync_security::reply::check`]): the
+/// reply is published with the orchestrator's permissions, which cover the
+/// audit stream and the lease bucket, so a request naming `keysync.audit`
+/// or `$KV.<lease bucket>.active` as its reply subject would have the
+/// orchestrator write there. Such a request is returned as a rejection
+/// (`foreign_reply_subject`) for the caller to count, and not answered. A
+/// request without a reply subject or that does not decode is only logged,
+/// as before.
 pub async fn answer(
     nats: &async_nats::Client,
     state: &ClusterState,
     cluster_key: [u8; 32],
     source: Source,
-    req: async_nats::Message,
-) {
+    req: &async_nats::Message,
+) -> Result<(), Rejection> {
     let Some(reply) = req.reply.clone() else {
-        return;
+        return Ok(());
     };
+    keysync_security::reply::check(&reply)?;
     if let Err(e) = decode::<StatusRequest>(&req.payload) {
         tracing::warn!(reason = %e.reason(), "rejected status request");
-        return;
+        return Ok(());
     }
     let mut status = state.status();
     status.cluster_key = Some(cluster_key);
@@ -34,6 +46,7 @@ pub async fn answer(
         }
         Err(e) => tracing::error!(error = %e, "could not encode status"),
     }
+    Ok(())
 }
 
 /// Publishes the metrics of the window that just ended, as JSON on core

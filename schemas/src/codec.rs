@@ -24,6 +24,15 @@ use crate::status::{StatusReply, StatusRequest};
 /// Largest payload keysync writes or reads, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
 
+/// Largest event message the events stream stores (payload and headers),
+/// in bytes. Events are small: an RSA-2048 `KeyCreated` with a full label
+/// is under 2 KiB, a `KeyReplicated` naming 64 members of 64-character
+/// ids under 5 KiB. Only clone batch commands come near
+/// [`MAX_MESSAGE_BYTES`], and they go to the command stream. Bounding the
+/// events stream here bounds what anyone who may publish on an event
+/// subject can store per message.
+pub const MAX_EVENT_BYTES: usize = 16 * 1024;
+
 const MAGIC: [u8; 2] = *b"KS";
 const HEADER_LEN: usize = 5;
 
@@ -239,6 +248,37 @@ mod tests {
                 public_key: Some(vec![0x30, 0x59]),
             }),
         )
+    }
+
+    #[test]
+    fn the_largest_events_fit_the_event_limit_with_room_for_headers() {
+        use crate::events::KeyReplicated;
+        let id64 = "h".repeat(64);
+        let mut big = created(vec![0xA5; 1300], Some("l".repeat(crate::MAX_LABEL_BYTES)));
+        if let Event::KeyCreated(c) = &mut big.body {
+            c.key_type = KeyType::Rsa2048;
+            c.public_key = Some(vec![0x30; 300]);
+            c.hsm = hsm(&id64);
+        }
+        big.source = Source::Hsm(hsm(&id64));
+        let replicated = Envelope::new(
+            Source::Orchestrator(id64.clone()),
+            Event::KeyReplicated(KeyReplicated {
+                key_id: KeyId::new(),
+                fingerprint: Fingerprint([7; 32]),
+                holders: (0..64)
+                    .map(|i| hsm(&format!("{}{i:02}", &id64[..62])))
+                    .collect(),
+                sync_latency_micros: u64::MAX,
+                created_seq: u64::MAX,
+            }),
+        );
+        // Headers: signer, signature (88), a message id, a traceparent.
+        const HEADERS: usize = 1024;
+        for e in [big, replicated] {
+            let n = encode(&e).expect("encodes").len();
+            assert!(n + HEADERS <= MAX_EVENT_BYTES / 2, "{} bytes", n);
+        }
     }
 
     #[test]

@@ -38,7 +38,9 @@ pub mod status;
 pub mod subjects;
 
 pub use audit::{record_hash, AuditFact, AuditRecord};
-pub use codec::{decode, encode, DecodeError, EncodeError, Message, MAX_MESSAGE_BYTES};
+pub use codec::{
+    decode, encode, DecodeError, EncodeError, Message, MAX_EVENT_BYTES, MAX_MESSAGE_BYTES,
+};
 pub use commands::{CloneBatch, CloneKey, Command, DeleteKey};
 pub use dead_letter::DeadLetter;
 pub use envelope::{Envelope, Source, Timestamp, SCHEMA_VERSION};

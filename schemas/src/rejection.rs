@@ -75,11 +75,29 @@ pub enum RejectReason {
     BadRequest,
     /// A request with no reply subject.
     NoReplySubject,
+    /// A request whose reply subject is not an inbox (`_INBOX.…`):
+    /// answering it would publish the reply wherever the requester
+    /// pointed (the audit stream, the lease bucket, a command queue), with
+    /// the responder's permissions. Never answered.
+    ForeignReplySubject,
+    /// A message in a stream or bucket keysync writes alone (the audit
+    /// stream, the lease bucket) that is not one of keysync's records:
+    /// skipped and reported, never taken for one.
+    ForeignRecord,
+    /// A message stored under one of the orchestrator's message ids that
+    /// no orchestrator sent: JetStream dropped the real one as its
+    /// duplicate. It is removed and the real one sent again under a fresh
+    /// id.
+    ForeignDuplicate,
+    /// A `KeyCreated` of a key that was deleted (a replay, or an outbox
+    /// retry after the delete): never applied, and removed from the log at
+    /// once, since it carries the wrapped material the delete purged.
+    CreateOfDeletedKey,
 }
 
 impl RejectReason {
     /// Every reason, in wire order.
-    pub const ALL: [RejectReason; 27] = [
+    pub const ALL: [RejectReason; 31] = [
         RejectReason::Oversized,
         RejectReason::Truncated,
         RejectReason::BadMagic,
@@ -107,6 +125,10 @@ impl RejectReason {
         RejectReason::InvalidToken,
         RejectReason::BadRequest,
         RejectReason::NoReplySubject,
+        RejectReason::ForeignReplySubject,
+        RejectReason::ForeignRecord,
+        RejectReason::ForeignDuplicate,
+        RejectReason::CreateOfDeletedKey,
     ];
 
     /// The snake_case name, for people, JSON and metric labels.
@@ -139,6 +161,10 @@ impl RejectReason {
             RejectReason::InvalidToken => "invalid_token",
             RejectReason::BadRequest => "bad_request",
             RejectReason::NoReplySubject => "no_reply_subject",
+            RejectReason::ForeignReplySubject => "foreign_reply_subject",
+            RejectReason::ForeignRecord => "foreign_record",
+            RejectReason::ForeignDuplicate => "foreign_duplicate",
+            RejectReason::CreateOfDeletedKey => "create_of_deleted_key",
         }
     }
 }

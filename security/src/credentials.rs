@@ -2,7 +2,10 @@
 //!
 //! With the permissions config in `deploy/nats/secure.conf` each role (agent,
 //! orchestrator, client, auditor, operator) connects as its own user and may
-//! publish and subscribe only where its work lies.
+//! publish and subscribe only where its work lies, its reply inboxes
+//! included: every connection asks under its own inbox prefix
+//! ([`NatsAuth::inbox_prefix`], see [`crate::reply`]), so permissions can
+//! confine each role's subscriptions to `_INBOX.<name>.>`.
 
 use std::path::PathBuf;
 
@@ -33,6 +36,16 @@ pub struct NatsAuth {
     /// File holding an nkey seed (`SU...`).
     #[cfg_attr(feature = "clap", arg(long, env = "KEYSYNC_NATS_NKEY", global = true))]
     pub nats_nkey: Option<PathBuf>,
+    /// Inbox prefix for replies to this process's requests (`_INBOX` or
+    /// under `_INBOX.`). Default: `_INBOX.<NATS user>` when logging in with
+    /// a user name, else `_INBOX.<role>` (`orchestrator`, the HSM id,
+    /// `client`). NATS permissions confine each role's subscriptions to its
+    /// own prefix.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "KEYSYNC_INBOX_PREFIX", global = true)
+    )]
+    pub inbox_prefix: Option<String>,
 }
 
 impl std::fmt::Debug for NatsAuth {
@@ -45,6 +58,7 @@ impl std::fmt::Debug for NatsAuth {
             )
             .field("nats_creds", &self.nats_creds)
             .field("nats_nkey", &self.nats_nkey)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish()
     }
 }
@@ -55,6 +69,9 @@ pub enum CredentialsError {
     /// A password without a user, or the reverse.
     #[error("--nats-user and --nats-password go together")]
     Incomplete,
+    /// An inbox prefix keysync responders would not answer, or not a subject.
+    #[error(transparent)]
+    InboxPrefix(#[from] crate::reply::InboxPrefixError),
     /// A file could not be read.
     #[error("reading {path}: {source}")]
     Io {
@@ -75,11 +92,51 @@ impl NatsAuth {
         }
     }
 
-    /// Adds these credentials to connect options.
+    /// The inbox prefix of a connection in `role` (`orchestrator`, an HSM
+    /// id, `client`, ...): `--inbox-prefix` if given (it must be an inbox),
+    /// else `_INBOX.<user>` when logging in with a user name (the role's
+    /// user in `secure.conf`), else `_INBOX.<role>`; `None` if neither
+    /// makes a subject.
+    pub fn inbox_prefix(&self, role: Option<&str>) -> Result<Option<String>, CredentialsError> {
+        if let Some(p) = &self.inbox_prefix {
+            crate::reply::validate_prefix(p)?;
+            return Ok(Some(p.clone()));
+        }
+        Ok(self
+            .nats_user
+            .as_deref()
+            .and_then(crate::reply::prefix_for)
+            .or_else(|| role.and_then(crate::reply::prefix_for)))
+    }
+
+    /// Adds these credentials, and the inbox prefix of a connection in
+    /// `role` ([`NatsAuth::inbox_prefix`]), to connect options.
+    pub async fn apply_as(
+        &self,
+        opts: async_nats::ConnectOptions,
+        role: &str,
+    ) -> Result<async_nats::ConnectOptions, CredentialsError> {
+        self.apply_with(opts, Some(role)).await
+    }
+
+    /// Adds these credentials to connect options, and the inbox prefix if
+    /// one is given or a user name makes one (otherwise NATS's default,
+    /// `_INBOX`).
     pub async fn apply(
         &self,
-        mut opts: async_nats::ConnectOptions,
+        opts: async_nats::ConnectOptions,
     ) -> Result<async_nats::ConnectOptions, CredentialsError> {
+        self.apply_with(opts, None).await
+    }
+
+    async fn apply_with(
+        &self,
+        mut opts: async_nats::ConnectOptions,
+        role: Option<&str>,
+    ) -> Result<async_nats::ConnectOptions, CredentialsError> {
+        if let Some(prefix) = self.inbox_prefix(role)? {
+            opts = opts.custom_inbox_prefix(prefix);
+        }
         match (&self.nats_user, &self.nats_password) {
             (Some(u), Some(p)) => opts = opts.user_and_password(u.clone(), p.clone()),
             (None, None) => {}
@@ -104,6 +161,14 @@ impl NatsAuth {
         Ok(opts)
     }
 
+    /// Whether any credential is given.
+    pub fn is_set(&self) -> bool {
+        self.nats_user.is_some()
+            || self.nats_password.is_some()
+            || self.nats_creds.is_some()
+            || self.nats_nkey.is_some()
+    }
+
     /// The environment that passes these credentials to a child process.
     pub fn to_env(&self) -> Vec<(&'static str, String)> {
         let mut env = Vec::new();
@@ -119,6 +184,68 @@ impl NatsAuth {
         if let Some(n) = &self.nats_nkey {
             env.push(("KEYSYNC_NATS_NKEY", n.display().to_string()));
         }
+        if let Some(p) = &self.inbox_prefix {
+            env.push(("KEYSYNC_INBOX_PREFIX", p.clone()));
+        }
         env
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefix(auth: &NatsAuth, role: Option<&str>) -> Option<String> {
+        auth.inbox_prefix(role).expect("valid")
+    }
+
+    #[test]
+    fn the_inbox_prefix_is_the_given_one_else_the_users_else_the_roles() {
+        let anonymous = NatsAuth::default();
+        assert_eq!(prefix(&anonymous, None), None);
+        assert_eq!(
+            prefix(&anonymous, Some("orchestrator")).as_deref(),
+            Some("_INBOX.orchestrator")
+        );
+        let hsm = NatsAuth::user("hsm-1", "secret");
+        assert_eq!(prefix(&hsm, None).as_deref(), Some("_INBOX.hsm-1"));
+        assert_eq!(
+            prefix(&hsm, Some("client")).as_deref(),
+            Some("_INBOX.hsm-1")
+        );
+        let given = NatsAuth {
+            inbox_prefix: Some("_INBOX.team.alice".into()),
+            ..NatsAuth::user("alice", "secret")
+        };
+        assert_eq!(
+            prefix(&given, Some("client")).as_deref(),
+            Some("_INBOX.team.alice")
+        );
+        assert!(given
+            .to_env()
+            .contains(&("KEYSYNC_INBOX_PREFIX", "_INBOX.team.alice".into())));
+        // A user name that is no subject falls back to the role.
+        let odd = NatsAuth::user("alice smith", "secret");
+        assert_eq!(
+            prefix(&odd, Some("client")).as_deref(),
+            Some("_INBOX.client")
+        );
+    }
+
+    #[test]
+    fn a_given_prefix_must_be_an_inbox() {
+        for bad in ["keysync.audit", "_INBOX.*", "_INBOX_client", ""] {
+            let auth = NatsAuth {
+                inbox_prefix: Some(bad.into()),
+                ..Default::default()
+            };
+            assert!(
+                matches!(
+                    auth.inbox_prefix(Some("client")),
+                    Err(CredentialsError::InboxPrefix(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 }

@@ -22,6 +22,20 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{Identity, Signer};
 
+/// How long filing waits for the dead-letter stream's acknowledgement.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a dead letter was not filed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// The letter could not be encoded.
+    #[error("the dead letter could not be encoded")]
+    Encode,
+    /// The dead-letter stream did not store it.
+    #[error("the dead letter was not stored: {0}")]
+    NotStored(String),
+}
+
 /// What of a rejected payload to keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keep {
@@ -80,6 +94,58 @@ impl DeadLetters {
 
     /// Files one rejected message (in the background).
     pub async fn file(&self, rejected: Filing<'_>, keep: Keep) {
+        let Some((h, bytes)) = self.letter(rejected, keep) else {
+            return;
+        };
+        match self
+            .js
+            .publish_with_headers(self.subject.clone(), h, bytes)
+            .await
+        {
+            Ok(ack) => {
+                tokio::spawn(async move {
+                    match tokio::time::timeout(ACK_WAIT, ack).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "dead letter not stored"),
+                        Err(_) => tracing::warn!("dead letter not acknowledged in time"),
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "could not file a dead letter"),
+        }
+    }
+
+    /// Files one rejected message and waits until the dead-letter stream
+    /// has stored it: for a caller that removes the original next, so the
+    /// evidence is never lost in between.
+    pub async fn file_confirmed(
+        &self,
+        rejected: Filing<'_>,
+        keep: Keep,
+    ) -> Result<(), DeadLetterError> {
+        let (h, bytes) = self.letter(rejected, keep).ok_or(DeadLetterError::Encode)?;
+        let ack = self
+            .js
+            .publish_with_headers(self.subject.clone(), h, bytes)
+            .await
+            .map_err(|e| DeadLetterError::NotStored(e.to_string()))?;
+        match tokio::time::timeout(ACK_WAIT, ack).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(DeadLetterError::NotStored(e.to_string())),
+            Err(_) => Err(DeadLetterError::NotStored(
+                "not acknowledged in time".to_string(),
+            )),
+        }
+    }
+
+    /// The letter for `rejected`: its headers (the deduplication id and
+    /// the filer's signature) and bytes. `None` if it cannot be encoded
+    /// (logged).
+    fn letter(
+        &self,
+        rejected: Filing<'_>,
+        keep: Keep,
+    ) -> Option<(async_nats::HeaderMap, bytes::Bytes)> {
         let keep_bytes = keep == Keep::Payload && rejected.payload.len() <= MAX_MESSAGE_BYTES / 2;
         let letter = DeadLetter {
             rejected_by: self.source.to_string(),
@@ -97,29 +163,14 @@ impl DeadLetters {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "could not encode a dead letter");
-                return;
+                return None;
             }
         };
         // Several filers of one message (an active and a standby
         // orchestrator) give it one id; otherwise the letter's own.
         let msg_id = rejected.dedup_id.unwrap_or_else(|| env.id.to_string());
         let h = crate::signed_headers(&self.identity, &self.signer, &self.subject, &msg_id, &bytes);
-        match self
-            .js
-            .publish_with_headers(self.subject.clone(), h, bytes.into())
-            .await
-        {
-            Ok(ack) => {
-                tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(10), ack).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => tracing::warn!(error = %e, "dead letter not stored"),
-                        Err(_) => tracing::warn!("dead letter not acknowledged in time"),
-                    }
-                });
-            }
-            Err(e) => tracing::warn!(error = %e, "could not file a dead letter"),
-        }
+        Some((h, bytes.into()))
     }
 }
 

@@ -199,3 +199,23 @@ async fn the_cli_contract_on_a_live_cluster() {
     assert!(missing.stdout.is_empty());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not found on HSM hsm-1"));
 }
+
+#[test]
+fn dev_refuses_nats_credentials_it_would_ignore() {
+    // `keysync dev` starts its own nats-server without authentication: a
+    // credential given to it would be silently ignored, so it is refused as
+    // a bad argument before anything starts.
+    for args in [
+        &["dev", "--nats-user", "u", "--nats-password", "p"][..],
+        &["demo", "--nats-creds", "/nonexistent.creds"][..],
+        &["bench", "--quick", "--nats-nkey", "/nonexistent.nk"][..],
+    ] {
+        let out = keysync_cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("start their own nats-server"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -1189,9 +1189,10 @@ impl Forge {
             66..=85 => self.real_agent(&t),
             _ => self.replay(&t, &subject),
         };
-        // Half the key-operation requests ask for a reply.
+        // Half the key-operation requests ask for a reply (on an inbox:
+        // agents answer nothing else).
         let reply = (matches!(t, Target::Op(_)) && self.rng.below(2) == 0)
-            .then(|| format!("attacker.replies.{i}"));
+            .then(|| format!("_INBOX.attacker.replies.{i}"));
         Hostile {
             subject,
             headers,
@@ -1331,7 +1332,7 @@ async fn ten_thousand_hostile_messages_change_nothing_and_real_keys_keep_syncing
         "{asking} requests, {oversized} oversized"
     );
     let mut replies = attacker
-        .subscribe("attacker.replies.>")
+        .subscribe("_INBOX.attacker.replies.>")
         .await
         .expect("subscribe");
     attacker.flush().await.expect("flush");

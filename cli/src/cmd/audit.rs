@@ -91,53 +91,72 @@ async fn read_all(cli: &Cli, stream: &Option<String>) -> anyhow::Result<Vec<Stor
     Ok(out)
 }
 
-/// The first bad link, if any: (sequence, what is wrong).
-fn first_bad_link(records: &[Stored]) -> Option<(u64, String)> {
+/// What a walk of the audit stream found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Walk {
+    /// Audit records (foreign messages not counted).
+    records: usize,
+    /// Foreign messages: (sequence, why it is not an audit record).
+    foreign: Vec<(u64, String)>,
+    /// The first bad link: (sequence, what is wrong).
+    broken: Option<(u64, String)>,
+}
+
+/// Walks the chain.
+///
+/// A message that does not decode as an audit record is *foreign*: nobody
+/// can edit a record in place in JetStream, so it was published there by
+/// someone other than the appender (a reply aimed at the audit stream, a
+/// stray publish). It is listed with its sequence and skipped: the next
+/// record must link to the last record before it, exactly as if it were
+/// not there, so a foreign message can neither hide nor cause a broken
+/// link. Everything that decodes as a record is held to the chain: it
+/// sits at the sequence it claims, and its `prev_hash` is the hash of the
+/// previous *record*. A gap in the sequences is a removed record only if
+/// the link across it breaks (a removed foreign message leaves the chain
+/// whole).
+fn walk(stored: &[Stored]) -> Walk {
+    let mut w = Walk::default();
     let mut prev_seq = 0u64;
     let mut prev_hash = [0u8; 32];
-    for r in records {
-        if r.seq != prev_seq + 1 {
-            return Some((
-                prev_seq + 1,
-                format!(
-                    "record {} is missing (removed): the chain jumps from {} to {}",
-                    prev_seq + 1,
-                    prev_seq,
-                    r.seq
-                ),
-            ));
-        }
+    for r in stored {
         let rec = match &r.record {
             Ok(rec) => rec,
             Err(e) => {
-                return Some((
-                    r.seq,
-                    format!("record {} is not an audit record: {e}", r.seq),
-                ))
+                w.foreign.push((r.seq, format!("not an audit record: {e}")));
+                continue;
             }
         };
         if rec.chain_seq != r.seq {
-            return Some((
+            w.broken = Some((
                 r.seq,
                 format!(
                     "record at {} claims sequence {}: inserted or moved",
                     r.seq, rec.chain_seq
                 ),
             ));
+            return w;
         }
         if rec.prev_hash != prev_hash {
-            return Some((
-                r.seq,
-                format!(
-                    "record {} does not follow record {}: one of them was edited, or {} was inserted",
-                    r.seq, prev_seq, r.seq
+            let first_gap = (prev_seq + 1..r.seq).find(|s| !stored.iter().any(|m| m.seq == *s));
+            let why = match first_gap {
+                Some(missing) => format!(
+                    "record {missing} is missing (removed): the chain jumps from {prev_seq} to {}",
+                    r.seq
                 ),
-            ));
+                None => format!(
+                    "record {} does not follow record {prev_seq}: one of them was edited, or {} was inserted",
+                    r.seq, r.seq
+                ),
+            };
+            w.broken = Some((first_gap.unwrap_or(r.seq), why));
+            return w;
         }
+        w.records += 1;
         prev_seq = r.seq;
         prev_hash = r.hash;
     }
-    None
+    w
 }
 
 fn fact_json(f: &AuditFact) -> serde_json::Value {
@@ -218,23 +237,49 @@ struct KeyAt {
 pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
     match cmd {
         Command::Verify { stream, json } => {
-            let records = read_all(cli, stream).await?;
-            match first_bad_link(&records) {
+            let stored = read_all(cli, stream).await?;
+            let w = walk(&stored);
+            let foreign_json: Vec<serde_json::Value> = w
+                .foreign
+                .iter()
+                .map(|(seq, why)| json!({"seq": seq, "reason": why}))
+                .collect();
+            let foreign_text = if w.foreign.is_empty() {
+                String::new()
+            } else {
+                let at: Vec<String> = w.foreign.iter().map(|(s, _)| s.to_string()).collect();
+                format!(
+                    "; {} foreign message{} skipped (not audit records) at {}",
+                    w.foreign.len(),
+                    if w.foreign.len() == 1 { "" } else { "s" },
+                    at.join(", ")
+                )
+            };
+            match &w.broken {
                 None => {
                     if *json {
-                        print_json(&json!({"intact": true, "records": records.len()}))?;
+                        print_json(
+                            &json!({"intact": true, "records": w.records, "foreign": foreign_json}),
+                        )?;
                     } else {
-                        println!("audit chain intact: {} records", records.len());
+                        println!("audit chain intact: {} records{foreign_text}", w.records);
+                    }
+                    if !w.foreign.is_empty() {
+                        eprintln!(
+                            "warning: the audit stream holds {} message{} the appender did not write; see who may publish on it",
+                            w.foreign.len(),
+                            if w.foreign.len() == 1 { "" } else { "s" }
+                        );
                     }
                     Ok(())
                 }
                 Some((seq, why)) => {
                     if *json {
                         print_json(
-                            &json!({"intact": false, "records": records.len(), "first_bad_seq": seq, "reason": why}),
+                            &json!({"intact": false, "records": w.records, "first_bad_seq": seq, "reason": why, "foreign": foreign_json}),
                         )?;
                     }
-                    bail!("audit chain broken at record {seq}: {why}")
+                    bail!("audit chain broken at record {seq}: {why}{foreign_text}")
                 }
             }
         }
@@ -250,7 +295,9 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                         "event_time": rfc3339(rec.event_time_ns),
                         "fact": fact_json(&rec.fact),
                     }),
-                    Err(e) => json!({"seq": r.seq, "hash": hex::encode(r.hash), "error": e}),
+                    Err(e) => {
+                        json!({"seq": r.seq, "hash": hex::encode(r.hash), "foreign": true, "error": e})
+                    }
                 };
                 println!("{line}");
             }
@@ -268,7 +315,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 }
             };
             let records = read_all(cli, stream).await?;
-            if let Some((seq, why)) = first_bad_link(&records) {
+            if let Some((seq, why)) = walk(&records).broken {
                 eprintln!(
                     "warning: audit chain broken at record {seq}: {why}; replaying what is there"
                 );
@@ -338,5 +385,103 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 "deleted": keys.iter().filter(|(_, k)| k.deleted).map(|(id, _)| id.to_string()).collect::<Vec<_>>(),
             }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keysync_schemas::{encode, Envelope, Source};
+
+    /// A chain of `n` records at sequences 1..=n, as stored.
+    fn chain(n: u64) -> Vec<Stored> {
+        let mut out = Vec::new();
+        let mut prev = [0u8; 32];
+        for seq in 1..=n {
+            out.push(stored(seq, prev));
+            prev = out[out.len() - 1].hash;
+        }
+        out
+    }
+
+    fn stored(seq: u64, prev_hash: [u8; 32]) -> Stored {
+        let rec = AuditRecord {
+            chain_seq: seq,
+            prev_hash,
+            event_seq: seq,
+            event_time_ns: seq,
+            fact: AuditFact::HsmJoined {
+                hsm: HsmId::new("hsm-1").expect("id"),
+            },
+        };
+        let bytes = encode(&Envelope::new(
+            Source::Orchestrator("o".into()),
+            rec.clone(),
+        ))
+        .expect("encode");
+        Stored {
+            seq,
+            hash: record_hash(&bytes),
+            record: Ok(rec),
+        }
+    }
+
+    fn foreign(seq: u64) -> Stored {
+        Stored {
+            seq,
+            hash: record_hash(b"junk"),
+            record: Err("bad magic".into()),
+        }
+    }
+
+    #[test]
+    fn an_intact_chain_has_no_bad_link() {
+        let w = walk(&chain(5));
+        assert_eq!((w.records, w.broken, w.foreign.len()), (5, None, 0));
+    }
+
+    #[test]
+    fn a_foreign_message_is_listed_and_the_chain_links_across_it() {
+        let mut s = chain(3);
+        s.push(foreign(4));
+        // The appender's next record lands at 5 and links to record 3.
+        s.push(stored(5, s[2].hash));
+        let w = walk(&s);
+        assert_eq!(w.broken, None, "{w:?}");
+        assert_eq!(w.records, 4);
+        assert_eq!(w.foreign.iter().map(|f| f.0).collect::<Vec<_>>(), vec![4]);
+        // Removing the foreign message leaves the chain whole.
+        s.remove(3);
+        assert_eq!(walk(&s).broken, None);
+    }
+
+    #[test]
+    fn a_foreign_message_does_not_hide_a_removed_record() {
+        let mut s = chain(4);
+        s.remove(2); // record 3
+        s.push(foreign(5));
+        let w = walk(&s);
+        let (seq, why) = w.broken.expect("broken");
+        assert_eq!(seq, 3, "{why}");
+        assert!(why.contains("record 3 is missing"), "{why}");
+    }
+
+    #[test]
+    fn records_that_decode_are_held_to_the_chain() {
+        // Inserted: a record that claims its place but links elsewhere.
+        let mut s = chain(2);
+        s.push(stored(3, [7; 32]));
+        assert_eq!(walk(&s).broken.map(|b| b.0), Some(3));
+        // Moved: a record at a sequence it does not claim.
+        let mut s = chain(2);
+        let mut moved = stored(4, s[1].hash);
+        moved.seq = 3;
+        s.push(moved);
+        let (seq, why) = walk(&s).broken.expect("broken");
+        assert_eq!(seq, 3);
+        assert!(why.contains("claims sequence 4"), "{why}");
+        // The first record removed.
+        let s: Vec<Stored> = chain(3).into_iter().skip(1).collect();
+        assert_eq!(walk(&s).broken.map(|b| b.0), Some(1));
     }
 }

@@ -270,7 +270,11 @@ async fn floor(
         let nats = nats.clone();
         responders.push(tokio::spawn(async move {
             while let Some(m) = sub.next().await {
-                if let Some(reply) = m.reply {
+                // Like every keysync responder, answer only inboxes.
+                if let Some(reply) = m
+                    .reply
+                    .filter(|r| keysync_security::reply::check(r).is_ok())
+                {
                     let _ = nats.publish(reply, m.payload).await;
                 }
             }

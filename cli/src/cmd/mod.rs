@@ -81,7 +81,7 @@ impl Cli {
         let servers =
             keysync_telemetry::process::servers(&self.nats).map_err(anyhow::Error::msg)?;
         self.auth
-            .apply(async_nats::ConnectOptions::new())
+            .apply_as(async_nats::ConnectOptions::new(), "client")
             .await?
             .name(name)
             .connect(servers)
@@ -103,6 +103,30 @@ impl Cli {
             ..Default::default()
         };
         Ok(Client::connect_with(&self.nats, options).await?)
+    }
+}
+
+impl Cli {
+    /// Refuses options that would be silently ignored: `dev`, `demo` and
+    /// `bench` start their own nats-server, without authentication, so
+    /// NATS credentials mean nothing to them. Exits with code 2, like any
+    /// bad argument.
+    pub fn check(&self) {
+        let own_server = matches!(
+            self.command,
+            Command::Dev(_) | Command::Demo(_) | Command::Bench(_)
+        );
+        if own_server && self.auth.is_set() {
+            use clap::CommandFactory as _;
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "dev, demo and bench start their own nats-server without authentication: \
+                     NATS credentials (--nats-user, --nats-password, --nats-creds, --nats-nkey \
+                     or KEYSYNC_NATS_*) apply to commands that connect to a running cluster",
+                )
+                .exit();
+        }
     }
 }
 

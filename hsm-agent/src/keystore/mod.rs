@@ -7,6 +7,8 @@
 //! software HSM on a redb database; it is the default.
 
 pub mod embedded;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 
 use keysync_schemas::{
     CloneFailure, CloneKey, DomainId, Fingerprint, HsmId, InventoryDigest, KeyAttributes, KeyId,
