@@ -85,16 +85,27 @@ async fn concurrent_creates_of_one_id_leave_one_key_in_the_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_of_one_id_on_a_nats_cluster_leave_one_key() {
     let _heavy = HEAVY.write().await;
-    let stack = DevStack::start(StackOptions {
+    let options = StackOptions {
         hsms: 3,
         nats_nodes: 3,
         nats_config: Some(
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/cluster-node.conf"),
         ),
         ..Default::default()
-    })
-    .await
-    .expect("stack on a 3-node NATS cluster");
+    };
+    // A cluster forming on a busy 2-core machine has twice kept the
+    // orchestrator from answering within the harness's 60 s (2 of some 20
+    // runs, both while other engineers' tests loaded the VM): the start is
+    // not what is tested here, so it gets a second chance, and says so.
+    let stack = match DevStack::start(options.clone()).await {
+        Ok(s) => s,
+        Err(first) => {
+            eprintln!("the 3-node stack did not start; starting it again: {first}");
+            DevStack::start(options)
+                .await
+                .expect("stack on a 3-node NATS cluster")
+        }
+    };
     race_rounds(&stack, 20).await;
 }
 
