@@ -382,3 +382,113 @@ async fn our_own_key_created_published_again_is_recognised_as_logged() {
         1
     );
 }
+
+/// "Duplicate" only says that some message had the id. Junk stored first
+/// under the `Nats-Msg-Id` of an agent's `KeyCreated` (whoever learnt the
+/// id: here it is planted while the agent is down) made the agent take the
+/// duplicate answer as "logged" and forget its outbox entry: the key was
+/// never logged and never reached another HSM. The agent must read the log
+/// back, keep the entry, and log the key once the id can be stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_under_a_key_createds_message_id_does_not_pass_for_it() {
+    use hsm_agent::keystore::{embedded::EmbeddedKeystore, KeySource, Keystore, NewKey};
+    use keysync_schemas::{encode, Envelope, KeyCreated, Source};
+
+    let _heavy = HEAVY.read().await;
+    let mut stack = start_stack(2).await;
+    let client = stack.client().clone();
+    let (h1, h2) = (hsm("hsm-1"), hsm("hsm-2"));
+
+    // A key made on hsm-1 while it is down, its KeyCreated in the outbox
+    // (as if the agent died before publishing it).
+    stack.kill_agent(&h1);
+    let domain =
+        keysync_security::domain_key::DomainKey::load(stack.domain_key()).expect("domain key");
+    let store = EmbeddedKeystore::open(&stack.dir().join("hsm-1"), h1.clone(), domain)
+        .expect("hsm-1's keystore");
+    let mut msg_id = None;
+    let created = store
+        .create(
+            NewKey {
+                id: KeyId::new(),
+                key_type: KeyType::Ed25519,
+                session: false,
+                attributes: KeyAttributes::default(),
+                source: KeySource::Generate,
+            },
+            &mut |c| {
+                let env = Envelope::new(
+                    Source::Hsm(h1.clone()),
+                    Event::KeyCreated(KeyCreated {
+                        key_id: c.info.key_id,
+                        key_type: c.info.key_type,
+                        fingerprint: c.info.fingerprint,
+                        hsm: h1.clone(),
+                        origin: c.origin,
+                        attributes: c.info.attributes.clone(),
+                        durability: Durability::Logged,
+                        domain: c.domain,
+                        wrapped: c.wrapped.clone(),
+                        public_key: c.public_key.clone(),
+                    }),
+                );
+                msg_id = Some(env.id.to_string());
+                encode(&env).map_err(|e| e.to_string())
+            },
+        )
+        .expect("create");
+    drop(store);
+    let id = created.info.key_id;
+    let msg_id = msg_id.expect("the event's id");
+
+    // The attack: junk stored first under that id, on another subject.
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(keysync_schemas::headers::MSG_ID, msg_id.as_str());
+    js.publish_with_headers("keysync.evt.hsm.nobody.joined", h, "junk".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("the junk is stored");
+
+    stack
+        .start_agents(std::slice::from_ref(&h1))
+        .await
+        .expect("hsm-1 restarts");
+    // Its outbox publishes the entry (after a 5 s grace) and is answered
+    // "duplicate"; the entry must stay, the key unlogged.
+    let log = stack.dir().join("logs/hsm-1.log");
+    // Published once its 5 s grace is over: then either forgotten (the
+    // duplicate taken for its own) or read back and kept.
+    let answered = wait_until(Duration::from_secs(30), || async {
+        let read_back =
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("answered as a duplicate"));
+        read_back || client.health(&h1).await.is_ok_and(|h| h.outbox == 0)
+    })
+    .await;
+    assert!(answered, "hsm-1 never published its outbox entry");
+    assert_eq!(
+        client.health(&h1).await.expect("health").outbox,
+        1,
+        "hsm-1 took the duplicate answer for its own KeyCreated and forgot it, unlogged (the log holds {} created)",
+        count_events(&client, &client.subjects().key_created(&id)).await
+    );
+
+    // Once JetStream forgets the id (its duplicate window made short
+    // here), the next outbox round logs the key and it reaches hsm-2.
+    let mut stream = js
+        .get_stream(client.subjects().events_stream())
+        .await
+        .expect("events stream");
+    let mut config = stream.info().await.expect("info").config.clone();
+    config.duplicate_window = Duration::from_secs(1);
+    js.update_stream(&config)
+        .await
+        .expect("shorter duplicate window");
+    let expected = BTreeMap::from([(id, created.info.fingerprint)]);
+    assert_converges(&client, &[h1, h2], &expected, Duration::from_secs(60)).await;
+    assert_eq!(
+        count_events(&client, &client.subjects().key_created(&id)).await,
+        1
+    );
+}
