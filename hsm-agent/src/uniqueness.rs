@@ -14,7 +14,8 @@
 //! `KeyCreated` published again (from the outbox after a crash, or after a
 //! lost PubAck), and nats-server checks the expectation *before*
 //! de-duplication on a single node (a clustered stream checks the message
-//! id first and answers "duplicate"). So on a refusal the agent reads the
+//! id first and answers "duplicate", which is read back the same way: it
+//! says only that *a* message had the id). So on a refusal the agent reads the
 //! key's first `created` message and its first event ([`judge`]): our own
 //! event means the create is logged; another key's event, or events of a
 //! deleted key, mean the id is taken, and the agent removes the key it made
@@ -218,12 +219,18 @@ pub async fn await_created(
         None => fut.await,
     };
     let refusal = match acked {
-        Ok(ack) => {
-            // Stored, or a duplicate of our own id (stored before).
+        Ok(ack) if !ack.duplicate => {
             agent.outbox_confirmed(key);
             return Outcome::Logged(ack.sequence);
         }
-        Err(e) if refused_by_log(&e) => e,
+        // "Duplicate" says only that some message had this id: ours stored
+        // before (a clustered stream checks the id first), or one stored
+        // under it by someone who learnt it. Read back like a refusal.
+        Ok(ack) => format!(
+            "answered as a duplicate of stream sequence {}",
+            ack.sequence
+        ),
+        Err(e) if refused_by_log(&e) => e.to_string(),
         Err(e) => return Outcome::Pending(e.to_string()),
     };
     // The log is read within the caller's time too: a create's answer
@@ -258,7 +265,7 @@ pub async fn await_created(
             Outcome::Taken(why)
         }
         Verdict::Undecided => Outcome::Pending(format!(
-            "JetStream refused KeyCreated ({refusal}) but the log shows nothing under the id yet"
+            "JetStream did not store KeyCreated ({refusal}) and the log shows nothing under the id yet"
         )),
     }
 }
