@@ -186,6 +186,16 @@ fn key_of(op: &OpRequest) -> Option<KeyId> {
     }
 }
 
+/// The id a create asks for, if it names one.
+fn requested_id(op: &OpRequest) -> Option<KeyId> {
+    match op {
+        OpRequest::Generate { key_id, .. }
+        | OpRequest::Import { key_id, .. }
+        | OpRequest::Unwrap { key_id, .. } => *key_id,
+        _ => None,
+    }
+}
+
 impl Client {
     /// Connects with default options.
     pub async fn connect(url: &str) -> Result<Self> {
@@ -356,6 +366,7 @@ impl Client {
             Route::Any | Route::ReplicaAware => self.inner.options.subjects.any_op(),
         };
         let key_id = key_of(op);
+        let requested_id = requested_id(op);
         let payload = encode(&Envelope::new(self.source(), op.clone()))
             .map_err(|e| Error::BadRequest(e.to_string()))?;
         let span = tracing::info_span!("keysync.request", op = op.kind(), route = %route);
@@ -388,6 +399,15 @@ impl Client {
                     route: route.to_string(),
                 },
                 (OpErrorKind::BadRequest, _) => Error::BadRequest(e.message),
+                // On the HSM asked, or in the cluster's log: either way
+                // the id names another key, and only a new id helps.
+                (OpErrorKind::KeyIdTaken | OpErrorKind::AlreadyExists, _) => match requested_id {
+                    Some(key_id) => Error::KeyIdTaken {
+                        key_id,
+                        detail: e.message,
+                    },
+                    None => Error::Operation(e),
+                },
                 _ => Error::Operation(e),
             }),
             other => Ok(other),
@@ -499,10 +519,10 @@ impl Client {
         };
         let reply = match self.request(&spec.route, op).await {
             // A retried create whose first attempt had worked (its reply was
-            // lost): the id is ours (random 122 bits), so the key is ours.
-            Err(Error::Operation(e)) if e.kind == OpErrorKind::AlreadyExists => {
-                self.recover_create(key_id, spec).await?
-            }
+            // lost; the retry may even have reached another HSM, whose key
+            // the log then refused): the id is ours (random 122 bits), so
+            // the key holding it is ours.
+            Err(Error::KeyIdTaken { .. }) => self.recover_create(key_id, spec).await?,
             other => other?,
         };
         let OpReply::Created {

@@ -48,6 +48,18 @@ pub enum Error {
     /// The request is wrong; retrying will not help.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A create asked for a key id that is taken in the cluster: another
+    /// key holds it (made first on another HSM, or already on the HSM
+    /// asked), or a key with that id was deleted, and ids are never
+    /// reused. Nothing was created. Apart from [`Error::BadRequest`]: the
+    /// request was well formed, and the same create under a new id works.
+    #[error("key id {key_id} is taken: {detail}")]
+    KeyIdTaken {
+        /// The id asked for.
+        key_id: KeyId,
+        /// What the HSM said.
+        detail: String,
+    },
     /// The key was created but did not reach the requested durability in time.
     #[error("key {key_id} is held by {} HSM(s) ({}), below the requested durability {wanted}", holders.len(), holders.iter().map(|h| h.as_str()).collect::<Vec<_>>().join(", "))]
     BelowDurability {

@@ -44,10 +44,13 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// A child's log, appended to; made 0600 (its dir is private too).
 fn log_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .map_err(|e| StackError::Io(path.display().to_string(), e))
 }
@@ -98,9 +101,11 @@ impl Process {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, wait up to `grace`, then SIGKILL. Async, so that waiting
-    /// for a child to exit never blocks a runtime worker.
-    pub async fn terminate(&mut self, grace: Duration) {
+    /// SIGTERM, wait up to `grace`, then SIGKILL. Returns how it exited if
+    /// it stopped by itself within the grace, `None` if it had to be
+    /// killed (or was gone already and reaped before). Async, so that
+    /// waiting for a child to exit never blocks a runtime worker.
+    pub async fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         use nix::sys::signal::{kill, Signal};
         use nix::unistd::Pid;
         if let Ok(pid) = i32::try_from(self.child.id()) {
@@ -108,12 +113,15 @@ impl Process {
         }
         let deadline = std::time::Instant::now() + grace;
         while std::time::Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) => {}
+                Err(_) => return None,
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.kill();
+        None
     }
 
     pub(crate) fn not_ready(&self, detail: impl std::fmt::Display) -> StackError {

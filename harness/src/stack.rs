@@ -151,8 +151,19 @@ impl DevStack {
                 (t.path().to_path_buf(), Some(t))
             }
         };
-        std::fs::create_dir_all(dir.join("logs"))
-            .map_err(|e| StackError::Io(dir.display().to_string(), e))?;
+        // The stack dir holds the domain key, the cluster identity, the
+        // agents' data dirs and the NATS store: private (0700), narrowed
+        // if an existing `--data-dir` is open to others.
+        let io_error = |d: &Path, e: keysync_security::secret_file::SecretFileError| {
+            StackError::Io(
+                d.display().to_string(),
+                std::io::Error::other(e.to_string()),
+            )
+        };
+        keysync_security::secret_file::private_dir(&dir).map_err(|e| io_error(&dir, e))?;
+        let logs = dir.join("logs");
+        keysync_security::secret_file::create_private_dirs(&logs)
+            .map_err(|e| io_error(&logs, e))?;
         let domain_key = dir.join("domain.key");
         if !domain_key.exists() {
             hsm_domain_key_file(&domain_key)?;

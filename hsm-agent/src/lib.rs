@@ -12,6 +12,7 @@ pub mod material;
 pub mod membership;
 pub mod offline;
 pub mod ops;
+pub mod uniqueness;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -98,6 +99,31 @@ impl Agent {
         msg_id: uuid::Uuid,
         payload: Vec<u8>,
     ) -> anyhow::Result<PublishAckFuture> {
+        self.publish_with(subject, msg_id, payload, |_| {}).await
+    }
+
+    /// Publishes a `KeyCreated` like [`Agent::publish_event`], stored only
+    /// if the log holds nothing yet under its key id (see [`uniqueness`]):
+    /// the PubAck is then "wrong last sequence" for a taken id.
+    pub async fn publish_key_created(
+        &self,
+        key: &KeyId,
+        msg_id: uuid::Uuid,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<PublishAckFuture> {
+        self.publish_with(self.subjects.key_created(key), msg_id, payload, |h| {
+            uniqueness::expect_new_key_id(h, &self.subjects, key)
+        })
+        .await
+    }
+
+    async fn publish_with(
+        &self,
+        subject: String,
+        msg_id: uuid::Uuid,
+        payload: Vec<u8>,
+        extra: impl FnOnce(&mut async_nats::HeaderMap),
+    ) -> anyhow::Result<PublishAckFuture> {
         let mut h = keysync_security::signed_headers(
             &self.identity,
             &Signer::Hsm(self.hsm.clone()),
@@ -106,6 +132,7 @@ impl Agent {
             &payload,
         );
         keysync_telemetry::inject(&tracing::Span::current(), &mut h);
+        extra(&mut h);
         Ok(self
             .js
             .publish_with_headers(subject, h, payload.into())
@@ -152,16 +179,52 @@ pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Keystore>> {
 }
 
 /// Runs the agent on `store` until `shutdown` resolves or a fatal error
-/// occurs (after which it may simply be run again).
+/// occurs (after which it may simply be run again). It returns soon after
+/// `shutdown` resolves whether NATS is there or not (while starting too).
 pub async fn run(
     config: Config,
     store: Arc<dyn Keystore>,
     nats: async_nats::Client,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    let mut tasks = tokio::task::JoinSet::new();
+    // Starting needs NATS (the streams, a status reply, the first
+    // publishes) and waits for it: a stop signal ends the wait.
+    let agent = tokio::select! {
+        started = start(&config, store, &nats, &mut tasks) => started?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    tracing::info!(hsm = %agent.hsm, identity = %agent.identity.public_hex(), "agent ready");
+
+    let result = tokio::select! {
+        _ = &mut shutdown => Ok(()),
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a task ended unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("a task panicked: {e}")),
+        },
+    };
+    // Stop consuming before the client goes away.
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    // Sends what is buffered, if the server is there: a flush waits for a
+    // server round trip, forever while it is away.
+    let _ = tokio::time::timeout(Duration::from_secs(1), nats.flush()).await;
+    result
+}
+
+/// Connects the agent to the cluster and starts its tasks into `tasks`;
+/// returns once it serves and is announced.
+async fn start(
+    config: &Config,
+    store: Arc<dyn Keystore>,
+    nats: &async_nats::Client,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<Arc<Agent>> {
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let js = jetstream::new(nats.clone());
-    let cluster_key = cluster_key(&config, &nats).await?;
+    let cluster_key = cluster_key(config, nats).await?;
     let agent = Arc::new(Agent {
         store,
         hsm: config.hsm.clone(),
@@ -171,6 +234,8 @@ pub async fn run(
             &config.subjects,
             "agent",
             Source::Hsm(config.hsm.clone()),
+            config.identity.clone(),
+            Signer::Hsm(config.hsm.clone()),
         )),
         identity: config.identity.clone(),
         cluster_key,
@@ -189,7 +254,6 @@ pub async fn run(
         .wait_for_stream(&agent.subjects.events_stream())
         .await?;
 
-    let mut tasks = tokio::task::JoinSet::new();
     let agent_for_membership = agent.clone();
     let agent_for_heartbeat = agent.clone();
     let heartbeat_interval = config.heartbeat_interval;
@@ -206,21 +270,7 @@ pub async fn run(
         membership::confirm(agent_for_membership).await?;
         heartbeat(agent_for_heartbeat, heartbeat_interval).await
     });
-    tracing::info!(hsm = %agent.hsm, identity = %agent.identity.public_hex(), "agent ready");
-
-    let result = tokio::select! {
-        _ = shutdown => Ok(()),
-        Some(done) = tasks.join_next() => match done {
-            Ok(Ok(())) => Err(anyhow::anyhow!("a task ended unexpectedly")),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(anyhow::anyhow!("a task panicked: {e}")),
-        },
-    };
-    // Stop consuming before the client goes away.
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
-    let _ = nats.flush().await;
-    result
+    Ok(agent)
 }
 
 /// Serves key operations on this HSM's subject and the any-HSM queue group.
@@ -423,10 +473,13 @@ async fn forget_confirmed(
     Ok(())
 }
 
-/// Publishes `KeyCreated` events that were stored but never acknowledged
-/// (the agent died, or JetStream was away): at start, then every few
-/// seconds. JetStream deduplicates by `Nats-Msg-Id` and the orchestrator
-/// ignores a repeated `KeyCreated`, so publishing one twice is harmless.
+/// Publishes `KeyCreated` (and `KeyDeleted`) events that were stored but
+/// never acknowledged (the agent died, or JetStream was away): at start,
+/// then every few seconds. JetStream deduplicates by `Nats-Msg-Id`, and a
+/// `KeyCreated` is stored only while its id is free in the log: one refused
+/// because it is there already is recognised as ours ([`uniqueness`]), so
+/// publishing one twice is harmless; one whose id another key took first
+/// is undone.
 const OUTBOX_GRACE: Duration = Duration::from_secs(5);
 
 async fn republish_outbox(agent: Arc<Agent>) -> anyhow::Result<()> {
@@ -461,23 +514,50 @@ async fn republish_outbox(agent: Arc<Agent>) -> anyhow::Result<()> {
             if age < OUTBOX_GRACE.as_nanos() as u64 {
                 continue;
             }
-            let subject = match &env.body {
-                Event::KeyDeleted(_) => agent.subjects.key_deleted(&key_id),
-                _ => agent.subjects.key_created(&key_id),
-            };
             // Stamped now (same id), so that an entry that waited out a long
             // outage is inside the replay window when it is stored.
+            let created = match &env.body {
+                Event::KeyCreated(c) => Some(c.fingerprint),
+                _ => None,
+            };
             let restamped = Envelope::with_id(env.id, env.source, env.body);
-            let Ok(bytes) = encode(&restamped) else {
+            let Ok(restamped_bytes) = encode(&restamped) else {
                 continue;
             };
-            match agent.publish_event(subject, env.id, bytes).await {
-                Ok(ack) => {
-                    if ack.await.is_ok() {
-                        agent.outbox_confirmed(key_id);
+            match created {
+                // Stored only if the id is still free in the cluster, or
+                // found to be ours already; a lost id is undone here.
+                Some(fingerprint) => {
+                    let published = agent
+                        .publish_key_created(&key_id, env.id, restamped_bytes)
+                        .await;
+                    match uniqueness::await_created(
+                        &agent,
+                        key_id,
+                        fingerprint,
+                        bytes,
+                        published,
+                        None,
+                    )
+                    .await
+                    {
+                        uniqueness::Outcome::Logged(_) | uniqueness::Outcome::Taken(_) => {}
+                        uniqueness::Outcome::Pending(e) => {
+                            tracing::warn!(%key_id, error = %e, "outbox publish not decided; will retry")
+                        }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "outbox publish failed; will retry"),
+                None => {
+                    let subject = agent.subjects.key_deleted(&key_id);
+                    match agent.publish_event(subject, env.id, restamped_bytes).await {
+                        Ok(ack) => {
+                            if ack.await.is_ok() {
+                                agent.outbox_confirmed(key_id);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "outbox publish failed; will retry"),
+                    }
+                }
             }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -528,6 +608,12 @@ async fn cluster_key(config: &Config, nats: &async_nats::Client) -> anyhow::Resu
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(anyhow::anyhow!("{}: {e}", pin.display())),
     };
+    if pinned.is_some() {
+        // Pinned by an older version, readable by all: it is the data
+        // dir's business only.
+        keysync_security::secret_file::private_file(&pin)
+            .with_context(|| format!("{}", pin.display()))?;
+    }
     let key = match (config.cluster_key, pinned) {
         (Some(given), Some(p)) if given != p => {
             tracing::warn!(
@@ -547,8 +633,11 @@ async fn cluster_key(config: &Config, nats: &async_nats::Client) -> anyhow::Resu
         }
     };
     if pinned != Some(key) {
-        std::fs::write(&pin, format!("{}\n", hex::encode(key)))
-            .with_context(|| format!("pinning the cluster key in {}", pin.display()))?;
+        keysync_security::secret_file::write_private(
+            &pin,
+            format!("{}\n", hex::encode(key)).as_bytes(),
+        )
+        .with_context(|| format!("pinning the cluster key in {}", pin.display()))?;
     }
     Ok(key)
 }

@@ -64,8 +64,13 @@ async fn main() -> anyhow::Result<()> {
         "info,async_nats=warn",
     );
     let subjects = Subjects::new(&args.prefix)?;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    // The data dir holds the identity, the keystore and its outbox: 0700,
+    // every file in it 0600.
+    if keysync_security::secret_file::private_dir(&args.data_dir)
+        .with_context(|| format!("data dir {}", args.data_dir.display()))?
+    {
+        tracing::warn!(dir = %args.data_dir.display(), "the data dir was accessible to group or others; narrowed to 0700");
+    }
     let identity_path = args
         .identity
         .clone()

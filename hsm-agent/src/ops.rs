@@ -9,6 +9,7 @@ use keysync_schemas::{
 };
 
 use crate::keystore::{CreatedKey, KeySource, KeystoreError, NewKey};
+use crate::uniqueness::{self, Outcome};
 use crate::Agent;
 
 /// Handles one raw request and returns the reply (never fails: errors are
@@ -289,7 +290,6 @@ async fn create(agent: &Arc<Agent>, req: Create<'_>) -> Result<OpReply, OpError>
     let key_id = req.key_id.unwrap_or_default();
     let session = req.session;
     let durability = req.durability;
-    let subject = agent.subjects.key_created(&key_id);
     let hsm = agent.hsm.clone();
 
     // The source borrows request bytes; copy them so the work can move to a
@@ -355,20 +355,26 @@ async fn create(agent: &Arc<Agent>, req: Create<'_>) -> Result<OpReply, OpError>
         us = started.elapsed().as_micros() as u64,
         "created and stored"
     );
-    let ack = agent.publish_event(subject, msg_id, bytes).await;
+    let fingerprint = created.info.fingerprint;
+    let published = agent
+        .publish_key_created(&key_id, msg_id, bytes.clone())
+        .await;
     match durability {
         Durability::None => {
+            // Answered before JetStream decides: a create under an id taken
+            // in the cluster is undone in the background (the caller was
+            // told `Created`; see decision 4).
             let agent = agent.clone();
             tokio::spawn(async move {
-                match ack {
-                    Ok(fut) => match fut.await {
-                        Ok(_) => agent.outbox_confirmed(key_id),
-                        Err(e) => {
-                            tracing::warn!(%key_id, error = %e, "KeyCreated not acknowledged; it stays in the outbox")
-                        }
-                    },
-                    Err(e) => {
-                        tracing::warn!(%key_id, error = %e, "KeyCreated not published; it stays in the outbox")
+                match uniqueness::await_created(&agent, key_id, fingerprint, bytes, published, None)
+                    .await
+                {
+                    Outcome::Logged(_) => {}
+                    Outcome::Taken(why) => {
+                        tracing::warn!(%key_id, reason = %why, "a create answered with durability none lost its key id to another key; its key was removed")
+                    }
+                    Outcome::Pending(e) => {
+                        tracing::warn!(%key_id, error = %e, "KeyCreated not logged; it stays in the outbox")
                     }
                 }
             });
@@ -378,33 +384,37 @@ async fn create(agent: &Arc<Agent>, req: Create<'_>) -> Result<OpReply, OpError>
                 created_seq: None,
             })
         }
-        _ => {
-            let result = match ack {
-                Ok(fut) => tokio::time::timeout(agent.publish_timeout, fut)
-                    .await
-                    .map_err(|_| "timed out waiting for the JetStream acknowledgement".to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string())),
-                Err(e) => Err(e.to_string()),
-            };
-            match result {
-                Ok(pub_ack) => {
-                    agent.outbox_confirmed(key_id);
-                    Ok(OpReply::Created {
-                        info: created.info,
-                        durability: Durability::Logged,
-                        created_seq: Some(pub_ack.sequence),
-                    })
-                }
-                Err(e) => Err(OpError::new(
-                    OpErrorKind::Unavailable,
-                    format!(
-                        "key {key_id} was created on {} but its KeyCreated event is not yet logged ({e}); \
-                         it stays in the agent's outbox and is published when JetStream answers",
-                        agent.hsm
-                    ),
-                )),
-            }
-        }
+        _ => match uniqueness::await_created(
+            agent,
+            key_id,
+            fingerprint,
+            bytes,
+            published,
+            Some(agent.publish_timeout),
+        )
+        .await
+        {
+            Outcome::Logged(seq) => Ok(OpReply::Created {
+                info: created.info,
+                durability: Durability::Logged,
+                created_seq: Some(seq),
+            }),
+            Outcome::Taken(why) => Err(OpError::new(
+                OpErrorKind::KeyIdTaken,
+                format!(
+                    "key id {key_id} is taken in the cluster: {why}; the key {} made under it was removed (create it under a new id)",
+                    agent.hsm
+                ),
+            )),
+            Outcome::Pending(e) => Err(OpError::new(
+                OpErrorKind::Unavailable,
+                format!(
+                    "key {key_id} was created on {} but its KeyCreated event is not yet logged ({e}); \
+                     it stays in the agent's outbox and is published when JetStream answers",
+                    agent.hsm
+                ),
+            )),
+        },
     }
 }
 

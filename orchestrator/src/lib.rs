@@ -229,6 +229,8 @@ pub async fn run(
         &config.subjects,
         "orchestrator",
         keysync_schemas::Source::Orchestrator(config.name.clone()),
+        config.identity.clone(),
+        keysync_security::Signer::Cluster,
     );
     let cluster_key = config.identity.public_key();
     let verdicts = Arc::new(audit::Verdicts::default());

@@ -127,6 +127,12 @@ pub enum CloneFailure {
     Conflict,
     /// The HSM could not store the key.
     Storage(String),
+    /// The HSM holds a key of its own under this id whose `KeyCreated` the
+    /// log has not decided yet (two HSMs created the id at once). Passing:
+    /// if the log refuses the HSM's own key, the HSM removes it and the
+    /// clone applies; if it takes it, the clone's key lost and is never
+    /// logged. Never logged as `CloneFailed` by an agent.
+    Undecided,
 }
 
 impl CloneFailure {
@@ -139,6 +145,7 @@ impl CloneFailure {
             CloneFailure::FingerprintMismatch => "fingerprint mismatch",
             CloneFailure::Conflict => "a different key has this id",
             CloneFailure::Storage(_) => "storage error",
+            CloneFailure::Undecided => "this HSM's own create of the id is not decided yet",
         }
     }
 
@@ -157,7 +164,7 @@ impl CloneFailure {
             | CloneFailure::InvalidMaterial
             | CloneFailure::FingerprintMismatch
             | CloneFailure::Conflict => true,
-            CloneFailure::Storage(_) => false,
+            CloneFailure::Storage(_) | CloneFailure::Undecided => false,
         }
     }
 }

@@ -249,6 +249,12 @@ pub enum OpErrorKind {
     IntegrityFailed,
     /// An internal error.
     Internal,
+    /// The key id is taken in the cluster: the log already holds an event
+    /// for it (another HSM created a key under it first, or a key with this
+    /// id was deleted). Ids are unique at the log, so the create was undone
+    /// on this HSM. Retrying with the same id can never succeed; a new id
+    /// can.
+    KeyIdTaken,
 }
 
 /// An operation error.

@@ -4,14 +4,23 @@
 //! is acknowledged in the background and a failure is only logged (the
 //! rejection is counted either way). The stream has limits (count and age),
 //! so a flood of garbage cannot fill the disk.
+//!
+//! Every letter is signed by its filer (an agent's identity, or the
+//! cluster key for an orchestrator) like an event, over its subject, id and
+//! bytes: whoever may publish on a dead-letter subject can add letters of
+//! its own making, and [`crate::check_dead_letter`] (`keysync dlq list`)
+//! tells them apart.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use keysync_schemas::{
-    encode, headers, DeadLetter, Envelope, Rejection, Source, Subjects, MAX_MESSAGE_BYTES,
+    encode, DeadLetter, Envelope, Rejection, Source, Subjects, MAX_MESSAGE_BYTES,
 };
 use sha2::{Digest as _, Sha256};
+
+use crate::{Identity, Signer};
 
 /// How long filing waits for the dead-letter stream's acknowledgement.
 const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -43,6 +52,8 @@ pub struct DeadLetters {
     js: jetstream::Context,
     subject: String,
     source: Source,
+    identity: Arc<Identity>,
+    signer: Signer,
 }
 
 /// One rejected message to file: the message and its [`Rejection`].
@@ -63,17 +74,21 @@ pub struct Filing<'a> {
 
 impl DeadLetters {
     /// A filer publishing as `source` under `component` (`orchestrator`,
-    /// `agent`).
+    /// `agent`), signing as `signer` with `identity`.
     pub fn new(
         js: jetstream::Context,
         subjects: &Subjects,
         component: &str,
         source: Source,
+        identity: Arc<Identity>,
+        signer: Signer,
     ) -> Self {
         DeadLetters {
             js,
             subject: subjects.dead_letters(component),
             source,
+            identity,
+            signer,
         }
     }
 
@@ -123,8 +138,9 @@ impl DeadLetters {
         }
     }
 
-    /// The letter for `rejected`: its headers (the deduplication id) and
-    /// bytes. `None` if it cannot be encoded (logged).
+    /// The letter for `rejected`: its headers (the deduplication id and
+    /// the filer's signature) and bytes. `None` if it cannot be encoded
+    /// (logged).
     fn letter(
         &self,
         rejected: Filing<'_>,
@@ -142,17 +158,18 @@ impl DeadLetters {
             payload_sha256: Sha256::digest(rejected.payload).into(),
             payload: keep_bytes.then(|| rejected.payload.to_vec()),
         };
-        let bytes = match encode(&Envelope::new(self.source.clone(), letter)) {
+        let env = Envelope::new(self.source.clone(), letter);
+        let bytes = match encode(&env) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "could not encode a dead letter");
                 return None;
             }
         };
-        let mut h = async_nats::HeaderMap::new();
-        if let Some(id) = rejected.dedup_id {
-            h.insert(headers::MSG_ID, id.as_str());
-        }
+        // Several filers of one message (an active and a standby
+        // orchestrator) give it one id; otherwise the letter's own.
+        let msg_id = rejected.dedup_id.unwrap_or_else(|| env.id.to_string());
+        let h = crate::signed_headers(&self.identity, &self.signer, &self.subject, &msg_id, &bytes);
         Some((h, bytes.into()))
     }
 }

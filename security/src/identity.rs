@@ -80,10 +80,9 @@ impl Identity {
             return Ok((Self::load(path)?, false));
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| SecretFileError::Io {
-                path: dir.display().to_string(),
-                source,
-            })?;
+            // Missing directories are made private; existing ones are the
+            // operator's (`/etc/keysync`, say) and left as they are.
+            secret_file::create_private_dirs(dir)?;
         }
         match Self::create_file(path) {
             Ok(id) => Ok((id, true)),

@@ -9,7 +9,7 @@
 //! replay window.
 
 use keysync_schemas::{
-    decode, Command, Envelope, Event, Heartbeat, HsmId, RejectReason, Rejection, Source,
+    decode, Command, DeadLetter, Envelope, Event, Heartbeat, HsmId, RejectReason, Rejection, Source,
 };
 
 use crate::freshness::{self, Monotonic};
@@ -243,6 +243,45 @@ pub fn check_heartbeat(
     Ok(env)
 }
 
+/// Checks a dead letter read from the dead-letter stream: signed by the
+/// process that filed it, an enrolled HSM (as `enrolled` says now) or an
+/// orchestrator (the cluster key), and naming that filer. Letters are a
+/// record for people, not input: no replay window applies, and a letter
+/// that fails is shown as unverified, not acted on.
+pub fn check_dead_letter(
+    headers: Option<&async_nats::HeaderMap>,
+    subject: &str,
+    payload: &[u8],
+    cluster_key: &[u8; 32],
+    enrolled: impl Fn(&HsmId) -> Option<[u8; 32]>,
+) -> Result<(Signer, Envelope<DeadLetter>), Rejection> {
+    let claim = Claim::read(headers)?;
+    let refuse = |r: Rejection| r.claimed_by(claim.signer.header_value());
+    let key = match &claim.signer {
+        Signer::Cluster => *cluster_key,
+        Signer::Hsm(hsm) => enrolled(hsm).ok_or_else(|| {
+            refuse(Rejection::new(
+                RejectReason::Unenrolled,
+                format!("signer {} is not enrolled", claim.signer),
+            ))
+        })?,
+    };
+    claim.verify(&key, subject, payload).map_err(refuse)?;
+    let env = decoded::<DeadLetter>(payload, &claim.signer)?;
+    let filer_matches = match (&claim.signer, &env.source) {
+        (Signer::Hsm(h), Source::Hsm(s)) => h == s,
+        (Signer::Cluster, Source::Orchestrator(_)) => true,
+        _ => false,
+    };
+    if !filer_matches || env.body.rejected_by != env.source.to_string() {
+        return Err(refuse(signer_mismatch(
+            &claim.signer,
+            &env.body.rejected_by,
+        )));
+    }
+    Ok((claim.signer.clone(), env))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,6 +292,83 @@ mod tests {
 
     fn hsm(s: &str) -> HsmId {
         s.parse().expect("id")
+    }
+
+    fn letter(from: Source) -> Vec<u8> {
+        encode(&Envelope::new(
+            from.clone(),
+            DeadLetter {
+                rejected_by: from.to_string(),
+                subject: "keysync.op".into(),
+                reason: RejectReason::BadMagic,
+                detail: "d".into(),
+                claimed_signer: None,
+                stream_seq: None,
+                payload_len: 1,
+                payload_sha256: [0; 32],
+                payload: None,
+            },
+        ))
+        .expect("encode")
+    }
+
+    #[test]
+    fn a_dead_letter_verifies_only_as_filed_by_the_process_it_names() {
+        let cluster = Identity::from_seed(&[1; 32]);
+        let agent = Identity::from_seed(&[2; 32]);
+        let other = Identity::from_seed(&[3; 32]);
+        let enrolled = |h: &HsmId| (h.as_str() == "hsm-1").then(|| agent.public_key());
+        let subject = "keysync.dlq.agent";
+        let check = |h: &async_nats::HeaderMap, bytes: &[u8]| {
+            check_dead_letter(Some(h), subject, bytes, &cluster.public_key(), enrolled)
+                .map(|(signer, _)| signer)
+        };
+        let sign = |id: &Identity, signer: Signer, bytes: &[u8]| {
+            signed_headers(id, &signer, subject, "m", bytes)
+        };
+        let hsm1 = Signer::Hsm(hsm("hsm-1"));
+
+        let filed = letter(Source::Hsm(hsm("hsm-1")));
+        assert_eq!(
+            check(&sign(&agent, hsm1.clone(), &filed), &filed),
+            Ok(hsm1.clone())
+        );
+        let by_orchestrator = letter(Source::Orchestrator("o".into()));
+        assert_eq!(
+            check(
+                &sign(&cluster, Signer::Cluster, &by_orchestrator),
+                &by_orchestrator
+            ),
+            Ok(Signer::Cluster)
+        );
+
+        let reason = |r: Result<Signer, Rejection>| r.expect_err("refused").reason;
+        // Unsigned, as anyone on the subject can publish it.
+        assert_eq!(
+            reason(check(&async_nats::HeaderMap::new(), &filed)),
+            RejectReason::Unsigned
+        );
+        // An agent's letter claiming to be the orchestrator's.
+        assert_eq!(
+            reason(check(
+                &sign(&agent, hsm1.clone(), &by_orchestrator),
+                &by_orchestrator
+            )),
+            RejectReason::SignerMismatch
+        );
+        // Another key claiming to be hsm-1; an HSM not enrolled.
+        assert_eq!(
+            reason(check(&sign(&other, hsm1.clone(), &filed), &filed)),
+            RejectReason::BadSignature
+        );
+        let hsm2 = letter(Source::Hsm(hsm("hsm-2")));
+        assert_eq!(
+            reason(check(
+                &sign(&other, Signer::Hsm(hsm("hsm-2")), &hsm2),
+                &hsm2
+            )),
+            RejectReason::Unenrolled
+        );
     }
 
     fn signed_event(agent: &Identity) -> (String, async_nats::HeaderMap, Vec<u8>) {

@@ -1,5 +1,6 @@
 //! Secret files: read only if no one else can, written only as 0600 and
-//! never over an existing file.
+//! never over an existing file; and the private directories that hold
+//! them (0700).
 
 use std::io::Write as _;
 use std::path::Path;
@@ -77,4 +78,109 @@ pub fn create(path: &Path, text: &str) -> Result<(), SecretFileError> {
             path: shown,
             source,
         })
+}
+
+fn io_at(path: &Path) -> impl Fn(std::io::Error) -> SecretFileError + '_ {
+    move |source| SecretFileError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Creates `dir` and its missing parents, each new one with mode 0700;
+/// directories that exist are left as they are.
+pub fn create_private_dirs(dir: &Path) -> Result<(), SecretFileError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(io_at(dir))
+}
+
+/// Narrows `path` to `mode` if group or others may access it (a file or
+/// directory made by an older version, or under a loose umask). Returns
+/// whether it had to.
+fn narrow(path: &Path, mode: u32) -> Result<bool, SecretFileError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let current = std::fs::metadata(path)
+            .map_err(io_at(path))?
+            .permissions()
+            .mode();
+        if current & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(io_at(path))?;
+            return Ok(true);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(false)
+}
+
+/// Makes `dir` a private directory, for a process's secrets and state:
+/// created with mode 0700 if missing (parents too), narrowed to 0700 if
+/// group or others may access it. Returns whether it was narrowed.
+pub fn private_dir(dir: &Path) -> Result<bool, SecretFileError> {
+    create_private_dirs(dir)?;
+    narrow(dir, 0o700)
+}
+
+/// Narrows an existing file to 0600 if group or others may access it.
+/// Returns whether it had to.
+pub fn private_file(path: &Path) -> Result<bool, SecretFileError> {
+    narrow(path, 0o600)
+}
+
+/// Opens `path` for writing, creating it with mode 0600 if missing
+/// (truncating it otherwise, and narrowing a looser mode): for files that
+/// are private but not secret, such as a pinned public key.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), SecretFileError> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    let mut file = opts.open(path).map_err(io_at(path))?;
+    private_file(path)?;
+    file.write_all(contents)
+        .and_then(|_| file.sync_all())
+        .map_err(io_at(path))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn private_dirs_and_files_are_made_and_narrowed() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let dir = base.path().join("a/b");
+        assert!(!private_dir(&dir).expect("made"));
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&base.path().join("a")), 0o700);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert!(private_dir(&dir).expect("narrowed"));
+        assert_eq!(mode(&dir), 0o700);
+
+        let file = dir.join("f");
+        write_private(&file, b"x").expect("write");
+        assert_eq!(mode(&file), 0o600);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_private(&file, b"y").expect("rewrite");
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(std::fs::read(&file).expect("read"), b"y");
+        assert!(!private_file(&file).expect("already private"));
+    }
 }

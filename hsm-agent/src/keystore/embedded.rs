@@ -59,6 +59,24 @@ struct StoredRecord {
 struct Entry {
     info: KeyInfo,
     material: KeyMaterial,
+    /// A key created here whose `KeyCreated` is still in the outbox: the
+    /// log has not decided yet whether its id was free. Part of the entry,
+    /// so a clone sees the key and this flag in one read.
+    unlogged: AtomicBool,
+}
+
+impl Entry {
+    fn new(info: KeyInfo, material: KeyMaterial, unlogged: bool) -> Self {
+        Entry {
+            info,
+            material,
+            unlogged: AtomicBool::new(unlogged),
+        }
+    }
+
+    fn is_unlogged(&self) -> bool {
+        self.unlogged.load(Ordering::Acquire)
+    }
 }
 
 /// Opens (or creates) the database file; replaced in tests by one whose
@@ -170,6 +188,36 @@ fn stored_fingerprint(bytes: &[u8]) -> Option<(KeyType, Fingerprint)> {
     Some((rec.key_type, rec.fingerprint))
 }
 
+/// Makes `dir` private (0700) and the database file in it too (0600):
+/// created empty with that mode if missing (redb initialises an empty
+/// file), narrowed if a looser mode was left by an older version. The file
+/// is sealed at rest, but its ids, fingerprints and outbox are nobody
+/// else's business.
+fn private_store_file(dir: &Path, path: &Path) -> Result<(), KeystoreError> {
+    use keysync_security::secret_file;
+    let open_err = |e: &dyn std::fmt::Display| KeystoreError::Open(e.to_string());
+    if secret_file::private_dir(dir).map_err(|e| open_err(&e))? {
+        tracing::warn!(dir = %dir.display(), "the data dir was accessible to group or others; narrowed to 0700");
+    }
+    let mut create = std::fs::OpenOptions::new();
+    create.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        create.mode(0o600);
+    }
+    match create.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if secret_file::private_file(path).map_err(|e| open_err(&e))? {
+                tracing::warn!(file = %path.display(), "the keystore was accessible to group or others; narrowed to 0600");
+            }
+            Ok(())
+        }
+        Err(e) => Err(open_err(&format!("{}: {e}", path.display()))),
+    }
+}
+
 impl EmbeddedKeystore {
     /// Opens (or creates) the store in `dir` and loads every token key.
     /// Fails if any stored key cannot be decrypted: a wrong domain key or a
@@ -184,9 +232,8 @@ impl EmbeddedKeystore {
         domain: DomainKey,
         opener: Opener,
     ) -> Result<Self, KeystoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| KeystoreError::Open(format!("{}: {e}", dir.display())))?;
         let path = dir.join("keystore.redb");
+        private_store_file(dir, &path)?;
         let db =
             opener(&path).map_err(|e| KeystoreError::Open(format!("{}: {e}", path.display())))?;
         let at_rest_key = domain.derive(hsm.as_str().as_bytes(), b"keysync at-rest v1");
@@ -263,6 +310,15 @@ impl EmbeddedKeystore {
         for row in tombs.iter().map_err(storage)? {
             let (k, _) = row.map_err(storage)?;
             set.insert(KeyId(uuid::Uuid::from_u128(k.value())));
+        }
+        let outbox = txn.open_table(OUTBOX).map_err(storage)?;
+        let mut in_outbox = HashSet::new();
+        for row in outbox.iter().map_err(storage)? {
+            let (k, _) = row.map_err(storage)?;
+            in_outbox.insert(KeyId(uuid::Uuid::from_u128(k.value())));
+        }
+        for (id, e) in loaded.iter().filter(|(_, e)| !e.info.session) {
+            e.unlogged.store(in_outbox.contains(id), Ordering::Release);
         }
         let mut digest = InventoryDigest::default();
         for (id, e) in loaded.iter().filter(|(_, e)| !e.info.session) {
@@ -390,18 +446,16 @@ impl EmbeddedKeystore {
         if material.fingerprint()? != rec.fingerprint {
             return Err(storage("fingerprint of stored material does not match"));
         }
-        Ok(Entry {
-            info: KeyInfo {
-                key_id: *id,
-                key_type: rec.key_type,
-                fingerprint: rec.fingerprint,
-                session: false,
-                attributes: rec.attributes,
-                hsm: self.hsm.clone(),
-                stored_at: rec.stored_at,
-            },
-            material,
-        })
+        let info = KeyInfo {
+            key_id: *id,
+            key_type: rec.key_type,
+            fingerprint: rec.fingerprint,
+            session: false,
+            attributes: rec.attributes,
+            hsm: self.hsm.clone(),
+            stored_at: rec.stored_at,
+        };
+        Ok(Entry::new(info, material, false))
     }
 
     fn encode_record(
@@ -462,6 +516,10 @@ impl EmbeddedKeystore {
         if let Ok(existing) = self.entry(&k.key_id) {
             return if existing.info.fingerprint == k.fingerprint && !existing.info.session {
                 Ok(None)
+            } else if !existing.info.session && existing.is_unlogged() {
+                // Two HSMs created this id at once and the log has not
+                // refused ours yet: once it does, ours goes and this applies.
+                Err(CloneFailure::Undecided)
             } else {
                 Err(CloneFailure::Conflict)
             };
@@ -505,7 +563,10 @@ impl Keystore for EmbeddedKeystore {
         key: NewKey<'_>,
         outbox: &mut dyn FnMut(&CreatedKey) -> Result<OutboxEntry, String>,
     ) -> Result<CreatedKey, KeystoreError> {
-        if self.entry(&key.id).is_ok() || self.is_tombstoned(&key.id) {
+        if self.is_tombstoned(&key.id) {
+            return Err(KeystoreError::Deleted(key.id));
+        }
+        if self.entry(&key.id).is_ok() {
             return Err(KeystoreError::AlreadyExists(key.id));
         }
         let material = self.material_for(&key)?;
@@ -532,7 +593,7 @@ impl Keystore for EmbeddedKeystore {
             public_key,
             domain: self.domain.id(),
         };
-        let entry = Arc::new(Entry { info, material });
+        let entry = Arc::new(Entry::new(info, material, !key.session));
         if key.session {
             let mut keys = self.keys.write().map_err(storage)?;
             if keys.contains_key(&key.id) {
@@ -633,7 +694,7 @@ impl Keystore for EmbeddedKeystore {
                 let (id, fp) = (info.key_id, info.fingerprint);
                 // The digest stays right even if the key came into memory
                 // meanwhile (a reload after a reopen).
-                if let Some(old) = keys.insert(id, Arc::new(Entry { info, material })) {
+                if let Some(old) = keys.insert(id, Arc::new(Entry::new(info, material, false))) {
                     if !old.info.session {
                         self.toggle_digest(&id, &old.info.fingerprint);
                     }
@@ -791,7 +852,59 @@ impl Keystore for EmbeddedKeystore {
             }
             txn.commit().map_err(|e| self.db_err(e))?;
             self.written();
+            let keys = self.keys.read().map_err(storage)?;
+            for id in ids {
+                if let Some(e) = keys.get(id) {
+                    e.unlogged.store(false, Ordering::Release);
+                }
+            }
             Ok(())
+        })
+    }
+
+    fn discard_created(
+        &self,
+        id: &KeyId,
+        fingerprint: &Fingerprint,
+        entry: &[u8],
+    ) -> Result<bool, KeystoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(|e| self.db_err(e))?;
+            let removed_key;
+            {
+                let mut keys = txn.open_table(KEYS).map_err(|e| self.db_err(e))?;
+                let ours = keys
+                    .get(id.0.as_u128())
+                    .map_err(|e| self.db_err(e))?
+                    .and_then(|v| stored_fingerprint(v.value()))
+                    .is_some_and(|(_, fp)| fp == *fingerprint);
+                if ours {
+                    keys.remove(id.0.as_u128()).map_err(|e| self.db_err(e))?;
+                }
+                removed_key = ours;
+                let mut ob = txn.open_table(OUTBOX).map_err(|e| self.db_err(e))?;
+                let same_entry = ob
+                    .get(id.0.as_u128())
+                    .map_err(|e| self.db_err(e))?
+                    .map(|v| v.value() == entry);
+                // Another event of this id may wait there now (a delete).
+                if same_entry == Some(true) {
+                    ob.remove(id.0.as_u128()).map_err(|e| self.db_err(e))?;
+                }
+            }
+            txn.commit().map_err(|e| self.db_err(e))?;
+            self.written();
+            if removed_key {
+                let mut keys = self.keys.write().map_err(storage)?;
+                if keys
+                    .get(id)
+                    .is_some_and(|e| !e.info.session && e.info.fingerprint == *fingerprint)
+                {
+                    keys.remove(id);
+                    self.toggle_digest(id, fingerprint);
+                }
+            }
+            Ok(removed_key)
         })
     }
 }
@@ -836,6 +949,85 @@ mod tests {
                 public_key: c.public_key.clone(),
             },
         }
+    }
+
+    /// Two HSMs created one id at once: until the log decides, the other
+    /// HSM's clone is passing (`Undecided`); once this HSM's create is
+    /// refused and discarded, the clone applies; a logged own key makes the
+    /// same clone a final `Conflict`.
+    #[test]
+    fn a_create_the_log_refused_is_discarded_and_the_winner_clones_in() {
+        let dk = || DomainKey::from_bytes([7u8; 32]);
+        let dir_a = tempfile::tempdir().expect("tempdir");
+        let dir_b = tempfile::tempdir().expect("tempdir");
+        let a = EmbeddedKeystore::open(dir_a.path(), hsm("a"), dk()).expect("open a");
+        let b = EmbeddedKeystore::open(dir_b.path(), hsm("b"), dk()).expect("open b");
+        let id = KeyId::new();
+        let with_id = |id| NewKey {
+            id,
+            ..new_key(KeyType::Ed25519, false)
+        };
+        let mine = a.create(with_id(id), &mut no_outbox).expect("a creates");
+        let theirs = b.create(with_id(id), &mut no_outbox).expect("b creates");
+        assert_ne!(mine.info.fingerprint, theirs.info.fingerprint);
+
+        let clone = clone_of(&theirs, "a");
+        assert_eq!(
+            a.apply_clones(&[&clone]),
+            vec![Err(CloneFailure::Undecided)]
+        );
+
+        // A discard that names another fingerprint or entry removes nothing.
+        assert!(!a
+            .discard_created(&id, &theirs.info.fingerprint, b"other")
+            .expect("discard"));
+        assert_eq!(a.outbox().expect("outbox").len(), 1);
+        let digest_before = a.inventory_digest();
+        assert!(a
+            .discard_created(&id, &mine.info.fingerprint, b"event")
+            .expect("discard"));
+        assert!(matches!(a.info(&id), Err(KeystoreError::NotFound(_))));
+        assert!(a.outbox().expect("outbox").is_empty());
+        assert_ne!(a.inventory_digest(), digest_before);
+        assert_eq!(a.apply_clones(&[&clone]), vec![Ok(CloneOutcome::Stored)]);
+        assert_eq!(
+            a.info(&id).expect("cloned").fingerprint,
+            theirs.info.fingerprint
+        );
+
+        // b's key was logged: a clone of a's (lost) key is a conflict.
+        b.outbox_done(&[id]).expect("logged");
+        assert_eq!(
+            b.apply_clones(&[&clone_of(&mine, "b")]),
+            vec![Err(CloneFailure::Conflict)]
+        );
+        // Reopened, a remembers nothing of its discarded key.
+        drop(a);
+        let a = EmbeddedKeystore::open(dir_a.path(), hsm("a"), dk()).expect("reopen");
+        assert_eq!(
+            a.info(&id).expect("kept").fingerprint,
+            theirs.info.fingerprint
+        );
+        assert!(a.outbox().expect("outbox").is_empty());
+    }
+
+    #[test]
+    fn a_deleted_keys_id_is_refused_as_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedKeystore::open(dir.path(), hsm("a"), DomainKey::from_bytes([7u8; 32]))
+            .expect("open");
+        let key = store
+            .create(new_key(KeyType::Ed25519, false), &mut no_outbox)
+            .expect("create");
+        let id = key.info.key_id;
+        store.delete(&id, None).expect("delete");
+        let again = NewKey {
+            id,
+            ..new_key(KeyType::Ed25519, false)
+        };
+        let err = store.create(again, &mut no_outbox).expect_err("refused");
+        assert!(matches!(err, KeystoreError::Deleted(_)), "{err}");
+        assert_eq!(err.kind(), keysync_schemas::OpErrorKind::KeyIdTaken);
     }
 
     #[test]

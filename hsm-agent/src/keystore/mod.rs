@@ -24,8 +24,11 @@ pub enum KeystoreError {
     #[error("key {0} is not on this HSM")]
     NotFound(KeyId),
     /// A key with this id exists already.
-    #[error("key {0} already exists")]
+    #[error("this HSM already holds a key with id {0}")]
     AlreadyExists(KeyId),
+    /// The id belonged to a key deleted here; ids are never reused.
+    #[error("key id {0} belonged to a key deleted on this HSM; key ids are never reused")]
+    Deleted(KeyId),
     /// The key cannot do this.
     #[error(transparent)]
     Material(#[from] MaterialError),
@@ -49,6 +52,7 @@ impl KeystoreError {
         match self {
             KeystoreError::NotFound(_) => OpErrorKind::KeyNotFound,
             KeystoreError::AlreadyExists(_) => OpErrorKind::AlreadyExists,
+            KeystoreError::Deleted(_) => OpErrorKind::KeyIdTaken,
             KeystoreError::Material(MaterialError::Unsupported { .. }) => OpErrorKind::Unsupported,
             KeystoreError::Material(MaterialError::Invalid(_)) => OpErrorKind::BadRequest,
             KeystoreError::Material(MaterialError::Integrity) | KeystoreError::Integrity => {
@@ -148,7 +152,10 @@ pub trait Keystore: Send + Sync + 'static {
     ) -> Result<CreatedKey, KeystoreError>;
 
     /// Applies clones in one transaction; one result per command, in order.
-    /// A failed clone stores nothing.
+    /// A failed clone stores nothing. A clone of an id under which this HSM
+    /// holds a key of its own with another fingerprint fails `Undecided`
+    /// (passing) while that key's `KeyCreated` is in the outbox, and
+    /// `Conflict` (final) once it is logged.
     fn apply_clones(&self, clones: &[&CloneKey]) -> Vec<Result<CloneOutcome, CloneFailure>>;
 
     /// Signs with a key.
@@ -191,6 +198,18 @@ pub trait Keystore: Send + Sync + 'static {
 
     /// Token keys after `after`, in id order, at most `limit`.
     fn inventory_page(&self, after: Option<KeyId>, limit: usize) -> Vec<(KeyId, Fingerprint)>;
+
+    /// Undoes a create the log refused (its id was taken in the cluster
+    /// first): in one transaction, removes the key if it still has
+    /// `fingerprint`, and the outbox entry if it is still `entry`. Keeps no
+    /// tombstone: the winner's key is cloned in under that id next. Returns
+    /// whether a key was removed.
+    fn discard_created(
+        &self,
+        id: &KeyId,
+        fingerprint: &Fingerprint,
+        entry: &[u8],
+    ) -> Result<bool, KeystoreError>;
 
     /// Events stored by `create` and not yet confirmed published.
     fn outbox(&self) -> Result<Vec<(KeyId, OutboxEntry)>, KeystoreError>;
