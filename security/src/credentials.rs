@@ -48,6 +48,28 @@ pub struct NatsAuth {
     pub inbox_prefix: Option<String>,
 }
 
+/// How long to wait before reconnect attempt `attempts` (0-based): soon,
+/// then doubling from 50 ms to at most 1 s, with jitter so a cluster's
+/// processes do not knock in step. async-nats's own schedule grows to
+/// seconds, so after a short NATS restart agents came back ~2.3 s late and
+/// requests meanwhile found no responders; at most 1 s between attempts
+/// bounds that.
+pub fn reconnect_delay(attempts: usize) -> std::time::Duration {
+    use backon::BackoffBuilder as _;
+    if attempts == 0 {
+        return std::time::Duration::ZERO;
+    }
+    backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(50))
+        .with_max_delay(std::time::Duration::from_secs(1))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(attempts - 1)
+        .unwrap_or(std::time::Duration::from_secs(1))
+}
+
 impl std::fmt::Debug for NatsAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsAuth")
@@ -137,6 +159,7 @@ impl NatsAuth {
         if let Some(prefix) = self.inbox_prefix(role)? {
             opts = opts.custom_inbox_prefix(prefix);
         }
+        opts = opts.reconnect_delay_callback(reconnect_delay);
         match (&self.nats_user, &self.nats_password) {
             (Some(u), Some(p)) => opts = opts.user_and_password(u.clone(), p.clone()),
             (None, None) => {}
@@ -193,6 +216,18 @@ impl NatsAuth {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn reconnects_come_soon_and_never_more_than_a_few_seconds_apart() {
+        use std::time::Duration;
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        assert!(reconnect_delay(1) <= Duration::from_millis(100));
+        for n in 1..200 {
+            // At most the 1 s cap plus its jitter.
+            assert!(reconnect_delay(n) <= Duration::from_secs(2), "attempt {n}");
+        }
+    }
+
     use super::*;
 
     fn prefix(auth: &NatsAuth, role: Option<&str>) -> Option<String> {
