@@ -146,12 +146,25 @@ async fn one_keys_life_is_one_trace_across_processes() {
             return false;
         };
         let all = spans.lock().expect("lock");
-        let procs: HashSet<&str> = all
-            .iter()
-            .filter(|s| s.trace_id == trace)
-            .map(|s| s.process.as_str())
-            .collect();
+        let in_trace: Vec<&Span> = all.iter().filter(|s| s.trace_id == trace).collect();
+        let procs: HashSet<&str> = in_trace.iter().map(|s| s.process.as_str()).collect();
+        // Spans arrive in each process's export batches, in any order:
+        // wait for the last links of the flow too (each target's apply and
+        // the orchestrator's handling of its CloneApplied), not only for
+        // every process to have sent something.
+        let handled_apply = |target: &str| {
+            in_trace
+                .iter()
+                .filter(|s| s.process == target && s.name == "keysync.apply")
+                .any(|apply| {
+                    in_trace
+                        .iter()
+                        .any(|s| s.process == "orchestrator" && s.parent == apply.span_id)
+                })
+        };
         expected_processes.is_subset(&procs)
+            && handled_apply("hsm-agent/hsm-2")
+            && handled_apply("hsm-agent/hsm-3")
     })
     .await;
     let Some(trace) = root_trace() else {
