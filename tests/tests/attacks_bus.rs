@@ -386,9 +386,15 @@ async fn foreign_values_in_the_lease_key_keep_no_orchestrator_off_the_lease() {
         took_before,
         "the lease changed hands under the attack"
     );
+    // Counted as each orchestrator's loop reads its requests (it may be
+    // behind on a loaded machine): wait for the count, with a deadline.
     assert!(
-        orchestrator_rejected(&client, RejectReason::ForeignReplySubject).await >= counted + 8,
-        "the status requests aimed at the lease key were not refused"
+        wait_until(Duration::from_secs(10), || async {
+            orchestrator_rejected(&client, RejectReason::ForeignReplySubject).await >= counted + 8
+        })
+        .await,
+        "the status requests aimed at the lease key were not refused: {} counted, {counted} before",
+        orchestrator_rejected(&client, RejectReason::ForeignReplySubject).await
     );
     // An orchestrator still acts (only the lease holder publishes
     // metrics), and it counted the foreign lease values.
