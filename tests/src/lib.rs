@@ -54,6 +54,33 @@ pub fn fast_options(hsms: usize) -> StackOptions {
     }
 }
 
+/// `deploy/<path>` in this repository (the configs the tests exercise).
+pub fn deploy(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
+}
+
+/// A user of `deploy/nats/secure.conf`, with its development password.
+pub fn secure_user(name: &str) -> keysync_security::NatsAuth {
+    keysync_security::NatsAuth::user(name, &format!("{name}-dev-secret"))
+}
+
+/// `opts` on `deploy/nats/secure.conf`, each process logged in as its role
+/// (`orchestrator`, `operator` for the stack's own client, `hsm-<i>` for
+/// each agent).
+pub fn on_secure_config(mut opts: StackOptions) -> StackOptions {
+    opts.nats_config = Some(deploy("nats/secure.conf"));
+    opts.auth = keysync_harness::StackAuth {
+        orchestrator: secure_user("orchestrator"),
+        operator: secure_user("operator"),
+        agents: (1..=opts.hsms)
+            .map(|i| (format!("hsm-{i}"), secure_user(&format!("hsm-{i}"))))
+            .collect(),
+    };
+    opts
+}
+
 /// Starts a stack with [`fast_options`].
 pub async fn start_fast_stack(hsms: usize) -> DevStack {
     match DevStack::start(fast_options(hsms)).await {

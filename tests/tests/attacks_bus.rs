@@ -12,22 +12,19 @@
 //!    subscribe to `_INBOX.>` and read the commands delivered to other
 //!    agents, the orchestrator's event feed and other clients' replies.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use keysync::{Client, ClientOptions, CreateKey, Route};
-use keysync_harness::StackAuth;
 use keysync_schemas::{
     decode, encode, AuditRecord, Durability, Envelope, HsmId, KeyType, OpReply, OpRequest,
     RejectReason, Source, StatusReply, StatusRequest,
 };
-use keysync_security::NatsAuth;
 use keysync_testkit::{
-    assert_converges, create, fast_options, hsm, keysync_cli, next_metrics, start_stack,
-    wait_until, DevStack,
+    assert_converges, create, fast_options, hsm, keysync_cli, next_metrics, on_secure_config,
+    secure_user as user, start_stack, wait_until, DevStack,
 };
 
 // ---- helpers ----
@@ -410,16 +407,6 @@ async fn foreign_values_in_the_lease_key_keep_no_orchestrator_off_the_lease() {
 
 // ---- attack 4 (and 1 under permissions): secure.conf ----
 
-fn deploy(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
-        .join(path)
-}
-
-fn user(name: &str) -> NatsAuth {
-    NatsAuth::user(name, &format!("{name}-dev-secret"))
-}
-
 fn as_user(name: &str) -> Vec<String> {
     vec![
         "--nats-user".into(),
@@ -431,15 +418,7 @@ fn as_user(name: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_the_secure_config_inboxes_are_private_and_replies_go_only_to_inboxes() {
-    let mut opts = fast_options(3);
-    opts.nats_config = Some(deploy("nats/secure.conf"));
-    opts.auth = StackAuth {
-        orchestrator: user("orchestrator"),
-        operator: user("operator"),
-        agents: (1..=3)
-            .map(|i| (format!("hsm-{i}"), user(&format!("hsm-{i}"))))
-            .collect(),
-    };
+    let opts = on_secure_config(fast_options(3));
     let stack = DevStack::start(opts)
         .await
         .expect("stack on deploy/nats/secure.conf with per-role users");

@@ -513,24 +513,14 @@ async fn junk_under_the_keyed_ids_is_caught_on_the_duplicate_ack() {
 /// complete before the junk is in place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_the_secure_config_an_agent_cannot_take_a_keys_replicated_id() {
-    use keysync_harness::StackAuth;
-    use keysync_security::NatsAuth;
+    use keysync_testkit::secure_user as user;
 
-    let user = |name: &str| NatsAuth::user(name, &format!("{name}-dev-secret"));
-    let mut stack = keysync_testkit::DevStack::start(keysync_testkit::StackOptions {
-        hsms: 3,
-        nats_config: Some(
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/secure.conf"),
-        ),
-        auth: StackAuth {
-            orchestrator: user("orchestrator"),
-            operator: user("operator"),
-            agents: (1..=3)
-                .map(|i| (format!("hsm-{i}"), user(&format!("hsm-{i}"))))
-                .collect(),
+    let mut stack = keysync_testkit::DevStack::start(keysync_testkit::on_secure_config(
+        keysync_testkit::StackOptions {
+            hsms: 3,
+            ..Default::default()
         },
-        ..Default::default()
-    })
+    ))
     .await
     .unwrap_or_else(|e| panic!("stack on secure.conf: {e}"));
     let client = stack.client().clone();

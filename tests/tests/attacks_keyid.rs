@@ -12,15 +12,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keysync::{Client, Error, Route};
-use keysync_harness::StackAuth;
 use keysync_schemas::{
     decode, Durability, Event, Fingerprint, HsmId, KeyAttributes, KeyId, KeyType, OpReply,
     OpRequest,
 };
-use keysync_security::NatsAuth;
 use keysync_testkit::{
-    assert_converges, count_events, create, hsm, inventory, start_stack, wait_until, DevStack,
-    StackOptions,
+    assert_converges, count_events, create, hsm, inventory, on_secure_config, start_stack,
+    wait_until, DevStack, StackOptions,
 };
 
 /// Rounds of the race: each one a fresh id sent to two HSMs at once.
@@ -114,21 +112,10 @@ async fn concurrent_creates_of_one_id_on_a_nats_cluster_leave_one_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_of_one_id_under_the_secure_config_leave_one_key() {
     let _heavy = HEAVY.read().await;
-    let user = |name: &str| NatsAuth::user(name, &format!("{name}-dev-secret"));
-    let stack = DevStack::start(StackOptions {
+    let stack = DevStack::start(on_secure_config(StackOptions {
         hsms: 3,
-        nats_config: Some(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/secure.conf"),
-        ),
-        auth: StackAuth {
-            orchestrator: user("orchestrator"),
-            operator: user("operator"),
-            agents: (1..=3)
-                .map(|i| (format!("hsm-{i}"), user(&format!("hsm-{i}"))))
-                .collect(),
-        },
         ..Default::default()
-    })
+    }))
     .await
     .expect("stack on deploy/nats/secure.conf with per-role users");
     race_rounds(&stack, 10).await;

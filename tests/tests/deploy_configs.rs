@@ -1,17 +1,10 @@
 //! Every nats-server config in `deploy/` runs a working cluster.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use keysync_schemas::KeyType;
-use keysync_testkit::{assert_converges, create, DevStack, StackOptions};
-
-fn deploy(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
-        .join(path)
-}
+use keysync_testkit::{assert_converges, create, deploy, DevStack, StackOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_node_config_runs_a_cluster() {

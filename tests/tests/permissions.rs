@@ -5,27 +5,18 @@
 //! does not).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use keysync::{Client, ClientOptions};
-use keysync_harness::StackAuth;
 use keysync_schemas::{
     encode, CloneApplied, Envelope, Event, Fingerprint, KeyId, KeyType, RejectReason, Source,
 };
-use keysync_security::{Identity, NatsAuth, Signer};
-use keysync_testkit::{assert_converges, create, fast_options, wait_until, DevStack};
-
-fn deploy(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
-        .join(path)
-}
-
-fn user(name: &str) -> NatsAuth {
-    NatsAuth::user(name, &format!("{name}-dev-secret"))
-}
+use keysync_security::{Identity, Signer};
+use keysync_testkit::{
+    assert_converges, create, fast_options, on_secure_config, secure_user as user, wait_until,
+    DevStack,
+};
 
 async fn connect(stack: &DevStack, name: &str) -> async_nats::Client {
     user(name)
@@ -73,15 +64,7 @@ async fn rejected(client: &Client, reason: RejectReason) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_the_secure_config_every_role_works_and_none_can_act_for_another() {
-    let mut opts = fast_options(3);
-    opts.nats_config = Some(deploy("nats/secure.conf"));
-    opts.auth = StackAuth {
-        orchestrator: user("orchestrator"),
-        operator: user("operator"),
-        agents: (1..=3)
-            .map(|i| (format!("hsm-{i}"), user(&format!("hsm-{i}"))))
-            .collect(),
-    };
+    let opts = on_secure_config(fast_options(3));
     let stack = DevStack::start(opts)
         .await
         .expect("stack on deploy/nats/secure.conf with per-role users");
