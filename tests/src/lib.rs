@@ -340,6 +340,31 @@ pub fn keysync_cli(args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("running keysync: {e}"))
 }
 
+/// `keysync --nats URL key delete KEY --hsm HSM`, as an operator runs it
+/// (the real binary, off the async runtime), asserting it succeeded.
+pub async fn delete_with_cli(url: &str, key_id: &KeyId, hsm: &HsmId) {
+    let args = [
+        "--nats".to_string(),
+        url.to_string(),
+        "key".into(),
+        "delete".into(),
+        key_id.to_string(),
+        "--hsm".into(),
+        hsm.to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        keysync_cli(&args)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the CLI task: {e}"));
+    assert!(
+        out.status.success(),
+        "keysync key delete failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A uniformly random index below `n` (for picking HSMs).
 pub fn random_index(n: usize) -> usize {
     let id = uuid::Uuid::new_v4();

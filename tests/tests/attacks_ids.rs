@@ -21,7 +21,7 @@ use keysync::{CreateKey, Route};
 use keysync_schemas::subjects::KeySubject;
 use keysync_schemas::{decode, Durability, Event, HsmId, KeyId, KeyType, Subjects};
 use keysync_testkit::{
-    assert_converges, create, hsm, inventory, keysync_cli, start_stack, wait_until,
+    assert_converges, create, delete_with_cli, hsm, inventory, start_stack, wait_until,
 };
 
 /// Bytes no keysync receiver accepts: what the attacker stores under a
@@ -76,15 +76,6 @@ async fn junk_under(
 }
 
 /// Runs the `keysync` CLI off the runtime's threads.
-async fn cli(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        keysync_cli(&args)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("the CLI task: {e}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_under_the_delete_ids_does_not_keep_a_deleted_key_on_any_hsm() {
     let stack = start_stack(3).await;
@@ -111,21 +102,7 @@ async fn junk_under_the_delete_ids_does_not_keep_a_deleted_key_on_any_hsm() {
     }
 
     // The operator deletes the key: "every HSM erases it".
-    let out = cli(vec![
-        "--nats".into(),
-        stack.url(),
-        "key".into(),
-        "delete".into(),
-        key_id.to_string(),
-        "--hsm".into(),
-        creator.to_string(),
-    ])
-    .await;
-    assert!(
-        out.status.success(),
-        "keysync key delete failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    delete_with_cli(&stack.url(), &key_id, &creator).await;
 
     // Then no HSM holds it.
     let erased = wait_until(Duration::from_secs(20), || async {
@@ -438,21 +415,7 @@ async fn junk_under_the_keyed_ids_is_caught_on_the_duplicate_ack() {
 
     // The key is deleted; another is created under an id chosen in
     // advance (its clones' and announcement's ids were poisoned).
-    let out = cli(vec![
-        "--nats".into(),
-        stack.url(),
-        "key".into(),
-        "delete".into(),
-        doomed_id.to_string(),
-        "--hsm".into(),
-        h1.to_string(),
-    ])
-    .await;
-    assert!(
-        out.status.success(),
-        "keysync key delete failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    delete_with_cli(&stack.url(), &doomed_id, &h1).await;
     let reply = client
         .request(
             &Route::Hsm(h1.clone()),

@@ -15,8 +15,8 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use keysync_schemas::KeyId;
 use keysync_testkit::{
-    assert_converges, count_events, create, create_many, hsm, inventory, keysync_cli, start_stack,
-    wait_for_heartbeats, wait_until,
+    assert_converges, count_events, create, create_many, delete_with_cli, hsm, inventory,
+    start_stack, wait_for_heartbeats, wait_until,
 };
 
 /// The events stream's message count and bytes.
@@ -33,15 +33,6 @@ async fn stream_size(js: &jetstream::Context, name: &str) -> (u64, u64) {
 }
 
 /// Runs the `keysync` CLI off the runtime's threads.
-async fn cli(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        keysync_cli(&args)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("the CLI task: {e}"))
-}
-
 /// A deterministic byte stream, for junk that does not compress away.
 fn noise(seed: u64, n: usize) -> Bytes {
     let mut x = seed | 1;
@@ -178,21 +169,7 @@ async fn a_replayed_key_created_after_a_delete_leaves_nothing_stored() {
     assert_eq!(original.subject.as_str(), subjects.key_created(&key_id));
 
     // The key is deleted; its material is purged from the stream.
-    let out = cli(vec![
-        "--nats".into(),
-        stack.url(),
-        "key".into(),
-        "delete".into(),
-        key_id.to_string(),
-        "--hsm".into(),
-        creator.to_string(),
-    ])
-    .await;
-    assert!(
-        out.status.success(),
-        "keysync key delete failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    delete_with_cli(&stack.url(), &key_id, &creator).await;
     let created_subject = subjects.key_created(&key_id);
     let purged = wait_until(Duration::from_secs(20), || async {
         count_events(&client, &created_subject).await == 0
