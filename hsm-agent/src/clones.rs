@@ -250,7 +250,7 @@ async fn apply_batch(
                 // Keyed by this agent's identity, so nobody else can take
                 // the id first and have the letter dropped as a duplicate
                 // (a restart re-derives it: a redelivery is filed once).
-                let ids = keysync_security::MessageIdKey::derive(&agent.identity);
+                let ids = &agent.message_ids;
                 agent
                     .bad_input
                     .file(

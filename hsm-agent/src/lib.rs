@@ -86,6 +86,9 @@ pub struct Agent {
     pub publish_timeout: Duration,
     /// This agent's identity.
     pub identity: Arc<Identity>,
+    /// Keys the ids of the dead letters this agent files (derived once
+    /// from its identity, not per rejected message).
+    pub message_ids: keysync_security::MessageIdKey,
     /// The cluster's public key: commands must be signed with it.
     pub cluster_key: [u8; 32],
 }
@@ -238,6 +241,7 @@ async fn start(
             Signer::Hsm(config.hsm.clone()),
         )),
         identity: config.identity.clone(),
+        message_ids: keysync_security::MessageIdKey::derive(&config.identity),
         cluster_key,
         clones_applied: AtomicU64::new(0),
         clones_failed: AtomicU64::new(0),
