@@ -101,6 +101,82 @@ async fn start_nats(dir: &Path, opts: &StackOptions) -> Result<Vec<NatsServer>> 
                 .await?,
         ]);
     }
+    // A cluster that did not form (JetStream cannot place a replicated
+    // stream) is started again on fresh ports and stores: a node whose
+    // route port another process took meanwhile, or a meta group that never
+    // elected a leader, is the harness's fault, not the system's under test.
+    let mut last = None;
+    for attempt in 0..3 {
+        let nodes = start_cluster(&bin, dir, opts, &config_args, attempt).await?;
+        match cluster_forms(&nodes, opts).await {
+            Ok(()) => return Ok(nodes),
+            Err(e) => {
+                eprintln!(
+                    "the {}-node NATS cluster did not form (attempt {}): {e}; starting it again",
+                    nodes.len(),
+                    attempt + 1
+                );
+                last = Some(e);
+            }
+        }
+    }
+    Err(StackError::NotReady {
+        what: "NATS cluster".into(),
+        detail: last.unwrap_or_default(),
+    })
+}
+
+/// Whether JetStream on `nodes` can place an R3 (all-node) stream within
+/// 30 s: a probe stream in memory, created and deleted.
+async fn cluster_forms(
+    nodes: &[NatsServer],
+    opts: &StackOptions,
+) -> std::result::Result<(), String> {
+    let urls: Vec<async_nats::ServerAddr> =
+        nodes.iter().filter_map(|n| n.url().parse().ok()).collect();
+    let client = opts
+        .auth
+        .operator
+        .apply(async_nats::ConnectOptions::new())
+        .await
+        .map_err(|e| e.to_string())?
+        .connect(urls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let js = async_nats::jetstream::new(client);
+    let probe = async_nats::jetstream::stream::Config {
+        name: "KEYSYNC_HARNESS_CLUSTER_PROBE".into(),
+        subjects: vec!["keysync-harness.cluster-probe".into()],
+        num_replicas: nodes.len(),
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match js.create_stream(probe.clone()).await {
+            Ok(_) => {
+                let _ = js.delete_stream(&probe.name).await;
+                return Ok(());
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(format!(
+        "no R{} stream could be placed within 30 s: {last}",
+        nodes.len()
+    ))
+}
+
+/// Starts the nodes of one cluster attempt, each routing to every other.
+async fn start_cluster(
+    bin: &Path,
+    dir: &Path,
+    opts: &StackOptions,
+    config_args: &[String],
+    attempt: usize,
+) -> Result<Vec<NatsServer>> {
     // A JetStream cluster: every node routes to every other.
     let cluster_ports: Vec<u16> = (0..opts.nats_nodes)
         .map(|_| free_port())
@@ -126,11 +202,15 @@ async fn start_nats(dir: &Path, opts: &StackOptions) -> Result<Vec<NatsServer>> 
         let port = if i == 0 { opts.port } else { None };
         // Servers of a forming cluster do not wait for each other to be
         // ready: start them all, then wait.
-        nodes.push((dir.join(format!("nats-{}", i + 1)), port, env));
+        let node_dir = match attempt {
+            0 => dir.join(format!("nats-{}", i + 1)),
+            n => dir.join(format!("nats-{}.{n}", i + 1)),
+        };
+        nodes.push((node_dir, port, env));
     }
     let started = futures::future::join_all(nodes.into_iter().map(|(d, port, env)| {
-        let bin = bin.clone();
-        let args = config_args.clone();
+        let bin = bin.to_path_buf();
+        let args = config_args.to_vec();
         async move { NatsServer::start_with(bin, &d, port, args, env).await }
     }))
     .await;
