@@ -1115,7 +1115,7 @@ fn pykcs11_sees_private_keys_sensitive_and_cannot_read_them() {
         return;
     }
     let dk = DomainKey::from_bytes([0x77; 32]);
-    let token = open(h, "opensc");
+    let token = open(h, "pykcs11");
     provision_domain_key(&token, &dk).expect("provision");
     let mut ids = Vec::new();
     for t in KeyType::ALL {
@@ -1143,7 +1143,7 @@ fn pykcs11_sees_private_keys_sensitive_and_cannot_read_them() {
         "-c",
         PYKCS11_SCRIPT,
         softhsm::MODULE,
-        "opensc",
+        "pykcs11",
         softhsm::PIN,
     ]);
     for (_, id) in &ids {
