@@ -142,6 +142,15 @@ pub trait Keystore: Send + Sync + 'static {
     /// The domain key this HSM holds.
     fn domain_id(&self) -> DomainId;
 
+    /// The key types this HSM can hold as cluster keys: create clonable
+    /// and receive as clones. A token may lack a mechanism (SoftHSM 2.6.1
+    /// can neither wrap nor unwrap Ed25519); the cluster learns this set so
+    /// a key of a type a member cannot hold is not sent to it. The embedded
+    /// backend holds every type.
+    fn holdable_types(&self) -> Vec<KeyType> {
+        KeyType::ALL.to_vec()
+    }
+
     /// Creates a key. For token keys, `outbox` is called with the created
     /// key and the event bytes it returns are stored in the same
     /// transaction, to be published (and then forgotten) by the agent.
