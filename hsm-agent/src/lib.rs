@@ -42,8 +42,8 @@ pub struct Config {
     pub hsm: HsmId,
     /// Where the embedded keystore keeps its database.
     pub data_dir: PathBuf,
-    /// The cluster domain key file.
-    pub domain_key: PathBuf,
+    /// The HSM this agent fronts.
+    pub keystore: KeystoreKind,
     /// Subject prefix of the cluster.
     pub subjects: Subjects,
     /// How long a `logged` create waits for its PubAck.
@@ -166,19 +166,79 @@ impl Agent {
     }
 }
 
-/// Opens the embedded keystore named by `config` (loading every token key;
-/// a wrong domain key or a corrupt store is an error here, not later).
+/// Which HSM an agent fronts.
+#[derive(Debug, Clone)]
+pub enum KeystoreKind {
+    /// The embedded software HSM in the data dir, under the cluster domain
+    /// key in this file.
+    Embedded {
+        /// The domain key file (`keysync cluster init`).
+        domain_key: PathBuf,
+    },
+    /// A PKCS#11 token holding the cluster domain key (provisioned with
+    /// `keysync hsm provision-domain-key`).
+    #[cfg(feature = "pkcs11")]
+    Pkcs11 {
+        /// The module (shared library) path.
+        module: PathBuf,
+        /// The token's label.
+        token_label: String,
+        /// The user PIN file (mode 0600 or stricter).
+        pin_file: PathBuf,
+        /// The domain key the token must hold.
+        domain: keystore::pkcs11::ExpectedDomain,
+    },
+}
+
+/// Opens the keystore named by `config`: loads every token key, and for a
+/// PKCS#11 token checks its domain key, probes what it can hold and
+/// reconciles it with the journal. A wrong domain key, a wrong PIN or a
+/// corrupt store is an error here, not later. Blocks.
 pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Keystore>> {
-    let domain = DomainKey::load(&config.domain_key)?;
-    let store = EmbeddedKeystore::open(&config.data_dir, config.hsm.clone(), domain)
-        .context("opening the embedded keystore")?;
+    let store: Arc<dyn Keystore> = match &config.keystore {
+        KeystoreKind::Embedded { domain_key } => {
+            let domain = DomainKey::load(domain_key)?;
+            Arc::new(
+                EmbeddedKeystore::open(&config.data_dir, config.hsm.clone(), domain)
+                    .context("opening the embedded keystore")?,
+            )
+        }
+        #[cfg(feature = "pkcs11")]
+        KeystoreKind::Pkcs11 {
+            module,
+            token_label,
+            pin_file,
+            domain,
+        } => {
+            use keystore::pkcs11::{Pkcs11Keystore, Token};
+            let token = Token::open(module, token_label, pin_file).with_context(|| {
+                format!(
+                    "opening PKCS#11 token {token_label:?} with module {}",
+                    module.display()
+                )
+            })?;
+            let store =
+                Pkcs11Keystore::open(Arc::new(token), &config.data_dir, config.hsm.clone(), *domain)
+                    .with_context(|| format!("opening the keystore on PKCS#11 token {token_label:?}"))?;
+            let r = store.reconciled();
+            tracing::info!(
+                token = %token_label,
+                holds = ?store.holdable_types(),
+                destroyed = r.destroyed.len(),
+                lost = r.lost.len(),
+                foreign = r.foreign,
+                "PKCS#11 token reconciled with the journal"
+            );
+            Arc::new(store)
+        }
+    };
     tracing::info!(
         hsm = %config.hsm,
         token_keys = store.token_key_count(),
         domain = %store.domain_id(),
         "keystore open"
     );
-    Ok(Arc::new(store))
+    Ok(store)
 }
 
 /// Runs the agent on `store` until `shutdown` resolves or a fatal error

@@ -17,12 +17,35 @@ struct Args {
     /// This HSM's id (A-Z, a-z, 0-9, '_', '-').
     #[arg(long, env = "KEYSYNC_HSM_ID")]
     id: HsmId,
-    /// Directory of the embedded keystore.
+    /// The agent's own directory: its identity, the embedded keystore or
+    /// the PKCS#11 journal, pinned cluster key.
     #[arg(long, env = "KEYSYNC_DATA_DIR")]
     data_dir: PathBuf,
-    /// Cluster domain key file (made by `keysync cluster init`).
+    /// The HSM this agent fronts.
+    #[arg(long, value_enum, env = "KEYSYNC_KEYSTORE", default_value = "embedded")]
+    keystore: KeystoreArg,
+    /// Cluster domain key file (made by `keysync cluster init`). Required
+    /// for the embedded keystore; with a PKCS#11 token it only gives the
+    /// check value the token's domain key must have (prefer
+    /// `--domain-check-value`, so the file stays off the agent's host).
     #[arg(long, env = "KEYSYNC_DOMAIN_KEY")]
-    domain_key: PathBuf,
+    domain_key: Option<PathBuf>,
+    /// PKCS#11: the check value of the cluster domain key (64 hex digits,
+    /// printed by `keysync hsm provision-domain-key`); the agent refuses a
+    /// token whose domain key has another.
+    #[arg(long, env = "KEYSYNC_DOMAIN_CHECK_VALUE")]
+    domain_check_value: Option<String>,
+    /// PKCS#11: the module (shared library), e.g.
+    /// /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, env = "KEYSYNC_PKCS11_MODULE")]
+    pkcs11_module: Option<PathBuf>,
+    /// PKCS#11: the label of the token to use.
+    #[arg(long, env = "KEYSYNC_PKCS11_TOKEN_LABEL")]
+    pkcs11_token_label: Option<String>,
+    /// PKCS#11: a file holding the user PIN (mode 0600 or stricter; never
+    /// a flag, which `ps` would show).
+    #[arg(long, env = "KEYSYNC_PKCS11_PIN_FILE")]
+    pkcs11_pin_file: Option<PathBuf>,
     /// Subject prefix of the cluster.
     #[arg(long, env = "KEYSYNC_PREFIX", default_value = "keysync")]
     prefix: String,
@@ -52,6 +75,66 @@ struct Args {
     auth: keysync_security::NatsAuth,
 }
 
+/// `--keystore`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KeystoreArg {
+    /// The embedded software HSM in the data dir.
+    Embedded,
+    /// A PKCS#11 token.
+    Pkcs11,
+}
+
+/// The keystore the flags name, or what is missing, said plainly.
+fn keystore_kind(args: &Args) -> anyhow::Result<hsm_agent::KeystoreKind> {
+    match args.keystore {
+        KeystoreArg::Embedded => {
+            let domain_key = args.domain_key.clone().context(
+                "the embedded keystore needs --domain-key FILE (the file `keysync cluster init` made)",
+            )?;
+            Ok(hsm_agent::KeystoreKind::Embedded { domain_key })
+        }
+        KeystoreArg::Pkcs11 => {
+            use hsm_agent::keystore::pkcs11::ExpectedDomain;
+            let need = |what: &str| {
+                anyhow::anyhow!("--keystore pkcs11 needs {what}")
+            };
+            let module = args.pkcs11_module.clone().ok_or_else(|| need("--pkcs11-module PATH"))?;
+            let token_label = args
+                .pkcs11_token_label
+                .clone()
+                .ok_or_else(|| need("--pkcs11-token-label LABEL"))?;
+            let pin_file = args
+                .pkcs11_pin_file
+                .clone()
+                .ok_or_else(|| need("--pkcs11-pin-file FILE"))?;
+            let domain = match (&args.domain_check_value, &args.domain_key) {
+                (Some(hex_cv), _) => {
+                    let bytes = hex::decode(hex_cv.trim())
+                        .ok()
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        .context("--domain-check-value takes 64 hex digits")?;
+                    ExpectedDomain::CheckValue(bytes)
+                }
+                (None, Some(file)) => {
+                    let dk = keysync_security::domain_key::DomainKey::load(file)?;
+                    ExpectedDomain::CheckValue(dk.check_value()?)
+                }
+                (None, None) => {
+                    return Err(need(
+                        "--domain-check-value HEX (printed by `keysync hsm provision-domain-key`) or --domain-key FILE",
+                    ))
+                }
+            };
+            Ok(hsm_agent::KeystoreKind::Pkcs11 {
+                module,
+                token_label,
+                pin_file,
+                domain,
+            })
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -64,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         "info,async_nats=warn",
     );
     let subjects = Subjects::new(&args.prefix)?;
+    let keystore = keystore_kind(&args)?;
     // The data dir holds the identity, the keystore and its outbox: 0700,
     // every file in it 0600.
     if keysync_security::secret_file::private_dir(&args.data_dir)
@@ -89,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
         join_token: args.join_token.clone(),
         hsm: args.id.clone(),
         data_dir: args.data_dir,
-        domain_key: args.domain_key,
+        keystore,
         subjects,
         publish_timeout: Duration::from_secs_f64(args.publish_timeout.max(0.1)),
         max_concurrent_ops: args.max_concurrent_ops,

@@ -133,6 +133,11 @@ pub enum CloneFailure {
     /// clone applies; if it takes it, the clone's key lost and is never
     /// logged. Never logged as `CloneFailed` by an agent.
     Undecided,
+    /// This HSM cannot hold keys of this type (its token lacks a
+    /// mechanism, e.g. Ed25519 unwrapping on SoftHSM 2.6.1). Final for
+    /// this command; the orchestrator does not send such keys to members
+    /// that announced they cannot hold them.
+    Unsupported(String),
 }
 
 impl CloneFailure {
@@ -146,6 +151,7 @@ impl CloneFailure {
             CloneFailure::Conflict => "a different key has this id",
             CloneFailure::Storage(_) => "storage error",
             CloneFailure::Undecided => "this HSM's own create of the id is not decided yet",
+            CloneFailure::Unsupported(_) => "this HSM cannot hold keys of this type",
         }
     }
 
@@ -163,7 +169,8 @@ impl CloneFailure {
             | CloneFailure::Integrity
             | CloneFailure::InvalidMaterial
             | CloneFailure::FingerprintMismatch
-            | CloneFailure::Conflict => true,
+            | CloneFailure::Conflict
+            | CloneFailure::Unsupported(_) => true,
             CloneFailure::Storage(_) | CloneFailure::Undecided => false,
         }
     }

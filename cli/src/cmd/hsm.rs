@@ -1,5 +1,7 @@
 //! `keysync hsm enroll|token|remove|cluster-key`: operators' enrollment
-//! actions, signed with the cluster identity.
+//! actions, signed with the cluster identity; `keysync hsm
+//! provision-domain-key`: the ceremony that puts the cluster domain key
+//! into a PKCS#11 token.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -65,6 +67,47 @@ pub enum Command {
         #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
         identity: PathBuf,
     },
+    /// Put the cluster domain key into a PKCS#11 token (sensitive,
+    /// non-extractable, wrap and unwrap only), so an agent can front it
+    /// with `--keystore pkcs11`. Refuses a token that holds another domain
+    /// key; running it again on a provisioned token changes nothing.
+    /// Prints the check value agents are started with
+    /// (`--domain-check-value`).
+    ProvisionDomainKey {
+        /// The cluster domain key file (`keysync cluster init`).
+        #[arg(long, env = "KEYSYNC_DOMAIN_KEY")]
+        domain_key: PathBuf,
+        /// The PKCS#11 module (shared library).
+        #[arg(long, env = "KEYSYNC_PKCS11_MODULE")]
+        pkcs11_module: PathBuf,
+        /// The token's label.
+        #[arg(long, env = "KEYSYNC_PKCS11_TOKEN_LABEL")]
+        pkcs11_token_label: String,
+        /// A file holding the user PIN (mode 0600 or stricter).
+        #[arg(long, env = "KEYSYNC_PKCS11_PIN_FILE")]
+        pkcs11_pin_file: PathBuf,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The provisioning ceremony (blocks on the token).
+fn provision(
+    domain_key: &std::path::Path,
+    module: &std::path::Path,
+    label: &str,
+    pin_file: &std::path::Path,
+) -> anyhow::Result<(hsm_agent::keystore::pkcs11::Provisioned, [u8; 32], String)> {
+    use hsm_agent::keystore::pkcs11::{provision_domain_key, Token};
+    use keysync_security::domain_key::DomainKey;
+    let dk = DomainKey::load(domain_key)
+        .with_context(|| format!("domain key file {}", domain_key.display()))?;
+    let token = Token::open(module, label, pin_file)
+        .with_context(|| format!("opening PKCS#11 token {label:?} with module {}", module.display()))?;
+    let done = provision_domain_key(&token, &dk)
+        .with_context(|| format!("provisioning the domain key into token {label:?}"))?;
+    Ok((done, dk.check_value()?, dk.id().to_string()))
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<Identity> {
@@ -135,6 +178,43 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
         Command::ClusterKey { identity } => {
             println!("{}", load(identity)?.public_hex());
             Ok(())
+        }
+        Command::ProvisionDomainKey {
+            domain_key,
+            pkcs11_module,
+            pkcs11_token_label,
+            pkcs11_pin_file,
+            json,
+        } => {
+            let (dk, module, label, pin) = (
+                domain_key.clone(),
+                pkcs11_module.clone(),
+                pkcs11_token_label.clone(),
+                pkcs11_pin_file.clone(),
+            );
+            let (done, check_value, domain) = tokio::task::spawn_blocking(move || {
+                provision(&dk, &module, &label, &pin)
+            })
+            .await??;
+            let imported = done == hsm_agent::keystore::pkcs11::Provisioned::Imported;
+            let cv = hex::encode(check_value);
+            if *json {
+                print_json(&json!({
+                    "token_label": pkcs11_token_label,
+                    "domain": domain,
+                    "check_value": cv,
+                    "imported": imported,
+                }))
+            } else {
+                if imported {
+                    println!("domain key {domain} put into token {pkcs11_token_label:?}");
+                } else {
+                    println!("token {pkcs11_token_label:?} already holds domain key {domain}; nothing changed");
+                }
+                println!("check value: {cv}");
+                eprintln!("start its agent with --keystore pkcs11 --domain-check-value {cv}");
+                Ok(())
+            }
         }
     }
 }

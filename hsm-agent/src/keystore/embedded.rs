@@ -147,7 +147,7 @@ impl Fault {
 
 /// Whether a redb error may have poisoned the database handle (every later
 /// transaction failing until it is reopened).
-fn poisons(e: &redb::Error) -> bool {
+pub(super) fn poisons(e: &redb::Error) -> bool {
     matches!(
         e,
         redb::Error::Io(_)
@@ -193,7 +193,7 @@ fn stored_fingerprint(bytes: &[u8]) -> Option<(KeyType, Fingerprint)> {
 /// file), narrowed if a looser mode was left by an older version. The file
 /// is sealed at rest, but its ids, fingerprints and outbox are nobody
 /// else's business.
-fn private_store_file(dir: &Path, path: &Path) -> Result<(), KeystoreError> {
+pub(super) fn private_store_file(dir: &Path, path: &Path) -> Result<(), KeystoreError> {
     use keysync_security::secret_file;
     let open_err = |e: &dyn std::fmt::Display| KeystoreError::Open(e.to_string());
     if secret_file::private_dir(dir).map_err(|e| open_err(&e))? {

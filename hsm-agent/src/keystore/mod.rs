@@ -7,6 +7,7 @@
 //! software HSM on a redb database; it is the default.
 
 pub mod embedded;
+pub mod journal;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 
@@ -44,6 +45,18 @@ pub enum KeystoreError {
     /// The stored keys cannot be decrypted (wrong domain key or corrupt store).
     #[error("cannot open key store: {0}")]
     Open(String),
+    /// This HSM cannot hold keys of this type (its token lacks a mechanism).
+    #[error("this HSM cannot hold {key_type} keys: {why}")]
+    CannotHold {
+        /// The type.
+        key_type: KeyType,
+        /// The token's reason.
+        why: String,
+    },
+    /// The PKCS#11 token refused or failed.
+    #[cfg(feature = "pkcs11")]
+    #[error(transparent)]
+    Token(#[from] pkcs11::Pkcs11Error),
 }
 
 impl KeystoreError {
@@ -61,6 +74,9 @@ impl KeystoreError {
             KeystoreError::NotAWrappingKey(_) => OpErrorKind::BadRequest,
             KeystoreError::Material(_) | KeystoreError::Open(_) => OpErrorKind::Internal,
             KeystoreError::Storage(_) => OpErrorKind::Unavailable,
+            KeystoreError::CannotHold { .. } => OpErrorKind::Unsupported,
+            #[cfg(feature = "pkcs11")]
+            KeystoreError::Token(e) => e.kind(),
         }
     }
 }

@@ -429,39 +429,20 @@ impl Token {
         key_type: KeyType,
         label: Option<&str>,
     ) -> Result<TokenKey, Pkcs11Error> {
-        let idb = key_id_bytes(&id);
-        let labelb = label_of(&id, label);
-        self.with_session(|s| {
-            if !find(s, &[Attribute::Id(idb.clone())])?.is_empty() {
-                return Err(Pkcs11Error::AlreadyExists(id));
-            }
-            let name = Name {
-                id: &idb,
-                label: &labelb,
-            };
-            let (key, public) = generate_objects(s, key_type, &name, Life::Token)?;
-            let made = match public {
-                None => aes_fingerprint(s, key).map(|fp| (fp, None)),
-                Some(p) => read_spki(s, p, key_type)
-                    .map(|spki| (public_fingerprint(key_type, &spki), Some(spki))),
-            };
-            match made {
-                Ok((fingerprint, public_key)) => Ok(TokenKey {
-                    id,
-                    key_type,
-                    fingerprint,
-                    public_key,
-                }),
-                Err(e) => {
-                    // No half-made key: take it out again.
-                    let _ = s.destroy_object(key);
-                    if let Some(p) = public {
-                        let _ = s.destroy_object(p);
-                    }
-                    Err(e)
-                }
-            }
-        })
+        self.with_session(|s| generate_on(s, id, key_type, label, Life::Token))
+    }
+
+    /// Generates a session key: session objects on the token's dedicated
+    /// session-key session, so they live until the agent stops (or the
+    /// token goes away) and any pooled session finds them by `CKA_ID`.
+    /// Never wrapped, never announced. Blocks.
+    pub fn generate_session_key(
+        &self,
+        id: KeyId,
+        key_type: KeyType,
+        label: Option<&str>,
+    ) -> Result<TokenKey, Pkcs11Error> {
+        self.with_session_key_session(|s| generate_on(s, id, key_type, label, Life::Session))
     }
 
     /// The key wrapped under the domain key with `CKM_AES_KEY_WRAP_PAD`:
@@ -492,6 +473,50 @@ impl Token {
     /// leaves nothing behind; a type the token cannot unwrap (per the
     /// capability probe) is `Unsupported`. Blocks.
     pub fn unwrap(&self, req: &UnwrapRequest<'_>) -> Result<TokenKey, Pkcs11Error> {
+        self.unwrap_under(req, None)
+    }
+
+    /// Imports plaintext material (PKCS#8 DER, or the 32 bytes of an AES
+    /// key) as a token key, the way PKCS#11 imports sensitive keys: wrapped
+    /// in software under a fresh random transport key, which goes into the
+    /// token as a throw-away session object and unwraps it there. The
+    /// material is checked as [`Token::unwrap`] checks a clone
+    /// (`public_key` is its SPKI, required for asymmetric keys). Blocks.
+    pub fn import(
+        &self,
+        id: KeyId,
+        key_type: KeyType,
+        label: Option<&str>,
+        plaintext: &[u8],
+        public_key: Option<&[u8]>,
+    ) -> Result<TokenKey, Pkcs11Error> {
+        let library = |e: &dyn std::fmt::Display| Pkcs11Error::Library {
+            op: "import transport key",
+            detail: e.to_string(),
+        };
+        let mut transport = Zeroizing::new([0u8; 32]);
+        random_bytes(transport.as_mut_slice()).map_err(|e| library(&e))?;
+        let blob = keysync_security::domain_key::wrap_with(&transport, plaintext)
+            .map_err(|e| library(&e))?;
+        let req = UnwrapRequest {
+            id,
+            key_type,
+            label,
+            kek: Kek::Domain,
+            blob: &blob,
+            public_key,
+            fingerprint: None,
+        };
+        self.unwrap_under(&req, Some(&transport))
+    }
+
+    /// [`Token::unwrap`], under `req.kek` or, when given, a transport key
+    /// of known value (the import path).
+    fn unwrap_under(
+        &self,
+        req: &UnwrapRequest<'_>,
+        transport: Option<&[u8; 32]>,
+    ) -> Result<TokenKey, Pkcs11Error> {
         let t = req.key_type;
         if let Some(why) = self.capabilities()?.get(t).unwrap.refusal() {
             return Err(Pkcs11Error::Unsupported {
@@ -516,7 +541,18 @@ impl Token {
             if !find(s, &[Attribute::Id(idb.clone())])?.is_empty() {
                 return Err(Pkcs11Error::AlreadyExists(req.id));
             }
-            let kek = self.kek_handle(s, req.kek)?;
+            let transport_key = match transport {
+                Some(value) => Some(Temp::new(
+                    s,
+                    s.create_object(&templates::known_aes_session_key(value, false, true, false))
+                        .map_err(map("C_CreateObject (transport key)"))?,
+                )),
+                None => None,
+            };
+            let kek = match &transport_key {
+                Some(k) => k.handle,
+                None => self.kek_handle(s, req.kek)?,
+            };
             // Check it as a session object first.
             let fingerprint = match &spki {
                 Some(spki) => {
@@ -785,6 +821,50 @@ impl Token {
             s.get_attributes(key.handle, types)
                 .map_err(map("C_GetAttributeValue"))
         })
+    }
+}
+
+/// Generates a key as objects of `life` on `s` (the public half too, with
+/// the same `CKA_ID`) and returns it with its fingerprint, computed without
+/// the material leaving the token. Refuses an id already in use.
+fn generate_on(
+    s: &Session,
+    id: KeyId,
+    key_type: KeyType,
+    label: Option<&str>,
+    life: Life,
+) -> Result<TokenKey, Pkcs11Error> {
+    let idb = key_id_bytes(&id);
+    let labelb = label_of(&id, label);
+    if !find(s, &[Attribute::Id(idb.clone())])?.is_empty() {
+        return Err(Pkcs11Error::AlreadyExists(id));
+    }
+    let name = Name {
+        id: &idb,
+        label: &labelb,
+    };
+    let (key, public) = generate_objects(s, key_type, &name, life)?;
+    let made = match public {
+        None => aes_fingerprint(s, key).map(|fp| (fp, None)),
+        Some(p) => {
+            read_spki(s, p, key_type).map(|spki| (public_fingerprint(key_type, &spki), Some(spki)))
+        }
+    };
+    match made {
+        Ok((fingerprint, public_key)) => Ok(TokenKey {
+            id,
+            key_type,
+            fingerprint,
+            public_key,
+        }),
+        Err(e) => {
+            // No half-made key: take it out again.
+            let _ = s.destroy_object(key);
+            if let Some(p) = public {
+                let _ = s.destroy_object(p);
+            }
+            Err(e)
+        }
     }
 }
 

@@ -1,6 +1,7 @@
-//! A PKCS#11 token as keysync's HSM: the token layer a PKCS#11 `Keystore`
-//! will be built on (not wired into the agent yet; see
-//! docs/decisions/0010-pkcs11-token.md).
+//! A PKCS#11 token as keysync's HSM: the token layer
+//! (docs/decisions/0010-pkcs11-token.md) and [`Pkcs11Keystore`], the
+//! `Keystore` on it with the agent's journal
+//! (docs/decisions/0012-pkcs11-keystore.md).
 //!
 //! - [`Token`]: the module (loaded at run time; `cryptoki`), the token
 //!   chosen by label, the user PIN from a file, a session pool.
@@ -23,6 +24,7 @@ mod error;
 mod keys;
 mod probe;
 pub mod spki;
+mod store;
 pub mod templates;
 mod token;
 
@@ -33,6 +35,7 @@ pub use domain::{
 pub use error::Pkcs11Error;
 pub use keys::{Kek, ListedKey, TokenKey, UnwrapRequest};
 pub use probe::{Capabilities, Check, TypeSupport};
+pub use store::{Pkcs11Keystore, Reconciled, Step, JOURNAL_FILE};
 pub use token::{read_pin_file, Token};
 
 /// The cryptoki crate, for callers that inspect attributes.

@@ -130,6 +130,9 @@ fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot, Pkcs11Error> {
 pub struct Token {
     // Sessions first: they close before anything else is dropped.
     pool: Mutex<Vec<Session>>,
+    /// The session that owns the session keys (session objects die with
+    /// the session that made them); opened on first use.
+    session_keys: Mutex<Option<Session>>,
     ctx: Pkcs11,
     module: PathBuf,
     label: String,
@@ -157,6 +160,7 @@ impl Token {
         let slot = find_slot(&ctx, label)?;
         let token = Token {
             pool: Mutex::new(Vec::new()),
+            session_keys: Mutex::new(None),
             ctx,
             module: module.to_path_buf(),
             label: label.to_string(),
@@ -289,6 +293,25 @@ impl Token {
             }
             return result;
         }
+    }
+
+    /// Runs `f` on the dedicated session that owns the session keys,
+    /// opening it first if needed. If the token dropped it, the session
+    /// keys are gone with it and a fresh one is opened. Blocks.
+    pub(crate) fn with_session_key_session<T>(
+        &self,
+        f: impl FnOnce(&Session) -> Result<T, Pkcs11Error>,
+    ) -> Result<T, Pkcs11Error> {
+        let mut slot = self.session_keys.lock().map_err(|_| poisoned())?;
+        let session = match slot.take() {
+            Some(s) => s,
+            None => self.open_session()?,
+        };
+        let result = f(&session);
+        if !matches!(&result, Err(e) if e.session_lost()) {
+            *slot = Some(session);
+        }
+        result
     }
 
     /// Closes every pooled session (the token logs the user out when its
