@@ -217,9 +217,13 @@ pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Keystore>> {
                     module.display()
                 )
             })?;
-            let store =
-                Pkcs11Keystore::open(Arc::new(token), &config.data_dir, config.hsm.clone(), *domain)
-                    .with_context(|| format!("opening the keystore on PKCS#11 token {token_label:?}"))?;
+            let store = Pkcs11Keystore::open(
+                Arc::new(token),
+                &config.data_dir,
+                config.hsm.clone(),
+                *domain,
+            )
+            .with_context(|| format!("opening the keystore on PKCS#11 token {token_label:?}"))?;
             let r = store.reconciled();
             tracing::info!(
                 token = %token_label,

@@ -95,10 +95,11 @@ fn keystore_kind(args: &Args) -> anyhow::Result<hsm_agent::KeystoreKind> {
         }
         KeystoreArg::Pkcs11 => {
             use hsm_agent::keystore::pkcs11::ExpectedDomain;
-            let need = |what: &str| {
-                anyhow::anyhow!("--keystore pkcs11 needs {what}")
-            };
-            let module = args.pkcs11_module.clone().ok_or_else(|| need("--pkcs11-module PATH"))?;
+            let need = |what: &str| anyhow::anyhow!("--keystore pkcs11 needs {what}");
+            let module = args
+                .pkcs11_module
+                .clone()
+                .ok_or_else(|| need("--pkcs11-module PATH"))?;
             let token_label = args
                 .pkcs11_token_label
                 .clone()

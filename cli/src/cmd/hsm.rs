@@ -103,8 +103,12 @@ fn provision(
     use keysync_security::domain_key::DomainKey;
     let dk = DomainKey::load(domain_key)
         .with_context(|| format!("domain key file {}", domain_key.display()))?;
-    let token = Token::open(module, label, pin_file)
-        .with_context(|| format!("opening PKCS#11 token {label:?} with module {}", module.display()))?;
+    let token = Token::open(module, label, pin_file).with_context(|| {
+        format!(
+            "opening PKCS#11 token {label:?} with module {}",
+            module.display()
+        )
+    })?;
     let done = provision_domain_key(&token, &dk)
         .with_context(|| format!("provisioning the domain key into token {label:?}"))?;
     Ok((done, dk.check_value()?, dk.id().to_string()))
@@ -192,10 +196,9 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 pkcs11_token_label.clone(),
                 pkcs11_pin_file.clone(),
             );
-            let (done, check_value, domain) = tokio::task::spawn_blocking(move || {
-                provision(&dk, &module, &label, &pin)
-            })
-            .await??;
+            let (done, check_value, domain) =
+                tokio::task::spawn_blocking(move || provision(&dk, &module, &label, &pin))
+                    .await??;
             let imported = done == hsm_agent::keystore::pkcs11::Provisioned::Imported;
             let cv = hex::encode(check_value);
             if *json {

@@ -260,7 +260,12 @@ impl Journal {
 fn read_all(db: &redb::Database) -> Result<Contents, KeystoreError> {
     let txn = db.begin_read().map_err(storage)?;
     let mut contents = Contents::default();
-    for row in txn.open_table(RECORDS).map_err(storage)?.iter().map_err(storage)? {
+    for row in txn
+        .open_table(RECORDS)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
         let (k, v) = row.map_err(storage)?;
         let id = id_of(k.value());
         let (rec, _): (Record, usize) =
@@ -274,14 +279,35 @@ fn read_all(db: &redb::Database) -> Result<Contents, KeystoreError> {
         }
         contents.records.insert(id, rec);
     }
-    for row in txn.open_table(TOMBSTONES).map_err(storage)?.iter().map_err(storage)? {
-        contents.tombstones.insert(id_of(row.map_err(storage)?.0.value()));
+    for row in txn
+        .open_table(TOMBSTONES)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        contents
+            .tombstones
+            .insert(id_of(row.map_err(storage)?.0.value()));
     }
-    for row in txn.open_table(OUTBOX).map_err(storage)?.iter().map_err(storage)? {
-        contents.outbox.insert(id_of(row.map_err(storage)?.0.value()));
+    for row in txn
+        .open_table(OUTBOX)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        contents
+            .outbox
+            .insert(id_of(row.map_err(storage)?.0.value()));
     }
-    for row in txn.open_table(INTENTS).map_err(storage)?.iter().map_err(storage)? {
-        contents.intents.push(id_of(row.map_err(storage)?.0.value()));
+    for row in txn
+        .open_table(INTENTS)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        contents
+            .intents
+            .push(id_of(row.map_err(storage)?.0.value()));
     }
     Ok(contents)
 }
@@ -303,15 +329,22 @@ mod tests {
         {
             let (j, c) = Journal::open(dir.path(), "journal.redb").expect("open");
             assert!(c.records.is_empty() && c.intents.is_empty());
-            j.commit(&[Change::Intend(a), Change::Intend(b)]).expect("intend");
-            j.commit(&[Change::Put(a, &rec), Change::Outbox(a, b"ev"), Change::Settle(a)])
-                .expect("created");
+            j.commit(&[Change::Intend(a), Change::Intend(b)])
+                .expect("intend");
+            j.commit(&[
+                Change::Put(a, &rec),
+                Change::Outbox(a, b"ev"),
+                Change::Settle(a),
+            ])
+            .expect("created");
             j.commit(&[Change::Tombstone(b), Change::Outbox(b, b"del")])
                 .expect("tombstone");
             // Only the bytes given are forgotten.
-            j.commit(&[Change::OutboxDone(b, Some(b"other"))]).expect("kept");
+            j.commit(&[Change::OutboxDone(b, Some(b"other"))])
+                .expect("kept");
             assert_eq!(j.outbox().expect("outbox").len(), 2);
-            j.commit(&[Change::OutboxDone(b, Some(b"del"))]).expect("done");
+            j.commit(&[Change::OutboxDone(b, Some(b"del"))])
+                .expect("done");
         }
         let (j, c) = Journal::open(dir.path(), "journal.redb").expect("reopen");
         assert_eq!(c.records.get(&a), Some(&rec));

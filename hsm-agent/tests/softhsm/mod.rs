@@ -22,7 +22,7 @@ pub const SO_PIN: &str = "12345678";
 /// The tokens made, one per label (two for [`TWIN`]).
 pub const LABELS: &[&str] = &[
     "keys", "domain", "clone-a", "clone-b", "bad", "probe", "pin", "relogin", "opensc", "pykcs11",
-    "pool", "embedded",
+    "pool", "embedded", "store-a", "store-b",
 ];
 /// A label two tokens carry.
 pub const TWIN: &str = "twin";

@@ -158,12 +158,21 @@ pub(crate) fn key_type_of(s: &Session, h: ObjectHandle) -> Result<Option<KeyType
 
 /// The key with this id: its private or secret object, and its public one.
 pub(crate) fn find_key(s: &Session, id: &KeyId) -> Result<Option<KeyObject>, Pkcs11Error> {
+    match find_key_as(s, id, true)? {
+        Some(k) => Ok(Some(k)),
+        // A session key (session objects of this process, on the
+        // session-key session).
+        None => find_key_as(s, id, false),
+    }
+}
+
+fn find_key_as(s: &Session, id: &KeyId, on_token: bool) -> Result<Option<KeyObject>, Pkcs11Error> {
     let idb = key_id_bytes(id);
     let mut keys = find(
         s,
         &[
             Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::Token(true),
+            Attribute::Token(on_token),
             Attribute::Id(idb.clone()),
         ],
     )?;
@@ -171,7 +180,7 @@ pub(crate) fn find_key(s: &Session, id: &KeyId) -> Result<Option<KeyObject>, Pkc
         s,
         &[
             Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::Token(true),
+            Attribute::Token(on_token),
             Attribute::Id(idb.clone()),
         ],
     )?);
@@ -193,7 +202,7 @@ pub(crate) fn find_key(s: &Session, id: &KeyId) -> Result<Option<KeyObject>, Pkc
             s,
             &[
                 Attribute::Class(ObjectClass::PUBLIC_KEY),
-                Attribute::Token(true),
+                Attribute::Token(on_token),
                 Attribute::Id(idb),
             ],
         )?

@@ -18,8 +18,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use keysync_schemas::{
-    CloneFailure, CloneKey, DomainId, Fingerprint, HsmId, InventoryDigest, KeyId, KeyInfo,
-    KeyType, Timestamp,
+    CloneFailure, CloneKey, DomainId, Fingerprint, HsmId, InventoryDigest, KeyId, KeyInfo, KeyType,
+    Timestamp,
 };
 use zeroize::Zeroizing;
 
@@ -105,7 +105,9 @@ fn clone_failure(e: Pkcs11Error) -> CloneFailure {
         Pkcs11Error::Integrity => CloneFailure::Integrity,
         Pkcs11Error::Mismatch(_) => CloneFailure::FingerprintMismatch,
         Pkcs11Error::Invalid(_) => CloneFailure::InvalidMaterial,
-        Pkcs11Error::Unsupported { what, why } => CloneFailure::Unsupported(format!("{what}: {why}")),
+        Pkcs11Error::Unsupported { what, why } => {
+            CloneFailure::Unsupported(format!("{what}: {why}"))
+        }
         other => CloneFailure::Storage(other.to_string()),
     }
 }
@@ -254,11 +256,16 @@ impl Pkcs11Keystore {
             return Ok(());
         }
         let support = self.token.capabilities()?.get(key_type);
-        let why = [&support.generate, &support.operate, &support.wrap, &support.unwrap]
-            .into_iter()
-            .find_map(|c| c.refusal())
-            .unwrap_or("the capability probe refused it")
-            .to_string();
+        let why = [
+            &support.generate,
+            &support.operate,
+            &support.wrap,
+            &support.unwrap,
+        ]
+        .into_iter()
+        .find_map(|c| c.refusal())
+        .unwrap_or("the capability probe refused it")
+        .to_string();
         Err(KeystoreError::CannotHold { key_type, why })
     }
 
@@ -540,7 +547,12 @@ impl Keystore for Pkcs11Keystore {
             }) {
                 Ok(_) => stored.push((
                     i,
-                    Record::new(k.key_type, k.fingerprint, k.attributes.clone(), Timestamp::now()),
+                    Record::new(
+                        k.key_type,
+                        k.fingerprint,
+                        k.attributes.clone(),
+                        Timestamp::now(),
+                    ),
                 )),
                 Err(e) => {
                     settle.push(k.key_id);
@@ -659,7 +671,11 @@ impl Keystore for Pkcs11Keystore {
             self.keys.write().map_err(storage)?.remove(id);
             return Ok(Some(h.info.clone()));
         }
-        let mut changes = vec![Change::Remove(*id), Change::Tombstone(*id), Change::Intend(*id)];
+        let mut changes = vec![
+            Change::Remove(*id),
+            Change::Tombstone(*id),
+            Change::Intend(*id),
+        ];
         if let Some(event) = &outbox {
             changes.push(Change::Outbox(*id, event));
         }
