@@ -17,6 +17,7 @@ pub mod binaries;
 pub mod nats_server;
 pub mod process;
 pub mod seed;
+pub mod softhsm;
 pub mod stack;
 
 pub use binaries::{find_binary, find_nats_server};

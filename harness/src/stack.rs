@@ -39,6 +39,10 @@ pub struct StackOptions {
     pub agent_args: Vec<String>,
     /// NATS credentials per role (none by default).
     pub auth: StackAuth,
+    /// HSM ids whose agents front a SoftHSM2 token (`--keystore pkcs11`)
+    /// instead of the embedded keystore; the stack makes the tokens and
+    /// provisions the domain key into them (see [`crate::softhsm`]).
+    pub softhsm_agents: Vec<String>,
 }
 
 /// NATS credentials for each process of a stack.
@@ -65,6 +69,7 @@ impl Default for StackOptions {
             orchestrator_args: Vec::new(),
             agent_args: Vec::new(),
             auth: StackAuth::default(),
+            softhsm_agents: Vec::new(),
         }
     }
 }
@@ -81,6 +86,8 @@ pub struct DevStack {
     client: Client,
     orchestrator_args: Vec<String>,
     agent_args: Vec<String>,
+    /// The tokens of the agents that front SoftHSM2 (none: all embedded).
+    softhsm: Option<crate::softhsm::SoftHsmTokens>,
     auth: StackAuth,
     cluster_identity: PathBuf,
     cluster_key: String,
@@ -260,6 +267,25 @@ impl DevStack {
             })?
             .0
             .public_hex();
+        let softhsm = if opts.softhsm_agents.is_empty() {
+            None
+        } else {
+            let ids = opts
+                .softhsm_agents
+                .iter()
+                .map(|i| {
+                    HsmId::new(i.as_str()).map_err(|e| StackError::NotReady {
+                        what: format!("SoftHSM2 agent {i}"),
+                        detail: e.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(crate::softhsm::SoftHsmTokens::make(
+                &dir,
+                &domain_key,
+                &ids,
+            )?)
+        };
         let nats = start_nats(&dir, &opts).await?;
         let urls: Vec<async_nats::ServerAddr> =
             nats.iter().filter_map(|n| n.url().parse().ok()).collect();
@@ -308,6 +334,7 @@ impl DevStack {
             client,
             orchestrator_args,
             agent_args: opts.agent_args,
+            softhsm,
             auth: opts.auth,
             cluster_identity,
             cluster_key,
@@ -524,10 +551,14 @@ impl DevStack {
             cmd.arg("--id")
                 .arg(id.as_str())
                 .arg("--data-dir")
-                .arg(self.dir.join(id.as_str()))
-                .arg("--domain-key")
-                .arg(&self.domain_key)
-                .arg("--cluster-key")
+                .arg(self.dir.join(id.as_str()));
+            match &self.softhsm {
+                Some(tokens) if tokens.fronts(id) => tokens.agent(id, &mut cmd),
+                _ => {
+                    cmd.arg("--domain-key").arg(&self.domain_key);
+                }
+            }
+            cmd.arg("--cluster-key")
                 .arg(&self.cluster_key)
                 .args(&self.agent_args)
                 .args(extra)

@@ -1,0 +1,260 @@
+//! A mixed cluster of real processes: two agents in front of SoftHSM2
+//! tokens (`--keystore pkcs11`) and one embedded agent. Keys of every type
+//! the tokens can hold, made on each HSM, converge on all three with equal
+//! fingerprints; AES keys encrypt on a token and decrypt on the embedded
+//! HSM and back; OpenSC's `pkcs11-tool` finds the clones in token 2 by
+//! `CKA_ID` and signs with them, and openssl verifies with the public key
+//! read from the creating HSM; PyKCS11 finds the clones' private keys
+//! sensitive and cannot read them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use keysync::{CreateKey, Route};
+use keysync_harness::softhsm;
+use keysync_schemas::{Durability, HsmId, KeyId, KeyType};
+use keysync_testkit::{assert_converges, hsm, DevStack, StackOptions};
+
+/// What SoftHSM 2.6.1 can clone (Ed25519 it can neither wrap nor unwrap).
+const TYPES: [KeyType; 3] = [KeyType::P256, KeyType::Aes256, KeyType::Rsa2048];
+
+fn tools_present() -> bool {
+    let have = |p: &str| Command::new(p).arg("--help").output().is_ok();
+    let present = softhsm::module().is_some() && have("softhsm2-util") && have("pkcs11-tool");
+    if !present {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have SoftHSM2 and OpenSC (scripts/install-deps installs them)"
+        );
+        println!("SKIPPED: SoftHSM2 or OpenSC is not installed (scripts/install-deps)");
+    }
+    present
+}
+
+async fn mixed_stack() -> DevStack {
+    DevStack::start(StackOptions {
+        hsms: 3,
+        softhsm_agents: vec!["hsm-1".into(), "hsm-2".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("mixed stack did not start: {e}"))
+}
+
+/// `pkcs11-tool` on the stack's token `label`.
+fn pkcs11_tool(stack: &DevStack, label: &str, args: &[&str]) -> String {
+    let out = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", stack.dir().join("softhsm/softhsm2.conf"))
+        .arg("--module")
+        .arg(softhsm::module().expect("module"))
+        .args(["--token-label", label, "--login", "--pin"])
+        .arg(std::fs::read_to_string(stack.dir().join("softhsm/pin")).expect("PIN file"))
+        .args(args)
+        .output()
+        .expect("run pkcs11-tool");
+    assert!(
+        out.status.success(),
+        "pkcs11-tool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn openssl_verifies(public_der: &Path, sig: &Path, data: &Path) -> bool {
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-keyform", "DER", "-verify"])
+        .arg(public_der)
+        .arg("-signature")
+        .arg(sig)
+        .arg(data)
+        .output()
+        .expect("run openssl");
+    println!(
+        "openssl: {}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out.status.success()
+}
+
+const PYKCS11_CHECK: &str = r#"
+import json, sys
+import PyKCS11, PyKCS11.LowLevel
+from PyKCS11.LowLevel import CKA_CLASS, CKA_ID, CKA_SENSITIVE, CKA_VALUE, CKA_PRIVATE_EXPONENT, CKO_PRIVATE_KEY, CKO_SECRET_KEY, CKR_ATTRIBUTE_SENSITIVE, CKR_OK
+module, label, pin_file = sys.argv[1], sys.argv[2], sys.argv[3]
+pin = open(pin_file).read().strip()
+lib = PyKCS11.PyKCS11Lib()
+lib.load(module)
+slot = [s for s in lib.getSlotList(tokenPresent=True) if lib.getTokenInfo(s).label.strip() == label][0]
+session = lib.openSession(slot)
+session.login(pin)
+out = {}
+for hexid in sys.argv[4:]:
+    for o in session.findObjects([(CKA_ID, bytes.fromhex(hexid))]):
+        if session.getAttributeValue(o, [CKA_CLASS])[0] not in (CKO_PRIVATE_KEY, CKO_SECRET_KEY):
+            continue
+        # The secret part: CKA_VALUE (EC, AES) or CKA_PRIVATE_EXPONENT
+        # (RSA); the other is CKR_ATTRIBUTE_TYPE_INVALID.
+        answers = []
+        for attr in (CKA_VALUE, CKA_PRIVATE_EXPONENT):
+            t = PyKCS11.LowLevel.ckattrlist(1)
+            t[0].SetType(attr)
+            answers.append(lib.lib.C_GetAttributeValue(session.session, o, t))
+        value = "sensitive" if CKR_ATTRIBUTE_SENSITIVE in answers and CKR_OK not in answers else str(answers)
+        out[hexid] = {"sensitive": bool(session.getAttributeValue(o, [CKA_SENSITIVE])[0]), "value": value}
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_cluster_of_tokens_and_an_embedded_hsm_converges_and_works_both_ways() {
+    if !tools_present() {
+        return;
+    }
+    let mut stack = mixed_stack().await;
+    let client = stack.client().clone();
+    let hsms: Vec<HsmId> = ["hsm-1", "hsm-2", "hsm-3"].map(hsm).to_vec();
+    let (token_1, token_2, soft) = (&hsms[0], &hsms[1], &hsms[2]);
+
+    // Every type each token can hold, made on each HSM, everywhere.
+    let mut expected = BTreeMap::new();
+    let mut made: Vec<(KeyType, HsmId, KeyId)> = Vec::new();
+    for on in &hsms {
+        for t in TYPES {
+            let mut spec = CreateKey::new(t)
+                .on(Route::Hsm(on.clone()))
+                .durability(Durability::All);
+            spec.label = Some(format!("{t} made on {on}"));
+            let k = client
+                .create_key(spec)
+                .await
+                .unwrap_or_else(|e| panic!("creating {t} on {on}: {e}"));
+            assert_eq!(k.durability, Durability::All, "{t} on {on}");
+            expected.insert(k.info.key_id, k.info.fingerprint);
+            made.push((t, on.clone(), k.info.key_id));
+        }
+    }
+    assert_converges(&client, &hsms, &expected, Duration::from_secs(30)).await;
+
+    // AES-GCM across the kinds of HSM, both ways.
+    for (t, on, id) in &made {
+        if *t != KeyType::Aes256 {
+            continue;
+        }
+        for (a, b) in [(token_1, soft), (soft, token_1), (token_2, soft)] {
+            let sealed = client
+                .encrypt(*id, b"across keystores", b"aad", &Route::Hsm(a.clone()))
+                .await
+                .unwrap_or_else(|e| panic!("encrypt on {a} (key made on {on}): {e}"));
+            let plain = client
+                .decrypt(*id, &sealed, b"aad", &Route::Hsm(b.clone()))
+                .await
+                .unwrap_or_else(|e| panic!("decrypt on {b} (key made on {on}): {e}"));
+            assert_eq!(plain.expose(), b"across keystores");
+        }
+    }
+
+    // OpenSC signs with the clones in token 2; openssl verifies with the
+    // public key read from the HSM that made the key.
+    let dir = tempfile::tempdir().expect("dir");
+    let message = dir.path().join("message");
+    std::fs::write(&message, b"signed in token 2 by OpenSC").expect("write");
+    let listing = pkcs11_tool(&stack, token_2.as_str(), &["--list-objects"]);
+    let mut clones = Vec::new();
+    for (t, on, id) in made.iter().filter(|(_, on, _)| on != token_2) {
+        let hex_id = hex::encode(id.0.as_bytes());
+        assert!(
+            listing.contains(&format!("ID:         {hex_id}")),
+            "pkcs11-tool does not list clone {hex_id} ({t} from {on}):\n{listing}"
+        );
+        clones.push(hex_id.clone());
+        if !t.is_asymmetric() {
+            continue;
+        }
+        let public = client
+            .public_key(*id, &Route::Hsm(on.clone()))
+            .await
+            .expect("public key from the creating HSM");
+        let public_der = dir.path().join(format!("{hex_id}.pub.der"));
+        std::fs::write(&public_der, public).expect("write");
+        let sig = dir.path().join(format!("{hex_id}.sig"));
+        let input = dir.path().join(format!("{hex_id}.in"));
+        let mechanism = match t {
+            KeyType::P256 => {
+                use sha2::Digest as _;
+                let digest = sha2::Sha256::digest(std::fs::read(&message).expect("read"));
+                std::fs::write(&input, digest).expect("write");
+                "ECDSA"
+            }
+            _ => {
+                std::fs::copy(&message, &input).expect("copy");
+                "SHA256-RSA-PKCS"
+            }
+        };
+        let mut args = vec![
+            "--sign",
+            "--id",
+            &hex_id,
+            "--mechanism",
+            mechanism,
+            "--input-file",
+            input.to_str().expect("path"),
+            "--output-file",
+            sig.to_str().expect("path"),
+        ];
+        if *t == KeyType::P256 {
+            args.extend(["--signature-format", "openssl"]);
+        }
+        pkcs11_tool(&stack, token_2.as_str(), &args);
+        assert!(
+            openssl_verifies(&public_der, &sig, &message),
+            "openssl rejects OpenSC's {t} signature with clone {hex_id} (made on {on})"
+        );
+    }
+
+    // PyKCS11: each clone's private or secret key is sensitive, its value
+    // unreadable.
+    let python = "/usr/bin/python3";
+    let has_pykcs11 = Command::new(python)
+        .args(["-c", "import PyKCS11"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if has_pykcs11 {
+        let out = Command::new(python)
+            .env("SOFTHSM2_CONF", stack.dir().join("softhsm/softhsm2.conf"))
+            .args(["-c", PYKCS11_CHECK])
+            .arg(softhsm::module().expect("module"))
+            .arg(token_2.as_str())
+            .arg(stack.dir().join("softhsm/pin"))
+            .args(&clones)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "PyKCS11: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        println!("PyKCS11 on {token_2}: {report}");
+        for c in &clones {
+            assert_eq!(report[c]["sensitive"], true, "{c}: {report}");
+            assert_eq!(report[c]["value"], "sensitive", "{c}: {report}");
+        }
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have PyKCS11 (python3-pykcs11)"
+        );
+        println!("SKIPPED the PyKCS11 part: {python} cannot import PyKCS11");
+    }
+
+    // A token agent restarted comes back with its keys (journal + token).
+    stack.kill_agent(token_1);
+    stack
+        .start_agents(std::slice::from_ref(token_1))
+        .await
+        .expect("restart the token agent");
+    assert_converges(&client, &hsms, &expected, Duration::from_secs(30)).await;
+    stack.shutdown().await;
+}
