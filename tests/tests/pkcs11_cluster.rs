@@ -258,3 +258,147 @@ async fn a_mixed_cluster_of_tokens_and_an_embedded_hsm_converges_and_works_both_
     assert_converges(&client, &hsms, &expected, Duration::from_secs(30)).await;
     stack.shutdown().await;
 }
+
+/// `hsm-agent --keystore pkcs11` with `flags`; its exit status and stderr.
+fn agent_refuses(stack_dir: &Path, flags: &[&str]) -> String {
+    let data = tempfile::tempdir().expect("dir");
+    let out = Command::new(keysync_testkit::find_binary("hsm-agent").expect("hsm-agent"))
+        .env("SOFTHSM2_CONF", stack_dir.join("softhsm/softhsm2.conf"))
+        // Nothing listens here: the agent must refuse before it needs NATS.
+        .args([
+            "--nats",
+            "nats://127.0.0.1:1",
+            "--id",
+            "hsm-9",
+            "--keystore",
+            "pkcs11",
+        ])
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(flags)
+        .output()
+        .expect("run hsm-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "hsm-agent {flags:?} started: {stderr}"
+    );
+    assert!(
+        !data.path().join(keysync_journal_file()).exists(),
+        "a refused token got a journal"
+    );
+    stderr
+}
+
+fn keysync_journal_file() -> &'static str {
+    "pkcs11-journal.redb"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_wrong_pin_token_module_or_domain_with_a_clear_message() {
+    if !tools_present() {
+        return;
+    }
+    let stack = DevStack::start(StackOptions {
+        hsms: 1,
+        softhsm_agents: vec!["hsm-1".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("stack did not start: {e}"));
+    let dir = stack.dir().to_path_buf();
+    let module = softhsm::module().expect("module");
+    let module = module.to_str().expect("path");
+    let pin = dir.join("softhsm/pin");
+    let pin = pin.to_str().expect("path");
+    let wrong_pin = dir.join("wrong-pin");
+    keysync_security::secret_file::write_private(&wrong_pin, b"9999").expect("write");
+    let wrong_pin = wrong_pin.to_str().expect("path");
+    let domain = dir.join("domain.key");
+    let domain = domain.to_str().expect("path");
+    let other_domain = dir.join("other-domain.key");
+    keysync_security::secret_file::write_private(&other_domain, hex::encode([7u8; 32]).as_bytes())
+        .expect("write");
+    let other_domain = other_domain.to_str().expect("path");
+    let token = ["--pkcs11-token-label", "hsm-1"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            [
+                &[
+                    "--pkcs11-module",
+                    module,
+                    "--pkcs11-pin-file",
+                    wrong_pin,
+                    "--domain-key",
+                    domain,
+                ][..],
+                &token[..],
+            ]
+            .concat(),
+            "PIN",
+        ),
+        (
+            vec![
+                "--pkcs11-module",
+                module,
+                "--pkcs11-pin-file",
+                pin,
+                "--domain-key",
+                domain,
+                "--pkcs11-token-label",
+                "no-such-token",
+            ],
+            "no-such-token",
+        ),
+        (
+            [
+                &[
+                    "--pkcs11-module",
+                    "/bin/true",
+                    "--pkcs11-pin-file",
+                    pin,
+                    "--domain-key",
+                    domain,
+                ][..],
+                &token[..],
+            ]
+            .concat(),
+            "/bin/true",
+        ),
+        (
+            [
+                &[
+                    "--pkcs11-module",
+                    module,
+                    "--pkcs11-pin-file",
+                    pin,
+                    "--domain-key",
+                    other_domain,
+                ][..],
+                &token[..],
+            ]
+            .concat(),
+            "domain",
+        ),
+        (
+            [
+                &["--pkcs11-module", module, "--pkcs11-pin-file", pin][..],
+                &token[..],
+            ]
+            .concat(),
+            "--domain-check-value",
+        ),
+    ];
+    for (flags, says) in cases {
+        // The token agent is running: these are second opinions on the
+        // same tokens, refused before touching anything.
+        let stderr = agent_refuses(&dir, &flags);
+        println!("{flags:?}:\n{stderr}");
+        assert!(
+            stderr.contains(says),
+            "{flags:?}: expected {says:?} in:\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    stack.shutdown().await;
+}
