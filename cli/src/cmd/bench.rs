@@ -34,9 +34,44 @@ pub struct Args {
     /// Creates in flight for the throughput run.
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
+    /// Also run the sync-latency and throughput rows with every HSM in
+    /// front of a SoftHSM2 token (`pkcs11`), beside the embedded run.
+    #[arg(long, value_enum, default_value = "embedded")]
+    keystore: BenchKeystore,
     /// One JSON document on stdout instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// `--keystore`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchKeystore {
+    /// Embedded software HSMs only.
+    Embedded,
+    /// Embedded, then SoftHSM2 tokens behind `--keystore pkcs11` agents.
+    Pkcs11,
+}
+
+/// Sync latency and throughput on the stack `opts` starts (the side-by-side
+/// rows of `--keystore pkcs11`), for `key_type` (throughput too).
+async fn keystore_rows(
+    opts: StackOptions,
+    key_type: KeyType,
+    sizes: &Sizes,
+    in_flight: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let stack = DevStack::start(opts).await?;
+    let client = stack.client().clone();
+    let hsms = stack.hsm_ids();
+    let sync_h = pct(&sync_one_at_a_time(&client, &hsms, key_type, sizes.latency).await?);
+    let (created, replicated) =
+        throughput(&client, &hsms, key_type, sizes.throughput, in_flight).await?;
+    stack.shutdown().await;
+    Ok(json!({
+        "sync_latency": sync_h,
+        "created_per_s": created.round() as u64,
+        "replicated_per_s": replicated.round() as u64,
+    }))
 }
 
 struct Sizes {
@@ -205,8 +240,14 @@ async fn scaling(
         let client = stack.client().clone();
         let hsms = stack.hsm_ids();
         let lat = pct(&sync_one_at_a_time(&client, &hsms, key_type, sizes.scaling_latency).await?);
-        let (_, replicated) =
-            throughput(&client, &hsms, sizes.scaling_throughput, in_flight).await?;
+        let (_, replicated) = throughput(
+            &client,
+            &hsms,
+            KeyType::Ed25519,
+            sizes.scaling_throughput,
+            in_flight,
+        )
+        .await?;
         stack.shutdown().await;
         rows.push(
             json!({"hsms": n, "sync_latency": lat, "replicated_per_s": replicated.round() as u64}),
@@ -414,6 +455,7 @@ async fn create_latency(
 async fn throughput(
     client: &Client,
     hsms: &[HsmId],
+    key_type: KeyType,
     n: usize,
     in_flight: usize,
 ) -> anyhow::Result<(f64, f64)> {
@@ -426,8 +468,7 @@ async fn throughput(
     let mut ids = std::collections::HashSet::new();
     let mut creates = futures::stream::iter(0..n)
         .map(|i| {
-            let spec =
-                CreateKey::new(KeyType::Ed25519).on(Route::Hsm(hsms[i % hsms.len()].clone()));
+            let spec = CreateKey::new(key_type).on(Route::Hsm(hsms[i % hsms.len()].clone()));
             let client = client.clone();
             async move { client.create_key(spec).await }
         })
@@ -549,8 +590,14 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         durability.insert(d.to_string(), pct(&h));
     }
     say("measuring throughput");
-    let (created_rate, replicated_rate) =
-        throughput(&client, &hsms, sizes.throughput, args.in_flight).await?;
+    let (created_rate, replicated_rate) = throughput(
+        &client,
+        &hsms,
+        KeyType::Ed25519,
+        sizes.throughput,
+        args.in_flight,
+    )
+    .await?;
     let ceiling_rate = ceiling(client.nats(), sizes.ceiling).await?;
     // Stored per key: KeyCreated, n-1 commands, n-1 CloneApplied,
     // KeyReplicated, and one audit record per event (n+1).
@@ -570,6 +617,28 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         sizes.recovery_events
     ));
     let recov = recovery(cli, sizes.recovery_events).await?;
+    let keystores = if args.keystore == BenchKeystore::Pkcs11 {
+        // Ed25519 is not clonable on every token (SoftHSM 2.6.1): these
+        // rows use the latency key type for throughput too, on both.
+        let subjects = cli.subjects()?;
+        let opts = |softhsm: bool| StackOptions {
+            hsms: n,
+            subjects: subjects.clone(),
+            softhsm_agents: if softhsm {
+                (1..=n).map(|i| format!("hsm-{i}")).collect()
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        say("measuring sync latency and throughput, embedded HSMs");
+        let embedded = keystore_rows(opts(false), args.key_type, &sizes, args.in_flight).await?;
+        say("measuring sync latency and throughput, SoftHSM2 tokens (--keystore pkcs11)");
+        let pkcs11 = keystore_rows(opts(true), args.key_type, &sizes, args.in_flight).await?;
+        json!({ "key_type": args.key_type.as_str(), "embedded": embedded, "softhsm2": pkcs11 })
+    } else {
+        serde_json::Value::Null
+    };
 
     let doc = json!({
         "machine": { "cores": std::thread::available_parallelism().map(|c| c.get()).unwrap_or(0) },
@@ -593,6 +662,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         "scaling": scale,
         "bootstrap": boot,
         "recovery": recov,
+        "keystores": keystores,
     });
     if args.json {
         return print_json(&doc);
@@ -669,5 +739,32 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         "  recovery: orchestrator restart over {} events folded in {} s from the log alone ({} events/s, {} MB resident); {} s from its snapshot",
         r["events"], r["seconds_full_replay"], r["events_per_s"], r["orchestrator_rss_mb"], r["seconds_from_snapshot"]
     );
+    let k = &doc["keystores"];
+    if !k.is_null() {
+        println!(
+            "\n  keystores, {} keys ({} HSMs)        {:>8} {:>8} {:>8} {:>12} {:>12}",
+            k["key_type"].as_str().unwrap_or_default(),
+            n,
+            "p50 ms",
+            "p99 ms",
+            "floor x",
+            "created/s",
+            "replicated/s"
+        );
+        for (name, v) in [
+            ("embedded", &k["embedded"]),
+            ("SoftHSM2 (pkcs11)", &k["softhsm2"]),
+        ] {
+            println!(
+                "  {:<34} {:>8} {:>8} {:>7}x {:>12} {:>12}",
+                format!("sync latency, {name}"),
+                f(&v["sync_latency"]["p50_ms"]),
+                f(&v["sync_latency"]["p99_ms"]),
+                format!("{:.2}", ratio(&v["sync_latency"], &doc["floor"], "p50_ms")),
+                v["created_per_s"],
+                v["replicated_per_s"]
+            );
+        }
+    }
     Ok(())
 }
