@@ -69,6 +69,20 @@ pub struct Reconciled {
 
 type StepHook = Box<dyn Fn(Step) + Send + Sync>;
 
+/// An id reserved in [`Pkcs11Keystore::busy`]; released on drop.
+struct Reserved<'a> {
+    busy: &'a Mutex<HashSet<KeyId>>,
+    id: KeyId,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.busy.lock() {
+            b.remove(&self.id);
+        }
+    }
+}
+
 /// A PKCS#11 token as keysync's HSM.
 pub struct Pkcs11Keystore {
     hsm: HsmId,
@@ -80,9 +94,10 @@ pub struct Pkcs11Keystore {
     keys: RwLock<BTreeMap<KeyId, Held>>,
     tombstones: RwLock<HashSet<KeyId>>,
     digest: Mutex<InventoryDigest>,
-    /// Serialises creates and deletes of the same ids against the
-    /// journal's view (the token refuses duplicate ids on its own).
-    writes: Mutex<()>,
+    /// Ids a create, clone or delete is working on: one operation per id
+    /// at a time, while operations on other ids run in parallel in the
+    /// token (an HSM's keygen is the slow part).
+    busy: Mutex<HashSet<KeyId>>,
     step: Option<StepHook>,
     reconciled: Reconciled,
 }
@@ -140,7 +155,7 @@ impl Pkcs11Keystore {
             keys: RwLock::new(BTreeMap::new()),
             tombstones: RwLock::new(contents.tombstones),
             digest: Mutex::new(InventoryDigest::default()),
-            writes: Mutex::new(()),
+            busy: Mutex::new(HashSet::new()),
             step: None,
             reconciled: Reconciled::default(),
         };
@@ -230,6 +245,15 @@ impl Pkcs11Keystore {
             );
         }
         Ok(out)
+    }
+
+    /// Reserves `id` for one operation; `None` if another has it.
+    fn reserve(&self, id: KeyId) -> Result<Option<Reserved<'_>>, KeystoreError> {
+        let mut busy = self.busy.lock().map_err(storage)?;
+        Ok(busy.insert(id).then_some(Reserved {
+            busy: &self.busy,
+            id,
+        }))
     }
 
     fn held(&self, id: &KeyId) -> Result<Held, KeystoreError> {
@@ -397,7 +421,11 @@ impl Keystore for Pkcs11Keystore {
         key: NewKey<'_>,
         outbox: &mut dyn FnMut(&CreatedKey) -> Result<OutboxEntry, String>,
     ) -> Result<CreatedKey, KeystoreError> {
-        let _w = self.writes.lock().map_err(storage)?;
+        // Another operation on this id right now: a create of the same id
+        // (it exists, or is about to) or a clone of it.
+        let Some(_r) = self.reserve(key.id)? else {
+            return Err(KeystoreError::AlreadyExists(key.id));
+        };
         if self.is_tombstoned(&key.id) {
             return Err(KeystoreError::Deleted(key.id));
         }
@@ -485,12 +513,7 @@ impl Keystore for Pkcs11Keystore {
     }
 
     fn apply_clones(&self, clones: &[&CloneKey]) -> Vec<Result<CloneOutcome, CloneFailure>> {
-        let Ok(_w) = self.writes.lock() else {
-            return clones
-                .iter()
-                .map(|_| Err(CloneFailure::Storage("keystore lock poisoned".into())))
-                .collect();
-        };
+        let mut reserved = Vec::new();
         let mut results: Vec<Result<CloneOutcome, CloneFailure>> = Vec::with_capacity(clones.len());
         let mut todo: Vec<usize> = Vec::new();
         let mut seen: HashMap<KeyId, Fingerprint> = HashMap::new();
@@ -503,6 +526,19 @@ impl Keystore for Pkcs11Keystore {
                     Err(CloneFailure::Conflict)
                 });
                 continue;
+            }
+            match self.reserve(k.key_id) {
+                Ok(Some(r)) => reserved.push(r),
+                // This HSM is creating (or deleting) the id right now: the
+                // log decides, and the command is tried again.
+                Ok(None) => {
+                    results.push(Err(CloneFailure::Undecided));
+                    continue;
+                }
+                Err(e) => {
+                    results.push(Err(CloneFailure::Storage(e.to_string())));
+                    continue;
+                }
             }
             if self.is_tombstoned(&k.key_id) {
                 results.push(Ok(CloneOutcome::Tombstoned));
@@ -663,7 +699,11 @@ impl Keystore for Pkcs11Keystore {
         id: &KeyId,
         outbox: Option<OutboxEntry>,
     ) -> Result<Option<KeyInfo>, KeystoreError> {
-        let _w = self.writes.lock().map_err(storage)?;
+        let Some(_r) = self.reserve(*id)? else {
+            return Err(KeystoreError::Storage(format!(
+                "key {id} is being created or cloned on this HSM right now; try the delete again"
+            )));
+        };
         let existing = self.held(id).ok();
         if let Some(h) = existing.as_ref().filter(|h| h.info.session) {
             // Session keys are not cluster keys: just drop it here.
@@ -720,7 +760,11 @@ impl Keystore for Pkcs11Keystore {
         fingerprint: &Fingerprint,
         entry: &[u8],
     ) -> Result<bool, KeystoreError> {
-        let _w = self.writes.lock().map_err(storage)?;
+        let Some(_r) = self.reserve(*id)? else {
+            return Err(KeystoreError::Storage(format!(
+                "key {id} is busy on this HSM; the discard is tried again"
+            )));
+        };
         let ours = self
             .held(id)
             .is_ok_and(|h| !h.info.session && h.info.fingerprint == *fingerprint);
