@@ -21,8 +21,11 @@ use prometheus_client::registry::Registry;
 /// What a process is still waiting for before it is ready: empty when ready.
 pub type Readiness = Arc<dyn Fn() -> Vec<&'static str> + Send + Sync>;
 
-/// The content type of the Prometheus text format.
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The Prometheus text format (0.0.4), which `promtool check metrics`
+/// reads. (prometheus-client's default `text::encode` writes OpenMetrics,
+/// whose counter families are named without `_total`: promtool then finds
+/// every counter without help text.)
+const PROMETHEUS_TEXT: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Why the endpoint could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +70,7 @@ pub fn respond(
     match path {
         "/metrics" => {
             let mut out = String::new();
-            match prometheus_client::encoding::text::encode(&mut out, registry) {
+            match prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
                 Ok(()) => reply(StatusCode::OK, PROMETHEUS_TEXT, out),
                 Err(_) => reply(
                     StatusCode::INTERNAL_SERVER_ERROR,
