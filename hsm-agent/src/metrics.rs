@@ -138,6 +138,15 @@ impl AgentMetrics {
             "Commands waiting in this HSM's queue, not yet delivered",
             queue_pending.clone(),
         );
+        // Known label values start at 0: a first failure is an increase.
+        for kind in ["storage", "open"] {
+            keystore_errors.get_or_create_owned(&KindLabels { kind: kind.into() });
+        }
+        for outcome in ["applied", "failed", "retried"] {
+            commands.get_or_create_owned(&CommandLabels {
+                outcome: outcome.into(),
+            });
+        }
         AgentMetrics {
             registry: Arc::new(r),
             ops,

@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use keysync_schemas::{Command, Event, MemberState, RejectReason};
+use keysync_schemas::{CloneFailure, Command, Event, MemberState, RejectReason};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -198,6 +198,29 @@ impl Metrics {
             "1 while this orchestrator holds the lease and acts, else 0",
             active.clone(),
         );
+        // Every known label value starts at 0, so that a first failure is
+        // an increase (and `rate()`/alerts see it), not a new series.
+        for reason in RejectReason::ALL {
+            rejected.get_or_create_owned(&ReasonLabel {
+                reason: reason.as_str().to_string(),
+            });
+        }
+        for reason in [
+            CloneFailure::WrongDomain,
+            CloneFailure::Integrity,
+            CloneFailure::InvalidMaterial,
+            CloneFailure::FingerprintMismatch,
+            CloneFailure::Conflict,
+        ] {
+            clone_failures.get_or_create_owned(&ReasonLabel {
+                reason: reason.label().to_string(),
+            });
+        }
+        for command in ["clone_key", "clone_batch", "delete_key"] {
+            commands.get_or_create_owned(&CommandLabel {
+                command: command.to_string(),
+            });
+        }
         Metrics {
             registry: Arc::new(r),
             events_folded,
