@@ -182,3 +182,35 @@ async fn promtool_accepts_every_metrics_endpoint_through_creates_deletes_and_a_f
         );
     }
 }
+
+#[test]
+fn the_alert_rules_check_and_pass_their_unit_tests() {
+    let Some(promtool) = promtool() else {
+        return;
+    };
+    // Run in deploy/: the test file names its rules relative to itself.
+    let (ok, said) = run_promtool(&promtool, &["check", "rules", "prometheus/alerts.yml"], "");
+    println!("promtool check rules: {said}");
+    assert!(ok && said.contains("SUCCESS"), "{said}");
+    let (ok, said) = run_promtool(
+        &promtool,
+        &["test", "rules", "prometheus/alerts_test.yml"],
+        "",
+    );
+    println!("promtool test rules: {said}");
+    assert!(ok && said.contains("SUCCESS"), "{said}");
+    // Every alert is unit-tested.
+    let rules = std::fs::read_to_string(keysync_testkit::deploy("prometheus/alerts.yml"))
+        .expect("alerts.yml");
+    let tests = std::fs::read_to_string(keysync_testkit::deploy("prometheus/alerts_test.yml"))
+        .expect("alerts_test.yml");
+    for alert in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        assert!(
+            tests.contains(&format!("alertname: {alert}")),
+            "{alert} has no unit test"
+        );
+    }
+}
