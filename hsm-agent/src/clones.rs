@@ -186,7 +186,7 @@ pub async fn run(agent: Arc<Agent>) -> anyhow::Result<()> {
                 _ = check.tick() => {
                     let quiet = !std::mem::take(&mut received_since_check);
                     let mut c = consumer.clone();
-                    let info = c.info().await.map(|i| i.clone());
+                    let info = c.info().await.cloned();
                     if let Ok(i) = &info {
                         queue_level(&agent, i.num_pending);
                     }
