@@ -282,7 +282,9 @@ pub async fn run(
     orch.verdicts.start(orch.state.last_seq() + 1);
     // Ready: connected, and the fold caught up with the log (a standby
     // is ready too: it answers status and takes over at once).
-    let caught_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caught_up = Arc::new(std::sync::atomic::AtomicBool::new(
+        orch.progress.caught_up(),
+    ));
     let metrics_server = orch.config.metrics_addr.map(|addr| {
         let nats = nats.clone();
         let caught_up = caught_up.clone();
@@ -339,7 +341,6 @@ pub async fn run(
                         msgs.push(msg.map_err(|e| anyhow::anyhow!("event consumer failed: {e}"))?);
                     }
                     orch.on_events(&msgs, started).await?;
-                    caught_up.store(orch.progress.caught_up(), std::sync::atomic::Ordering::Relaxed);
                 }
                 // A subscription that ends (its connection closed for good)
                 // ends the run, so the restart subscribes again; it is
@@ -453,6 +454,9 @@ pub async fn run(
             // Junk found under one of our ids by any publish above: counted
             // and filed here, in one place.
             orch.report_foreign().await;
+            // For /readyz (the replay also ends when its last events were
+            // found removed, with no event folded).
+            caught_up.store(orch.progress.caught_up(), std::sync::atomic::Ordering::Relaxed);
         }
     }
     .await;
