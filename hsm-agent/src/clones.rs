@@ -152,6 +152,10 @@ pub async fn run(agent: Arc<Agent>) -> anyhow::Result<()> {
             }
         };
         tracing::info!(consumer = %name, "applying clone and delete commands");
+        let mut c = consumer.clone();
+        if let Ok(i) = c.info().await {
+            queue_level(&agent, i.num_pending);
+        }
         let mut check = tokio::time::interval(STALL_CHECK);
         check.tick().await;
         let mut received_since_check = false;
@@ -181,11 +185,15 @@ pub async fn run(agent: Arc<Agent>) -> anyhow::Result<()> {
                 }
                 _ = check.tick() => {
                     let quiet = !std::mem::take(&mut received_since_check);
+                    let mut c = consumer.clone();
+                    let info = c.info().await.cloned();
+                    if let Ok(i) = &info {
+                        queue_level(&agent, i.num_pending);
+                    }
                     if quiet {
-                        let mut c = consumer.clone();
                         // Not stalled when every ack slot is taken by commands
                         // handed back to wait out their retry delay.
-                        let stalled = match c.info().await {
+                        let stalled = match info {
                             Ok(i) => {
                                 i.num_pending > 0
                                     && (i.config.max_ack_pending <= 0
@@ -204,6 +212,13 @@ pub async fn run(agent: Arc<Agent>) -> anyhow::Result<()> {
         drop(messages);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// What the command consumer reports still undelivered: the queue's level,
+/// and whether the agent has caught up with it (for `/readyz`).
+fn queue_level(agent: &Agent, pending: u64) {
+    agent.metrics.set_queue_pending(pending);
+    agent.metrics.caught_up(pending == 0);
 }
 
 async fn apply_batch(
@@ -322,12 +337,16 @@ async fn apply_batch(
         let window = std::mem::replace(&mut rest, tail);
         let store = agent.store.clone();
         let cmds: Vec<Command> = window.iter().map(|(_, _, c)| c.clone()).collect();
+        let applying = std::time::Instant::now();
         let outcomes = match tokio::task::spawn_blocking(move || {
             apply_in_order(store.as_ref(), &cmds)
         })
         .await
         {
-            Ok(r) => r,
+            Ok(r) => {
+                agent.metrics.clone_batch_applied(applying.elapsed());
+                r
+            }
             Err(e) => {
                 // Not acknowledged: the commands are redelivered after ack_wait.
                 tracing::error!(error = %e, "command batch panicked");
@@ -351,6 +370,7 @@ async fn apply_batch(
                 }
                 (Command::CloneKey(clone), Outcome::Clone(Ok(outcome))) => {
                     agent.clones_applied.fetch_add(1, Ordering::Relaxed);
+                    agent.metrics.command("applied");
                     let key_id = clone.key.key_id;
                     (
                         agent.subjects.clone_applied(&key_id, &agent.hsm),
@@ -369,6 +389,10 @@ async fn apply_batch(
                     // Not logged: the command is handed back and retried.
                     tracing::debug!(key_id = %clone.key.key_id, reason = reason.reason(), "clone not stored for a passing reason; will retry");
                     agent.clones_retried.fetch_add(1, Ordering::Relaxed);
+                    agent.metrics.command("retried");
+                    if matches!(reason, CloneFailure::Storage(_)) {
+                        agent.metrics.storage_error();
+                    }
                     delivery.retried += 1;
                     if passing.is_none() {
                         passing = Some(match &reason {
@@ -384,6 +408,7 @@ async fn apply_batch(
                     // A command that cannot be applied is a fact to report,
                     // not bad input: counted apart from rejected messages.
                     agent.clones_failed.fetch_add(1, Ordering::Relaxed);
+                    agent.metrics.command("failed");
                     (
                         agent.subjects.clone_failed(&key_id, &agent.hsm),
                         Event::CloneFailed(CloneFailed {
@@ -406,6 +431,8 @@ async fn apply_batch(
                     // and tried again, like a clone.
                     tracing::debug!(error = %e, "delete not stored for a passing reason; will retry");
                     agent.deletes_retried.fetch_add(1, Ordering::Relaxed);
+                    agent.metrics.command("retried");
+                    agent.metrics.storage_error();
                     delivery.retried += 1;
                     if passing.is_none() {
                         passing = Some(e);

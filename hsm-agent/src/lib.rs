@@ -10,6 +10,7 @@ pub mod clones;
 pub mod keystore;
 pub mod material;
 pub mod membership;
+pub mod metrics;
 pub mod offline;
 pub mod ops;
 pub mod uniqueness;
@@ -59,6 +60,8 @@ pub struct Config {
     pub cluster_key: Option<[u8; 32]>,
     /// A one-time join token to enroll with.
     pub join_token: Option<String>,
+    /// `--metrics-addr` and the Prometheus series (kept across runs).
+    pub metrics: metrics::Endpoint,
 }
 
 /// The running agent, shared by its tasks.
@@ -91,6 +94,8 @@ pub struct Agent {
     pub message_ids: keysync_security::MessageIdKey,
     /// The cluster's public key: commands must be signed with it.
     pub cluster_key: [u8; 32],
+    /// Prometheus series and readiness.
+    pub metrics: metrics::AgentMetrics,
 }
 
 impl Agent {
@@ -255,6 +260,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    config.metrics.start();
+    config.metrics.metrics.keystore_opened(&nats);
     let mut tasks = tokio::task::JoinSet::new();
     // Starting needs NATS (the streams, a status reply, the first
     // publishes) and waits for it: a stop signal ends the wait.
@@ -307,6 +314,7 @@ async fn start(
         identity: config.identity.clone(),
         message_ids: keysync_security::MessageIdKey::derive(&config.identity),
         cluster_key,
+        metrics: config.metrics.metrics.clone(),
         clones_applied: AtomicU64::new(0),
         clones_failed: AtomicU64::new(0),
         clones_retried: AtomicU64::new(0),
@@ -336,6 +344,7 @@ async fn start(
     tasks.spawn(clones::run(agent.clone()));
     tasks.spawn(async move {
         membership::confirm(agent_for_membership).await?;
+        agent_for_heartbeat.metrics.enrolled();
         heartbeat(agent_for_heartbeat, heartbeat_interval).await
     });
     Ok(agent)
@@ -496,6 +505,7 @@ async fn heartbeat(agent: Arc<Agent>, interval: Duration) -> anyhow::Result<()> 
             )
         })
         .await?;
+        agent.metrics.set_outbox(outbox);
         let env = Envelope::new(
             Source::Hsm(agent.hsm.clone()),
             Heartbeat {

@@ -71,6 +71,10 @@ struct Args {
     /// A one-time join token (`keysync hsm token`) to enroll with.
     #[arg(long, env = "KEYSYNC_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// Serve Prometheus metrics on `/metrics`, and `/healthz` and
+    /// `/readyz`, on this address (e.g. 127.0.0.1:9101).
+    #[arg(long, env = "KEYSYNC_AGENT_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     auth: keysync_security::NatsAuth,
 }
@@ -179,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
         publish_timeout: Duration::from_secs_f64(args.publish_timeout.max(0.1)),
         max_concurrent_ops: args.max_concurrent_ops,
         heartbeat_interval: Duration::from_secs_f64(args.heartbeat_interval.max(0.05)),
+        metrics: hsm_agent::metrics::Endpoint::new(args.metrics_addr),
     };
     let nats = args
         .auth

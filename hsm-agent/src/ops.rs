@@ -38,7 +38,12 @@ pub async fn handle(agent: &Arc<Agent>, subject: &str, payload: &[u8]) -> OpRepl
         }
     };
     let kind = req.kind();
-    match execute(agent, req).await {
+    let started = std::time::Instant::now();
+    let result = execute(agent, req).await;
+    agent
+        .metrics
+        .op(kind, result.as_ref().map(|_| ()), started.elapsed());
+    match result {
         Ok(reply) => reply,
         Err(err) => {
             if err.kind == OpErrorKind::BadRequest {
@@ -57,7 +62,10 @@ pub async fn handle(agent: &Arc<Agent>, subject: &str, payload: &[u8]) -> OpRepl
     }
 }
 
-fn ks_err(e: KeystoreError) -> OpError {
+/// The caller's error for a keystore error; the keystore failing (not
+/// answering "not found" and the like) is counted.
+fn ks_err(agent: &Agent, e: KeystoreError) -> OpError {
+    agent.metrics.keystore_error(&e);
     OpError::new(e.kind(), e.to_string())
 }
 
@@ -152,7 +160,7 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
         }
         OpRequest::Sign { key_id, data } => {
             let store = store.clone();
-            blocking(move || store.sign(&key_id, &data))
+            blocking(agent, move || store.sign(&key_id, &data))
                 .await
                 .map(OpReply::Signature)
         }
@@ -163,7 +171,7 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
         } => store
             .verify(&key_id, &data, &signature)
             .map(OpReply::Verified)
-            .map_err(ks_err),
+            .map_err(|e| ks_err(agent, e)),
         OpRequest::Encrypt {
             key_id,
             plaintext,
@@ -171,7 +179,7 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
         } => store
             .encrypt(&key_id, plaintext.expose(), &aad)
             .map(OpReply::Ciphertext)
-            .map_err(ks_err),
+            .map_err(|e| ks_err(agent, e)),
         OpRequest::Decrypt {
             key_id,
             ciphertext,
@@ -179,12 +187,15 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
         } => store
             .decrypt(&key_id, &ciphertext, &aad)
             .map(|p| OpReply::Plaintext(keysync_schemas::SecretBytes(p.to_vec())))
-            .map_err(ks_err),
+            .map_err(|e| ks_err(agent, e)),
         OpRequest::PublicKey { key_id } => store
             .public_key(&key_id)
             .map(OpReply::PublicKey)
-            .map_err(ks_err),
-        OpRequest::Info { key_id } => store.info(&key_id).map(OpReply::Info).map_err(ks_err),
+            .map_err(|e| ks_err(agent, e)),
+        OpRequest::Info { key_id } => store
+            .info(&key_id)
+            .map(OpReply::Info)
+            .map_err(|e| ks_err(agent, e)),
         OpRequest::List { after, limit } => {
             let limit = (limit as usize).min(MAX_LIST_PAGE);
             Ok(OpReply::List(store.list_page(after, limit)))
@@ -229,10 +240,10 @@ pub const MAX_LIST_PAGE: usize = 400;
 /// Deletes a key cluster-wide: erases it here with its tombstone and the
 /// `KeyDeleted` event in one transaction, then publishes the event.
 async fn delete(agent: &Arc<Agent>, key_id: KeyId) -> Result<OpReply, OpError> {
-    let info = agent.store.info(&key_id).map_err(ks_err)?;
+    let info = agent.store.info(&key_id).map_err(|e| ks_err(agent, e))?;
     if info.session {
         let store = agent.store.clone();
-        blocking(move || store.delete(&key_id, None)).await?;
+        blocking(agent, move || store.delete(&key_id, None)).await?;
         return Ok(OpReply::Deleted { key_id, seq: 0 });
     }
     let env = Envelope::new(
@@ -247,7 +258,7 @@ async fn delete(agent: &Arc<Agent>, key_id: KeyId) -> Result<OpReply, OpError> {
         .map_err(|e| OpError::new(OpErrorKind::Internal, e.to_string()))?;
     let store = agent.store.clone();
     let stored = bytes.clone();
-    blocking(move || store.delete(&key_id, Some(stored))).await?;
+    blocking(agent, move || store.delete(&key_id, Some(stored))).await?;
     let subject = agent.subjects.key_deleted(&key_id);
     let acked = match agent.publish_event(subject, env.id, bytes).await {
         Ok(fut) => tokio::time::timeout(agent.publish_timeout, fut)
@@ -277,12 +288,13 @@ async fn delete(agent: &Arc<Agent>, key_id: KeyId) -> Result<OpReply, OpError> {
 
 /// Runs CPU- or disk-bound keystore work off the async threads.
 async fn blocking<T: Send + 'static>(
+    agent: &Agent,
     f: impl FnOnce() -> Result<T, KeystoreError> + Send + 'static,
 ) -> Result<T, OpError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| OpError::new(OpErrorKind::Internal, e.to_string()))?
-        .map_err(ks_err)
+        .map_err(|e| ks_err(agent, e))
 }
 
 async fn create(agent: &Arc<Agent>, req: Create<'_>) -> Result<OpReply, OpError> {
@@ -342,7 +354,7 @@ async fn create(agent: &Arc<Agent>, req: Create<'_>) -> Result<OpReply, OpError>
     })
     .await
     .map_err(|e| OpError::new(OpErrorKind::Internal, e.to_string()))?
-    .map_err(ks_err)?;
+    .map_err(|e| ks_err(agent, e))?;
 
     let Some((msg_id, bytes)) = event_bytes.filter(|_| !session) else {
         return Ok(OpReply::Created {

@@ -15,6 +15,7 @@ use keysync_schemas::{decode, encode, Envelope, Event, KeyCreated, KeyId, Subjec
 
 use crate::decide::Action;
 use crate::plan::{self, CloneWindow, Step};
+use crate::prometheus::Metrics;
 use crate::publisher::Publisher;
 use crate::state::ClusterState;
 
@@ -28,22 +29,25 @@ pub struct Executor {
     js: jetstream::Context,
     events: jetstream::stream::Stream,
     subjects: Subjects,
+    metrics: Metrics,
 }
 
 impl Executor {
     /// An executor publishing through `publisher`, reading `KeyCreated`s
-    /// from (and purging) the `events` stream.
+    /// from (and purging) the `events` stream, counting commands in `metrics`.
     pub fn new(
         publisher: Publisher,
         js: jetstream::Context,
         events: jetstream::stream::Stream,
         subjects: Subjects,
+        metrics: Metrics,
     ) -> Self {
         Executor {
             publisher,
             js,
             events,
             subjects,
+            metrics,
         }
     }
 
@@ -129,6 +133,7 @@ impl Executor {
         match step {
             Step::Command { msg_id, command } => {
                 let subject = self.subjects.commands_for(command.target());
+                self.metrics.command_sent(&command);
                 let env = Envelope::new(source, command);
                 self.publisher.publish(subject, msg_id, encode(&env)?).await
             }

@@ -120,6 +120,8 @@ struct Orchestrator {
     /// How far the fold is through the log.
     progress: Progress,
     stats: metrics::SyncStats,
+    /// The live Prometheus metrics.
+    prom: prometheus::Metrics,
     /// Event feed: verification, refusals.
     intake: Intake,
     /// Heartbeat feed: verification, refusals.
@@ -234,6 +236,7 @@ pub async fn run(
     );
     let cluster_key = config.identity.public_key();
     let verdicts = Arc::new(audit::Verdicts::default());
+    let prom = prometheus::Metrics::new();
     let publisher = Publisher::new(
         js.clone(),
         config.identity.clone(),
@@ -259,6 +262,7 @@ pub async fn run(
             js.clone(),
             events.clone(),
             config.subjects.clone(),
+            prom.clone(),
         ),
         cluster_key,
         verdicts,
@@ -268,6 +272,7 @@ pub async fn run(
         state,
         progress,
         stats: metrics::SyncStats::default(),
+        prom,
         active: false,
         auditor: None,
         liveness: Liveness::new(config.failure_timeout),
@@ -275,11 +280,32 @@ pub async fn run(
         config,
     };
     orch.verdicts.start(orch.state.last_seq() + 1);
-    let latest: prometheus::Latest = Default::default();
-    let metrics_server = orch
-        .config
-        .metrics_addr
-        .map(|addr| tokio::spawn(prometheus::serve(addr, latest.clone())));
+    // Ready: connected, and the fold caught up with the log (a standby
+    // is ready too: it answers status and takes over at once).
+    let caught_up = Arc::new(std::sync::atomic::AtomicBool::new(
+        orch.progress.caught_up(),
+    ));
+    let metrics_server = orch.config.metrics_addr.map(|addr| {
+        let nats = nats.clone();
+        let caught_up = caught_up.clone();
+        let ready: keysync_telemetry::serve::Readiness = Arc::new(move || {
+            let mut waiting = Vec::new();
+            if nats.connection_state() != async_nats::connection::State::Connected {
+                waiting.push("nats: not connected");
+            }
+            if !caught_up.load(std::sync::atomic::Ordering::Relaxed) {
+                waiting.push("replay: the fold has not caught up with the event log");
+            }
+            waiting
+        });
+        let registry = orch.prom.registry();
+        tokio::spawn(async move {
+            if let Err(e) = keysync_telemetry::serve::serve(addr, registry, ready).await {
+                tracing::error!(error = %e, "the metrics endpoint stopped");
+            }
+        })
+    });
+    orch.prom.levels(&orch.state);
     let mut metrics_tick = tokio::time::interval(orch.config.metrics_interval);
     metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lease_tick = tokio::time::interval(orch.config.lease_ttl / 3);
@@ -326,7 +352,7 @@ pub async fn run(
                         orch.refused_request(&req, rejection).await;
                     }
                 }
-                Some(reason) = skipped.recv() => orch.state.count_rejection(reason),
+                Some(reason) = skipped.recv() => orch.count_rejection(reason),
                 hb = heartbeat_feed.next() => {
                     let hb = hb.ok_or_else(|| anyhow::anyhow!("the heartbeat subscription closed"))?;
                     if orch.active {
@@ -341,7 +367,6 @@ pub async fn run(
                             &mut orch.stats,
                             &orch.state,
                             &orch.config.name,
-                            &latest,
                         )
                         .await;
                     }
@@ -429,6 +454,9 @@ pub async fn run(
             // Junk found under one of our ids by any publish above: counted
             // and filed here, in one place.
             orch.report_foreign().await;
+            // For /readyz (the replay also ends when its last events were
+            // found removed, with no event folded).
+            caught_up.store(orch.progress.caught_up(), std::sync::atomic::Ordering::Relaxed);
         }
     }
     .await;
@@ -472,6 +500,7 @@ impl Orchestrator {
     /// finish whatever the log says is outstanding.
     async fn become_active(&mut self, started: Instant) -> anyhow::Result<()> {
         self.active = true;
+        self.prom.set_active(true);
         self.auditor = Some(tokio::spawn(audit::run(
             self.js.clone(),
             self.events.clone(),
@@ -496,11 +525,18 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Counts a message rejected outside the fold (a heartbeat, a request,
+    /// a foreign record): in the fold's totals and in Prometheus.
+    fn count_rejection(&mut self, reason: keysync_schemas::RejectReason) {
+        self.state.count_rejection(reason);
+        self.prom.rejected(reason);
+    }
+
     /// A request refused before it was answered (a reply subject that is
     /// not an inbox): logged, counted, filed; never answered.
     async fn refused_request(&mut self, req: &async_nats::Message, rejection: Rejection) {
         tracing::warn!(subject = %req.subject, reason = %rejection.reason, detail = %rejection.detail, "refused a request");
-        self.state.count_rejection(rejection.reason);
+        self.count_rejection(rejection.reason);
         self.dead_letters
             .file(
                 Filing {
@@ -517,6 +553,16 @@ impl Orchestrator {
 
     /// A batch from the event feed, folded in order.
     async fn on_events(
+        &mut self,
+        msgs: &[jetstream::Message],
+        started: Instant,
+    ) -> anyhow::Result<()> {
+        let result = self.fold_batch(msgs, started).await;
+        self.prom.levels(&self.state);
+        result
+    }
+
+    async fn fold_batch(
         &mut self,
         msgs: &[jetstream::Message],
         started: Instant,
@@ -558,6 +604,7 @@ impl Orchestrator {
             Err(rejection) => {
                 tracing::warn!(seq = meta.seq, subject, reason = %rejection.reason, detail = %rejection.detail, "rejected event");
                 self.state.reject_at(meta.seq, rejection.reason);
+                self.prom.rejected(rejection.reason);
                 self.intake
                     .refused(&self.state, msg, meta, (caught_up, self.active), rejection)
                     .await;
@@ -568,6 +615,8 @@ impl Orchestrator {
             Ok(change) => change,
             Err(rejection) => {
                 tracing::warn!(seq = meta.seq, subject, reason = %rejection.reason, detail = %rejection.detail, "rejected event");
+                // The fold counted it in its own totals.
+                self.prom.rejected(rejection.reason);
                 self.intake
                     .refused(&self.state, msg, meta, (caught_up, self.active), rejection)
                     .await;
@@ -579,6 +628,7 @@ impl Orchestrator {
         // and holding the lease.
         let acting = caught_up && self.active;
         self.stats.observe(&change, acting);
+        self.prom.folded(&self.state, &event, &change);
         match &event {
             Event::HsmJoined(j) => self.liveness.joined(Instant::now(), &j.hsm),
             Event::HsmRecovered(r) => self.liveness.recovered(&r.hsm),
@@ -624,7 +674,7 @@ impl Orchestrator {
             Ok(hb) => hb,
             Err(rejection) => {
                 tracing::warn!(subject = %msg.subject, reason = %rejection.reason, detail = %rejection.detail, "rejected heartbeat");
-                self.state.count_rejection(rejection.reason);
+                self.count_rejection(rejection.reason);
                 self.heartbeats.refused(&msg, rejection).await;
                 return Ok(());
             }
@@ -664,6 +714,7 @@ impl Orchestrator {
         let actions = anti_entropy::repairs(&self.state, hsm, &inventory);
         tracing::info!(%hsm, held = inventory.len(), repairs = actions.len(), "anti-entropy repair");
         self.stats.repairs += actions.len() as u64;
+        self.prom.repairs(actions.len() as u64);
         self.executor.execute(&self.state, actions, None).await
     }
 
@@ -671,8 +722,7 @@ impl Orchestrator {
     /// message ids (it removed it and sent the real message again).
     async fn report_foreign(&mut self) {
         for f in self.executor.publisher.take_foreign() {
-            self.state
-                .count_rejection(keysync_schemas::RejectReason::ForeignDuplicate);
+            self.count_rejection(keysync_schemas::RejectReason::ForeignDuplicate);
             self.intake.file_foreign(&f).await;
         }
     }

@@ -6,7 +6,6 @@ use keysync_schemas::{
 };
 
 use crate::metrics::SyncStats;
-use crate::prometheus::Latest;
 use crate::state::ClusterState;
 
 /// Answers a status request with the fold's view of the cluster. Any
@@ -50,14 +49,13 @@ pub async fn answer(
 }
 
 /// Publishes the metrics of the window that just ended, as JSON on core
-/// NATS, and keeps them for the Prometheus endpoint.
+/// NATS (the Prometheus series are live: see [`crate::prometheus`]).
 pub async fn publish_metrics(
     nats: &async_nats::Client,
     subjects: &Subjects,
     stats: &mut SyncStats,
     state: &ClusterState,
     name: &str,
-    latest: &Latest,
 ) {
     let at_unix_ms = keysync_schemas::Timestamp::now().as_nanos() / 1_000_000;
     let doc = stats.roll(state, name, at_unix_ms);
@@ -68,8 +66,5 @@ pub async fn publish_metrics(
             }
         }
         Err(e) => tracing::error!(error = %e, "could not encode metrics"),
-    }
-    if let Ok(mut l) = latest.write() {
-        *l = Some(doc);
     }
 }

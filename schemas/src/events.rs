@@ -155,6 +155,19 @@ impl CloneFailure {
         }
     }
 
+    /// A snake_case name, for metric labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CloneFailure::WrongDomain => "wrong_domain",
+            CloneFailure::Integrity => "integrity",
+            CloneFailure::InvalidMaterial => "invalid_material",
+            CloneFailure::FingerprintMismatch => "fingerprint_mismatch",
+            CloneFailure::Conflict => "conflict",
+            CloneFailure::Storage(_) => "storage",
+            CloneFailure::Undecided => "undecided",
+        }
+    }
+
     /// Whether the clone can never succeed as sent: the blob or the id is
     /// wrong, and applying it again gives the same answer. Such a failure
     /// is final and logged as `CloneFailed`.

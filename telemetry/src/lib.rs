@@ -7,6 +7,10 @@
 //! configured by the standard variables (`OTEL_EXPORTER_OTLP_PROTOCOL`,
 //! `OTEL_SERVICE_NAME`, `OTEL_BSP_*`). Unset, nothing is exported.
 //!
+//! [`serve`] (feature `serve`, for binaries) is the HTTP endpoint every
+//! process can open with `--metrics-addr`: Prometheus text on `/metrics`,
+//! `/healthz` and `/readyz`.
+//!
 //! W3C trace context travels in NATS message headers ([`inject`],
 //! [`follow`]) on every event, command and reply, so one key's life (the
 //! client's create, the creating agent, the orchestrator's fan-out, each
@@ -17,6 +21,8 @@ mod context;
 #[cfg(feature = "export")]
 mod export;
 pub mod process;
+#[cfg(feature = "serve")]
+pub mod serve;
 
 pub use context::{follow, inject};
 #[cfg(feature = "export")]

@@ -238,6 +238,80 @@ pub async fn scrape_metrics(port: u16) -> Option<String> {
     Some(body)
 }
 
+/// `GET path` on 127.0.0.1:`port`: the status code and the body, if
+/// anything answered.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// A command found on `PATH` (as `which` would), if any.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// `promtool`, for the tests that check metrics and alert rules with it.
+/// `None` (the caller skips, saying so) when it is missing outside CI; in
+/// CI (`CI` set) a missing promtool fails the test.
+pub fn promtool() -> Option<PathBuf> {
+    let found = on_path("promtool");
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is missing in CI (scripts/install-deps installs it)"
+        );
+        println!("SKIPPED: promtool is not installed (scripts/install-deps installs it)");
+    }
+    found
+}
+
+/// Runs `promtool` with `args` and `stdin`; returns whether it exited 0 and
+/// what it printed (stdout and stderr).
+pub fn run_promtool(promtool: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(promtool)
+        .args(args)
+        .current_dir(deploy(""))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running promtool: {e}"));
+    if let Some(mut input) = child.stdin.take() {
+        input
+            .write_all(stdin.as_bytes())
+            .unwrap_or_else(|e| panic!("writing to promtool: {e}"));
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("promtool: {e}"));
+    let mut printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    printed.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), printed)
+}
+
+/// The value of one sample (`name{labels}` exactly as served) in
+/// Prometheus text, if present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Token keys one HSM holds, with fingerprints.
 pub async fn inventory(client: &Client, hsm: &HsmId) -> BTreeMap<KeyId, Fingerprint> {
     client

@@ -231,7 +231,7 @@ async fn prometheus_text_is_served_on_the_metrics_address() {
     let ok = wait_until(Duration::from_secs(10), || async {
         scrape()
             .await
-            .is_some_and(|b| b.contains("keysync_replicated_keys 1"))
+            .is_some_and(|b| b.contains("keysync_keys_replicated_total 1"))
     })
     .await;
     let body = scrape().await.unwrap_or_default();
@@ -241,10 +241,12 @@ async fn prometheus_text_is_served_on_the_metrics_address() {
         "{body}"
     );
     for needle in [
-        "keysync_members 2",
+        "keysync_members{state=\"in-service\"} 2",
+        "keysync_keys_created_total 1",
         "keysync_pending_clones 0",
         "keysync_hsm_lag{hsm=\"hsm-1\"} 0",
-        "keysync_sync_latency_seconds{window=\"all\",quantile=\"0.99\"}",
+        "keysync_sync_latency_seconds_count 1",
+        "keysync_sync_latency_seconds_bucket{le=\"+Inf\"} 1",
     ] {
         assert!(body.contains(needle), "missing {needle} in\n{body}");
     }

@@ -26,7 +26,7 @@ async fn single_node_config_runs_a_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_grafana_dashboard_queries_metrics_the_orchestrator_serves() {
+async fn the_grafana_dashboard_queries_metrics_the_orchestrator_and_agents_serve() {
     let text =
         std::fs::read_to_string(deploy("grafana/keysync-dashboard.json")).expect("dashboard");
     let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
@@ -47,11 +47,29 @@ async fn the_grafana_dashboard_queries_metrics_the_orchestrator_serves() {
                 .collect::<Vec<_>>()
         })
         .collect();
+    // Counters and histograms only: a dashboard shows their rates and
+    // quantiles, never a raw running total.
+    for e in &exprs {
+        let raw_counter = e.contains("_total") && !e.contains("rate(");
+        let raw_histogram = e.contains("_bucket") && !e.contains("histogram_quantile(");
+        assert!(
+            !raw_counter && !raw_histogram,
+            "not a rate or quantile: {e}"
+        );
+    }
 
-    let (stack, port) = keysync_testkit::start_stack_with_metrics(2).await;
+    let (mut stack, port) = keysync_testkit::start_stack_with_metrics(2).await;
+    let agent_port = keysync_harness::free_port().expect("port");
+    let first = stack.hsm_ids()[0].clone();
+    stack
+        .start_agents_with(
+            std::slice::from_ref(&first),
+            &["--metrics-addr".into(), format!("127.0.0.1:{agent_port}")],
+        )
+        .await
+        .expect("agent restarted with --metrics-addr");
     let client = stack.client().clone();
-    create(&client, KeyType::P256, &stack.hsm_ids()[0]).await;
-    let scrape = || keysync_testkit::scrape_metrics(port);
+    create(&client, KeyType::P256, &first).await;
     // Rejected messages appear once something is rejected.
     client
         .nats()
@@ -63,19 +81,43 @@ async fn the_grafana_dashboard_queries_metrics_the_orchestrator_serves() {
         )
         .await
         .expect("publish");
-    let served = keysync_testkit::wait_until(Duration::from_secs(10), || async {
-        scrape()
+    // Served: a sample of it, or (a family with no sample yet) its type.
+    let serves = |body: &str, n: &str| {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| n.strip_suffix(s))
+            .unwrap_or(n);
+        body.contains(&format!("\n{n}")) || body.contains(&format!("# TYPE {family} "))
+    };
+    let missing = || async {
+        let orchestrator = keysync_testkit::http_get(port, "/metrics")
             .await
-            .is_some_and(|body| names.iter().all(|n| body.contains(&format!("\n{n}"))))
+            .map(|r| r.1)
+            .unwrap_or_default();
+        let agent = keysync_testkit::http_get(agent_port, "/metrics")
+            .await
+            .map(|r| r.1)
+            .unwrap_or_default();
+        names
+            .iter()
+            .filter(|n| {
+                let body = if n.starts_with("keysync_agent_") {
+                    &agent
+                } else {
+                    &orchestrator
+                };
+                !serves(body, n)
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let served = keysync_testkit::wait_until(Duration::from_secs(10), || async {
+        missing().await.is_empty()
     })
     .await;
-    let body = scrape().await.unwrap_or_default();
-    let missing: Vec<&String> = names
-        .iter()
-        .filter(|n| !body.contains(&format!("\n{n}")))
-        .collect();
     assert!(
         served,
-        "the dashboard queries metrics not served: {missing:?}"
+        "the dashboard queries metrics not served: {:?}",
+        missing().await
     );
 }
