@@ -211,6 +211,7 @@ impl Metrics {
             CloneFailure::InvalidMaterial,
             CloneFailure::FingerprintMismatch,
             CloneFailure::Conflict,
+            CloneFailure::Unsupported(String::new()),
         ] {
             clone_failures.get_or_create_owned(&ReasonLabel {
                 reason: reason.label().to_string(),

@@ -165,6 +165,7 @@ impl CloneFailure {
             CloneFailure::Conflict => "conflict",
             CloneFailure::Storage(_) => "storage",
             CloneFailure::Undecided => "undecided",
+            CloneFailure::Unsupported(_) => "unsupported",
         }
     }
 
