@@ -180,6 +180,21 @@ impl Pkcs11Error {
             }
         )
     }
+
+    /// An object handle the token no longer knows (a cached handle went
+    /// stale): find the objects again and retry.
+    pub(crate) fn stale_handle(&self) -> bool {
+        matches!(
+            self,
+            Pkcs11Error::Token {
+                rv: RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid,
+                ..
+            } | Pkcs11Error::Unavailable {
+                rv: RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid,
+                ..
+            }
+        )
+    }
 }
 
 /// Whether a return value means the token (or our session with it) went

@@ -428,6 +428,38 @@ fn label_of(id: &KeyId, label: Option<&str>) -> Vec<u8> {
 }
 
 impl Token {
+    /// The key with this id, from the handle cache or found (and cached).
+    pub(crate) fn key(&self, s: &Session, id: &KeyId) -> Result<Option<KeyObject>, Pkcs11Error> {
+        if let Some(k) = self.handles.lock().ok().and_then(|h| h.get(id).copied()) {
+            return Ok(Some(k));
+        }
+        let found = find_key(s, id)?;
+        if let (Some(k), Ok(mut h)) = (found, self.handles.lock()) {
+            h.insert(*id, k);
+        }
+        Ok(found)
+    }
+
+    /// The domain key's handle, from the cache or found (and cached).
+    pub(crate) fn domain(&self, s: &Session) -> Result<Option<ObjectHandle>, Pkcs11Error> {
+        if let Some(d) = self.domain_handle.lock().ok().and_then(|d| *d) {
+            return Ok(Some(d));
+        }
+        let found = find_domain_key(s)?;
+        if let (Some(d), Ok(mut slot)) = (found, self.domain_handle.lock()) {
+            *slot = Some(d);
+        }
+        Ok(found)
+    }
+
+    fn forget_key(&self, id: &KeyId) {
+        if let Ok(mut h) = self.handles.lock() {
+            h.remove(id);
+        }
+    }
+}
+
+impl Token {
     /// Generates a key inside the token as token objects (the public half
     /// too, with the same `CKA_ID`), sensitive and extractable only by
     /// wrapping, and returns it with its fingerprint, computed without the
@@ -458,10 +490,12 @@ impl Token {
     /// RFC 5649 bytes any keysync HSM unwraps. Blocks.
     pub fn wrap(&self, id: &KeyId) -> Result<Vec<u8>, Pkcs11Error> {
         self.with_session(|s| {
-            let key = find_key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
-            let dk = find_domain_key(s)?.ok_or_else(|| Pkcs11Error::DomainKeyMissing {
-                label: self.label().to_string(),
-            })?;
+            let key = self.key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            let dk = self
+                .domain(s)?
+                .ok_or_else(|| Pkcs11Error::DomainKeyMissing {
+                    label: self.label().to_string(),
+                })?;
             s.wrap_key(&Mechanism::AesKeyWrapPad, dk, key.handle)
                 .map_err(|e| match map("C_WrapKey")(e) {
                     Pkcs11Error::Unsupported { why, .. } => Pkcs11Error::Unsupported {
@@ -652,11 +686,13 @@ impl Token {
 
     fn kek_handle(&self, s: &Session, kek: Kek) -> Result<ObjectHandle, Pkcs11Error> {
         match kek {
-            Kek::Domain => find_domain_key(s)?.ok_or_else(|| Pkcs11Error::DomainKeyMissing {
-                label: self.label().to_string(),
-            }),
+            Kek::Domain => self
+                .domain(s)?
+                .ok_or_else(|| Pkcs11Error::DomainKeyMissing {
+                    label: self.label().to_string(),
+                }),
             Kek::Key(id) => {
-                let k = find_key(s, &id)?.ok_or(Pkcs11Error::NotFound(id))?;
+                let k = self.key(s, &id)?.ok_or(Pkcs11Error::NotFound(id))?;
                 if k.key_type != KeyType::Aes256 {
                     return Err(Pkcs11Error::Invalid(format!(
                         "key {id} is not an AES-256 wrapping key"
@@ -671,7 +707,7 @@ impl Token {
     /// token (from the public-key object, or an HMAC inside it). Blocks.
     pub fn fingerprint(&self, id: &KeyId) -> Result<Fingerprint, Pkcs11Error> {
         self.with_session(|s| {
-            let key = find_key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            let key = self.key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
             match key.key_type {
                 KeyType::Aes256 => aes_fingerprint(s, key.handle),
                 t => {
@@ -687,7 +723,7 @@ impl Token {
     /// SPKI DER of an asymmetric key, from its public-key object. Blocks.
     pub fn public_key(&self, id: &KeyId) -> Result<Vec<u8>, Pkcs11Error> {
         self.with_session(|s| {
-            let key = find_key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            let key = self.key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
             if !key.key_type.is_asymmetric() {
                 return Err(cannot(key.key_type, "export a public key"));
             }
@@ -701,7 +737,7 @@ impl Token {
     /// Signs as the embedded backend does (see `KeyMaterial::sign`). Blocks.
     pub fn sign(&self, id: &KeyId, data: &[u8]) -> Result<Vec<u8>, Pkcs11Error> {
         self.with_session(|s| {
-            let key = find_key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            let key = self.key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
             sign_with(s, key.handle, key.key_type, data)
         })
     }
@@ -710,7 +746,7 @@ impl Token {
     /// public). Blocks.
     pub fn verify(&self, id: &KeyId, data: &[u8], signature: &[u8]) -> Result<bool, Pkcs11Error> {
         let (key_type, spki) = self.with_session(|s| {
-            let key = find_key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            let key = self.key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
             if !key.key_type.is_asymmetric() {
                 return Err(cannot(key.key_type, "verify"));
             }
@@ -730,7 +766,7 @@ impl Token {
         aad: &[u8],
     ) -> Result<Vec<u8>, Pkcs11Error> {
         self.with_session(|s| {
-            let key = find_key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            let key = self.key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
             if key.key_type != KeyType::Aes256 {
                 return Err(cannot(key.key_type, "encrypt"));
             }
@@ -747,7 +783,7 @@ impl Token {
         aad: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, Pkcs11Error> {
         self.with_session(|s| {
-            let key = find_key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            let key = self.key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
             if key.key_type != KeyType::Aes256 {
                 return Err(cannot(key.key_type, "decrypt"));
             }
@@ -758,7 +794,7 @@ impl Token {
     /// One key by id, if the token holds it. Blocks.
     pub fn find(&self, id: &KeyId) -> Result<Option<ListedKey>, Pkcs11Error> {
         self.with_session(|s| {
-            let Some(key) = find_key(s, id)? else {
+            let Some(key) = self.key(s, id)? else {
                 return Ok(None);
             };
             Ok(Some(ListedKey {
@@ -811,6 +847,7 @@ impl Token {
         let idb = key_id_bytes(id);
         self.with_session(|s| {
             let found = find(s, &[Attribute::Id(idb.clone())])?;
+            self.forget_key(id);
             for h in &found {
                 s.destroy_object(*h).map_err(map("C_DestroyObject"))?;
             }
@@ -826,7 +863,7 @@ impl Token {
         types: &[AttributeType],
     ) -> Result<Vec<Attribute>, Pkcs11Error> {
         self.with_session(|s| {
-            let key = find_key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            let key = self.key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
             s.get_attributes(key.handle, types)
                 .map_err(map("C_GetAttributeValue"))
         })

@@ -13,12 +13,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::object::ObjectHandle;
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+use keysync_schemas::KeyId;
 use keysync_security::secret_file;
 
 use super::error::{map, rv_of, Pkcs11Error};
+use super::keys::KeyObject;
 use super::probe::Capabilities;
 
 /// Idle sessions kept for reuse; more are opened when calls overlap and
@@ -157,6 +160,13 @@ pub struct Token {
     /// The module's call lock, if it takes calls one at a time
     /// ([`needs_serial_calls`]).
     serial: Option<Arc<Mutex<()>>>,
+    /// Handles of keys found by id, and of the domain key. A find scans
+    /// the token (SoftHSM's file store: every object, each call), so a
+    /// handle is found once and kept until it can have gone stale: a fresh
+    /// login, a session reset, the key's deletion, or the token answering
+    /// that it no longer knows the handle (then every call finds again).
+    pub(crate) handles: Mutex<HashMap<KeyId, KeyObject>>,
+    pub(crate) domain_handle: Mutex<Option<ObjectHandle>>,
     ctx: Pkcs11,
     module: PathBuf,
     label: String,
@@ -186,6 +196,8 @@ impl Token {
             pool: Mutex::new(Vec::new()),
             session_keys: Mutex::new(None),
             serial,
+            handles: Mutex::new(HashMap::new()),
+            domain_handle: Mutex::new(None),
             ctx,
             module: module.to_path_buf(),
             label: label.to_string(),
@@ -248,7 +260,12 @@ impl Token {
     /// application: "already logged in" is success).
     fn login(&self, session: &Session) -> Result<(), Pkcs11Error> {
         match session.login(UserType::User, Some(&self.pin)) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // Logged out before: handles of private objects may have
+                // changed.
+                self.forget_handles();
+                Ok(())
+            }
             Err(e) => match rv_of(&e) {
                 Some(RvError::UserAlreadyLoggedIn) => Ok(()),
                 Some(RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange) => {
@@ -294,6 +311,12 @@ impl Token {
             let session = self.take()?;
             let result = f(&session);
             match &result {
+                Err(e) if e.stale_handle() && !retried => {
+                    retried = true;
+                    self.forget_handles();
+                    self.give_back(session);
+                    continue;
+                }
                 Err(e) if e.not_logged_in() && !retried => {
                     retried = true;
                     self.login(&session)?;
@@ -341,6 +364,16 @@ impl Token {
         result
     }
 
+    /// Forgets every cached handle (the next calls find them again).
+    pub(crate) fn forget_handles(&self) {
+        if let Ok(mut h) = self.handles.lock() {
+            h.clear();
+        }
+        if let Ok(mut d) = self.domain_handle.lock() {
+            *d = None;
+        }
+    }
+
     /// The module's call lock, held for one call, if it needs one.
     fn one_at_a_time(&self) -> Result<Option<std::sync::MutexGuard<'_, ()>>, Pkcs11Error> {
         match &self.serial {
@@ -353,6 +386,7 @@ impl Token {
     /// last session closes); the next call opens and logs in afresh. For
     /// recovery after the token went away, and for tests of re-login.
     pub fn reset_sessions(&self) {
+        self.forget_handles();
         if let Ok(mut pool) = self.pool.lock() {
             pool.clear();
         }
