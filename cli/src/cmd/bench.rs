@@ -780,8 +780,8 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                 f(&v["sync_latency"]["p50_ms"]),
                 f(&v["sync_latency"]["p99_ms"]),
                 format!("{:.2}", ratio(&v["sync_latency"], &doc["floor"], "p50_ms")),
-                v["created_per_s"],
-                v["replicated_per_s"]
+                v["created_per_s"].to_string(),
+                v["replicated_per_s"].to_string()
             );
         }
     }
