@@ -462,8 +462,24 @@ async fn wait_until_serving(agent: &Arc<Agent>) -> anyhow::Result<()> {
     }
 }
 
-/// Announces this HSM with `HsmJoined`, retrying until JetStream takes it.
+/// Announces this HSM: first the key types it can hold
+/// (`HsmCapabilities`, so the cluster never sends it keys it cannot hold),
+/// then `HsmJoined`, each retried until JetStream takes it.
 pub(crate) async fn announce(agent: &Arc<Agent>) -> anyhow::Result<()> {
+    let caps = Envelope::new(
+        Source::Hsm(agent.hsm.clone()),
+        Event::HsmCapabilities(keysync_schemas::HsmCapabilities {
+            hsm: agent.hsm.clone(),
+            holds: agent.store.holdable_types(),
+        }),
+    );
+    publish_until_acked(
+        agent,
+        agent.subjects.hsm_capabilities(&agent.hsm),
+        &caps,
+        "HsmCapabilities",
+    )
+    .await?;
     let env = Envelope::new(
         Source::Hsm(agent.hsm.clone()),
         Event::HsmJoined(HsmJoined {
@@ -472,8 +488,23 @@ pub(crate) async fn announce(agent: &Arc<Agent>) -> anyhow::Result<()> {
             token_keys: agent.store.token_key_count(),
         }),
     );
-    let bytes = encode(&env)?;
-    let subject = agent.subjects.hsm_joined(&agent.hsm);
+    publish_until_acked(
+        agent,
+        agent.subjects.hsm_joined(&agent.hsm),
+        &env,
+        "HsmJoined",
+    )
+    .await
+}
+
+/// Publishes one event of this agent's, retrying until JetStream takes it.
+async fn publish_until_acked(
+    agent: &Arc<Agent>,
+    subject: String,
+    env: &Envelope<Event>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let bytes = encode(env)?;
     loop {
         match agent
             .publish_event(subject.clone(), env.id, bytes.clone())
@@ -481,9 +512,9 @@ pub(crate) async fn announce(agent: &Arc<Agent>) -> anyhow::Result<()> {
         {
             Ok(ack) => match ack.await {
                 Ok(_) => return Ok(()),
-                Err(e) => tracing::warn!(error = %e, "HsmJoined not acknowledged; retrying"),
+                Err(e) => tracing::warn!(error = %e, "{what} not acknowledged; retrying"),
             },
-            Err(e) => tracing::warn!(error = %e, "HsmJoined not published; retrying"),
+            Err(e) => tracing::warn!(error = %e, "{what} not published; retrying"),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

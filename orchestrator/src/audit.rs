@@ -130,6 +130,7 @@ impl Enrollment {
                 | Event::HsmRevoked(_)
                 | Event::JoinTokenIssued(_)
                 | Event::JoinRequested(_)
+                | Event::HsmCapabilities(_)
         );
         if about_membership && self.state.apply(meta, &env.body).is_err() {
             return None;

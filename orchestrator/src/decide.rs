@@ -66,6 +66,7 @@ pub fn subject_matches(subject: Option<KeySubject>, event: &Event) -> bool {
         (Some(KeySubject::Failed(k, h)), Event::CloneFailed(f)) => k == f.key_id && h == f.hsm,
         (Some(KeySubject::Replicated(k)), Event::KeyReplicated(r)) => k == r.key_id,
         (Some(KeySubject::HsmJoined(h)), Event::HsmJoined(j)) => h == j.hsm,
+        (Some(KeySubject::HsmCapabilities(h)), Event::HsmCapabilities(c)) => h == c.hsm,
         (Some(KeySubject::HsmFailed(h)), Event::HsmFailed(f)) => h == f.hsm,
         (Some(KeySubject::HsmRecovered(h)), Event::HsmRecovered(r)) => h == r.hsm,
         (Some(KeySubject::Deleted(k)), Event::KeyDeleted(d)) => k == d.key_id,
@@ -146,7 +147,9 @@ pub fn decide(
             // anti-entropy repairs anything else.
             let mut keys: Vec<(&KeyId, &KeyState)> = state
                 .keys()
-                .filter(|(_, k)| !k.deleted && !k.holders.contains(*idx))
+                .filter(|(_, k)| {
+                    !k.deleted && !k.holders.contains(*idx) && state.can_hold(*idx, k.key_type)
+                })
                 .collect();
             keys.sort_by_key(|(_, k)| k.created_seq);
             for (key_id, key) in keys {
@@ -156,6 +159,38 @@ pub fn decide(
                     created_seq: key.created_seq,
                     repair: false,
                 });
+            }
+        }
+        (
+            Event::HsmCapabilities(c),
+            Change::Capabilities {
+                gained, completed, ..
+            },
+        ) => {
+            // It can hold these types now: send it their live keys, oldest
+            // first, as to a new member.
+            let mut keys: Vec<(&KeyId, &KeyState)> = state
+                .keys()
+                .filter(|(_, k)| !k.deleted && gained.contains(&k.key_type))
+                .filter(|(_, k)| {
+                    state
+                        .member_index(&c.hsm)
+                        .is_some_and(|i| !k.holders.contains(i) && !k.failed.contains(i))
+                })
+                .collect();
+            keys.sort_by_key(|(_, k)| k.created_seq);
+            for (key_id, key) in keys {
+                out.push(Action::SendClone {
+                    target: c.hsm.clone(),
+                    key_id: *key_id,
+                    created_seq: key.created_seq,
+                    repair: false,
+                });
+            }
+            for (key_id, _) in completed {
+                if let Some(key) = state.key(key_id) {
+                    out.extend(announcement(*key_id, key));
+                }
             }
         }
         (Event::HsmFailed(_), Change::Completed(done)) => {
@@ -223,9 +258,11 @@ mod tests {
     //! Given events, when one more arrives, then these actions.
     use super::*;
     use crate::testkit::{
-        applied, created, created_with, deleted, erased, failed, hsm, joined, meta,
+        applied, capabilities, created, created_with, deleted, erased, failed, hsm, joined, meta,
     };
-    use keysync_schemas::{CloneFailed, CloneFailure, Durability, Fingerprint, KeyReplicated};
+    use keysync_schemas::{
+        CloneFailed, CloneFailure, Durability, Fingerprint, KeyReplicated, KeyType, MemberState,
+    };
 
     /// A tiny log: applies events in order with sequences 1, 2, ... and
     /// stream times 1 ms apart; returns the actions of the last one.
@@ -321,6 +358,83 @@ mod tests {
         assert_eq!(actions, want);
         let status = log.state.status();
         assert_eq!(status.members[2].lag, 2);
+    }
+
+    /// Every type but Ed25519 (the test keys' type): SoftHSM 2.6.1.
+    const NO_ED25519: [KeyType; 3] = [KeyType::P256, KeyType::Aes256, KeyType::Rsa2048];
+
+    #[test]
+    fn a_key_is_not_sent_to_a_member_that_cannot_hold_its_type_and_all_means_the_able_ones() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            joined("c"),
+            capabilities("c", &NO_ED25519),
+        ]);
+        // Given c cannot hold Ed25519, when an Ed25519 key asking for
+        // `all` is made on a, then only b is sent it...
+        let actions = log.when(&created_with(k, "a", 1, Durability::All));
+        assert_eq!(actions, vec![clone_to("b", k, 5)]);
+        assert_eq!(log.state.below_durability(), 1);
+        // ...and b's apply completes it and meets `all`.
+        assert_eq!(
+            log.when(&applied(k, "b", 1)),
+            vec![Action::AnnounceReplicated {
+                key_id: k,
+                latency_ns: 1_000_000
+            }]
+        );
+        assert_eq!(log.state.below_durability(), 0);
+        let status = log.state.status();
+        assert_eq!(status.pending_clones, 0);
+        assert_eq!(status.members[2].lag, 0);
+        assert_eq!(status.members[2].cannot_hold, vec![KeyType::Ed25519]);
+        assert_eq!(log.state.member_state(2), MemberState::InService);
+        assert!(status.members[0].cannot_hold.is_empty());
+
+        // When c announces it can hold every type, then it is sent the key.
+        assert_eq!(
+            log.when(&capabilities("c", &KeyType::ALL)),
+            vec![clone_to("c", k, 5)]
+        );
+        assert_eq!(log.state.status().members[2].lag, 1);
+    }
+
+    #[test]
+    fn a_member_that_can_no_longer_hold_a_type_no_longer_holds_up_its_keys() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            joined("c"),
+            created(k, "a", 1),
+            applied(k, "b", 1),
+        ]);
+        assert_eq!(log.state.completed_count(), 0);
+        assert_eq!(
+            log.when(&capabilities("c", &NO_ED25519)),
+            vec![Action::AnnounceReplicated {
+                key_id: k,
+                latency_ns: 2_000_000
+            }]
+        );
+        assert_eq!(log.state.completed_count(), 1);
+    }
+
+    #[test]
+    fn capabilities_announced_before_the_first_join_apply_to_the_new_member() {
+        let k = KeyId::new();
+        let mut log = Log::given(&[joined("a"), created(k, "a", 1)]);
+        // The agent announces what it holds, then joins: it is sent no
+        // key it cannot hold.
+        assert!(log.when(&capabilities("d", &NO_ED25519)).is_empty());
+        assert!(log.when(&joined("d")).is_empty());
+        assert_eq!(
+            log.state.status().members[1].cannot_hold,
+            vec![KeyType::Ed25519]
+        );
+        assert_eq!(log.state.member_state(1), MemberState::InService);
     }
 
     #[test]

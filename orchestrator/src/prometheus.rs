@@ -273,7 +273,11 @@ impl Metrics {
                     self.sync_latency.observe(seconds(*latency_ns));
                 }
             }
-            Change::Completed(done) | Change::Revoked(_, done) => {
+            Change::Completed(done)
+            | Change::Revoked(_, done)
+            | Change::Capabilities {
+                completed: done, ..
+            } => {
                 for (_, latency_ns) in done {
                     self.keys_replicated.inc();
                     self.sync_latency.observe(seconds(*latency_ns));

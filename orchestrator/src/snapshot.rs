@@ -20,7 +20,7 @@ use tokio::io::AsyncReadExt;
 use crate::state::ClusterState;
 
 /// Bumped whenever [`ClusterState`]'s layout changes.
-pub const SNAPSHOT_VERSION: u16 = 3;
+pub const SNAPSHOT_VERSION: u16 = 4;
 
 const OBJECT: &str = "cluster-state";
 

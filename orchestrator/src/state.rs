@@ -134,6 +134,17 @@ pub enum Change {
     NewMember(u8),
     /// A member was removed; these keys are now on every live member.
     Revoked(u8, Vec<(KeyId, u64)>),
+    /// A member announced the types it can hold: it gained these (send it
+    /// their keys), and these keys are now on every live member able to
+    /// hold them.
+    Capabilities {
+        /// The member.
+        member: u8,
+        /// Types it can hold now and could not before.
+        gained: Vec<KeyType>,
+        /// Keys completed by the types it can no longer hold.
+        completed: Vec<(KeyId, u64)>,
+    },
     /// A key was deleted.
     Deleted,
     /// Anything else (or nothing).
@@ -226,10 +237,23 @@ pub struct ClusterState {
     completed: u64,
     /// Live keys whose requested durability is not met yet.
     below_durability: u64,
+    /// Per key type (in `KeyType::ALL` order), the members that announced
+    /// they cannot hold it (`HsmCapabilities`).
+    unable: [MemberSet; 4],
+    /// Live keys per key type (same order).
+    live_by_type: [u64; 4],
+    /// Capabilities announced by HSMs that are not members yet (an agent
+    /// announces them just before its first `HsmJoined`).
+    early_capabilities: BTreeMap<HsmId, Vec<KeyType>>,
     /// Enrolled HSMs' identity keys, as of `last_seq`.
     enrolled: BTreeMap<HsmId, [u8; 32]>,
     /// Unused join tokens: token key → (HSM, expiry in ns).
     tokens: BTreeMap<[u8; 32], (HsmId, u64)>,
+}
+
+/// Index of a key type in `KeyType::ALL` (per-type tables).
+fn type_index(t: KeyType) -> usize {
+    KeyType::ALL.iter().position(|x| *x == t).unwrap_or(0)
 }
 
 /// Whether a key has as many holders as its creator asked for. `all` is
@@ -281,11 +305,11 @@ impl ClusterState {
 
     /// Marks every incomplete key now on every live member as complete.
     fn complete_covered(&mut self, meta: EventMeta) -> Vec<(KeyId, u64)> {
-        let live = self.live_members();
+        let needed = KeyType::ALL.map(|t| self.needed(t));
         let mut done = Vec::new();
         for id in &self.incomplete {
             if let Some(k) = self.keys.get_mut(id) {
-                if k.holders.covers(live) {
+                if k.holders.covers(needed[type_index(k.key_type)]) {
                     let latency = meta.stored_at_ns.saturating_sub(k.created_ns);
                     let was_met = durability_met(k);
                     k.completed = Some((meta.seq, latency));
@@ -326,12 +350,42 @@ impl ClusterState {
                     revoked: false,
                 });
                 self.index.insert(j.hsm.clone(), i);
+                if let Some(holds) = self.early_capabilities.remove(&j.hsm) {
+                    for t in KeyType::ALL.into_iter().filter(|t| !holds.contains(t)) {
+                        self.unable[type_index(t)].insert(i);
+                    }
+                }
                 self.held.push(0);
                 self.failed.push(0);
                 self.digests.push(InventoryDigest::default());
                 // A member that joins after a key completed does not reopen
                 // it; it is tracked through its lag while it bootstraps.
                 Ok(Change::NewMember(i))
+            }
+            Event::HsmCapabilities(c) => {
+                let Some(&m) = self.index.get(&c.hsm) else {
+                    self.early_capabilities
+                        .insert(c.hsm.clone(), c.holds.clone());
+                    return Ok(Change::Other);
+                };
+                let mut gained = Vec::new();
+                for t in KeyType::ALL {
+                    let unable = &mut self.unable[type_index(t)];
+                    let was_able = !unable.contains(m);
+                    if c.holds.contains(&t) {
+                        unable.remove(m);
+                        if !was_able {
+                            gained.push(t);
+                        }
+                    } else {
+                        unable.insert(m);
+                    }
+                }
+                Ok(Change::Capabilities {
+                    member: m,
+                    gained,
+                    completed: self.complete_covered(meta),
+                })
             }
             Event::HsmFailed(f) => {
                 let m = self.member(&f.hsm)?;
@@ -418,7 +472,8 @@ impl ClusterState {
                 self.live_keys += 1;
                 self.held[creator as usize] += 1;
                 self.digests[creator as usize].toggle(&c.key_id, &c.fingerprint);
-                let completed = holders.covers(self.live_members());
+                let completed = holders.covers(self.needed(c.key_type));
+                self.live_by_type[type_index(c.key_type)] += 1;
                 if completed {
                     key.completed = Some((meta.seq, 0));
                     self.completed += 1;
@@ -437,7 +492,12 @@ impl ClusterState {
             }
             Event::CloneApplied(a) => {
                 let m = self.member(&a.hsm)?;
-                let live = self.live_members();
+                let key_type = self
+                    .keys
+                    .get(&a.key_id)
+                    .map(|k| k.key_type)
+                    .ok_or_else(|| refuse::unknown_key(a.key_id))?;
+                let live = self.needed(key_type);
                 let key = self
                     .keys
                     .get_mut(&a.key_id)
@@ -530,6 +590,7 @@ impl ClusterState {
                 let was_met = durability_met(key);
                 key.deleted = true;
                 self.live_keys -= 1;
+                self.live_by_type[type_index(key.key_type)] -= 1;
                 for m in key.holders.iter() {
                     self.held[m as usize] -= 1;
                     self.digests[m as usize].toggle(&d.key_id, &key.fingerprint);
@@ -631,7 +692,40 @@ impl ClusterState {
         if key.deleted {
             return MemberSet::default();
         }
-        self.all_members().minus(key.holders).minus(key.failed)
+        self.all_members()
+            .minus(self.unable[type_index(key.key_type)])
+            .minus(key.holders)
+            .minus(key.failed)
+    }
+
+    /// The live members able to hold keys of type `t`: a key is complete
+    /// when all of them hold it.
+    pub fn needed(&self, t: KeyType) -> MemberSet {
+        self.live_members().minus(self.unable[type_index(t)])
+    }
+
+    /// Whether member `idx` can hold keys of type `t` (it did not announce
+    /// otherwise).
+    pub fn can_hold(&self, idx: u8, t: KeyType) -> bool {
+        !self.unable[type_index(t)].contains(idx)
+    }
+
+    /// The key types member `idx` announced it cannot hold.
+    pub fn cannot_hold(&self, idx: u8) -> Vec<KeyType> {
+        KeyType::ALL
+            .into_iter()
+            .filter(|t| !self.can_hold(idx, *t))
+            .collect()
+    }
+
+    /// Live keys member `idx` can hold (every live key, unless it announced
+    /// types it cannot hold).
+    fn holdable_count(&self, idx: u8) -> u64 {
+        KeyType::ALL
+            .into_iter()
+            .filter(|t| self.can_hold(idx, *t))
+            .map(|t| self.live_by_type[type_index(t)])
+            .sum()
     }
 
     /// Member ids, by index.
@@ -680,18 +774,19 @@ impl ClusterState {
             return 0;
         }
         let failed = self.failed.get(idx as usize).copied().unwrap_or(0);
-        self.key_count().saturating_sub(self.held_by(idx) + failed)
+        self.holdable_count(idx)
+            .saturating_sub(self.held_by(idx) + failed)
     }
 
     /// Clones outstanding over every member.
     pub fn pending_clones(&self) -> u64 {
-        let keys = self.key_count();
         self.held
             .iter()
             .zip(&self.failed)
             .zip(&self.members)
-            .filter(|(_, m)| !m.revoked)
-            .map(|((h, f), _)| keys.saturating_sub(h + f))
+            .enumerate()
+            .filter(|(_, (_, m))| !m.revoked)
+            .map(|(i, ((h, f), _))| self.holdable_count(i as u8).saturating_sub(h + f))
             .sum()
     }
 
@@ -700,7 +795,7 @@ impl ClusterState {
         match self.members.get(idx as usize) {
             Some(m) if m.revoked => MemberState::Removed,
             Some(m) if !m.live => MemberState::Failed,
-            _ if self.held_by(idx) < self.key_count() => MemberState::Syncing,
+            _ if self.held_by(idx) < self.holdable_count(idx) => MemberState::Syncing,
             _ => MemberState::InService,
         }
     }
@@ -717,7 +812,10 @@ impl ClusterState {
                     hsm_id: m.hsm.clone(),
                     state: self.member_state(i as u8),
                     keys: self.held_by(i as u8),
-                    lag: total.saturating_sub(self.held_by(i as u8)),
+                    lag: self
+                        .holdable_count(i as u8)
+                        .saturating_sub(self.held_by(i as u8)),
+                    cannot_hold: self.cannot_hold(i as u8),
                 })
                 .collect(),
             keys: total,

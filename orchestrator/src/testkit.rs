@@ -25,6 +25,13 @@ pub fn joined(h: &str) -> Event {
     })
 }
 
+pub fn capabilities(h: &str, holds: &[KeyType]) -> Event {
+    Event::HsmCapabilities(keysync_schemas::HsmCapabilities {
+        hsm: hsm(h),
+        holds: holds.to_vec(),
+    })
+}
+
 pub fn key_created(k: KeyId, h: &str, fp: u8, durability: Durability) -> KeyCreated {
     KeyCreated {
         key_id: k,

@@ -133,6 +133,13 @@ pub enum AuditFact {
         /// The identity key it asked to enroll.
         public_key: [u8; 32],
     },
+    /// An HSM announced the key types it can hold.
+    HsmCapabilities {
+        /// The HSM.
+        hsm: HsmId,
+        /// The types.
+        holds: Vec<crate::KeyType>,
+    },
 }
 
 impl AuditFact {
@@ -185,6 +192,10 @@ impl AuditFact {
             Event::JoinRequested(j) => AuditFact::JoinRequested {
                 hsm: j.hsm.clone(),
                 public_key: j.public_key,
+            },
+            Event::HsmCapabilities(c) => AuditFact::HsmCapabilities {
+                hsm: c.hsm.clone(),
+                holds: c.holds.clone(),
             },
         }
     }

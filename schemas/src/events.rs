@@ -37,6 +37,8 @@ pub enum Event {
     JoinTokenIssued(JoinTokenIssued),
     /// An agent asks to be enrolled with a join token.
     JoinRequested(JoinRequested),
+    /// An HSM announces the key types it can hold (sent at agent start).
+    HsmCapabilities(HsmCapabilities),
 }
 
 impl Event {
@@ -56,6 +58,7 @@ impl Event {
             Event::HsmRevoked(_) => "hsm_revoked",
             Event::JoinTokenIssued(_) => "join_token_issued",
             Event::JoinRequested(_) => "join_requested",
+            Event::HsmCapabilities(_) => "hsm_capabilities",
         }
     }
 }
@@ -227,6 +230,19 @@ pub struct HsmJoined {
     pub agent_version: String,
     /// How many token keys it holds.
     pub token_keys: u64,
+}
+
+/// The key types an HSM can hold as cluster keys (create clonable, and
+/// receive as clones). A token may lack a mechanism: SoftHSM 2.6.1 can
+/// neither wrap nor unwrap Ed25519. Keys of a type a member cannot hold
+/// are not sent to it, and `all` means every live member able to hold
+/// them. A member that never announced holds every type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HsmCapabilities {
+    /// The HSM.
+    pub hsm: HsmId,
+    /// The types it holds.
+    pub holds: Vec<KeyType>,
 }
 
 /// The orchestrator declared an HSM failed: no heartbeat for `silent_ms`.

@@ -45,9 +45,9 @@ pub use commands::{CloneBatch, CloneKey, Command, DeleteKey};
 pub use dead_letter::DeadLetter;
 pub use envelope::{Envelope, Source, Timestamp, SCHEMA_VERSION};
 pub use events::{
-    join_proof_message, CloneApplied, CloneFailed, CloneFailure, EnrolledVia, Event, HsmEnrolled,
-    HsmFailed, HsmJoined, HsmRecovered, HsmRevoked, JoinRequested, JoinTokenIssued, KeyCreated,
-    KeyDeleted, KeyErased, KeyOrigin, KeyReplicated, PublicKeyBytes,
+    join_proof_message, CloneApplied, CloneFailed, CloneFailure, EnrolledVia, Event,
+    HsmCapabilities, HsmEnrolled, HsmFailed, HsmJoined, HsmRecovered, HsmRevoked, JoinRequested,
+    JoinTokenIssued, KeyCreated, KeyDeleted, KeyErased, KeyOrigin, KeyReplicated, PublicKeyBytes,
 };
 pub use heartbeat::{Heartbeat, InventoryDigest};
 pub use keys::{

@@ -52,8 +52,10 @@ pub struct MemberStatus {
     pub state: MemberState,
     /// Token keys it is known to hold.
     pub keys: u64,
-    /// Live keys it still lacks.
+    /// Live keys it still lacks (of the types it can hold).
     pub lag: u64,
+    /// Key types it announced it cannot hold (never sent to it).
+    pub cannot_hold: Vec<crate::KeyType>,
 }
 
 /// The cluster.

@@ -38,6 +38,8 @@ pub enum KeySubject {
     Replicated(KeyId),
     /// `...hsm.<hsm>.joined`
     HsmJoined(HsmId),
+    /// `...hsm.<hsm>.capabilities`
+    HsmCapabilities(HsmId),
     /// `...hsm.<hsm>.failed`
     HsmFailed(HsmId),
     /// `...hsm.<hsm>.recovered`
@@ -154,6 +156,11 @@ impl Subjects {
     /// `<p>.evt.hsm.<hsm>.joined`
     pub fn hsm_joined(&self, hsm: &HsmId) -> String {
         format!("{}.evt.hsm.{hsm}.joined", self.prefix)
+    }
+
+    /// `<p>.evt.hsm.<hsm>.capabilities`
+    pub fn hsm_capabilities(&self, hsm: &HsmId) -> String {
+        format!("{}.evt.hsm.{hsm}.capabilities", self.prefix)
     }
 
     /// `<p>.evt.hsm.<hsm>.failed`
@@ -290,6 +297,7 @@ impl Subjects {
                 Some(KeySubject::Failed(id.parse().ok()?, hsm.parse().ok()?))
             }
             ["hsm", hsm, "joined"] => Some(KeySubject::HsmJoined(hsm.parse().ok()?)),
+            ["hsm", hsm, "capabilities"] => Some(KeySubject::HsmCapabilities(hsm.parse().ok()?)),
             ["hsm", hsm, "failed"] => Some(KeySubject::HsmFailed(hsm.parse().ok()?)),
             ["hsm", hsm, "recovered"] => Some(KeySubject::HsmRecovered(hsm.parse().ok()?)),
             ["hsm", hsm, "enrolled"] => Some(KeySubject::HsmEnrolled(hsm.parse().ok()?)),
@@ -344,7 +352,11 @@ mod tests {
         );
         assert_eq!(
             s.parse_event(&s.hsm_joined(&h)),
-            Some(KeySubject::HsmJoined(h))
+            Some(KeySubject::HsmJoined(h.clone()))
+        );
+        assert_eq!(
+            s.parse_event(&s.hsm_capabilities(&h)),
+            Some(KeySubject::HsmCapabilities(h))
         );
         assert_eq!(s.parse_event("keysync.evt.key.x.created"), None);
         assert_eq!(s.parse_event("team-a.ks.evt.key"), None);

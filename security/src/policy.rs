@@ -42,6 +42,7 @@ pub fn event_signer(event: &Event) -> Signer {
         Event::KeyDeleted(e) => Signer::Hsm(e.hsm.clone()),
         Event::KeyErased(e) => Signer::Hsm(e.hsm.clone()),
         Event::JoinRequested(e) => Signer::Hsm(e.hsm.clone()),
+        Event::HsmCapabilities(e) => Signer::Hsm(e.hsm.clone()),
         Event::KeyReplicated(_)
         | Event::HsmFailed(_)
         | Event::HsmRecovered(_)

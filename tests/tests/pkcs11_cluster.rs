@@ -256,7 +256,71 @@ async fn a_mixed_cluster_of_tokens_and_an_embedded_hsm_converges_and_works_both_
         .await
         .expect("restart the token agent");
     assert_converges(&client, &hsms, &expected, Duration::from_secs(30)).await;
+
+    // Ed25519, which SoftHSM 2.6.1 cannot clone: refused on a token at
+    // create, and made on the embedded HSM it is `all` at once (no member
+    // able to hold it lacks it), never sent to the tokens, no failure.
+    if softhsm_is_261() {
+        let refused = client
+            .create_key(CreateKey::new(KeyType::Ed25519).on(Route::Hsm(token_1.clone())))
+            .await
+            .expect_err("a token that cannot clone Ed25519 refuses to create one");
+        println!("Ed25519 on {token_1}: {refused}");
+        assert!(refused.to_string().contains("ed25519"), "{refused}");
+        let ed = client
+            .create_key(
+                CreateKey::new(KeyType::Ed25519)
+                    .on(Route::Hsm(soft.clone()))
+                    .durability(Durability::All),
+            )
+            .await
+            .expect("Ed25519 with durability all on the embedded HSM");
+        assert_eq!(ed.durability, Durability::All);
+        let status = client.cluster_status().await.expect("status");
+        for m in &status.members {
+            let want: &[KeyType] = if m.hsm_id == *soft {
+                &[]
+            } else {
+                &[KeyType::Ed25519]
+            };
+            assert_eq!(m.cannot_hold, want, "{}", m.hsm_id);
+            assert_eq!(m.lag, 0, "{}", m.hsm_id);
+        }
+        assert_eq!(status.clone_failures, 0);
+        assert_eq!(status.below_durability, 0);
+        for t in [token_1, token_2] {
+            let held = keysync_testkit::inventory(&client, t).await;
+            assert!(
+                !held.contains_key(&ed.info.key_id),
+                "{t} was sent an Ed25519 key"
+            );
+        }
+        // The CLI shows it.
+        let out =
+            keysync_testkit::keysync_cli(&["--nats", &stack.url(), "cluster", "status", "--json"]);
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        let member = |id: &HsmId| {
+            doc["members"]
+                .as_array()
+                .and_then(|ms| ms.iter().find(|m| m["hsm_id"] == id.as_str()))
+                .cloned()
+                .unwrap_or_else(|| panic!("{id} not in {doc}"))
+        };
+        assert_eq!(
+            member(token_2)["cannot_hold"],
+            serde_json::json!(["ed25519"]),
+            "{doc}"
+        );
+        assert_eq!(member(soft)["cannot_hold"], serde_json::json!([]), "{doc}");
+    }
     stack.shutdown().await;
+}
+
+fn softhsm_is_261() -> bool {
+    Command::new("softhsm2-util")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "2.6.1")
 }
 
 /// `hsm-agent --keystore pkcs11` with `flags`; its exit status and stderr.

@@ -210,6 +210,9 @@ fn fact_json(f: &AuditFact) -> serde_json::Value {
             json!({"kind": "hsm_enrolled", "hsm": hsm.as_str(), "public_key": hex::encode(public_key), "via": format!("{via:?}").to_lowercase()})
         }
         AuditFact::HsmRevoked { hsm } => json!({"kind": "hsm_revoked", "hsm": hsm.as_str()}),
+        AuditFact::HsmCapabilities { hsm, holds } => {
+            json!({"kind": "hsm_capabilities", "hsm": hsm.as_str(), "holds": holds.iter().map(|t| t.as_str()).collect::<Vec<_>>()})
+        }
         AuditFact::JoinTokenIssued { hsm, expires_at_ns } => {
             json!({"kind": "join_token_issued", "hsm": hsm.as_str(), "expires_at": rfc3339(*expires_at_ns)})
         }
@@ -369,7 +372,8 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     | AuditFact::KeyReplicated { .. }
                     | AuditFact::HsmEnrolled { .. }
                     | AuditFact::JoinTokenIssued { .. }
-                    | AuditFact::JoinRequested { .. } => {}
+                    | AuditFact::JoinRequested { .. }
+                    | AuditFact::HsmCapabilities { .. } => {}
                 }
             }
             print_json(&json!({

@@ -45,6 +45,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                         "state": m.state.as_str(),
                         "keys": m.keys,
                         "lag": m.lag,
+                        "cannot_hold": m.cannot_hold.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                     "keys": s.keys,
                     "replicated": s.replicated,
@@ -55,14 +56,23 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     "rejected": s.rejected.iter().map(|(r, n)| (r.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 }))
             } else {
-                println!("{:<16} {:<11} {:>8} {:>8}", "HSM", "STATE", "KEYS", "LAG");
+                println!(
+                    "{:<16} {:<11} {:>8} {:>8}  {}",
+                    "HSM", "STATE", "KEYS", "LAG", "CANNOT HOLD"
+                );
                 for m in &s.members {
+                    let cannot: Vec<&str> = m.cannot_hold.iter().map(|t| t.as_str()).collect();
                     println!(
-                        "{:<16} {:<11} {:>8} {:>8}",
+                        "{:<16} {:<11} {:>8} {:>8}  {}",
                         m.hsm_id.as_str(),
                         m.state.as_str(),
                         m.keys,
-                        m.lag
+                        m.lag,
+                        if cannot.is_empty() {
+                            "-".to_string()
+                        } else {
+                            cannot.join(",")
+                        }
                     );
                 }
                 println!(
