@@ -57,8 +57,8 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 }))
             } else {
                 println!(
-                    "{:<16} {:<11} {:>8} {:>8}  {}",
-                    "HSM", "STATE", "KEYS", "LAG", "CANNOT HOLD"
+                    "{:<16} {:<11} {:>8} {:>8}  CANNOT HOLD",
+                    "HSM", "STATE", "KEYS", "LAG"
                 );
                 for m in &s.members {
                     let cannot: Vec<&str> = m.cannot_hold.iter().map(|t| t.as_str()).collect();
