@@ -26,6 +26,6 @@ pub mod process;
 #[cfg(feature = "serve")]
 pub mod serve;
 
-pub use context::{follow, inject};
+pub use context::{fail, follow, inject, message_id};
 #[cfg(feature = "export")]
 pub use export::{init, InitError, LogFormat, Telemetry, SUPPORTED_PROTOCOLS};
