@@ -12,7 +12,13 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cmd::Cli::parse();
     cli.check();
-    let telemetry = keysync_telemetry::init("keysync", &[], "warn");
+    let telemetry = match keysync_telemetry::init("keysync", &[], "warn", cli.log_format) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -294,7 +294,33 @@ impl Client {
 
     /// Sends one operation along `route`, with the retries the options
     /// allow, and returns the reply (errors turned into [`Error`]).
+    ///
+    /// One CLIENT span per call (named `keysync.<op>`, with
+    /// `keysync.key_id`), each attempt a `keysync.request` child of it;
+    /// ERROR status with the error kind when it fails.
     pub async fn request(&self, route: &Route, op: OpRequest) -> Result<OpReply> {
+        let span = tracing::info_span!(
+            "keysync.operation",
+            otel.name = %format!("keysync.{}", op.kind()),
+            otel.kind = "client",
+            keysync.op = op.kind(),
+            keysync.key_id = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
+        if let Some(key_id) = op.key_id() {
+            span.record("keysync.key_id", key_id.to_string().as_str());
+        }
+        let result = self.send_op(route, op).instrument(span.clone()).await;
+        if let Err(e) = &result {
+            keysync_telemetry::fail(&span, e.kind(), e);
+        }
+        result
+    }
+
+    /// [`Client::request`] inside the caller's span.
+    async fn send_op(&self, route: &Route, op: OpRequest) -> Result<OpReply> {
         match route {
             Route::Hsm(_) => self.request_retrying_transient(route, &op).await,
             Route::Any => self.request_any(&op).await,
@@ -369,9 +395,43 @@ impl Client {
         let requested_id = requested_id(op);
         let payload = encode(&Envelope::new(self.source(), op.clone()))
             .map_err(|e| Error::BadRequest(e.to_string()))?;
-        let span = tracing::info_span!("keysync.request", op = op.kind(), route = %route);
+        // One attempt: a CLIENT span, child of the operation's.
+        let span = tracing::info_span!(
+            "keysync.request",
+            otel.kind = "client",
+            messaging.system = "nats",
+            messaging.destination.name = %subject,
+            messaging.operation.type = "send",
+            keysync.op = op.kind(),
+            keysync.key_id = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            route = %route,
+        );
+        if let Some(key_id) = op.key_id() {
+            span.record("keysync.key_id", key_id.to_string().as_str());
+        }
+        let result = self
+            .attempt(route, subject, payload, key_id, requested_id, &span)
+            .await;
+        if let Err(e) = &result {
+            keysync_telemetry::fail(&span, e.kind(), e);
+        }
+        result
+    }
+
+    async fn attempt(
+        &self,
+        route: &Route,
+        subject: String,
+        payload: Vec<u8>,
+        key_id: Option<KeyId>,
+        requested_id: Option<KeyId>,
+        span: &tracing::Span,
+    ) -> Result<OpReply> {
         let mut headers = async_nats::HeaderMap::new();
-        keysync_telemetry::inject(&span, &mut headers);
+        keysync_telemetry::inject(span, &mut headers);
         let msg = self
             .inner
             .nats
@@ -382,7 +442,7 @@ impl Client {
                     .headers(headers)
                     .timeout(Some(self.inner.options.request_timeout)),
             )
-            .instrument(span)
+            .instrument(span.clone())
             .await
             .map_err(|e| Error::HsmUnavailable {
                 route: route.to_string(),
@@ -420,7 +480,7 @@ impl Client {
 
     /// Generates a key (see [`CreateKey`]) and returns once it reached the
     /// requested durability.
-    #[tracing::instrument(name = "keysync.create_key", skip_all, fields(key_type = %spec.key_type, durability = %spec.durability))]
+    #[tracing::instrument(name = "keysync.create_key", skip_all, fields(otel.kind = "client", keysync.key_id = tracing::field::Empty, error.type = tracing::field::Empty, otel.status_code = tracing::field::Empty, otel.status_description = tracing::field::Empty, key_type = %spec.key_type, durability = %spec.durability))]
     pub async fn create_key(&self, spec: CreateKey) -> Result<CreatedKey> {
         let key_id = KeyId::new();
         let op = OpRequest::Generate {
@@ -436,6 +496,7 @@ impl Client {
     }
 
     /// Imports plaintext material (PKCS#8 DER, or 32 raw bytes for AES-256).
+    #[tracing::instrument(name = "keysync.import_key", skip_all, fields(otel.kind = "client", keysync.key_id = tracing::field::Empty, error.type = tracing::field::Empty, otel.status_code = tracing::field::Empty, otel.status_description = tracing::field::Empty, key_type = %spec.key_type, durability = %spec.durability))]
     pub async fn import_key(&self, spec: CreateKey, material: Vec<u8>) -> Result<CreatedKey> {
         let key_id = KeyId::new();
         let op = OpRequest::Import {
@@ -453,6 +514,7 @@ impl Client {
 
     /// Unwraps an RFC 5649 blob (PKCS#8 DER, or raw AES bytes, inside)
     /// under `wrapping_key`, an AES-256 key the HSM on `spec.route` holds.
+    #[tracing::instrument(name = "keysync.unwrap_key", skip_all, fields(otel.kind = "client", keysync.key_id = tracing::field::Empty, error.type = tracing::field::Empty, otel.status_code = tracing::field::Empty, otel.status_description = tracing::field::Empty, key_type = %spec.key_type, durability = %spec.durability))]
     pub async fn unwrap_key(
         &self,
         spec: CreateKey,
@@ -474,7 +536,24 @@ impl Client {
         self.create_with(key_id, &spec, op).await
     }
 
+    /// A create, in the caller's CLIENT span: its key id recorded, its
+    /// failure marked.
     async fn create_with(
+        &self,
+        key_id: KeyId,
+        spec: &CreateKey,
+        op: OpRequest,
+    ) -> Result<CreatedKey> {
+        let span = tracing::Span::current();
+        span.record("keysync.key_id", key_id.to_string().as_str());
+        let result = self.create_in_span(key_id, spec, op).await;
+        if let Err(e) = &result {
+            keysync_telemetry::fail(&span, e.kind(), e);
+        }
+        result
+    }
+
+    async fn create_in_span(
         &self,
         key_id: KeyId,
         spec: &CreateKey,
@@ -517,7 +596,7 @@ impl Client {
         } else {
             None
         };
-        let reply = match self.request(&spec.route, op).await {
+        let reply = match self.send_op(&spec.route, op).await {
             // A retried create whose first attempt had worked (its reply was
             // lost; the retry may even have reached another HSM, whose key
             // the log then refused): the id is ours (random 122 bits), so

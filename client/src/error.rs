@@ -85,6 +85,24 @@ pub enum Error {
 }
 
 impl Error {
+    /// Its kind, as traces name it (`error.type`): `hsm_unavailable`,
+    /// `key_not_found`, ... and, for an HSM's refusal, the refusal's kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Connect { .. } => "connect",
+            Error::HsmUnavailable { .. } => "hsm_unavailable",
+            Error::KeyNotFound { .. } => "key_not_found",
+            Error::NotYetReplicated { .. } => "not_yet_replicated",
+            Error::BadRequest(_) => "bad_request",
+            Error::KeyIdTaken { .. } => "key_id_taken",
+            Error::BelowDurability { .. } => "below_durability",
+            Error::OrchestratorUnavailable(_) => "orchestrator_unavailable",
+            Error::Operation(e) => e.kind.as_str(),
+            Error::Protocol(_) => "protocol",
+            Error::Admin(_) => "admin",
+        }
+    }
+
     /// Whether retrying the same call later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {

@@ -442,8 +442,36 @@ async fn apply_batch(
                 _ => continue,
             };
             // The command's trace continues here: this apply, then its result.
-            let span = tracing::info_span!("keysync.apply", hsm = %agent.hsm, kind = event.kind());
+            // A CONSUMER span: the command consumed, child of the
+            // orchestrator's publish of it.
+            let span = tracing::info_span!(
+                "keysync.apply",
+                otel.kind = "consumer",
+                messaging.system = "nats",
+                messaging.destination.name = %msg.subject,
+                messaging.operation.type = "process",
+                messaging.message.id = tracing::field::Empty,
+                messaging.nats.stream_sequence = tracing::field::Empty,
+                keysync.key_id = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+                hsm = %agent.hsm,
+                kind = event.kind(),
+            );
             keysync_telemetry::follow(&span, msg.headers.as_ref());
+            if let Some(id) = keysync_telemetry::message_id(msg.headers.as_ref()) {
+                span.record("messaging.message.id", id);
+            }
+            if let Ok(info) = msg.info() {
+                span.record("messaging.nats.stream_sequence", info.stream_sequence);
+            }
+            if let Some(key_id) = event.key_id() {
+                span.record("keysync.key_id", key_id.to_string().as_str());
+            }
+            if let Event::CloneFailed(f) = &event {
+                keysync_telemetry::fail(&span, f.reason.label(), &f.reason.reason());
+            }
             let env = Envelope::new(Source::Hsm(agent.hsm.clone()), event);
             let published = match keysync_schemas::encode(&env) {
                 Ok(bytes) => {

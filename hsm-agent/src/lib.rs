@@ -139,12 +139,36 @@ impl Agent {
             &msg_id.to_string(),
             &payload,
         );
-        keysync_telemetry::inject(&tracing::Span::current(), &mut h);
+        // A PRODUCER span per publish; the consumers' spans are its children.
+        let span = tracing::info_span!(
+            "keysync.publish",
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.destination.name = %subject,
+            messaging.operation.type = "send",
+            messaging.message.id = %msg_id,
+            keysync.key_id = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
+        if let Some(key_id) = self.subjects.key_of_event(&subject) {
+            span.record("keysync.key_id", key_id);
+        }
+        keysync_telemetry::inject(&span, &mut h);
         extra(&mut h);
-        Ok(self
+        match self
             .js
             .publish_with_headers(subject, h, payload.into())
-            .await?)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(ack) => Ok(ack),
+            Err(e) => {
+                keysync_telemetry::fail(&span, "publish", &e);
+                Err(e.into())
+            }
+        }
     }
 
     /// Marks a key's `KeyCreated` as logged (forgotten from the outbox in
@@ -396,12 +420,35 @@ async fn serve_ops(agent: Arc<Agent>, max_concurrent: usize) -> anyhow::Result<(
         }
         let permit = limit.clone().acquire_owned().await?;
         let agent = agent.clone();
-        let span = tracing::info_span!("keysync.op", hsm = %agent.hsm, subject = %msg.subject);
+        // The agent serving one operation: a SERVER span, child of the
+        // client's attempt.
+        let span = tracing::info_span!(
+            "keysync.op",
+            otel.kind = "server",
+            messaging.system = "nats",
+            messaging.destination.name = %msg.subject,
+            messaging.operation.type = "process",
+            keysync.op = tracing::field::Empty,
+            keysync.key_id = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            hsm = %agent.hsm,
+        );
         keysync_telemetry::follow(&span, msg.headers.as_ref());
         tokio::spawn(async move {
             let reply = ops::handle(&agent, &msg.subject, &msg.payload)
                 .instrument(span.clone())
                 .await;
+            match &reply {
+                OpReply::Error(e) => {
+                    keysync_telemetry::fail(&span, e.kind.as_str(), &e.message);
+                }
+                OpReply::Created { info, .. } => {
+                    span.record("keysync.key_id", info.key_id.to_string().as_str());
+                }
+                _ => {}
+            }
             let mut reply_headers = async_nats::HeaderMap::new();
             keysync_telemetry::inject(&span, &mut reply_headers);
             let source = Source::Hsm(agent.hsm.clone());

@@ -11,6 +11,10 @@ use keysync_schemas::{HsmId, Subjects};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    /// Log lines on stderr: text (coloured on a terminal) or json (one
+    /// object per line, with trace and span ids).
+    #[arg(long, value_enum, env = "KEYSYNC_LOG_FORMAT", default_value = "text")]
+    log_format: keysync_telemetry::LogFormat,
     /// NATS server URL.
     #[arg(long, env = "KEYSYNC_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
@@ -150,7 +154,8 @@ async fn main() -> anyhow::Result<()> {
             ("service.instance.id", args.id.to_string()),
         ],
         "info,async_nats=warn",
-    );
+        args.log_format,
+    )?;
     let subjects = Subjects::new(&args.prefix)?;
     let keystore = keystore_kind(&args)?;
     // The data dir holds the identity, the keystore and its outbox: 0700,

@@ -38,6 +38,11 @@ pub async fn handle(agent: &Arc<Agent>, subject: &str, payload: &[u8]) -> OpRepl
         }
     };
     let kind = req.kind();
+    let span = tracing::Span::current();
+    span.record("keysync.op", kind);
+    if let Some(key_id) = req.key_id() {
+        span.record("keysync.key_id", key_id.to_string().as_str());
+    }
     let started = std::time::Instant::now();
     let result = execute(agent, req).await;
     agent

@@ -134,13 +134,19 @@ impl Executor {
             Step::Command { msg_id, command } => {
                 let subject = self.subjects.commands_for(command.target());
                 self.metrics.command_sent(&command);
+                let key_id = command.key_id();
                 let env = Envelope::new(source, command);
-                self.publisher.publish(subject, msg_id, encode(&env)?).await
+                self.publisher
+                    .publish(subject, msg_id, encode(&env)?, key_id)
+                    .await
             }
             Step::Announce { msg_id, replicated } => {
                 let subject = self.subjects.key_replicated(&replicated.key_id);
+                let key_id = Some(replicated.key_id);
                 let env = Envelope::new(source, Event::KeyReplicated(replicated));
-                self.publisher.publish(subject, msg_id, encode(&env)?).await
+                self.publisher
+                    .publish(subject, msg_id, encode(&env)?, key_id)
+                    .await
             }
             Step::Purge { key_id } => {
                 // Crypto-shredding: the key's wrapped material leaves the log.

@@ -646,14 +646,39 @@ impl Orchestrator {
             _ => None,
         };
         // The event's trace continues through what it causes.
-        let span = tracing::info_span!("keysync.event", kind = event.kind(), seq = meta.seq);
+        // A CONSUMER span: the event consumed, child of its publish.
+        let span = tracing::info_span!(
+            "keysync.event",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.destination.name = %msg.subject,
+            messaging.operation.type = "process",
+            messaging.message.id = tracing::field::Empty,
+            messaging.nats.stream_sequence = meta.seq,
+            keysync.key_id = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            kind = event.kind(),
+        );
         keysync_telemetry::follow(&span, msg.headers.as_ref());
+        if let Some(id) = keysync_telemetry::message_id(msg.headers.as_ref()) {
+            span.record("messaging.message.id", id);
+        }
+        if let Some(key_id) = event.key_id() {
+            span.record("keysync.key_id", key_id.to_string().as_str());
+        }
         let handling = Instant::now();
         let n = actions.len();
-        self.executor
+        if let Err(e) = self
+            .executor
             .execute(&self.state, actions, current)
-            .instrument(span)
-            .await?;
+            .instrument(span.clone())
+            .await
+        {
+            keysync_telemetry::fail(&span, "execute", &format!("{e:#}"));
+            return Err(e);
+        }
         if handling.elapsed() > SLOW_EVENT {
             tracing::info!(
                 kind = event.kind(),

@@ -12,6 +12,10 @@ use keysync_schemas::Subjects;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    /// Log lines on stderr: text (coloured on a terminal) or json (one
+    /// object per line, with trace and span ids).
+    #[arg(long, value_enum, env = "KEYSYNC_LOG_FORMAT", default_value = "text")]
+    log_format: keysync_telemetry::LogFormat,
     /// NATS server URL (several, comma-separated, for a NATS cluster).
     #[arg(long, env = "KEYSYNC_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
@@ -67,7 +71,8 @@ async fn main() -> anyhow::Result<()> {
         "orchestrator",
         &[("service.instance.id", args.name.clone())],
         "info,async_nats=warn",
-    );
+        args.log_format,
+    )?;
     let (identity, created) = keysync_security::Identity::load_or_create(&args.identity)
         .with_context(|| format!("cluster identity {}", args.identity.display()))?;
     tracing::info!(

@@ -25,8 +25,10 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use keysync_schemas::{encode, Envelope, Event, Source, Subjects};
+use keysync_schemas::{encode, Envelope, Event, KeyId, Source, Subjects};
 use keysync_security::{Identity, MessageIdKey, Signer};
+
+use tracing::Instrument as _;
 
 use crate::duplicates::{self, Published, Stored, Verdict};
 use crate::intake::OwnEvents;
@@ -44,6 +46,8 @@ struct Sent {
     payload: Bytes,
     /// 0 for the first id, then each retry.
     attempt: u32,
+    /// The key it is about, if one (for its trace).
+    key_id: Option<KeyId>,
 }
 
 type AckFuture = BoxFuture<'static, (Sent, Result<PublishAck, PublishError>)>;
@@ -128,12 +132,13 @@ impl Publisher {
 
     /// Signs `payload` for `subject` under `msg_id` and publishes it. Waits
     /// first if `max_in_flight` PubAcks are outstanding; a failed one of
-    /// those is an error.
+    /// those is an error. `key_id`, the key it is about, is for its trace.
     pub async fn publish(
         &mut self,
         subject: String,
         msg_id: String,
         payload: Vec<u8>,
+        key_id: Option<KeyId>,
     ) -> anyhow::Result<()> {
         while self.in_flight.len() >= self.max_in_flight {
             if let Some(acked) = self.in_flight.next().await {
@@ -146,6 +151,7 @@ impl Publisher {
             msg_id,
             payload: payload.into(),
             attempt: 0,
+            key_id,
         })
         .await
     }
@@ -169,12 +175,35 @@ impl Publisher {
                 );
             }
         }
-        keysync_telemetry::inject(&tracing::Span::current(), &mut h);
-        let fut = self
+        // A PRODUCER span per publish; the consumers' spans are its children.
+        let span = tracing::info_span!(
+            "keysync.publish",
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.destination.name = %sent.subject,
+            messaging.operation.type = "send",
+            messaging.message.id = %sent.msg_id,
+            keysync.key_id = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
+        if let Some(key_id) = sent.key_id {
+            span.record("keysync.key_id", key_id.to_string().as_str());
+        }
+        keysync_telemetry::inject(&span, &mut h);
+        let fut = match self
             .js
             .publish_with_headers(sent.subject.clone(), h, sent.payload.clone())
-            .await?
-            .into_future();
+            .instrument(span.clone())
+            .await
+        {
+            Ok(ack) => ack.into_future(),
+            Err(e) => {
+                keysync_telemetry::fail(&span, "publish", &e);
+                return Err(e.into());
+            }
+        };
         self.in_flight
             .push(Box::pin(async move { (sent, fut.await) }));
         Ok(())
@@ -190,7 +219,8 @@ impl Publisher {
                 envelope_id: env.id,
             },
         );
-        self.publish(subject, id, encode(&env)?).await
+        let key_id = env.body.key_id();
+        self.publish(subject, id, encode(&env)?, key_id).await
     }
 
     /// Whether no PubAck is outstanding.

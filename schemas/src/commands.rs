@@ -29,6 +29,15 @@ impl Command {
         }
     }
 
+    /// The key the command is about (`None` for a batch of many).
+    pub fn key_id(&self) -> Option<KeyId> {
+        match self {
+            Command::CloneKey(c) => Some(c.key.key_id),
+            Command::DeleteKey(d) => Some(d.key_id),
+            Command::CloneBatch(_) => None,
+        }
+    }
+
     /// The single commands this one stands for, in order (a batch's clones
     /// must all be for its target).
     pub fn into_units(self) -> Vec<Command> {

@@ -42,6 +42,25 @@ pub enum Event {
 }
 
 impl Event {
+    /// The key this event is about, if it is about one.
+    pub fn key_id(&self) -> Option<KeyId> {
+        match self {
+            Event::KeyCreated(e) => Some(e.key_id),
+            Event::CloneApplied(e) => Some(e.key_id),
+            Event::CloneFailed(e) => Some(e.key_id),
+            Event::KeyReplicated(e) => Some(e.key_id),
+            Event::KeyDeleted(e) => Some(e.key_id),
+            Event::KeyErased(e) => Some(e.key_id),
+            Event::HsmJoined(_)
+            | Event::HsmFailed(_)
+            | Event::HsmRecovered(_)
+            | Event::HsmEnrolled(_)
+            | Event::HsmRevoked(_)
+            | Event::JoinTokenIssued(_)
+            | Event::JoinRequested(_) => None,
+        }
+    }
+
     /// A short name for logs and counters.
     pub fn kind(&self) -> &'static str {
         match self {

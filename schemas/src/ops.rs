@@ -126,6 +126,25 @@ pub enum OpRequest {
 }
 
 impl OpRequest {
+    /// The key this operation is about: the one it uses, or the id a
+    /// create asks for. `None` for listings, health and creates that let
+    /// the HSM pick the id.
+    pub fn key_id(&self) -> Option<KeyId> {
+        match self {
+            OpRequest::Sign { key_id, .. }
+            | OpRequest::Verify { key_id, .. }
+            | OpRequest::Encrypt { key_id, .. }
+            | OpRequest::Decrypt { key_id, .. }
+            | OpRequest::PublicKey { key_id }
+            | OpRequest::Delete { key_id }
+            | OpRequest::Info { key_id } => Some(*key_id),
+            OpRequest::Generate { key_id, .. }
+            | OpRequest::Import { key_id, .. }
+            | OpRequest::Unwrap { key_id, .. } => *key_id,
+            OpRequest::List { .. } | OpRequest::Health | OpRequest::Inventory { .. } => None,
+        }
+    }
+
     /// A short name for logs and counters.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -255,6 +274,22 @@ pub enum OpErrorKind {
     /// on this HSM. Retrying with the same id can never succeed; a new id
     /// can.
     KeyIdTaken,
+}
+
+impl OpErrorKind {
+    /// Its name in traces and metrics (`key_not_found`, ...).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OpErrorKind::KeyNotFound => "key_not_found",
+            OpErrorKind::BadRequest => "bad_request",
+            OpErrorKind::Unsupported => "unsupported",
+            OpErrorKind::AlreadyExists => "already_exists",
+            OpErrorKind::Unavailable => "unavailable",
+            OpErrorKind::IntegrityFailed => "integrity_failed",
+            OpErrorKind::Internal => "internal",
+            OpErrorKind::KeyIdTaken => "key_id_taken",
+        }
+    }
 }
 
 /// An operation error.

@@ -123,6 +123,15 @@ impl Subjects {
         format!("{}.evt.key.{key}.>", self.prefix)
     }
 
+    /// The key id an event subject (`<p>.evt.key.<id>.…`) is about, as
+    /// written there (for traces; not checked to be a valid id).
+    pub fn key_of_event<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".evt.key.")?;
+        rest.split('.').next().filter(|id| !id.is_empty())
+    }
+
     /// `<p>.evt.key.<id>.created`
     pub fn key_created(&self, key: &KeyId) -> String {
         format!("{}.evt.key.{key}.created", self.prefix)
@@ -334,6 +343,11 @@ mod tests {
         assert_eq!(s.hsm_op(&h), "keysync.hsm.hsm-1.op");
         assert_eq!(s.any_op(), "keysync.op");
         assert_eq!(s.metrics_sync(), "keysync.metrics.sync");
+        let id = k.to_string();
+        assert_eq!(s.key_of_event(&s.clone_applied(&k, &h)), Some(id.as_str()));
+        assert_eq!(s.key_of_event(&s.key_created(&k)), Some(id.as_str()));
+        assert_eq!(s.key_of_event(&s.hsm_joined(&h)), None);
+        assert_eq!(s.key_of_event("other.evt.key.x.created"), None);
     }
 
     #[test]

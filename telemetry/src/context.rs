@@ -43,3 +43,22 @@ pub fn follow(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) {
         let _ = span.set_parent(cx);
     }
 }
+
+/// Marks `span` failed: OpenTelemetry status ERROR, described as
+/// "`kind`: `detail`", and `error.type` = `kind`. The span must declare
+/// `otel.status_code`, `otel.status_description` and `error.type` (as
+/// `tracing::field::Empty`) for them to be recorded.
+pub fn fail(span: &tracing::Span, kind: &str, detail: &dyn std::fmt::Display) {
+    span.record("error.type", kind);
+    span.record("otel.status_code", "ERROR");
+    span.record(
+        "otel.status_description",
+        format!("{kind}: {detail}").as_str(),
+    );
+}
+
+/// The `Nats-Msg-Id` of a message, if it carries one (the
+/// `messaging.message.id` of its spans).
+pub fn message_id(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
+    headers?.get("Nats-Msg-Id").map(|v| v.as_str())
+}

@@ -1,11 +1,13 @@
 //! Logging, OpenTelemetry tracing and the process lifecycle ([`process`])
 //! shared by keysync's processes.
 //!
-//! [`init`] (feature `export`, for binaries) installs the log output every process has (stderr, `RUST_LOG`)
-//! and, only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
-//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, an OTLP/HTTP span exporter
-//! configured by the standard variables (`OTEL_EXPORTER_OTLP_PROTOCOL`,
-//! `OTEL_SERVICE_NAME`, `OTEL_BSP_*`). Unset, nothing is exported.
+//! [`init`] (feature `export`, for binaries) installs the log output every
+//! process has (stderr, `RUST_LOG`, text or JSON lines) and, only when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is
+//! set, an OTLP/HTTP span exporter configured by the standard variables
+//! (`OTEL_EXPORTER_OTLP_PROTOCOL`, `OTEL_SERVICE_NAME`, `OTEL_BSP_*`). Unset,
+//! nothing is exported; a protocol this build does not speak (`grpc`) is
+//! refused.
 //!
 //! [`serve`] (feature `serve`, for binaries) is the HTTP endpoint every
 //! process can open with `--metrics-addr`: Prometheus text on `/metrics`,
@@ -24,6 +26,6 @@ pub mod process;
 #[cfg(feature = "serve")]
 pub mod serve;
 
-pub use context::{follow, inject};
+pub use context::{fail, follow, inject, message_id};
 #[cfg(feature = "export")]
-pub use export::{init, Telemetry};
+pub use export::{init, InitError, LogFormat, Telemetry, SUPPORTED_PROTOCOLS};

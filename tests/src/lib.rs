@@ -414,6 +414,22 @@ pub fn keysync_cli(args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("running keysync: {e}"))
 }
 
+/// [`keysync_cli`] with environment changes: `Some` sets a variable,
+/// `None` removes it.
+pub fn keysync_cli_env(args: &[&str], env: &[(&str, Option<&str>)]) -> Output {
+    let bin: PathBuf = find_binary("keysync").unwrap_or_else(|e| panic!("{e}"));
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(args);
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running keysync: {e}"))
+}
+
 /// `keysync --nats URL key delete KEY --hsm HSM`, as an operator runs it
 /// (the real binary, off the async runtime), asserting it succeeded.
 pub async fn delete_with_cli(url: &str, key_id: &KeyId, hsm: &HsmId) {

@@ -35,6 +35,16 @@ pub struct Cli {
     /// Do not retry: a key not yet on the HSM asked fails at once.
     #[arg(long, global = true)]
     no_retry: bool,
+    /// Log lines on stderr: text (coloured on a terminal) or json (one
+    /// object per line, with trace and span ids).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "KEYSYNC_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: keysync_telemetry::LogFormat,
     #[command(flatten)]
     auth: keysync_security::NatsAuth,
     #[command(subcommand)]
