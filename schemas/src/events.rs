@@ -57,7 +57,8 @@ impl Event {
             | Event::HsmEnrolled(_)
             | Event::HsmRevoked(_)
             | Event::JoinTokenIssued(_)
-            | Event::JoinRequested(_) => None,
+            | Event::JoinRequested(_)
+            | Event::HsmCapabilities(_) => None,
         }
     }
 
