@@ -565,10 +565,11 @@ impl Client {
             ));
         }
         if let Durability::Replicas(n) = spec.durability {
-            if let Ok(members) = self.cluster_size().await {
+            if let Ok(members) = self.able_members(spec.key_type).await {
                 if u64::from(n) > members {
                     return Err(Error::BadRequest(format!(
-                        "replicas:{n} asks for more HSMs than the cluster has ({members})"
+                        "replicas:{n} asks for more HSMs than the cluster has able to hold {} keys ({members})",
+                        spec.key_type
                     )));
                 }
             }
@@ -853,6 +854,20 @@ impl Client {
     pub async fn cluster_size(&self) -> Result<u64> {
         match self.cluster_status().await {
             Ok(s) => Ok(s.members.len() as u64),
+            Err(e) => self.latest_metrics().map(|m| m.members).ok_or(e),
+        }
+    }
+
+    /// Member HSMs able to hold keys of `key_type` (a member may announce
+    /// that its token cannot): asked of the orchestrator, or every member
+    /// from the latest metrics if it does not answer.
+    async fn able_members(&self, key_type: keysync_schemas::KeyType) -> Result<u64> {
+        match self.cluster_status().await {
+            Ok(s) => Ok(s
+                .members
+                .iter()
+                .filter(|m| !m.cannot_hold.contains(&key_type))
+                .count() as u64),
             Err(e) => self.latest_metrics().map(|m| m.members).ok_or(e),
         }
     }

@@ -192,7 +192,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let nats = args
         .auth
-        .apply_as(async_nats::ConnectOptions::new(), args.id.as_str())
+        .apply_as(
+            keysync_telemetry::process::log_connection_events(async_nats::ConnectOptions::new()),
+            args.id.as_str(),
+        )
         .await?
         .name(format!("hsm-agent {}", args.id))
         .retry_on_initial_connect()

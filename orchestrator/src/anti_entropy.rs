@@ -157,6 +157,11 @@ pub fn repairs(
             }
             continue;
         }
+        // A key of a type it cannot hold is not sent to it, whether it
+        // lacks it or holds it unknown to the log.
+        if !state.can_hold(idx, key.key_type) {
+            continue;
+        }
         let lacks = has.is_none();
         let unknown_holder = has == Some(&key.fingerprint) && !key.holders.contains(idx);
         if (lacks || unknown_holder) && key.created_seq > 0 {
@@ -406,5 +411,35 @@ mod tests {
             })
             .collect();
         assert_eq!(seqs, vec![3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn a_key_of_a_type_the_member_cannot_hold_is_never_repaired_onto_it() {
+        use keysync_schemas::{Durability, Event, KeyType};
+        // Given b cannot hold Ed25519 (the test keys' type) and a P-256 key
+        // exists too,
+        let (e, p) = (KeyId::new(), KeyId::new());
+        let mut p256 = key_created(p, "a", 2, Durability::Logged);
+        p256.key_type = KeyType::P256;
+        let log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            capabilities("b", &[KeyType::P256, KeyType::Aes256, KeyType::Rsa2048]),
+            created(e, "a", 1),
+            Event::KeyCreated(p256),
+        ]);
+        let p_to_b = Action::SendClone {
+            target: hsm("b"),
+            key_id: p,
+            created_seq: 5,
+            repair: true,
+        };
+        // when its inventory is empty, then only the P-256 key is sent,
+        assert_eq!(repairs(&log.state, &hsm("b"), &[]), vec![p_to_b.clone()]);
+        // and an Ed25519 key it holds unknown to the log is left alone.
+        assert_eq!(
+            repairs(&log.state, &hsm("b"), &[(e, Fingerprint([1; 32]))]),
+            vec![p_to_b]
+        );
     }
 }

@@ -96,7 +96,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let nats = args
         .auth
-        .apply_as(async_nats::ConnectOptions::new(), "orchestrator")
+        .apply_as(
+            keysync_telemetry::process::log_connection_events(async_nats::ConnectOptions::new()),
+            "orchestrator",
+        )
         .await?
         .name(format!("orchestrator {}", args.name))
         .retry_on_initial_connect()

@@ -15,6 +15,27 @@ pub fn servers(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
         .collect()
 }
 
+/// Logs the connection's own events as this process's: a lost connection
+/// is a warning an operator should see (async-nats logs them at info,
+/// which a service's default filter keeps quiet), a reconnection is info.
+pub fn log_connection_events(options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+    options.event_callback(|event| async move {
+        match event {
+            async_nats::Event::Connected => tracing::info!("connected to NATS"),
+            async_nats::Event::Disconnected => {
+                tracing::warn!("disconnected from NATS; reconnecting")
+            }
+            async_nats::Event::LameDuckMode => {
+                tracing::warn!("the NATS server is shutting down (lame duck mode)")
+            }
+            async_nats::Event::SlowConsumer(sid) => {
+                tracing::warn!(sid, "slow consumer: NATS dropped messages")
+            }
+            other => tracing::warn!(event = %other, "NATS connection event"),
+        }
+    })
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

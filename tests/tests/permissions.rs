@@ -156,6 +156,17 @@ async fn under_the_secure_config_every_role_works_and_none_can_act_for_another()
         refused(&as_hsm1, subject, h, bytes.clone()).await,
         "hsm-1 published on hsm-2's subject"
     );
+    // ... nor announce what hsm-2 can hold.
+    assert!(
+        refused(
+            &as_hsm1,
+            subjects.hsm_capabilities(&hsms[1]),
+            Default::default(),
+            bytes.clone()
+        )
+        .await,
+        "hsm-1 published hsm-2's capabilities"
+    );
     // ... nor a command.
     assert!(
         refused(
