@@ -568,7 +568,7 @@ impl Client {
             if let Ok(members) = self.able_members(spec.key_type).await {
                 if u64::from(n) > members {
                     return Err(Error::BadRequest(format!(
-                        "replicas:{n} asks for more HSMs than the cluster has able to hold {} keys ({members})",
+                        "replicas:{n} asks for more HSMs than the cluster has ({members}) able to hold {} keys",
                         spec.key_type
                     )));
                 }
