@@ -267,18 +267,45 @@ impl Module {
         }
         let keys = self.list_cluster()?;
         let logged_in = self.is_logged_in();
-        let mut found = Vec::new();
-        {
+        let missing: Vec<KeyId> = {
             let mut objects = self.objects();
             for (id, (info, holders)) in &keys {
                 for hsm in holders {
-                    objects.learn(
-                        *id,
-                        info.key_type,
-                        info.attributes.label.clone(),
-                        hsm.clone(),
-                    );
+                    let label = info.attributes.label.clone();
+                    objects.learn(*id, info.key_type, label, hsm.clone());
                 }
+            }
+            keys.keys()
+                .filter(|id| {
+                    objects
+                        .key(id)
+                        .is_some_and(|k| k.key_type.is_asymmetric() && k.spki.is_none())
+                })
+                .copied()
+                .collect()
+        };
+        // A search by a public-key value needs the public keys.
+        if template.iter().any(|(t, _)| objects::needs_spki(*t)) && !missing.is_empty() {
+            let client = self.client.clone();
+            let fetched = self.run(async move {
+                let fetches = missing.into_iter().map(|id| {
+                    let client = client.clone();
+                    async move { (id, client.public_key(id, &Route::ReplicaAware).await) }
+                });
+                futures::future::join_all(fetches).await
+            })?;
+            let mut objects = self.objects();
+            for (id, spki) in fetched {
+                match spki {
+                    Ok(spki) => objects.set_spki(&id, spki),
+                    Err(e) => report(format_args!("reading the public key of {id}: {e}")),
+                }
+            }
+        }
+        let mut found = Vec::new();
+        {
+            let mut objects = self.objects();
+            for (id, (info, _)) in &keys {
                 let Some(key) = objects.key(id).cloned() else {
                     continue;
                 };

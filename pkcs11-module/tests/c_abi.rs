@@ -581,6 +581,19 @@ fn the_c_abi_refuses_bad_input_and_serves_many_threads() {
         CKR_OPERATION_NOT_INITIALIZED
     );
 
+    // Search by a public-key value (fetched from an HSM for the search).
+    let by_point = [bytes_attr(CKA_EC_POINT, &point)];
+    assert_eq!(
+        call!(m, C_FindObjectsInit, h, by_point.as_ptr() as *mut _, 1),
+        CKR_OK
+    );
+    assert_eq!(
+        call!(m, C_FindObjects, h, found.as_mut_ptr(), 8, &mut n),
+        CKR_OK
+    );
+    assert_eq!(&found[..n as usize], &[pubh]);
+    assert_eq!(call!(m, C_FindObjectsFinal, h), CKR_OK);
+
     // What the token does not do.
     let mut gcm = mech(CKM_AES_GCM);
     assert_eq!(
