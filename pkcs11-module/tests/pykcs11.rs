@@ -2,7 +2,9 @@
 //! `libkeysync_pkcs11.so` on a three-HSM stack: 8 threads with a session
 //! each generate a P-256 pair and sign with it at once, 25 times each,
 //! with zero failures; the private key's `CKA_VALUE` is never given out;
-//! every HSM ends up holding every key made.
+//! every HSM ends up holding every key made. A forked child initialises
+//! the module again and creates and signs; the parent, still initialised,
+//! finds the child's key.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -97,5 +99,29 @@ async fn pykcs11_threads_create_then_sign_without_failures() {
             "{hsm} does not hold every key made through PyKCS11"
         );
     }
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/fork.py");
+    let out = tokio::process::Command::new(PYTHON)
+        .env("KEYSYNC_PKCS11_CONFIG", &config)
+        .arg(&script)
+        .arg(&module)
+        .arg("1234")
+        .output()
+        .await
+        .expect("run python");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "fork.py: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(
+        report["child"]["signature_len"],
+        64,
+        "{report}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report["parent_finds"], 1, "{report}");
     stack.shutdown().await;
 }
