@@ -124,7 +124,8 @@ pub fn finalize() -> Result<(), CK_RV> {
         }
     }
     .ok_or(CKR_CRYPTOKI_NOT_INITIALIZED)?;
-    lock(&module.sessions).close_all();
+    // Closes every session and deletes the session objects.
+    module.close_all_sessions();
     let runtime = lock(&module.runtime).take();
     // The client's watchers stop when its last clone goes; calls still in
     // flight on other threads hold clones and end when the runtime stops.

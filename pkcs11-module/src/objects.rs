@@ -1,6 +1,9 @@
 //! Objects: every keysync token key is one secret-key object (AES) or a
 //! private and a public key object (P-256, Ed25519, RSA). An object handle
 //! names a (key id, class) pair and stays the same for the module's life.
+//! Token objects are the cluster's token keys; a session object
+//! (`CKA_TOKEN` false) is a keysync session key on one HSM, deleted when
+//! the session that made it closes.
 //!
 //! `CKA_ID` is the 16 bytes of the keysync key id, the id the agents'
 //! PKCS#11 tokens give the key too. An application cannot choose it: keysync
@@ -71,6 +74,20 @@ pub struct Key {
     pub holders: BTreeSet<HsmId>,
     /// Its SPKI DER, once fetched.
     pub spki: Option<Vec<u8>>,
+    /// For a session object (`CKA_TOKEN` false), the session that made it:
+    /// the key lives on one HSM and is deleted when that session closes.
+    pub session: Option<CK_SESSION_HANDLE>,
+}
+
+impl Key {
+    /// Where its operations go: a session object's one HSM, or any HSM
+    /// holding a token key (those that listed it first).
+    pub fn route(&self) -> keysync::Route {
+        match (self.session, self.holders.iter().next()) {
+            (Some(_), Some(hsm)) => keysync::Route::Hsm(hsm.clone()),
+            _ => keysync::Route::ReplicaAware,
+        }
+    }
 }
 
 /// Handles and what they name.
@@ -91,9 +108,40 @@ impl Objects {
             label: label.clone(),
             holders: BTreeSet::new(),
             spki: None,
+            session: None,
         });
         key.label = label;
         key.holders.insert(hsm);
+    }
+
+    /// Records a session object made by session `owner` on `hsm`.
+    pub fn learn_session_key(
+        &mut self,
+        id: KeyId,
+        key_type: KeyType,
+        label: Option<String>,
+        hsm: HsmId,
+        owner: CK_SESSION_HANDLE,
+    ) {
+        self.keys.insert(
+            id,
+            Key {
+                key_type,
+                label,
+                holders: BTreeSet::from([hsm]),
+                spki: None,
+                session: Some(owner),
+            },
+        );
+    }
+
+    /// Session objects, of one session or (`None`) of all: id and key.
+    pub fn session_keys(&self, owner: Option<CK_SESSION_HANDLE>) -> Vec<(KeyId, Key)> {
+        self.keys
+            .iter()
+            .filter(|(_, k)| k.session.is_some() && (owner.is_none() || k.session == owner))
+            .map(|(id, k)| (*id, k.clone()))
+            .collect()
     }
 
     /// Stores a key's SPKI.
@@ -252,7 +300,8 @@ pub fn attribute(id: &KeyId, class: Class, key: &Key, attr: CK_ATTRIBUTE_TYPE) -
         CKA_KEY_TYPE => ulong(ck_key_type(t)),
         CKA_ID => Attr::Value(id.0.as_bytes().to_vec()),
         CKA_LABEL => Attr::Value(key.label.clone().unwrap_or_default().into_bytes()),
-        CKA_TOKEN | CKA_LOCAL | CKA_DESTROYABLE => bool_attr(true),
+        CKA_TOKEN => bool_attr(key.session.is_none()),
+        CKA_LOCAL | CKA_DESTROYABLE => bool_attr(true),
         CKA_MODIFIABLE | CKA_COPYABLE | CKA_DERIVE => bool_attr(false),
         CKA_PRIVATE => bool_attr(private),
         CKA_START_DATE | CKA_END_DATE => Attr::Value(Vec::new()),
@@ -320,6 +369,8 @@ pub fn matches(
 pub struct Wanted {
     /// The label.
     pub label: Option<String>,
+    /// `CKA_TOKEN`, if given (a token object unless false).
+    pub token: Option<bool>,
 }
 
 fn flag(value: &[u8]) -> Result<bool, CK_RV> {
@@ -379,8 +430,13 @@ pub fn check_template(
                 }
             }
             CKA_ID => return Err(CKR_ATTRIBUTE_READ_ONLY),
-            // Session objects are not in this version.
-            CKA_TOKEN => must(flag(v)?)?,
+            CKA_TOKEN => {
+                let token = flag(v)?;
+                match wanted.token {
+                    Some(t) if t != token => return Err(CKR_TEMPLATE_INCONSISTENT),
+                    _ => wanted.token = Some(token),
+                }
+            }
             CKA_PRIVATE => must(flag(v)? == private)?,
             CKA_SENSITIVE if private => must(flag(v)?)?,
             CKA_EXTRACTABLE if private => must(!flag(v)?)?,
@@ -416,6 +472,7 @@ mod tests {
             label: Some("l".into()),
             holders: BTreeSet::new(),
             spki: None,
+            session: None,
         }
     }
 
@@ -473,7 +530,6 @@ mod tests {
             ((CKA_EXTRACTABLE, vec![1]), CKR_ATTRIBUTE_VALUE_INVALID),
             ((CKA_ID, vec![1]), CKR_ATTRIBUTE_READ_ONLY),
             ((CKA_LABEL, b"other".to_vec()), CKR_TEMPLATE_INCONSISTENT),
-            ((CKA_TOKEN, vec![0]), CKR_ATTRIBUTE_VALUE_INVALID),
             ((0x8000_0001, vec![]), CKR_ATTRIBUTE_TYPE_INVALID),
         ];
         for (attr, rv) in cases {
@@ -482,6 +538,20 @@ mod tests {
                 Err(rv)
             );
         }
+        let mut token = Wanted {
+            token: Some(true),
+            ..Default::default()
+        };
+        assert_eq!(
+            check_template(
+                KeyType::P256,
+                Class::Private,
+                &[(CKA_TOKEN, vec![0])],
+                &mut token
+            ),
+            Err(CKR_TEMPLATE_INCONSISTENT),
+            "a token public half with a session private half"
+        );
         assert_eq!(
             check_template(
                 KeyType::P256,

@@ -60,20 +60,59 @@ impl Module {
         self.sessions().open(flags & CKF_RW_SESSION != 0)
     }
 
-    /// `C_CloseSession`; closing the last one logs the user out.
+    /// `C_CloseSession`: its session objects are deleted; closing the last
+    /// session logs the user out.
     pub fn close_session(&self, s: CK_SESSION_HANDLE) -> Result<(), CK_RV> {
-        let mut sessions = self.sessions();
-        sessions.close(s)?;
-        if sessions.count() == 0 {
-            self.logged_in.store(false, Ordering::SeqCst);
+        {
+            let mut sessions = self.sessions();
+            sessions.close(s)?;
+            if sessions.count() == 0 {
+                self.logged_in.store(false, Ordering::SeqCst);
+            }
         }
+        self.delete_session_keys(Some(s));
         Ok(())
     }
 
-    /// `C_CloseAllSessions`.
+    /// `C_CloseAllSessions` (and `C_Finalize`): every session object is
+    /// deleted.
     pub fn close_all_sessions(&self) {
         self.sessions().close_all();
         self.logged_in.store(false, Ordering::SeqCst);
+        self.delete_session_keys(None);
+    }
+
+    /// Deletes the session objects of one session, or of all, from their
+    /// HSMs (a failure is reported; the agent drops session keys at
+    /// restart anyway).
+    fn delete_session_keys(&self, owner: Option<CK_SESSION_HANDLE>) {
+        let keys = self.objects().session_keys(owner);
+        if keys.is_empty() {
+            return;
+        }
+        let client = self.client.clone();
+        let deletions: Vec<(KeyId, Route)> = keys.iter().map(|(id, k)| (*id, k.route())).collect();
+        let results = self.run(async move {
+            let deletes = deletions.into_iter().map(|(id, route)| {
+                let client = client.clone();
+                async move { (id, client.delete_key(id, &route).await) }
+            });
+            futures::future::join_all(deletes).await
+        });
+        let mut objects = self.objects();
+        for (id, _) in &keys {
+            objects.forget(id);
+        }
+        match results {
+            Ok(results) => {
+                for (id, r) in results {
+                    if let Err(e) = r {
+                        report(format_args!("deleting session key {id}: {e}"));
+                    }
+                }
+            }
+            Err(_) => report("session keys were not deleted"),
+        }
     }
 
     /// `C_GetSessionInfo`.
@@ -124,9 +163,10 @@ impl Module {
         Ok(())
     }
 
-    /// Checks a session may create or destroy token objects.
-    fn check_writer(&self, s: CK_SESSION_HANDLE) -> Result<(), CK_RV> {
-        if !self.check_session(s)? {
+    /// Checks a session may create or destroy an object: logged in, and
+    /// read/write for a token object.
+    fn check_writer(&self, s: CK_SESSION_HANDLE, token: bool) -> Result<(), CK_RV> {
+        if !self.check_session(s)? && token {
             return Err(CKR_SESSION_READ_ONLY);
         }
         if !self.is_logged_in() {
@@ -135,13 +175,27 @@ impl Module {
         Ok(())
     }
 
-    /// Creates a key in the cluster with the configured durability and
-    /// returns its id once that durability holds.
-    fn create(&self, key_type: keysync_schemas::KeyType, wanted: Wanted) -> Result<KeyId, CK_RV> {
+    /// Creates a key: a token key in the cluster, returned once the
+    /// configured durability holds; or a session object for session `s`,
+    /// on one HSM.
+    fn create(
+        &self,
+        s: CK_SESSION_HANDLE,
+        key_type: keysync_schemas::KeyType,
+        wanted: Wanted,
+    ) -> Result<KeyId, CK_RV> {
+        let token = wanted.token != Some(false);
+        self.check_writer(s, token)?;
+        let durability = if token {
+            self.config.durability
+        } else {
+            keysync_schemas::Durability::None
+        };
         let spec = CreateKey {
             label: wanted.label.clone(),
+            session: !token,
             durability_timeout: self.config.timeout,
-            ..CreateKey::new(key_type).durability(self.config.durability)
+            ..CreateKey::new(key_type).durability(durability)
         };
         let client = self.client.clone();
         let created = self
@@ -149,8 +203,12 @@ impl Module {
             .map_err(|e| sdk_rv("creating a key", &e, CKR_FUNCTION_FAILED))?;
         let id = created.info.key_id;
         let mut objects = self.objects();
-        for hsm in created.holders.iter().chain([&created.info.hsm]) {
-            objects.learn(id, key_type, wanted.label.clone(), hsm.clone());
+        if token {
+            for hsm in created.holders.iter().chain([&created.info.hsm]) {
+                objects.learn(id, key_type, wanted.label.clone(), hsm.clone());
+            }
+        } else {
+            objects.learn_session_key(id, key_type, wanted.label, created.info.hsm, s);
         }
         Ok(id)
     }
@@ -165,7 +223,6 @@ impl Module {
     ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE), CK_RV> {
         self.check_session(s)?;
         let key_type = mechanisms::key_pair_type(mechanism)?;
-        self.check_writer(s)?;
         let mut wanted = Wanted::default();
         objects::check_template(key_type, Class::Public, public, &mut wanted)?;
         objects::check_template(key_type, Class::Private, private, &mut wanted)?;
@@ -174,7 +231,7 @@ impl Module {
         {
             return Err(CKR_TEMPLATE_INCOMPLETE);
         }
-        let id = self.create(key_type, wanted)?;
+        let id = self.create(s, key_type, wanted)?;
         let mut objects = self.objects();
         Ok((
             objects.handle(id, Class::Public),
@@ -191,10 +248,9 @@ impl Module {
     ) -> Result<CK_OBJECT_HANDLE, CK_RV> {
         self.check_session(s)?;
         let key_type = mechanisms::key_type(mechanism)?;
-        self.check_writer(s)?;
         let mut wanted = Wanted::default();
         objects::check_template(key_type, Class::Secret, template, &mut wanted)?;
-        let id = self.create(key_type, wanted)?;
+        let id = self.create(s, key_type, wanted)?;
         Ok(self.objects().handle(id, Class::Secret))
     }
 
@@ -211,10 +267,11 @@ impl Module {
     /// pair destroys the pair: it is one keysync key).
     pub fn destroy_object(&self, s: CK_SESSION_HANDLE, h: CK_OBJECT_HANDLE) -> Result<(), CK_RV> {
         self.check_session(s)?;
-        let (id, _, _) = self.visible(h)?;
-        self.check_writer(s)?;
+        let (id, _, key) = self.visible(h)?;
+        self.check_writer(s, key.session.is_none())?;
         let client = self.client.clone();
-        self.run(async move { client.delete_key(id, &Route::ReplicaAware).await })?
+        let route = key.route();
+        self.run(async move { client.delete_key(id, &route).await })?
             .map_err(|e| sdk_rv("deleting a key", &e, CKR_OBJECT_HANDLE_INVALID))?;
         self.objects().forget(&id);
         Ok(())
@@ -260,37 +317,40 @@ impl Module {
         Ok(keys)
     }
 
-    /// `C_FindObjectsInit`: finds every match at once.
+    /// `C_FindObjectsInit`: finds every match at once, among the cluster's
+    /// token keys and this application's session objects.
     pub fn find_init(&self, s: CK_SESSION_HANDLE, template: &Template) -> Result<(), CK_RV> {
         if self.sessions().get(s)?.search.is_some() {
             return Err(CKR_OPERATION_ACTIVE);
         }
-        let keys = self.list_cluster()?;
+        let listed = self.list_cluster()?;
         let logged_in = self.is_logged_in();
-        let missing: Vec<KeyId> = {
+        let (candidates, missing) = {
             let mut objects = self.objects();
-            for (id, (info, holders)) in &keys {
+            for (id, (info, holders)) in &listed {
                 for hsm in holders {
                     let label = info.attributes.label.clone();
                     objects.learn(*id, info.key_type, label, hsm.clone());
                 }
             }
-            keys.keys()
-                .filter(|id| {
-                    objects
-                        .key(id)
-                        .is_some_and(|k| k.key_type.is_asymmetric() && k.spki.is_none())
+            let mut candidates: Vec<KeyId> = listed.keys().copied().collect();
+            candidates.extend(objects.session_keys(None).into_iter().map(|(id, _)| id));
+            let missing: Vec<(KeyId, Route)> = candidates
+                .iter()
+                .filter_map(|id| {
+                    let k = objects.key(id)?;
+                    (k.key_type.is_asymmetric() && k.spki.is_none()).then(|| (*id, k.route()))
                 })
-                .copied()
-                .collect()
+                .collect();
+            (candidates, missing)
         };
         // A search by a public-key value needs the public keys.
         if template.iter().any(|(t, _)| objects::needs_spki(*t)) && !missing.is_empty() {
             let client = self.client.clone();
             let fetched = self.run(async move {
-                let fetches = missing.into_iter().map(|id| {
+                let fetches = missing.into_iter().map(|(id, route)| {
                     let client = client.clone();
-                    async move { (id, client.public_key(id, &Route::ReplicaAware).await) }
+                    async move { (id, client.public_key(id, &route).await) }
                 });
                 futures::future::join_all(fetches).await
             })?;
@@ -305,11 +365,11 @@ impl Module {
         let mut found = Vec::new();
         {
             let mut objects = self.objects();
-            for (id, (info, _)) in &keys {
+            for id in &candidates {
                 let Some(key) = objects.key(id).cloned() else {
                     continue;
                 };
-                for class in Class::of(info.key_type) {
+                for class in Class::of(key.key_type) {
                     if class.is_private() && !logged_in {
                         continue;
                     }
@@ -365,8 +425,9 @@ impl Module {
         let wants_public = types.iter().any(|t| objects::needs_spki(*t));
         if wants_public && key.key_type.is_asymmetric() && key.spki.is_none() {
             let client = self.client.clone();
+            let route = key.route();
             let spki = self
-                .run(async move { client.public_key(id, &Route::ReplicaAware).await })?
+                .run(async move { client.public_key(id, &route).await })?
                 .map_err(|e| sdk_rv("reading a public key", &e, CKR_OBJECT_HANDLE_INVALID))?;
             self.objects().set_spki(&id, spki.clone());
             key.spki = Some(spki);
@@ -384,7 +445,7 @@ impl Module {
         mechanism: SignMechanism,
         h: CK_OBJECT_HANDLE,
         classes: &[Class],
-    ) -> Result<KeyId, CK_RV> {
+    ) -> Result<(KeyId, Route), CK_RV> {
         if !self.is_logged_in() {
             return Err(CKR_USER_NOT_LOGGED_IN);
         }
@@ -398,7 +459,7 @@ impl Module {
         if !classes.contains(&class) {
             return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
         }
-        Ok(id)
+        Ok((id, key.route()))
     }
 
     /// `C_SignInit` / `C_VerifyInit`.
@@ -431,10 +492,11 @@ impl Module {
         } else {
             &[Class::Private]
         };
-        let key = self.operation_key(m, h, classes)?;
+        let (key, route) = self.operation_key(m, h, classes)?;
         let op = Some(Signing {
             mechanism: m,
             key,
+            route,
             data: Vec::new(),
         });
         let mut sessions = self.sessions();
@@ -518,7 +580,7 @@ impl Module {
         let op = self.take_operation(s, false, data)?;
         let client = self.client.clone();
         let signature = self
-            .run(async move { client.sign(op.key, &op.data, &Route::ReplicaAware).await })?
+            .run(async move { client.sign(op.key, &op.data, &op.route).await })?
             .map_err(|e| sdk_rv("signing", &e, CKR_KEY_HANDLE_INVALID))?;
         op.mechanism.from_agent(signature)
     }
@@ -530,11 +592,7 @@ impl Module {
         let signature = op.mechanism.to_agent(signature)?;
         let client = self.client.clone();
         let valid = self
-            .run(async move {
-                client
-                    .verify(op.key, &op.data, &signature, &Route::ReplicaAware)
-                    .await
-            })?
+            .run(async move { client.verify(op.key, &op.data, &signature, &op.route).await })?
             .map_err(|e| sdk_rv("verifying", &e, CKR_KEY_HANDLE_INVALID))?;
         if valid {
             Ok(())

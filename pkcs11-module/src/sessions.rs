@@ -25,6 +25,8 @@ pub struct Signing {
     pub mechanism: SignMechanism,
     /// The key.
     pub key: KeyId,
+    /// Where the key's operations go.
+    pub route: keysync::Route,
     /// Data given so far by `C_*Update`.
     pub data: Vec<u8>,
 }

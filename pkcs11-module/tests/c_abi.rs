@@ -57,6 +57,15 @@ fn attr<T>(t: CK_ATTRIBUTE_TYPE, v: &T) -> CK_ATTRIBUTE {
     }
 }
 
+/// An attribute to be read into `v`.
+fn out_attr<T>(t: CK_ATTRIBUTE_TYPE, v: &mut T) -> CK_ATTRIBUTE {
+    CK_ATTRIBUTE {
+        type_: t,
+        pValue: v as *mut T as *mut c_void,
+        ulValueLen: std::mem::size_of::<T>() as CK_ULONG,
+    }
+}
+
 fn bytes_attr(t: CK_ATTRIBUTE_TYPE, v: &[u8]) -> CK_ATTRIBUTE {
     CK_ATTRIBUTE {
         type_: t,
@@ -646,6 +655,94 @@ fn the_c_abi_refuses_bad_input_and_serves_many_threads() {
         }
     });
     assert_eq!(failures.into_inner(), 0, "create-then-sign cycles failed");
+
+    // A session object: on one HSM, found while its session lives, gone
+    // from the HSM when the session closes.
+    let hs = open(&m);
+    let no: CK_BBOOL = CK_FALSE;
+    let session_public = [
+        bytes_attr(CKA_EC_PARAMS, &P256),
+        bytes_attr(CKA_LABEL, b"abi-session"),
+        attr(CKA_TOKEN, &no),
+    ];
+    let session_private = [bytes_attr(CKA_LABEL, b"abi-session"), attr(CKA_TOKEN, &no)];
+    let mut gen = mech(CKM_EC_KEY_PAIR_GEN);
+    let (mut spub, mut spriv) = (0, 0);
+    assert_eq!(
+        call!(
+            m,
+            C_GenerateKeyPair,
+            hs,
+            &mut gen,
+            session_public.as_ptr() as *mut _,
+            3,
+            session_private.as_ptr() as *mut _,
+            2,
+            &mut spub,
+            &mut spriv
+        ),
+        CKR_OK
+    );
+    let sig = sign(&m, hs, spriv, b"session").expect("a session key signs");
+    assert_eq!(verify(&m, hs, spub, b"session", &sig), CKR_OK);
+    let mut token_flag: CK_BBOOL = CK_TRUE;
+    let mut read = [out_attr(CKA_TOKEN, &mut token_flag)];
+    assert_eq!(
+        call!(m, C_GetAttributeValue, hs, spriv, read.as_mut_ptr(), 1),
+        CKR_OK
+    );
+    assert_eq!(token_flag, CK_FALSE);
+    let session_search = [attr(CKA_TOKEN, &no)];
+    assert_eq!(
+        call!(
+            m,
+            C_FindObjectsInit,
+            h,
+            session_search.as_ptr() as *mut _,
+            1
+        ),
+        CKR_OK
+    );
+    assert_eq!(
+        call!(m, C_FindObjects, h, found.as_mut_ptr(), 8, &mut n),
+        CKR_OK
+    );
+    let mut session_handles = found[..n as usize].to_vec();
+    session_handles.sort_unstable();
+    let mut expected = vec![spub, spriv];
+    expected.sort_unstable();
+    assert_eq!(session_handles, expected);
+    assert_eq!(call!(m, C_FindObjectsFinal, h), CKR_OK);
+    let session_key = {
+        let mut id = [0u8; 16];
+        let mut read_id = [out_attr(CKA_ID, &mut id)];
+        assert_eq!(
+            call!(m, C_GetAttributeValue, hs, spriv, read_id.as_mut_ptr(), 1),
+            CKR_OK
+        );
+        keysync_schemas::KeyId(uuid::Uuid::from_bytes(id))
+    };
+    let holders: Vec<_> = rt.block_on(async {
+        let mut holders = Vec::new();
+        for hsm in stack.hsm_ids() {
+            let keys = stack.client().list_keys(&hsm).await.expect("list");
+            if keys.iter().any(|k| k.key_id == session_key && k.session) {
+                holders.push(hsm);
+            }
+        }
+        holders
+    });
+    assert_eq!(holders.len(), 1, "a session object lives on one HSM");
+    assert_eq!(call!(m, C_CloseSession, hs), CKR_OK);
+    assert_eq!(sign(&m, h, spriv, b"session"), Err(CKR_KEY_HANDLE_INVALID));
+    let still_there = rt.block_on(async {
+        let keys = stack.client().list_keys(&holders[0]).await.expect("list");
+        keys.iter().any(|k| k.key_id == session_key)
+    });
+    assert!(
+        !still_there,
+        "closing the session deleted its session object"
+    );
 
     // A closed session.
     assert_eq!(call!(m, C_CloseSession, h), CKR_OK);
