@@ -288,6 +288,13 @@ impl Client {
         self.inner.replicas.holders(key)
     }
 
+    /// Tells the client that `hsm` holds `key` (it listed the key, say), so
+    /// replica-aware routing tries that HSM first for a key whose events
+    /// this client never saw (one made by another process).
+    pub fn note_holder(&self, key: KeyId, hsm: HsmId) {
+        self.inner.replicas.learn(key, hsm);
+    }
+
     fn source(&self) -> Source {
         Source::Client(self.inner.options.name.clone())
     }

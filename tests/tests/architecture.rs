@@ -29,8 +29,8 @@ const NOT_IN_THE_SDK: &[&str] = &[
     "keysync-cli",
 ];
 
-#[test]
-fn the_sdk_dependency_tree_is_thin() {
+/// Names in the normal dependency tree of `package`.
+fn normal_dependencies(package: &str) -> Vec<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root");
@@ -40,7 +40,7 @@ fn the_sdk_dependency_tree_is_thin() {
         .args([
             "tree",
             "-p",
-            "keysync",
+            package,
             "-e",
             "normal",
             "--prefix",
@@ -57,19 +57,43 @@ fn the_sdk_dependency_tree_is_thin() {
         String::from_utf8_lossy(&out.stderr)
     );
     let tree = String::from_utf8_lossy(&out.stdout);
-    let names: Vec<&str> = tree
+    let names: Vec<String> = tree
         .lines()
         .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
         .collect();
-    assert!(names.contains(&"async-nats"), "the tree was read: {tree}");
+    assert!(
+        names.iter().any(|n| n == "async-nats"),
+        "the tree was read: {tree}"
+    );
+    names
+}
+
+fn assert_thin(package: &str) {
+    let names = normal_dependencies(package);
     let found: Vec<&&str> = NOT_IN_THE_SDK
         .iter()
-        .filter(|c| names.contains(c))
+        .filter(|c| names.iter().any(|n| n == *c))
         .collect();
     assert!(
         found.is_empty(),
-        "the SDK's normal dependencies include {found:?}:\n{tree}"
+        "{package}'s normal dependencies include {found:?}: {names:?}"
     );
+}
+
+#[test]
+fn the_sdk_dependency_tree_is_thin() {
+    assert_thin("keysync");
+}
+
+/// The PKCS#11 module applications load links the SDK, and nothing the
+/// SDK keeps out (no agent, no harness).
+#[test]
+fn the_pkcs11_module_links_the_sdk_only() {
+    assert!(normal_dependencies("keysync-pkcs11")
+        .iter()
+        .any(|n| n == "keysync"));
+    assert_thin("keysync-pkcs11");
 }
 
 fn pid_alive(pid: u32) -> bool {
