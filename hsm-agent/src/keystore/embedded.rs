@@ -18,7 +18,6 @@
 //! write fails fast with a storage error.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -155,14 +154,6 @@ pub(super) fn poisons(e: &redb::Error) -> bool {
             | redb::Error::Backend(_)
             | redb::Error::DatabaseClosed
             | redb::Error::LockPoisoned(_)
-    )
-}
-
-/// The key range of a page that starts after `after`.
-fn page_start(after: Option<KeyId>) -> (Bound<KeyId>, Bound<KeyId>) {
-    (
-        after.map_or(Bound::Unbounded, Bound::Excluded),
-        Bound::Unbounded,
     )
 }
 
@@ -754,10 +745,7 @@ impl Keystore for EmbeddedKeystore {
         let Ok(keys) = self.keys.read() else {
             return Vec::new();
         };
-        keys.range(page_start(after))
-            .take(limit)
-            .map(|(_, e)| e.info.clone())
-            .collect()
+        super::page(&keys, after, limit, |(_, e)| Some(e.info.clone()))
     }
 
     fn key_count(&self) -> u64 {
@@ -818,11 +806,9 @@ impl Keystore for EmbeddedKeystore {
         let Ok(keys) = self.keys.read() else {
             return Vec::new();
         };
-        keys.range(page_start(after))
-            .filter(|(_, e)| !e.info.session)
-            .take(limit)
-            .map(|(id, e)| (*id, e.info.fingerprint))
-            .collect()
+        super::page(&keys, after, limit, |(id, e)| {
+            (!e.info.session).then_some((*id, e.info.fingerprint))
+        })
     }
 
     fn outbox(&self) -> Result<Vec<(KeyId, OutboxEntry)>, KeystoreError> {

@@ -147,6 +147,23 @@ pub enum CloneOutcome {
     Tombstoned,
 }
 
+/// At most `limit` of what `keep` makes of the entries of `index` (ordered
+/// by key id) after `after`: a page of a listing or an inventory.
+pub(crate) fn page<V, T>(
+    index: &std::collections::BTreeMap<KeyId, V>,
+    after: Option<KeyId>,
+    limit: usize,
+    keep: impl FnMut((&KeyId, &V)) -> Option<T>,
+) -> Vec<T> {
+    use std::ops::Bound;
+    let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+    index
+        .range((start, Bound::Unbounded))
+        .filter_map(keep)
+        .take(limit)
+        .collect()
+}
+
 /// Bytes of an event to publish later, stored atomically with a new key so
 /// a key never exists without its `KeyCreated` eventually being logged.
 pub type OutboxEntry = Vec<u8>;

@@ -13,7 +13,6 @@
 //! `spawn_blocking`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -104,13 +103,6 @@ pub struct Pkcs11Keystore {
 
 fn storage(e: impl std::fmt::Display) -> KeystoreError {
     KeystoreError::Storage(e.to_string())
-}
-
-fn page_start(after: Option<KeyId>) -> (Bound<KeyId>, Bound<KeyId>) {
-    (
-        after.map_or(Bound::Unbounded, Bound::Excluded),
-        Bound::Unbounded,
-    )
 }
 
 /// A token error as a clone failure: a transient one passes (the command
@@ -677,10 +669,7 @@ impl Keystore for Pkcs11Keystore {
         let Ok(keys) = self.keys.read() else {
             return Vec::new();
         };
-        keys.range(page_start(after))
-            .take(limit)
-            .map(|(_, h)| h.info.clone())
-            .collect()
+        crate::keystore::page(&keys, after, limit, |(_, h)| Some(h.info.clone()))
     }
 
     fn key_count(&self) -> u64 {
@@ -747,11 +736,9 @@ impl Keystore for Pkcs11Keystore {
         let Ok(keys) = self.keys.read() else {
             return Vec::new();
         };
-        keys.range(page_start(after))
-            .filter(|(_, h)| !h.info.session)
-            .take(limit)
-            .map(|(id, h)| (*id, h.info.fingerprint))
-            .collect()
+        crate::keystore::page(&keys, after, limit, |(id, h)| {
+            (!h.info.session).then_some((*id, h.info.fingerprint))
+        })
     }
 
     fn discard_created(
