@@ -38,6 +38,11 @@ pub struct Args {
     /// front of a SoftHSM2 token (`pkcs11`), beside the embedded run.
     #[arg(long, value_enum, default_value = "embedded")]
     keystore: BenchKeystore,
+    /// The PKCS#11 module for the module rows (default:
+    /// libkeysync_pkcs11.so next to this binary; the rows are skipped if
+    /// it is not built: `cargo build -p keysync-pkcs11`).
+    #[arg(long)]
+    module: Option<std::path::PathBuf>,
     /// One JSON document on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -620,6 +625,25 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let msgs_per_key = 3 * n + 1;
     say("measuring create-then-sign on each route");
     let routes = routing(&stack.url(), &hsms, sizes.routing).await?;
+    let module = match args
+        .module
+        .clone()
+        .or_else(super::bench_module::find_module)
+    {
+        Some(m) => {
+            say("measuring create-then-sign and sign rates through the PKCS#11 module");
+            let (cycles, rate_for) = if args.quick {
+                (20, Duration::from_secs(2))
+            } else {
+                (200, Duration::from_secs(5))
+            };
+            super::bench_module::rows(&m, &stack.url(), &client, cycles, rate_for).await?
+        }
+        None => {
+            say("no libkeysync_pkcs11.so next to this binary: module rows skipped (cargo build -p keysync-pkcs11)");
+            serde_json::Value::Null
+        }
+    };
     stack.shutdown().await;
     say(&format!("measuring scaling at {:?} HSMs", sizes.scaling));
     let scale = scaling(cli, &sizes, args.key_type, args.in_flight).await?;
@@ -679,6 +703,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         "bootstrap": boot,
         "recovery": recov,
         "keystores": keystores,
+        "pkcs11_module": module,
     });
     if args.json {
         return print_json(&doc);
@@ -755,6 +780,29 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         "  recovery: orchestrator restart over {} events folded in {} s from the log alone ({} events/s, {} MB resident); {} s from its snapshot",
         r["events"], r["seconds_full_replay"], r["events_per_s"], r["orchestrator_rss_mb"], r["seconds_from_snapshot"]
     );
+    let m = &doc["pkcs11_module"];
+    if !m.is_null() {
+        println!(
+            "\n  {:<34} {:>8} {:>8}   (ms, P-256, replicas:2, {} cycles)",
+            "create then sign at once", "p50", "p99", m["cycles"]
+        );
+        for (name, v) in [
+            ("through the PKCS#11 module", &m["create_then_sign_module"]),
+            ("through the SDK", &m["create_then_sign_sdk"]),
+        ] {
+            println!(
+                "  {:<34} {:>8} {:>8}",
+                name,
+                f(&v["p50_ms"]),
+                f(&v["p99_ms"])
+            );
+        }
+        let r = &m["sign_per_s_by_threads"];
+        println!(
+            "  signs/s through the module: {} (1 thread), {} (8), {} (32)",
+            r["1"], r["8"], r["32"]
+        );
+    }
     let k = &doc["keystores"];
     if !k.is_null() {
         println!(
