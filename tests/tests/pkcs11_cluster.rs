@@ -348,14 +348,13 @@ fn agent_refuses(stack_dir: &Path, flags: &[&str]) -> String {
         "hsm-agent {flags:?} started: {stderr}"
     );
     assert!(
-        !data.path().join(keysync_journal_file()).exists(),
+        !data
+            .path()
+            .join(hsm_agent::keystore::pkcs11::JOURNAL_FILE)
+            .exists(),
         "a refused token got a journal"
     );
     stderr
-}
-
-fn keysync_journal_file() -> &'static str {
-    "pkcs11-journal.redb"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

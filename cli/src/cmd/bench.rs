@@ -275,12 +275,12 @@ async fn scaling(
     Ok(serde_json::Value::Array(rows))
 }
 
-fn histogram() -> anyhow::Result<Histogram<u64>> {
+pub(super) fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
 }
 
 /// p50, p90, p99, max in milliseconds from a histogram of microseconds.
-fn pct(h: &Histogram<u64>) -> serde_json::Value {
+pub(super) fn pct(h: &Histogram<u64>) -> serde_json::Value {
     let ms = |us: u64| (us as f64 / 10.0).round() / 100.0;
     json!({
         "count": h.len(),

@@ -12,10 +12,11 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
-use hdrhistogram::Histogram;
 use keysync::{Client, CreateKey, Route};
 use keysync_schemas::{Durability, KeyType};
 use serde_json::json;
+
+use super::bench::{histogram, pct};
 
 /// The PIN the bench's module configuration accepts.
 const PIN: &str = "bench-pin";
@@ -27,15 +28,6 @@ pub fn find_module() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let m = exe.parent()?.join("libkeysync_pkcs11.so");
     m.is_file().then_some(m)
-}
-
-fn histogram() -> anyhow::Result<Histogram<u64>> {
-    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
-}
-
-fn pct(h: &Histogram<u64>) -> serde_json::Value {
-    let ms = |q: f64| (h.value_at_quantile(q) as f64 / 1000.0 * 100.0).round() / 100.0;
-    json!({ "p50_ms": ms(0.5), "p99_ms": ms(0.99), "count": h.len() })
 }
 
 fn login(ctx: &Pkcs11) -> anyhow::Result<Session> {

@@ -187,6 +187,9 @@ impl Journal {
 
     /// Commits `changes` in one transaction, in order.
     pub fn commit(&self, changes: &[Change<'_>]) -> Result<(), KeystoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
         let mut encoded = Vec::new();
         for c in changes {
             if let Change::Put(_, r) = c {

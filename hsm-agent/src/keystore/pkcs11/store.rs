@@ -212,8 +212,9 @@ impl Pkcs11Keystore {
                 tracing::warn!(key_id = %id, "destroyed the token objects of a key the journal does not hold (a create or delete cut short)");
                 out.destroyed.push(*id);
             }
-            self.journal.commit(&[Change::Settle(*id)])?;
         }
+        let settled: Vec<Change<'_>> = intents.iter().map(|id| Change::Settle(*id)).collect();
+        self.journal.commit(&settled)?;
         let on_token: HashSet<KeyId> = self.token.list()?.into_iter().map(|k| k.id).collect();
         for id in records.keys() {
             if !on_token.contains(id) {
@@ -223,8 +224,9 @@ impl Pkcs11Keystore {
         for id in &out.lost {
             tracing::error!(key_id = %id, "the token no longer holds this key; forgetting it so the cluster clones it in again");
             records.remove(id);
-            self.journal.commit(&[Change::Remove(*id)])?;
         }
+        let forgotten: Vec<Change<'_>> = out.lost.iter().map(|id| Change::Remove(*id)).collect();
+        self.journal.commit(&forgotten)?;
         let tombstones = self.tombstones.read().map_err(storage)?;
         out.foreign = on_token
             .iter()
