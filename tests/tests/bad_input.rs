@@ -31,6 +31,19 @@ async fn bad_input_is_rejected_counted_and_changes_nothing() {
     let real = create(&client, KeyType::P256, &h1).await;
     expected.insert(real.info.key_id, real.info.fingerprint);
     assert_converges(&client, &hsms, &expected, Duration::from_secs(20)).await;
+    // The agents hold it; wait until the orchestrator has folded their
+    // CloneApplied too, so the "before" status is the settled one.
+    let folded = wait_until(Duration::from_secs(20), || async {
+        client
+            .cluster_status()
+            .await
+            .is_ok_and(|s| s.replicated == 1 && s.members.iter().all(|m| m.lag == 0))
+    })
+    .await;
+    assert!(
+        folded,
+        "the orchestrator did not fold the key's replication"
+    );
     let status_before = client.cluster_status().await.expect("status");
 
     let valid_event = encode(&Envelope::new(
