@@ -4,13 +4,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
 use keysync_schemas::{HsmId, Subjects};
 
 /// Fronts one HSM for a keysync cluster.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(version, about)]
 struct Args {
+    /// A TOML file of options: keys are the long option names with `-`
+    /// replaced by `_` (`nats`, `data_dir`, ...); a flag or its environment
+    /// variable overrides the file. Unknown keys are refused.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     /// Log lines on stderr: text (coloured on a terminal) or json (one
     /// object per line, with trace and span ids).
     #[arg(long, value_enum, env = "KEYSYNC_LOG_FORMAT", default_value = "text")]
@@ -146,7 +150,7 @@ fn keystore_kind(args: &Args) -> anyhow::Result<hsm_agent::KeystoreKind> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args: Args = keysync_telemetry::config_file::parse();
     let _telemetry = keysync_telemetry::init(
         "hsm-agent",
         &[

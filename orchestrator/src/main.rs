@@ -5,13 +5,17 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
 use keysync_schemas::Subjects;
 
 /// Folds the keysync event log into cluster state and keeps every HSM in sync.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(version, about)]
 struct Args {
+    /// A TOML file of options: keys are the long option names with `-`
+    /// replaced by `_` (`nats`, `data_dir`, ...); a flag or its environment
+    /// variable overrides the file. Unknown keys are refused.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     /// Log lines on stderr: text (coloured on a terminal) or json (one
     /// object per line, with trace and span ids).
     #[arg(long, value_enum, env = "KEYSYNC_LOG_FORMAT", default_value = "text")]
@@ -23,7 +27,12 @@ struct Args {
     #[arg(long, env = "KEYSYNC_PREFIX", default_value = "keysync")]
     prefix: String,
     /// Stream replicas when creating the streams (use 3 on a NATS cluster).
-    #[arg(long, default_value_t = 1)]
+    #[arg(
+        long,
+        visible_alias = "stream-replicas",
+        env = "KEYSYNC_STREAM_REPLICAS",
+        default_value_t = 1
+    )]
     replicas: usize,
     /// This instance's name (unique among orchestrators of one cluster).
     #[arg(long, default_value = "orchestrator")]
@@ -66,7 +75,7 @@ fn secs(s: f64, min: f64) -> Duration {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args: Args = keysync_telemetry::config_file::parse();
     let _telemetry = keysync_telemetry::init(
         "orchestrator",
         &[("service.instance.id", args.name.clone())],

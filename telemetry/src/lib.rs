@@ -19,6 +19,8 @@
 //! target's apply, the replicated announcement) is one trace across
 //! processes.
 
+#[cfg(feature = "export")]
+pub mod config_file;
 mod context;
 #[cfg(feature = "export")]
 mod export;
