@@ -46,6 +46,36 @@ pub struct NatsAuth {
         arg(long, env = "KEYSYNC_INBOX_PREFIX", global = true)
     )]
     pub inbox_prefix: Option<String>,
+    /// TLS: the CA certificate (PEM) the NATS servers' certificates must
+    /// chain to; TLS is then required.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "KEYSYNC_NATS_TLS_CA", global = true)
+    )]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// TLS: this process's client certificate (PEM), for servers that
+    /// verify clients (with --nats-tls-key).
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            env = "KEYSYNC_NATS_TLS_CERT",
+            global = true,
+            requires = "nats_tls_key"
+        )
+    )]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// TLS: the client certificate's private key (PEM, mode 0600).
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            env = "KEYSYNC_NATS_TLS_KEY",
+            global = true,
+            requires = "nats_tls_cert"
+        )
+    )]
+    pub nats_tls_key: Option<PathBuf>,
 }
 
 /// How long to wait before reconnect attempt `attempts` (0-based): soon,
@@ -81,8 +111,27 @@ impl std::fmt::Debug for NatsAuth {
             .field("nats_creds", &self.nats_creds)
             .field("nats_nkey", &self.nats_nkey)
             .field("inbox_prefix", &self.inbox_prefix)
+            .field("nats_tls_ca", &self.nats_tls_ca)
+            .field("nats_tls_cert", &self.nats_tls_cert)
+            .field("nats_tls_key", &self.nats_tls_key)
             .finish()
     }
+}
+
+/// The `name` of the user JWT in a NATS `.creds` file, if it has one.
+/// The signature is not checked here: the server checks it, and the name
+/// only chooses an inbox prefix, which the server's permissions confine.
+fn creds_user_name(path: &std::path::Path) -> Option<String> {
+    use base64::Engine as _;
+    const BEGIN: &str = "-----BEGIN NATS USER JWT-----";
+    let text = std::fs::read_to_string(path).ok()?;
+    let jwt = text[text.find(BEGIN)? + BEGIN.len()..].trim_start();
+    let claims = jwt.split(['.', '\n']).nth(1)?;
+    let body = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims.trim())
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    value["name"].as_str().map(String::from)
 }
 
 /// Why credentials could not be used.
@@ -91,6 +140,9 @@ pub enum CredentialsError {
     /// A password without a user, or the reverse.
     #[error("--nats-user and --nats-password go together")]
     Incomplete,
+    /// A TLS client certificate without its key, or the reverse.
+    #[error("--nats-tls-cert and --nats-tls-key go together")]
+    IncompleteTls,
     /// An inbox prefix keysync responders would not answer, or not a subject.
     #[error(transparent)]
     InboxPrefix(#[from] crate::reply::InboxPrefixError),
@@ -117,17 +169,21 @@ impl NatsAuth {
     /// The inbox prefix of a connection in `role` (`orchestrator`, an HSM
     /// id, `client`, ...): `--inbox-prefix` if given (it must be an inbox),
     /// else `_INBOX.<user>` when logging in with a user name (the role's
-    /// user in `secure.conf`), else `_INBOX.<role>`; `None` if neither
+    /// user in `secure.conf`), else `_INBOX.<name>` with a creds file whose
+    /// user JWT is named (`keysync nats init` names each role's user, and
+    /// each agent's after its HSM id), else `_INBOX.<role>`; `None` if none
     /// makes a subject.
     pub fn inbox_prefix(&self, role: Option<&str>) -> Result<Option<String>, CredentialsError> {
         if let Some(p) = &self.inbox_prefix {
             crate::reply::validate_prefix(p)?;
             return Ok(Some(p.clone()));
         }
+        let creds_name = self.nats_creds.as_deref().and_then(creds_user_name);
         Ok(self
             .nats_user
             .as_deref()
             .and_then(crate::reply::prefix_for)
+            .or_else(|| creds_name.as_deref().and_then(crate::reply::prefix_for))
             .or_else(|| role.and_then(crate::reply::prefix_for)))
     }
 
@@ -174,6 +230,18 @@ impl NatsAuth {
                     source,
                 })?;
         }
+        if let Some(ca) = &self.nats_tls_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match (&self.nats_tls_cert, &self.nats_tls_key) {
+            (Some(cert), Some(key)) => {
+                opts = opts
+                    .add_client_certificate(cert.clone(), key.clone())
+                    .require_tls(true)
+            }
+            (None, None) => {}
+            _ => return Err(CredentialsError::IncompleteTls),
+        }
         if let Some(path) = &self.nats_nkey {
             let seed = crate::secret_file::read(path).map_err(|e| CredentialsError::Io {
                 path: path.display().to_string(),
@@ -209,6 +277,15 @@ impl NatsAuth {
         }
         if let Some(p) = &self.inbox_prefix {
             env.push(("KEYSYNC_INBOX_PREFIX", p.clone()));
+        }
+        if let Some(p) = &self.nats_tls_ca {
+            env.push(("KEYSYNC_NATS_TLS_CA", p.display().to_string()));
+        }
+        if let Some(p) = &self.nats_tls_cert {
+            env.push(("KEYSYNC_NATS_TLS_CERT", p.display().to_string()));
+        }
+        if let Some(p) = &self.nats_tls_key {
+            env.push(("KEYSYNC_NATS_TLS_KEY", p.display().to_string()));
         }
         env
     }

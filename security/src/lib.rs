@@ -22,6 +22,8 @@
 //!   under it (what travels between HSMs is wrapped by it).
 //! - [`credentials`]: NATS user/password, nkey or creds-file flags shared by
 //!   every binary, so NATS permissions can confine each role.
+//! - `nats_jwt` (feature `jwt`): NATS operator, account and per-agent
+//!   user JWTs, so adding an HSM edits no server config.
 //! - [`reply`]: responders answer only inboxes; each role asks under its
 //!   own inbox prefix.
 
@@ -32,6 +34,8 @@ pub mod freshness;
 pub mod identity;
 pub mod join;
 pub mod message_id;
+#[cfg(feature = "jwt")]
+pub mod nats_jwt;
 pub mod policy;
 pub mod reply;
 pub mod secret_file;

@@ -28,6 +28,8 @@ pub enum Command {
         /// The cluster identity file (the orchestrators' `--identity`).
         #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
         identity: PathBuf,
+        #[command(flatten)]
+        creds: super::nats::MintArgs,
         /// One JSON document on stdout.
         #[arg(long)]
         json: bool,
@@ -44,6 +46,8 @@ pub enum Command {
         /// The cluster identity file.
         #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
         identity: PathBuf,
+        #[command(flatten)]
+        creds: super::nats::MintArgs,
         /// One JSON document on stdout.
         #[arg(long)]
         json: bool,
@@ -57,6 +61,8 @@ pub enum Command {
         /// The cluster identity file.
         #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
         identity: PathBuf,
+        #[command(flatten)]
+        nats_revoke: super::nats::RevokeArgs,
         /// One JSON document on stdout.
         #[arg(long)]
         json: bool,
@@ -124,21 +130,32 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
             id,
             pubkey,
             identity,
+            creds,
             json,
         } => {
             let identity = load(identity)?;
             let nats = cli.nats("keysync-cli hsm").await?;
             let seq =
                 keysync::admin::enroll(&nats, &cli.subjects()?, &identity, id, *pubkey).await?;
+            let creds_out = super::nats::mint(creds, id.as_str())?;
             if *json {
-                print_json(
-                    &json!({"hsm_id": id.as_str(), "pubkey": hex::encode(pubkey), "seq": seq}),
-                )
+                print_json(&json!({
+                    "hsm_id": id.as_str(),
+                    "pubkey": hex::encode(pubkey),
+                    "seq": seq,
+                    "nats_creds": creds_out.map(|p| p.display().to_string()),
+                }))
             } else {
                 println!(
                     "enrolled {id} with key {} (event {seq})",
                     hex::encode(pubkey)
                 );
+                if let Some(p) = creds_out {
+                    eprintln!(
+                        "its NATS credentials: {} (agent: --nats-creds)",
+                        p.display()
+                    );
+                }
                 Ok(())
             }
         }
@@ -146,6 +163,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
             id,
             ttl,
             identity,
+            creds,
             json,
         } => {
             let identity = load(identity)?;
@@ -158,24 +176,55 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 Duration::from_secs(*ttl),
             )
             .await?;
+            let creds_out = super::nats::mint(creds, id.as_str())?;
             if *json {
-                print_json(
-                    &json!({"hsm_id": id.as_str(), "token": token.encode().as_str(), "ttl_secs": ttl}),
-                )
+                print_json(&json!({
+                    "hsm_id": id.as_str(),
+                    "token": token.encode().as_str(),
+                    "ttl_secs": ttl,
+                    "nats_creds": creds_out.map(|p| p.display().to_string()),
+                }))
             } else {
                 println!("{}", token.encode().as_str());
                 eprintln!("one-time join token for {id}, valid {ttl} s: start its agent with --join-token (or KEYSYNC_JOIN_TOKEN)");
+                if let Some(p) = creds_out {
+                    eprintln!(
+                        "its NATS credentials: {} (agent: --nats-creds)",
+                        p.display()
+                    );
+                }
                 Ok(())
             }
         }
-        Command::Remove { id, identity, json } => {
+        Command::Remove {
+            id,
+            identity,
+            nats_revoke,
+            json,
+        } => {
             let identity = load(identity)?;
             let nats = cli.nats("keysync-cli hsm").await?;
             let seq = keysync::admin::revoke(&nats, &cli.subjects()?, &identity, id).await?;
+            // After the log's revocation, so a failure here leaves the HSM
+            // removed from the cluster (its events refused) and the NATS
+            // revocation to retry.
+            let nats_user = super::nats::revoke(cli, nats_revoke, id.as_str())
+                .await
+                .with_context(|| {
+                    format!("{id} is removed from the cluster, but its NATS user is not revoked yet; run the command again")
+                })?;
             if *json {
-                print_json(&json!({"hsm_id": id.as_str(), "removed": true, "seq": seq}))
+                print_json(&json!({
+                    "hsm_id": id.as_str(),
+                    "removed": true,
+                    "seq": seq,
+                    "nats_user_revoked": nats_user,
+                }))
             } else {
                 println!("removed {id}: key revoked, queued commands withdrawn (event {seq})");
+                if let Some(u) = nats_user {
+                    println!("NATS user {u} revoked on the servers");
+                }
                 Ok(())
             }
         }

@@ -10,6 +10,7 @@ mod dlq;
 mod hsm;
 mod key;
 mod metrics;
+mod nats;
 
 use clap::{Parser, Subcommand};
 use keysync::{Client, ClientOptions};
@@ -79,6 +80,10 @@ enum Command {
     /// Rejected messages, with their reasons.
     #[command(subcommand)]
     Dlq(dlq::Command),
+    /// The NATS trust chain of a deployment: operator, accounts, each
+    /// role's credentials (docs/deploy.md).
+    #[command(subcommand)]
+    Nats(nats::Command),
 }
 
 impl Cli {
@@ -153,6 +158,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(c) => audit::run(&cli, c).await,
         Command::Hsm(c) => hsm::run(&cli, c).await,
         Command::Dlq(c) => dlq::run(&cli, c).await,
+        Command::Nats(c) => nats::run(c),
     }
 }
 
