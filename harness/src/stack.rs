@@ -43,6 +43,17 @@ pub struct StackOptions {
     /// instead of the embedded keystore; the stack makes the tokens and
     /// provisions the domain key into them (see [`crate::softhsm`]).
     pub softhsm_agents: Vec<String>,
+    /// Extra environment for every nats-server (a config's `$VARS`, such
+    /// as `KEYSYNC_NATS_RESOLVER_DIR` for `keysync nats init`'s resolver).
+    pub nats_env: Vec<(String, String)>,
+    /// Start the orchestrators and agents from TOML config files
+    /// (`--config <dir>/config/<name>.toml`) holding the options the
+    /// harness would otherwise pass as flags, credentials included, as a
+    /// service unit does; extra args stay flags (they override the file).
+    pub config_files: bool,
+    /// More orchestrators to start, as standbys, after the first one
+    /// (their names).
+    pub standby_orchestrators: Vec<String>,
 }
 
 /// NATS credentials for each process of a stack.
@@ -70,6 +81,9 @@ impl Default for StackOptions {
             agent_args: Vec::new(),
             auth: StackAuth::default(),
             softhsm_agents: Vec::new(),
+            nats_env: Vec::new(),
+            config_files: false,
+            standby_orchestrators: Vec::new(),
         }
     }
 }
@@ -91,6 +105,83 @@ pub struct DevStack {
     auth: StackAuth,
     cluster_identity: PathBuf,
     cluster_key: String,
+    config_files: bool,
+}
+
+/// A process's options: written to a config file or passed as flags.
+struct Settings(Vec<(&'static str, String)>);
+
+impl Settings {
+    fn push(&mut self, key: &'static str, value: impl ToString) -> &mut Self {
+        self.0.push((key, value.to_string()));
+        self
+    }
+
+    /// Adds the options to `cmd`: in `file` (TOML, keys as the long
+    /// options with `_`) named by `--config`, or as flags.
+    fn apply(&self, cmd: &mut std::process::Command, file: Option<PathBuf>) -> Result<()> {
+        match file {
+            Some(file) => {
+                let mut text = String::from("# written by the keysync harness\n");
+                for (k, v) in &self.0 {
+                    // A TOML basic string: JSON's string escaping is valid TOML.
+                    let quoted = serde_json::to_string(v).map_err(|e| {
+                        StackError::Io(file.display().to_string(), std::io::Error::other(e))
+                    })?;
+                    text.push_str(&format!("{k} = {quoted}\n"));
+                }
+                if let Some(dir) = file.parent() {
+                    keysync_security::secret_file::create_private_dirs(dir).map_err(|e| {
+                        StackError::Io(
+                            dir.display().to_string(),
+                            std::io::Error::other(e.to_string()),
+                        )
+                    })?;
+                }
+                keysync_security::secret_file::write_private(&file, text.as_bytes()).map_err(
+                    |e| {
+                        StackError::Io(
+                            file.display().to_string(),
+                            std::io::Error::other(e.to_string()),
+                        )
+                    },
+                )?;
+                cmd.arg("--config").arg(&file);
+            }
+            None => {
+                for (k, v) in &self.0 {
+                    cmd.arg(format!("--{}", k.replace('_', "-"))).arg(v);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// NATS credentials (and TLS) as options.
+    fn auth(&mut self, auth: &NatsAuth) -> &mut Self {
+        let paths = [
+            ("nats_creds", &auth.nats_creds),
+            ("nats_nkey", &auth.nats_nkey),
+            ("nats_tls_ca", &auth.nats_tls_ca),
+            ("nats_tls_cert", &auth.nats_tls_cert),
+            ("nats_tls_key", &auth.nats_tls_key),
+        ];
+        for (k, v) in paths {
+            if let Some(p) = v {
+                self.push(k, p.display());
+            }
+        }
+        if let Some(u) = &auth.nats_user {
+            self.push("nats_user", u);
+        }
+        if let Some(p) = &auth.nats_password {
+            self.push("nats_password", p);
+        }
+        if let Some(p) = &auth.inbox_prefix {
+            self.push("inbox_prefix", p);
+        }
+        self
+    }
 }
 
 /// The first orchestrator's name.
@@ -104,8 +195,14 @@ async fn start_nats(dir: &Path, opts: &StackOptions) -> Result<Vec<NatsServer>> 
     };
     if opts.nats_nodes <= 1 {
         return Ok(vec![
-            NatsServer::start_with(bin, &dir.join("nats"), opts.port, config_args, Vec::new())
-                .await?,
+            NatsServer::start_with(
+                bin,
+                &dir.join("nats"),
+                opts.port,
+                config_args,
+                opts.nats_env.clone(),
+            )
+            .await?,
         ]);
     }
     // A cluster that did not form (JetStream cannot place a replicated
@@ -141,9 +238,10 @@ async fn cluster_forms(
 ) -> std::result::Result<(), String> {
     let urls: Vec<async_nats::ServerAddr> =
         nodes.iter().filter_map(|n| n.url().parse().ok()).collect();
+    // As the orchestrator: the role that may create streams.
     let client = opts
         .auth
-        .operator
+        .orchestrator
         .apply(async_nats::ConnectOptions::new())
         .await
         .map_err(|e| e.to_string())?
@@ -206,6 +304,7 @@ async fn start_cluster(
         for (j, r) in routes.iter().enumerate() {
             env.push((format!("KEYSYNC_NATS_ROUTE_{}", j + 1), r.clone()));
         }
+        env.extend(opts.nats_env.iter().cloned());
         let port = if i == 0 { opts.port } else { None };
         // Servers of a forming cluster do not wait for each other to be
         // ready: start them all, then wait.
@@ -338,8 +437,12 @@ impl DevStack {
             auth: opts.auth,
             cluster_identity,
             cluster_key,
+            config_files: opts.config_files,
         };
         stack.start_orchestrator().await?;
+        for name in &opts.standby_orchestrators {
+            stack.start_orchestrator_named(name).await?;
+        }
         let ids: Vec<HsmId> = (1..=opts.hsms)
             .filter_map(|i| HsmId::new(format!("hsm-{i}")).ok())
             .collect();
@@ -397,11 +500,27 @@ impl DevStack {
         self.orchestrators.get_mut(name)
     }
 
-    fn common_args(&self, cmd: &mut std::process::Command) {
-        cmd.arg("--nats")
-            .arg(self.url())
-            .arg("--prefix")
-            .arg(self.subjects.prefix());
+    fn common_settings(&self) -> Settings {
+        let mut s = Settings(Vec::new());
+        s.push("nats", self.url())
+            .push("prefix", self.subjects.prefix());
+        s
+    }
+
+    /// Where a process's config file goes, in config-file mode.
+    fn config_file(&self, name: &str) -> Option<PathBuf> {
+        self.config_files
+            .then(|| self.dir.join("config").join(format!("{name}.toml")))
+    }
+
+    /// Sets an agent's NATS credentials (for its next start).
+    pub fn set_agent_auth(&mut self, id: &HsmId, auth: NatsAuth) {
+        self.auth.agents.insert(id.to_string(), auth);
+    }
+
+    /// The NATS credentials processes of the stack use.
+    pub fn auth(&self) -> &StackAuth {
+        &self.auth
     }
 
     /// Starts (or restarts) the primary orchestrator and waits until it answers.
@@ -416,13 +535,17 @@ impl DevStack {
             old.kill();
         }
         let mut cmd = command(&find_binary("orchestrator")?);
-        self.common_args(&mut cmd);
-        cmd.arg("--name")
-            .arg(name)
-            .arg("--identity")
-            .arg(&self.cluster_identity)
-            .args(&self.orchestrator_args)
-            .envs(self.auth.orchestrator.to_env());
+        let mut settings = self.common_settings();
+        settings
+            .push("name", name)
+            .push("identity", self.cluster_identity.display());
+        if self.config_files {
+            settings.auth(&self.auth.orchestrator);
+        } else {
+            cmd.envs(self.auth.orchestrator.to_env());
+        }
+        settings.apply(&mut cmd, self.config_file(name))?;
+        cmd.args(&self.orchestrator_args);
         let mut p = Process::spawn(
             &format!("orchestrator {name}"),
             cmd,
@@ -547,28 +670,31 @@ impl DevStack {
                     detail: e.to_string(),
                 })?;
             let mut cmd = command(&find_binary("hsm-agent")?);
-            self.common_args(&mut cmd);
-            cmd.arg("--id")
-                .arg(id.as_str())
-                .arg("--data-dir")
-                .arg(self.dir.join(id.as_str()));
-            match &self.softhsm {
-                Some(tokens) if tokens.fronts(id) => tokens.agent(id, &mut cmd),
-                _ => {
-                    cmd.arg("--domain-key").arg(&self.domain_key);
-                }
+            let mut settings = self.common_settings();
+            settings
+                .push("id", id.as_str())
+                .push("data_dir", self.dir.join(id.as_str()).display())
+                .push("cluster_key", &self.cluster_key);
+            let softhsm = matches!(&self.softhsm, Some(t) if t.fronts(id));
+            if !softhsm {
+                settings.push("domain_key", self.domain_key.display());
             }
-            cmd.arg("--cluster-key")
-                .arg(&self.cluster_key)
-                .args(&self.agent_args)
-                .args(extra)
-                .envs(
-                    self.auth
-                        .agents
-                        .get(id.as_str())
-                        .map(|a| a.to_env())
-                        .unwrap_or_default(),
-                );
+            let auth = self
+                .auth
+                .agents
+                .get(id.as_str())
+                .cloned()
+                .unwrap_or_default();
+            if self.config_files {
+                settings.auth(&auth);
+            } else {
+                cmd.envs(auth.to_env());
+            }
+            settings.apply(&mut cmd, self.config_file(id.as_str()))?;
+            if let Some(tokens) = self.softhsm.as_ref().filter(|t| t.fronts(id)) {
+                tokens.agent(id, &mut cmd);
+            }
+            cmd.args(&self.agent_args).args(extra);
             let p = Process::spawn(
                 &format!("hsm-agent {id}"),
                 cmd,

@@ -460,3 +460,206 @@ pub fn random_index(n: usize) -> usize {
     let id = uuid::Uuid::new_v4();
     (id.as_u128() % n.max(1) as u128) as usize
 }
+
+/// A deployment's NATS trust chain made by the real `keysync nats init`
+/// (operator, accounts, role creds, agent signer, `resolver.conf`), and
+/// optionally a CA with server and client certificates made by the
+/// `openssl` CLI.
+pub struct NatsTrust {
+    /// Where `keysync nats init` wrote (and configs and certs go).
+    pub dir: PathBuf,
+}
+
+impl NatsTrust {
+    /// Runs `keysync nats init --out <dir>/nats-auth`.
+    pub fn init(parent: &std::path::Path) -> Self {
+        let dir = parent.join("nats-auth");
+        let out = keysync_cli(&["nats", "init", "--out", &dir.display().to_string()]);
+        assert!(
+            out.status.success(),
+            "keysync nats init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        NatsTrust { dir }
+    }
+
+    /// A role's creds (`orchestrator`, `client`, `auditor`, `operator`, `sys`).
+    pub fn creds(&self, role: &str) -> PathBuf {
+        self.dir.join("creds").join(format!("{role}.creds"))
+    }
+
+    /// The agents' credential signer.
+    pub fn signer(&self) -> PathBuf {
+        self.dir.join("agent-signer.toml")
+    }
+
+    /// Agent `hsm`'s creds, minted as `keysync hsm enroll|token
+    /// --nats-signer` does (same library call), written once.
+    pub fn agent_creds(&self, hsm: &str) -> PathBuf {
+        let path = self.dir.join("agents").join(format!("{hsm}.creds"));
+        if !path.exists() {
+            let signer_text = keysync_security::secret_file::read(&self.signer())
+                .unwrap_or_else(|e| panic!("signer: {e}"));
+            let signer = keysync_security::nats_jwt::AgentSigner::parse(&signer_text)
+                .unwrap_or_else(|e| panic!("signer: {e}"));
+            let creds = signer
+                .agent_creds(hsm)
+                .unwrap_or_else(|e| panic!("agent creds: {e}"));
+            keysync_security::secret_file::create_private_dirs(&self.dir.join("agents"))
+                .unwrap_or_else(|e| panic!("agents dir: {e}"));
+            keysync_security::secret_file::create(&path, &creds)
+                .unwrap_or_else(|e| panic!("agent creds: {e}"));
+        }
+        path
+    }
+
+    /// Credentials for `tls` (CA, and this role's client certificate) if given.
+    fn auth(&self, creds: PathBuf, tls: Option<&TlsFiles>) -> keysync_security::NatsAuth {
+        keysync_security::NatsAuth {
+            nats_creds: Some(creds),
+            nats_tls_ca: tls.map(|t| t.ca.clone()),
+            nats_tls_cert: tls.map(|t| t.client_cert.clone()),
+            nats_tls_key: tls.map(|t| t.client_key.clone()),
+            ..Default::default()
+        }
+    }
+
+    /// Each process of a stack of `hsms` agents logged in as its role.
+    pub fn stack_auth(&self, hsms: usize, tls: Option<&TlsFiles>) -> keysync_harness::StackAuth {
+        keysync_harness::StackAuth {
+            orchestrator: self.auth(self.creds("orchestrator"), tls),
+            operator: self.auth(self.creds("operator"), tls),
+            agents: (1..=hsms)
+                .map(|i| {
+                    let id = format!("hsm-{i}");
+                    let auth = self.auth(self.agent_creds(&id), tls);
+                    (id, auth)
+                })
+                .collect(),
+        }
+    }
+
+    /// `role`'s credentials (a creds file of this trust chain) with `tls`.
+    pub fn role_auth(&self, creds: PathBuf, tls: Option<&TlsFiles>) -> keysync_security::NatsAuth {
+        self.auth(creds, tls)
+    }
+
+    /// The environment nats-server needs for `resolver.conf`.
+    pub fn nats_env(&self) -> Vec<(String, String)> {
+        vec![(
+            "KEYSYNC_NATS_RESOLVER_DIR".into(),
+            self.dir.join("jwt").display().to_string(),
+        )]
+    }
+
+    /// `config` (a file under `deploy/`) copied next to `resolver.conf`,
+    /// which it includes by a relative path.
+    pub fn server_config(&self, config: &str) -> PathBuf {
+        let to = self.dir.join(
+            std::path::Path::new(config)
+                .file_name()
+                .unwrap_or_else(|| panic!("{config} names no file")),
+        );
+        std::fs::copy(deploy(config), &to).unwrap_or_else(|e| panic!("copying {config}: {e}"));
+        to
+    }
+}
+
+/// A CA and certificates for NATS over TLS, made with the `openssl` CLI.
+pub struct TlsFiles {
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// The servers' certificate (127.0.0.1, localhost; server and client
+    /// use, for routes).
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// A client certificate.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes them in `dir` with `openssl` (`None` if it is missing).
+    pub fn make(dir: &std::path::Path) -> Option<Self> {
+        on_path("openssl")?;
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .unwrap_or_else(|e| panic!("openssl: {e}"));
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=keysync test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        for (name, cn, ext) in [
+            (
+                "server",
+                "keysync nats",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ),
+            ("client", "keysync client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext)
+                .unwrap_or_else(|e| panic!("{name}.ext: {e}"));
+            run(&[
+                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-subj", &format!("/CN={cn}"), "-keyout", &format!("{name}.key"),
+                "-out", &format!("{name}.csr"),
+            ]);
+            run(&[
+                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey",
+                "ca.key", "-CAcreateserial", "-days", "2", "-out", &format!("{name}.pem"),
+                "-extfile", &format!("{name}.ext"),
+            ]);
+        }
+        Some(TlsFiles {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        })
+    }
+
+    /// The environment the TLS configs in `deploy/nats/` read.
+    pub fn nats_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("KEYSYNC_NATS_TLS_CA".into(), self.ca.display().to_string()),
+            (
+                "KEYSYNC_NATS_TLS_CERT".into(),
+                self.server_cert.display().to_string(),
+            ),
+            (
+                "KEYSYNC_NATS_TLS_KEY".into(),
+                self.server_key.display().to_string(),
+            ),
+        ]
+    }
+}
