@@ -70,8 +70,13 @@ impl NatsServer {
             .arg("-js");
         if extra.iter().any(|a| a == "-c") {
             // A config names its store through $KEYSYNC_NATS_STORE_DIR
-            // (a flag as well would be a duplicate setting).
+            // (a flag as well would be a duplicate setting), and its
+            // account resolver's through $KEYSYNC_NATS_RESOLVER_DIR.
             cmd.env("KEYSYNC_NATS_STORE_DIR", dir.join("jetstream"));
+            // Each node's own account-JWT directory, for configs with a
+            // full resolver (`keysync nats init`'s resolver.conf): a
+            // resolver locks its directory, so nodes cannot share one.
+            cmd.env("KEYSYNC_NATS_RESOLVER_DIR", dir.join("jwt"));
         } else {
             cmd.arg("-sd").arg(dir.join("jetstream"));
         }

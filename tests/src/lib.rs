@@ -544,14 +544,6 @@ impl NatsTrust {
         self.auth(creds, tls)
     }
 
-    /// The environment nats-server needs for `resolver.conf`.
-    pub fn nats_env(&self) -> Vec<(String, String)> {
-        vec![(
-            "KEYSYNC_NATS_RESOLVER_DIR".into(),
-            self.dir.join("jwt").display().to_string(),
-        )]
-    }
-
     /// `config` (a file under `deploy/`) copied next to `resolver.conf`,
     /// which it includes by a relative path.
     pub fn server_config(&self, config: &str) -> PathBuf {

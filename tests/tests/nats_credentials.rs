@@ -60,7 +60,6 @@ async fn each_agent_is_confined_to_its_own_subjects_and_a_removed_one_is_revoked
     let trust = NatsTrust::init(temp.path());
     let mut opts = fast_options(3);
     opts.nats_config = Some(trust.server_config("nats/single-node-jwt.conf"));
-    opts.nats_env = trust.nats_env();
     opts.auth = trust.stack_auth(3, None);
     let mut stack = DevStack::start(opts)
         .await
