@@ -7,7 +7,8 @@
 //! token_label = "keysync"      # the token's label (default), at most 32 bytes
 //! timeout_secs = 10            # one request, and a durability wait (default)
 //! # NATS credentials, as the CLI takes them (all optional):
-//! # nats_user, nats_password, nats_creds, nats_nkey, inbox_prefix
+//! # nats_user, nats_password, nats_creds, nats_nkey, inbox_prefix,
+//! # nats_tls_ca, nats_tls_cert, nats_tls_key
 //! # subject_prefix = "keysync" # the cluster's subject prefix (default)
 //! ```
 //!
@@ -62,6 +63,9 @@ struct File {
     nats_creds: Option<PathBuf>,
     nats_nkey: Option<PathBuf>,
     inbox_prefix: Option<String>,
+    nats_tls_ca: Option<PathBuf>,
+    nats_tls_cert: Option<PathBuf>,
+    nats_tls_key: Option<PathBuf>,
 }
 
 /// `nats` is a list of URLs, or one string.
@@ -158,6 +162,9 @@ impl Config {
                 nats_creds: file.nats_creds,
                 nats_nkey: file.nats_nkey,
                 inbox_prefix: file.inbox_prefix,
+                nats_tls_ca: file.nats_tls_ca,
+                nats_tls_cert: file.nats_tls_cert,
+                nats_tls_key: file.nats_tls_key,
             },
             user_pin: file.user_pin,
             durability,

@@ -224,6 +224,58 @@ async fn each_agent_is_confined_to_its_own_subjects_and_a_removed_one_is_revoked
     let k = create(&client, KeyType::P256, &left[0]).await;
     expected.insert(k.info.key_id, k.info.fingerprint);
     assert_converges(&client, &left, &expected, Duration::from_secs(30)).await;
+
+    // Rotating a role's credentials: mint new ones, revoke the old user.
+    let old = trust.creds("auditor");
+    let new = trust.dir.join("creds/auditor-2.creds");
+    let cli = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            keysync_cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .expect("cli task")
+    };
+    let out = cli(vec![
+        "nats".into(),
+        "role-creds".into(),
+        "--role".into(),
+        "auditor".into(),
+        "--account-key".into(),
+        trust.dir.join("account.nk").display().to_string(),
+        "--out".into(),
+        new.display().to_string(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(vec![
+        "--nats".into(),
+        url.clone(),
+        "nats".into(),
+        "revoke".into(),
+        "--creds".into(),
+        old.display().to_string(),
+        "--nats-operator-signer".into(),
+        trust.dir.join("operator-signer.nk").display().to_string(),
+        "--nats-system-creds".into(),
+        trust.creds("sys").display().to_string(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        connect_watching(&url, &old).await.is_err(),
+        "the old auditor creds still connect"
+    );
+    connect_watching(&url, &new)
+        .await
+        .expect("the new auditor creds connect");
     stack.kill_agent(&hsm("hsm-2"));
     stack.shutdown().await;
 }

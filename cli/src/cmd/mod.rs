@@ -158,7 +158,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(c) => audit::run(&cli, c).await,
         Command::Hsm(c) => hsm::run(&cli, c).await,
         Command::Dlq(c) => dlq::run(&cli, c).await,
-        Command::Nats(c) => nats::run(c),
+        Command::Nats(c) => nats::run(&cli, c).await,
     }
 }
 

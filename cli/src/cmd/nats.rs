@@ -26,9 +26,8 @@ pub enum Command {
         #[arg(long, default_value = "keysync")]
         operator_name: String,
     },
-    /// Mint a new `.creds` for a role (rotation: hand it over, restart the
-    /// role's processes, then revoke nothing — role users are rotated by
-    /// reissuing the account; see docs/deploy.md).
+    /// Mint a new `.creds` for a role (rotation: install it, restart the
+    /// role's processes, then `keysync nats revoke --creds OLD`).
     RoleCreds {
         /// orchestrator, client, auditor or operator.
         #[arg(long)]
@@ -39,6 +38,20 @@ pub enum Command {
         /// Where to write the `.creds` (0600; never overwritten).
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Revoke the NATS user of a `.creds` file on every server (a role's
+    /// old credentials after rotation, or a leaked file): its connections
+    /// are closed and it no longer logs in.
+    Revoke {
+        /// The `.creds` file whose user to revoke.
+        #[arg(long)]
+        creds: PathBuf,
+        /// The operator signing key's seed (`operator-signer.nk`).
+        #[arg(long, env = "KEYSYNC_NATS_OPERATOR_SIGNER")]
+        nats_operator_signer: PathBuf,
+        /// The system account user's `.creds` (`creds/sys.creds`).
+        #[arg(long, env = "KEYSYNC_NATS_SYSTEM_CREDS")]
+        nats_system_creds: PathBuf,
     },
 }
 
@@ -109,12 +122,26 @@ pub async fn revoke(cli: &Cli, args: &RevokeArgs, hsm: &str) -> anyhow::Result<O
     };
     let signer = signer(s)?;
     let user = signer.agent_user(hsm)?.public_key();
+    revoke_user(cli, &signer.account, &user, op, sys).await?;
+    Ok(Some(user))
+}
+
+/// Revokes `user` of `account` on the servers as of now: re-signs the
+/// account JWT they hold with the operator signer at `op` and pushes it as
+/// the system user of `sys`.
+async fn revoke_user(
+    cli: &Cli,
+    account: &str,
+    user: &str,
+    op: &Path,
+    sys: &Path,
+) -> anyhow::Result<()> {
     let operator_signer = nats_jwt::seed_key(
         &secret_file::read(op).with_context(|| format!("operator signer {}", op.display()))?,
     )?;
     let servers = keysync_telemetry::process::servers(&cli.nats).map_err(anyhow::Error::msg)?;
     let system_user = keysync_security::NatsAuth {
-        nats_creds: Some(sys.clone()),
+        nats_creds: Some(sys.to_path_buf()),
         nats_tls_ca: cli.auth.nats_tls_ca.clone(),
         nats_tls_cert: cli.auth.nats_tls_cert.clone(),
         nats_tls_key: cli.auth.nats_tls_key.clone(),
@@ -144,7 +171,7 @@ pub async fn revoke(cli: &Cli, args: &RevokeArgs, hsm: &str) -> anyhow::Result<O
         }
     };
     let lookup = ask(
-        format!("$SYS.REQ.ACCOUNT.{}.CLAIMS.LOOKUP", signer.account),
+        format!("$SYS.REQ.ACCOUNT.{account}.CLAIMS.LOOKUP"),
         bytes::Bytes::new(),
     )
     .await?;
@@ -152,7 +179,7 @@ pub async fn revoke(cli: &Cli, args: &RevokeArgs, hsm: &str) -> anyhow::Result<O
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let updated = nats_jwt::revoke(&current, &operator_signer, &user, now)
+    let updated = nats_jwt::revoke(&current, &operator_signer, user, now)
         .context("the account JWT the servers hold")?;
     let reply = ask("$SYS.REQ.CLAIMS.UPDATE".into(), updated.into()).await?;
     let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
@@ -162,7 +189,7 @@ pub async fn revoke(cli: &Cli, args: &RevokeArgs, hsm: &str) -> anyhow::Result<O
             String::from_utf8_lossy(&reply.payload)
         );
     }
-    Ok(Some(user))
+    Ok(())
 }
 
 fn role_of(name: &str) -> anyhow::Result<Role> {
@@ -174,8 +201,29 @@ fn role_of(name: &str) -> anyhow::Result<Role> {
         })
 }
 
-pub fn run(cmd: &Command) -> anyhow::Result<()> {
+pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
     match cmd {
+        Command::Revoke {
+            creds,
+            nats_operator_signer,
+            nats_system_creds,
+        } => {
+            let text =
+                secret_file::read(creds).with_context(|| format!("creds {}", creds.display()))?;
+            let jwt = nats_jwt::jwt_of_creds(&text)
+                .with_context(|| format!("{} holds no user JWT", creds.display()))?;
+            let claims = nats_jwt::decode(jwt)?;
+            let user = claims["sub"]
+                .as_str()
+                .context("user JWT without a subject")?;
+            let account = claims["nats"]["issuer_account"]
+                .as_str()
+                .or_else(|| claims["iss"].as_str())
+                .context("user JWT without an issuer")?;
+            revoke_user(cli, account, user, nats_operator_signer, nats_system_creds).await?;
+            println!("NATS user {user} revoked on the servers");
+            Ok(())
+        }
         Command::Init { out, operator_name } => {
             secret_file::create_private_dirs(&out.join("creds"))
                 .with_context(|| format!("making {}", out.display()))?;
