@@ -279,3 +279,53 @@ async fn each_agent_is_confined_to_its_own_subjects_and_a_removed_one_is_revoked
     stack.kill_agent(&hsm("hsm-2"));
     stack.shutdown().await;
 }
+
+/// The ceremony's first step makes the domain key and the cluster
+/// identity, never overwriting either.
+#[test]
+fn cluster_init_makes_the_domain_key_and_the_cluster_identity() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dk = dir.path().join("domain.key");
+    let id = dir.path().join("cluster.key");
+    let args = [
+        "cluster",
+        "init",
+        "--domain-key-out",
+        dk.to_str().expect("utf-8"),
+        "--identity-out",
+        id.to_str().expect("utf-8"),
+    ];
+    let out = keysync_cli(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let identity = keysync_security::Identity::load(&id).expect("a cluster identity");
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(printed.contains(&identity.public_hex()), "{printed}");
+    let shown = keysync_cli(&[
+        "hsm",
+        "cluster-key",
+        "--identity",
+        id.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&shown.stdout).trim(),
+        identity.public_hex()
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    for f in [&dk, &id] {
+        let mode = std::fs::metadata(f).expect("file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    // Never overwritten: a second run fails and leaves the identity.
+    let again = keysync_cli(&args);
+    assert!(!again.status.success());
+    assert_eq!(
+        keysync_security::Identity::load(&id)
+            .expect("still there")
+            .public_hex(),
+        identity.public_hex()
+    );
+}

@@ -15,6 +15,12 @@ pub enum Command {
         /// Where to write the key.
         #[arg(long)]
         domain_key_out: PathBuf,
+        /// Also make the cluster identity here (Ed25519, mode 0600, never
+        /// overwritten): the key both orchestrators (`--identity`) and the
+        /// operators' `keysync hsm` commands sign with. Prints its public
+        /// key (the agents' `--cluster-key`).
+        #[arg(long)]
+        identity_out: Option<PathBuf>,
     },
     /// Members, their states, key counts and lag, as the orchestrator sees them.
     Status {
@@ -26,7 +32,20 @@ pub enum Command {
 
 pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Init { domain_key_out } => {
+        Command::Init {
+            domain_key_out,
+            identity_out,
+        } => {
+            // The identity first: it refuses an existing file before the
+            // domain key is made.
+            let identity = identity_out
+                .as_deref()
+                .map(|path| {
+                    keysync_security::Identity::create_file(path).with_context(|| {
+                        format!("creating the cluster identity {}", path.display())
+                    })
+                })
+                .transpose()?;
             let key = keysync_security::domain_key::DomainKey::create_file(domain_key_out)
                 .context("creating the domain key")?;
             println!(
@@ -34,6 +53,16 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 key.id(),
                 domain_key_out.display()
             );
+            if let (Some(identity), Some(path)) = (identity, identity_out) {
+                println!(
+                    "cluster identity written to {} (mode 0600): give it to both orchestrators (--identity) and to operators' keysync hsm commands.",
+                    path.display()
+                );
+                println!(
+                    "cluster key (agents' --cluster-key): {}",
+                    identity.public_hex()
+                );
+            }
             Ok(())
         }
         Command::Status { json } => {
