@@ -304,12 +304,39 @@ mod tests {
         .expect("parses");
         assert_eq!(a.nats, "nats://flag:4222");
         assert_eq!(a.routes, ["flag"]);
-        // Environment over file, flag over environment. This test alone
-        // uses KEYSYNC_CFGTEST_NATS.
-        std::env::set_var("KEYSYNC_CFGTEST_NATS", "nats://env:4222");
-        let from_env = parse(&["--config", path]).map(|a| a.nats);
-        let from_flag = parse(&["--config", path, "--nats", "nats://flag:4222"]).map(|a| a.nats);
-        std::env::remove_var("KEYSYNC_CFGTEST_NATS");
+        // Environment over file, flag over environment: with a struct of
+        // its own whose variable no other test reads (tests run in
+        // parallel in one process).
+        #[derive(Debug, Parser)]
+        struct EnvArgs {
+            #[arg(long)]
+            config: Option<PathBuf>,
+            #[arg(
+                long,
+                env = "KEYSYNC_CFGTEST_ENV_NATS",
+                default_value = "nats://default:4222"
+            )]
+            nats: String,
+        }
+        let env_parse = |args: &[&str]| {
+            try_parse_from::<EnvArgs>(
+                std::iter::once("bin")
+                    .chain(args.iter().copied())
+                    .map(Into::into)
+                    .collect(),
+            )
+            .map(|a| a.nats)
+        };
+        let f2 = file("nats = \"nats://file:4222\"\n");
+        let path2 = f2.path().to_str().expect("utf-8 path");
+        assert_eq!(
+            env_parse(&["--config", path2]).expect("parses"),
+            "nats://file:4222"
+        );
+        std::env::set_var("KEYSYNC_CFGTEST_ENV_NATS", "nats://env:4222");
+        let from_env = env_parse(&["--config", path2]);
+        let from_flag = env_parse(&["--config", path2, "--nats", "nats://flag:4222"]);
+        std::env::remove_var("KEYSYNC_CFGTEST_ENV_NATS");
         assert_eq!(from_env.expect("parses"), "nats://env:4222");
         assert_eq!(from_flag.expect("parses"), "nats://flag:4222");
     }
