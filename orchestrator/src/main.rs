@@ -50,8 +50,9 @@ struct Args {
     snapshot_every: u64,
     /// The cluster identity (Ed25519, mode 0600; made at first start).
     /// Every orchestrator of a cluster uses the same one; agents verify
-    /// commands with its public key.
-    #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
+    /// commands with its public key. Default: a fixed system path, never
+    /// the working directory.
+    #[arg(long, env = "KEYSYNC_IDENTITY", default_value = keysync_security::identity::DEFAULT_CLUSTER_IDENTITY)]
     identity: std::path::PathBuf,
     #[command(flatten)]
     auth: keysync_security::NatsAuth,

@@ -26,7 +26,7 @@ pub enum Command {
         #[arg(long, value_parser = keysync_security::parse_public_key)]
         pubkey: [u8; 32],
         /// The cluster identity file (the orchestrators' `--identity`).
-        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
+        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = keysync_security::identity::DEFAULT_CLUSTER_IDENTITY)]
         identity: PathBuf,
         /// One JSON document on stdout.
         #[arg(long)]
@@ -42,7 +42,7 @@ pub enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
         /// The cluster identity file.
-        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
+        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = keysync_security::identity::DEFAULT_CLUSTER_IDENTITY)]
         identity: PathBuf,
         /// One JSON document on stdout.
         #[arg(long)]
@@ -55,7 +55,7 @@ pub enum Command {
         #[arg(long)]
         id: HsmId,
         /// The cluster identity file.
-        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
+        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = keysync_security::identity::DEFAULT_CLUSTER_IDENTITY)]
         identity: PathBuf,
         /// One JSON document on stdout.
         #[arg(long)]
@@ -64,7 +64,7 @@ pub enum Command {
     /// Print the cluster's public key (for agents' `--cluster-key`).
     ClusterKey {
         /// The cluster identity file.
-        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
+        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = keysync_security::identity::DEFAULT_CLUSTER_IDENTITY)]
         identity: PathBuf,
     },
     /// Put the cluster domain key into a PKCS#11 token (sensitive,
