@@ -57,5 +57,7 @@ pub use keys::{
 pub use metrics::{HsmMetrics, LatencySummary, SyncMetrics, METRICS_VERSION};
 pub use ops::{AgentHealth, KeyInfo, OpError, OpErrorKind, OpReply, OpRequest};
 pub use rejection::{RejectReason, Rejection};
-pub use status::{ClusterStatus, MemberState, MemberStatus, StatusReply, StatusRequest};
+pub use status::{
+    ClusterStatus, KeyStanding, KeyStatus, MemberState, MemberStatus, StatusReply, StatusRequest,
+};
 pub use subjects::Subjects;

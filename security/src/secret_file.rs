@@ -102,12 +102,17 @@ pub fn write_atomic(
             "not a file name",
         ))
     })?;
+    // The directory's own error first ("No such file or directory").
+    std::fs::metadata(dir).map_err(|e| SecretFileError::Io {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
     // tempfile makes the file with O_EXCL and mode 0600 on Unix.
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{}.", name.to_string_lossy()))
         .suffix(".tmp")
         .tempfile_in(dir)
-        .map_err(io)?;
+        .map_err(|e| io(without_temp_path(e)))?;
     tmp.write_all(contents)
         .and_then(|_| tmp.as_file().sync_all())
         .map_err(io)?;
@@ -124,6 +129,12 @@ pub fn write_atomic(
         }
     })?;
     sync_dir(dir).map_err(io)
+}
+
+/// tempfile's error without the temporary file's name (the target's is
+/// the one a person needs).
+fn without_temp_path(e: std::io::Error) -> std::io::Error {
+    std::io::Error::from(e.kind())
 }
 
 /// Makes a rename in `dir` durable.

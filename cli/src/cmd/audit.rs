@@ -42,6 +42,10 @@ pub enum Command {
         /// Audit stream (default: the cluster's).
         #[arg(long)]
         stream: Option<String>,
+        /// One JSON document on stdout (members, keys with their HSMs,
+        /// deleted keys) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -265,7 +269,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                             &json!({"intact": true, "records": w.records, "foreign": foreign_json}),
                         )?;
                     } else {
-                        println!("audit chain intact: {} records{foreign_text}", w.records);
+                        outln!("audit chain intact: {} records{foreign_text}", w.records);
                     }
                     if !w.foreign.is_empty() {
                         eprintln!(
@@ -302,11 +306,15 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                         json!({"seq": r.seq, "hash": hex::encode(r.hash), "foreign": true, "error": e})
                     }
                 };
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(())
         }
-        Command::Replay { until, stream } => {
+        Command::Replay {
+            until,
+            stream,
+            json,
+        } => {
             let limit: Box<dyn Fn(&AuditRecord) -> bool> = match until.parse::<u64>() {
                 Ok(seq) => Box::new(move |r: &AuditRecord| r.chain_seq <= seq),
                 Err(_) => {
@@ -376,7 +384,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     | AuditFact::HsmCapabilities { .. } => {}
                 }
             }
-            print_json(&json!({
+            let doc = json!({
                 "until_seq": last.0,
                 "until_time": rfc3339(last.1),
                 "members": members.iter().map(|(h, s)| json!({"hsm_id": h.as_str(), "state": s})).collect::<Vec<_>>(),
@@ -384,10 +392,34 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     "key_id": id.to_string(),
                     "key_type": k.key_type,
                     "fingerprint": k.fingerprint,
+                    "hsm_ids": k.hsms.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
                     "hsms": k.hsms.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "deleted": keys.iter().filter(|(_, k)| k.deleted).map(|(id, _)| id.to_string()).collect::<Vec<_>>(),
-            }))
+            });
+            if *json {
+                return print_json(&doc);
+            }
+            outln!(
+                "the cluster at audit record {} ({})",
+                last.0,
+                rfc3339(last.1)
+            );
+            outln!("{:<16} STATE", "HSM");
+            for (h, state) in &members {
+                outln!("{:<16} {state}", h.as_str());
+            }
+            outln!("{:<36}  {:<8} HSMS", "KEY", "TYPE");
+            for (id, k) in keys.iter().filter(|(_, k)| !k.deleted) {
+                let hsms: Vec<&str> = k.hsms.iter().map(|h| h.as_str()).collect();
+                outln!("{id}  {:<8} {}", k.key_type, hsms.join(","));
+            }
+            let deleted = keys.values().filter(|k| k.deleted).count();
+            outln!(
+                "{} live keys, {deleted} deleted (--json for fingerprints and the deleted ids)",
+                keys.len() - deleted
+            );
+            Ok(())
         }
     }
 }

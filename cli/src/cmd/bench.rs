@@ -709,8 +709,10 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         return print_json(&doc);
     }
     let f = |v: &serde_json::Value| format!("{:.2}", v.as_f64().unwrap_or(0.0));
-    let row = |name: &str, v: &serde_json::Value| {
-        println!(
+    let row = |name: &str, v: &serde_json::Value| -> std::io::Result<()> {
+        use std::io::Write as _;
+        writeln!(
+            std::io::stdout().lock(),
             "  {:<34} {:>8} {:>8} {:>8} {:>8}",
             name,
             f(&v["p50_ms"]),
@@ -719,19 +721,23 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             f(&v["max_ms"])
         )
     };
-    println!(
+    outln!(
         "keysync bench: {n} HSMs, {} keys, {} cores{}",
         args.key_type,
         doc["machine"]["cores"],
         if args.quick { ", --quick" } else { "" }
     );
-    println!(
+    outln!(
         "\n  {:<34} {:>8} {:>8} {:>8} {:>8}   (ms)",
-        "latency", "p50", "p90", "p99", "max"
+        "latency",
+        "p50",
+        "p90",
+        "p99",
+        "max"
     );
-    row("JetStream floor (same pattern)", &doc["floor"]);
-    row("sync latency, one key at a time", &doc["sync_latency"]);
-    println!(
+    row("JetStream floor (same pattern)", &doc["floor"])?;
+    row("sync latency, one key at a time", &doc["sync_latency"])?;
+    outln!(
         "  {:<34} {:>7}x {:>16}x",
         "ratio to floor",
         f(&doc["ratio_to_floor"]["p50"]),
@@ -741,28 +747,33 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         row(
             &format!("create, durability {d}"),
             &doc["create_latency"][d],
-        );
+        )?;
     }
     let t = &doc["throughput"];
-    println!(
+    outln!(
         "\n  throughput ({} keys, {} in flight): {} keys/s created, {} keys/s replicated to {n} HSMs",
         t["keys"], t["in_flight"], t["created_per_s"], t["replicated_per_s"]
     );
-    println!(
+    outln!(
         "  bus ceiling: {} JetStream publishes/s / {} messages per key = {} keys/s",
-        t["bus_publish_per_s"], t["messages_per_key"], t["bus_ceiling_keys_per_s"]
+        t["bus_publish_per_s"],
+        t["messages_per_key"],
+        t["bus_ceiling_keys_per_s"]
     );
     let r = &doc["routing"];
-    println!(
+    outln!(
         "\n  create (none) then sign at once, failures of {}: replica-aware {}, any HSM without retries {}, any HSM with retries {}",
         r["replica_aware"]["cycles"], r["replica_aware"]["failures"], r["any_without_retries"]["failures"], r["any_with_retries"]["failures"]
     );
-    println!(
+    outln!(
         "\n  {:<6} {:>10} {:>10} {:>14}",
-        "HSMs", "sync p50", "sync p99", "replicated/s"
+        "HSMs",
+        "sync p50",
+        "sync p99",
+        "replicated/s"
     );
     for r in doc["scaling"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  {:<6} {:>10} {:>10} {:>14}",
             r["hsms"],
             f(&r["sync_latency"]["p50_ms"]),
@@ -771,26 +782,29 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         );
     }
     let b = &doc["bootstrap"];
-    println!(
+    outln!(
         "\n  bootstrap: a new HSM joining {} keys is in service after {} s ({} keys/s); orchestrator memory {} bytes per tracked key",
         b["keys"], b["seconds_to_in_service"], b["keys_per_s"], b["orchestrator_bytes_per_key"]
     );
     let r = &doc["recovery"];
-    println!(
+    outln!(
         "  recovery: orchestrator restart over {} events folded in {} s from the log alone ({} events/s, {} MB resident); {} s from its snapshot",
         r["events"], r["seconds_full_replay"], r["events_per_s"], r["orchestrator_rss_mb"], r["seconds_from_snapshot"]
     );
     let m = &doc["pkcs11_module"];
     if !m.is_null() {
-        println!(
+        outln!(
             "\n  {:<34} {:>8} {:>8}   (ms, P-256, replicas:2, {} cycles)",
-            "create then sign at once", "p50", "p99", m["cycles"]
+            "create then sign at once",
+            "p50",
+            "p99",
+            m["cycles"]
         );
         for (name, v) in [
             ("through the PKCS#11 module", &m["create_then_sign_module"]),
             ("through the SDK", &m["create_then_sign_sdk"]),
         ] {
-            println!(
+            outln!(
                 "  {:<34} {:>8} {:>8}",
                 name,
                 f(&v["p50_ms"]),
@@ -798,14 +812,16 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             );
         }
         let r = &m["sign_per_s_by_threads"];
-        println!(
+        outln!(
             "  signs/s through the module: {} (1 thread), {} (8), {} (32)",
-            r["1"], r["8"], r["32"]
+            r["1"],
+            r["8"],
+            r["32"]
         );
     }
     let k = &doc["keystores"];
     if !k.is_null() {
-        println!(
+        outln!(
             "\n  keystores: {} keys, {} HSMs; throughput {} keys, {} in flight\n  {:<34} {:>8} {:>8} {:>8} {:>12} {:>12}",
             k["key_type"].as_str().unwrap_or_default(),
             n,
@@ -822,7 +838,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             ("embedded", &k["embedded"]),
             ("SoftHSM2 (pkcs11)", &k["softhsm2"]),
         ] {
-            println!(
+            outln!(
                 "  {:<34} {:>8} {:>8} {:>7}x {:>12} {:>12}",
                 format!("sync latency, {name}"),
                 f(&v["sync_latency"]["p50_ms"]),

@@ -15,6 +15,9 @@ pub enum Command {
         /// Where to write the key.
         #[arg(long)]
         domain_key_out: PathBuf,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Members, their states, key counts and lag, as the orchestrator sees them.
     Status {
@@ -26,10 +29,19 @@ pub enum Command {
 
 pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Init { domain_key_out } => {
+        Command::Init {
+            domain_key_out,
+            json,
+        } => {
             let key = keysync_security::domain_key::DomainKey::create_file(domain_key_out)
                 .context("creating the domain key")?;
-            println!(
+            if *json {
+                return print_json(&json!({
+                    "domain": key.id().to_string(),
+                    "domain_key_file": domain_key_out.display().to_string(),
+                }));
+            }
+            outln!(
                 "domain key {} written to {} (mode 0600). Give this file to every hsm-agent of the cluster (--domain-key), and to nothing else.",
                 key.id(),
                 domain_key_out.display()
@@ -56,13 +68,16 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     "rejected": s.rejected.iter().map(|(r, n)| (r.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 }))
             } else {
-                println!(
+                outln!(
                     "{:<16} {:<11} {:>8} {:>8}  CANNOT HOLD",
-                    "HSM", "STATE", "KEYS", "LAG"
+                    "HSM",
+                    "STATE",
+                    "KEYS",
+                    "LAG"
                 );
                 for m in &s.members {
                     let cannot: Vec<&str> = m.cannot_hold.iter().map(|t| t.as_str()).collect();
-                    println!(
+                    outln!(
                         "{:<16} {:<11} {:>8} {:>8}  {}",
                         m.hsm_id.as_str(),
                         m.state.as_str(),
@@ -75,12 +90,16 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                         }
                     );
                 }
-                println!(
+                outln!(
                     "keys {}  replicated {}  pending clones {}  clone failures {}  log seq {}",
-                    s.keys, s.replicated, s.pending_clones, s.clone_failures, s.last_seq
+                    s.keys,
+                    s.replicated,
+                    s.pending_clones,
+                    s.clone_failures,
+                    s.last_seq
                 );
                 for (reason, n) in &s.rejected {
-                    println!("rejected {reason}: {n}");
+                    outln!("rejected {reason}: {n}");
                 }
                 Ok(())
             }

@@ -66,6 +66,9 @@ pub enum Command {
         /// The cluster identity file.
         #[arg(long, env = "KEYSYNC_IDENTITY", default_value = keysync_security::identity::DEFAULT_CLUSTER_IDENTITY)]
         identity: PathBuf,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Put the cluster domain key into a PKCS#11 token (sensitive,
     /// non-extractable, wrap and unwrap only), so an agent can front it
@@ -135,7 +138,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     &json!({"hsm_id": id.as_str(), "pubkey": hex::encode(pubkey), "seq": seq}),
                 )
             } else {
-                println!(
+                outln!(
                     "enrolled {id} with key {} (event {seq})",
                     hex::encode(pubkey)
                 );
@@ -163,7 +166,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     &json!({"hsm_id": id.as_str(), "token": token.encode().as_str(), "ttl_secs": ttl}),
                 )
             } else {
-                println!("{}", token.encode().as_str());
+                outln!("{}", token.encode().as_str());
                 eprintln!("one-time join token for {id}, valid {ttl} s: start its agent with --join-token (or KEYSYNC_JOIN_TOKEN)");
                 Ok(())
             }
@@ -175,12 +178,16 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
             if *json {
                 print_json(&json!({"hsm_id": id.as_str(), "removed": true, "seq": seq}))
             } else {
-                println!("removed {id}: key revoked, queued commands withdrawn (event {seq})");
+                outln!("removed {id}: key revoked, queued commands withdrawn (event {seq})");
                 Ok(())
             }
         }
-        Command::ClusterKey { identity } => {
-            println!("{}", load(identity)?.public_hex());
+        Command::ClusterKey { identity, json } => {
+            let key = load(identity)?.public_hex();
+            if *json {
+                return print_json(&json!({"cluster_key": key}));
+            }
+            outln!("{key}");
             Ok(())
         }
         Command::ProvisionDomainKey {
@@ -210,11 +217,11 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 }))
             } else {
                 if imported {
-                    println!("domain key {domain} put into token {pkcs11_token_label:?}");
+                    outln!("domain key {domain} put into token {pkcs11_token_label:?}");
                 } else {
-                    println!("token {pkcs11_token_label:?} already holds domain key {domain}; nothing changed");
+                    outln!("token {pkcs11_token_label:?} already holds domain key {domain}; nothing changed");
                 }
-                println!("check value: {cv}");
+                outln!("check value: {cv}");
                 eprintln!("start its agent with --keystore pkcs11 --domain-check-value {cv}");
                 Ok(())
             }
