@@ -108,3 +108,31 @@ pub async fn publish_metrics(
         Err(e) => tracing::error!(error = %e, "could not encode metrics"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Given a log, a key's standing is what the fold says.
+    use super::*;
+    use crate::testkit::*;
+
+    #[test]
+    fn a_key_is_unknown_live_with_its_holders_or_deleted() {
+        let (k, other) = (KeyId::new(), KeyId::new());
+        let mut log = Log::given(&[joined("a"), joined("b"), created(k, "a", 1)]);
+        let s = key_status(&log.state, other);
+        assert_eq!(
+            (s.standing, s.key_type, s.holders.len()),
+            (KeyStanding::Unknown, None, 0)
+        );
+        assert_eq!(s.last_seq, 3);
+        let s = key_status(&log.state, k);
+        assert_eq!(s.standing, KeyStanding::Live);
+        assert_eq!(s.holders, vec![hsm("a")]);
+        log.when(&applied(k, "b", 1)).expect("applied");
+        assert_eq!(key_status(&log.state, k).holders, vec![hsm("a"), hsm("b")]);
+        log.when(&deleted(k, "a", 1)).expect("deleted");
+        let s = key_status(&log.state, k);
+        assert_eq!(s.standing, KeyStanding::Deleted);
+        assert_eq!(s.key_id, k);
+    }
+}

@@ -769,3 +769,54 @@ fn a_secret_file_that_cannot_be_written_leaves_nothing_behind() {
         1
     );
 }
+
+#[test]
+fn dev_json_describes_the_stack_it_runs() {
+    let bin = find_binary("keysync").expect("keysync binary");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(bin)
+        .args(["dev", "--hsms", "1", "--json", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("keysync dev");
+    // One JSON document, pretty-printed: read until it parses.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut text = String::new();
+    let doc: serde_json::Value = loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
+        assert!(n > 0, "keysync dev ended before printing its stack: {text}");
+        text.push_str(&line);
+        if let Ok(doc) = serde_json::from_str(&text) {
+            break doc;
+        }
+    };
+    assert_eq!(doc["hsm_ids"], serde_json::json!(["hsm-1"]));
+    assert_eq!(doc["prefix"], "keysync");
+    assert_eq!(doc["data_dir"], dir.path().to_str().expect("path"));
+    let url = doc["nats_url"].as_str().expect("nats_url");
+    let status = json_of(&keysync_cli(&[
+        "--nats", url, "cluster", "status", "--json",
+    ]));
+    assert_eq!(status["members"][0]["hsm_id"], "hsm-1");
+    // Ctrl-C stops it.
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keysync dev did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exited.success(), "{exited:?}");
+}
