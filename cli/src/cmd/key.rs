@@ -175,7 +175,8 @@ pub fn check_member(s: &keysync_schemas::ClusterStatus, hsm: &HsmId) -> anyhow::
         ),
         Some(_) => Ok(()),
         None => {
-            let ids: Vec<&str> = s.members.iter().map(|m| m.hsm_id.as_str()).collect();
+            let mut ids: Vec<&str> = s.members.iter().map(|m| m.hsm_id.as_str()).collect();
+            ids.sort_unstable();
             anyhow::bail!(
                 "no HSM {hsm} in this cluster (members: {}); see `keysync cluster status`",
                 if ids.is_empty() { "none yet".to_string() } else { ids.join(", ") }
