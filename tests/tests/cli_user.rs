@@ -791,8 +791,12 @@ fn dev_json_describes_the_stack_it_runs() {
         .stderr(Stdio::null())
         .spawn()
         .expect("keysync dev");
-    // One JSON document, pretty-printed: read until it parses.
     let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    // Stopped even if an assertion fails (its children follow it: the
+    // harness starts them with a parent-death signal).
+    let mut child = KillOnDrop(child);
+    let child = &mut child.0;
+    // One JSON document, pretty-printed: read until it parses.
     let mut text = String::new();
     let doc: serde_json::Value = loop {
         let mut line = String::new();
@@ -836,4 +840,14 @@ fn dev_json_describes_the_stack_it_runs() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(exited.success(), "{exited:?}");
+}
+
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
