@@ -12,6 +12,7 @@
 //! - [`ops`]: the request/reply key operations clients send to agents;
 //! - [`dead_letter`]: a rejected message, kept with its reason;
 //! - [`rejection`]: why a message was rejected, one typed reason for all;
+//! - [`lifecycle`]: CloudEvents for other languages (JSON, with JSON Schemas);
 //! - [`status`]: cluster status, as the orchestrator reports it;
 //! - [`subjects`]: the subject and stream layout under a cluster prefix;
 //! - [`headers`]: NATS header names (dedup id, later signatures and trace
@@ -31,6 +32,7 @@ pub mod events;
 pub mod headers;
 pub mod heartbeat;
 pub mod keys;
+pub mod lifecycle;
 pub mod metrics;
 pub mod ops;
 pub mod rejection;
