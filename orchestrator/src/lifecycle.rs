@@ -103,8 +103,9 @@ pub fn source(subjects: &Subjects) -> String {
 /// `KeyCreated`'s wrapped blob and public key stay in the signed log.
 /// Enrollment requests, join tokens and capability announcements are
 /// internal to the cluster and not mirrored; a clone failure is (only
-/// final ones are logged).
-pub fn data_of(event: &Event) -> Option<LifecycleData> {
+/// final ones are logged). `was_failed`: the log said the event's HSM was
+/// failed before it (a failed HSM that joins again has recovered).
+pub fn data_of(event: &Event, was_failed: bool) -> Option<LifecycleData> {
     Some(match event {
         Event::KeyCreated(c) => LifecycleData::KeyCreated(KeyCreatedData {
             key_id: c.key_id.to_string(),
@@ -144,6 +145,12 @@ pub fn data_of(event: &Event) -> Option<LifecycleData> {
             hsm: e.hsm.to_string(),
             was_present: e.was_present,
         }),
+        Event::HsmJoined(j) if was_failed => LifecycleData::HsmRecovered(HsmRecoveredData {
+            hsm: j.hsm.to_string(),
+            rejoined: true,
+            agent_version: Some(j.agent_version.clone()),
+            token_keys: Some(j.token_keys),
+        }),
         Event::HsmJoined(j) => LifecycleData::HsmJoined(HsmJoinedData {
             hsm: j.hsm.to_string(),
             agent_version: j.agent_version.clone(),
@@ -155,6 +162,9 @@ pub fn data_of(event: &Event) -> Option<LifecycleData> {
         }),
         Event::HsmRecovered(r) => LifecycleData::HsmRecovered(HsmRecoveredData {
             hsm: r.hsm.to_string(),
+            rejoined: false,
+            agent_version: None,
+            token_keys: None,
         }),
         Event::HsmEnrolled(e) => LifecycleData::HsmEnrolled(HsmEnrolledData {
             hsm: e.hsm.to_string(),
@@ -251,14 +261,15 @@ pub struct Mirrored {
 }
 
 /// What the accepted fact `event`, stored at `meta`, is mirrored as: its
-/// lifecycle message, or nothing.
+/// lifecycle message, or nothing. `was_failed` as for [`data_of`].
 pub fn mirrored(
     subjects: &Subjects,
     meta: EventMeta,
     event: &Event,
+    was_failed: bool,
     trace: Trace,
 ) -> Option<Mirrored> {
-    let data = data_of(event)?;
+    let data = data_of(event, was_failed)?;
     let (about, name) = data.name();
     let subject = match about {
         About::Key => subjects.lifecycle_key(about_id(&data), name),
@@ -391,13 +402,14 @@ pub async fn run(
                     .ok_or_else(|| anyhow::anyhow!("lifecycle reader ended"))?
                     .map_err(|e| anyhow::anyhow!("lifecycle reader failed: {e}"))?;
                 let (meta, _) = crate::intake::meta_of(&msg)?;
-                let Some(event) = judge(&mut state, &subjects, &cluster_key, &msg, meta) else {
+                let Some((event, was_failed)) = judge(&mut state, &subjects, &cluster_key, &msg, meta) else {
                     continue;
                 };
                 if meta.seq <= cursor {
                     continue; // mirrored already
                 }
-                let Some(m) = mirrored(&subjects, meta, &event, Trace::of(msg.headers.as_ref())) else {
+                let trace = Trace::of(msg.headers.as_ref());
+                let Some(m) = mirrored(&subjects, meta, &event, was_failed, trace) else {
                     continue;
                 };
                 acks.push_back(send(&js, &identity, m).await?);
@@ -415,14 +427,15 @@ pub async fn run(
 }
 
 /// Folds one stored event as the orchestrator's fold does; the event if it
-/// is an accepted fact.
+/// is an accepted fact, with whether the log said its HSM was failed
+/// before it.
 fn judge(
     state: &mut ClusterState,
     subjects: &Subjects,
     cluster_key: &[u8; 32],
     msg: &jetstream::Message,
     meta: EventMeta,
-) -> Option<Event> {
+) -> Option<(Event, bool)> {
     let checked = keysync_security::check_event(
         msg.headers.as_ref(),
         &msg.subject,
@@ -442,7 +455,14 @@ fn judge(
             return None;
         }
     };
-    state.apply(meta, &event).ok().map(|_| event)
+    let was_failed = match &event {
+        Event::HsmJoined(j) => state
+            .member_index(&j.hsm)
+            .and_then(|i| state.member_at(i))
+            .is_some_and(|m| !m.live),
+        _ => false,
+    };
+    state.apply(meta, &event).ok().map(|_| (event, was_failed))
 }
 
 /// Signs and publishes one lifecycle message; returns its PubAck to come.
@@ -541,7 +561,7 @@ mod tests {
             parent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
             state: None,
         };
-        let m = mirrored(&s, meta(42), &created(key_id), trace.clone()).expect("mirrored");
+        let m = mirrored(&s, meta(42), &created(key_id), false, trace.clone()).expect("mirrored");
         assert_eq!(m.subject, s.lifecycle_key(&key_id.to_string(), "created"));
         assert_eq!(m.msg_id, "events-42");
         let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
@@ -574,7 +594,10 @@ mod tests {
         );
         // The same fact gives the same bytes: a re-mirror after a failover
         // is a byte-identical duplicate.
-        assert_eq!(Some(m), mirrored(&s, meta(42), &created(key_id), trace));
+        assert_eq!(
+            Some(m),
+            mirrored(&s, meta(42), &created(key_id), false, trace)
+        );
     }
 
     #[test]
@@ -588,7 +611,7 @@ mod tests {
             sync_latency_micros: 1_250,
             created_seq: 7,
         });
-        let m = mirrored(&s, meta(9), &r, Trace::default()).expect("mirrored");
+        let m = mirrored(&s, meta(9), &r, false, Trace::default()).expect("mirrored");
         assert_eq!(
             m.subject,
             format!("team-a.lifecycle.key.{key_id}.replicated")
@@ -605,14 +628,32 @@ mod tests {
             token_key: [3; 32],
             proof: vec![4; 64],
         });
-        assert_eq!(mirrored(&s, meta(10), &join, Trace::default()), None);
+        assert_eq!(mirrored(&s, meta(10), &join, false, Trace::default()), None);
+    }
+
+    #[test]
+    fn a_failed_hsm_that_joins_again_has_recovered() {
+        let s = Subjects::default();
+        let joined = Event::HsmJoined(keysync_schemas::HsmJoined {
+            hsm: HsmId::new("hsm-3").expect("id"),
+            agent_version: "0.1.0".into(),
+            token_keys: 12,
+        });
+        let first = mirrored(&s, meta(3), &joined, false, Trace::default()).expect("m");
+        assert_eq!(first.subject, "keysync.lifecycle.hsm.hsm-3.joined");
+        let again = mirrored(&s, meta(30), &joined, true, Trace::default()).expect("m");
+        assert_eq!(again.subject, "keysync.lifecycle.hsm.hsm-3.recovered");
+        let v: serde_json::Value = serde_json::from_slice(&again.payload).expect("json");
+        assert_eq!(v["type"], "io.keysync.hsm.recovered.v1");
+        assert_eq!(v["data"]["rejoined"], true);
+        assert_eq!(v["data"]["token_keys"], 12);
     }
 
     #[test]
     fn only_a_cluster_signed_lifecycle_event_is_a_cursor() {
         let s = Subjects::default();
         let id = Identity::generate().expect("rng");
-        let m = mirrored(&s, meta(5), &created(KeyId::new()), Trace::default()).expect("m");
+        let m = mirrored(&s, meta(5), &created(KeyId::new()), false, Trace::default()).expect("m");
         let h = keysync_security::signed_headers(
             &id,
             &Signer::Cluster,

@@ -252,12 +252,24 @@ pub struct HsmFailedData {
     pub silent_ms: u64,
 }
 
-/// `io.keysync.hsm.recovered.v1`: a failed HSM is heard from again.
+/// `io.keysync.hsm.recovered.v1`: a failed HSM is heard from again: its
+/// heartbeats came back, or its agent restarted and joined again (then
+/// this event stands for that `joined`, with the agent's figures).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct HsmRecoveredData {
     /// The HSM.
     #[schemars(schema_with = "hsm_id_schema")]
     pub hsm: String,
+    /// Whether it came back by restarting (joining again) rather than by
+    /// its heartbeats resuming.
+    #[serde(default)]
+    pub rejoined: bool,
+    /// When rejoined: the agent's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// When rejoined: token keys it held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_keys: Option<u64>,
 }
 
 /// `io.keysync.hsm.enrolled.v1`: an HSM's identity key was enrolled.
@@ -460,7 +472,12 @@ mod tests {
         let files: Vec<String> = json_schemas().into_iter().map(|(f, _)| f).collect();
         let h = || "h".to_string();
         let all = [
-            LifecycleData::HsmRecovered(HsmRecoveredData { hsm: h() }),
+            LifecycleData::HsmRecovered(HsmRecoveredData {
+                hsm: h(),
+                rejoined: false,
+                agent_version: None,
+                token_keys: None,
+            }),
             LifecycleData::HsmRemoved(HsmRemovedData { hsm: h() }),
             LifecycleData::HsmFailed(HsmFailedData {
                 hsm: h(),
