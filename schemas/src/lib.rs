@@ -39,7 +39,7 @@ pub mod rejection;
 pub mod status;
 pub mod subjects;
 
-pub use audit::{record_hash, AuditFact, AuditRecord};
+pub use audit::{record_hash, Actor, AuditFact, AuditRecord};
 pub use codec::{
     decode, encode, DecodeError, EncodeError, Message, MAX_EVENT_BYTES, MAX_MESSAGE_BYTES,
 };

@@ -93,7 +93,9 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
             }
         };
         if *json {
-            println!("{}", serde_json::to_string(&m)?);
+            if !super::write_line(&mut std::io::stdout().lock(), &serde_json::to_string(&m)?)? {
+                return Ok(());
+            }
         } else {
             print!("{}", view(&m));
         }

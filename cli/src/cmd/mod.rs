@@ -156,6 +156,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Writes one line to `out` (stdout, for a line-at-a-time feed) and
+/// flushes it. `Ok(false)` when the reader has gone (a closed pipe, as
+/// `| head -1`): the caller stops quietly instead of panicking.
+fn write_line(out: &mut impl std::io::Write, line: &str) -> anyhow::Result<bool> {
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::anyhow!("writing to stdout: {e}")),
+    }
+}
+
 /// Prints one JSON document on stdout.
 fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
