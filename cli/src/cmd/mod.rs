@@ -2,6 +2,7 @@
 
 mod audit;
 mod bench;
+mod bench_lifecycle;
 mod bench_module;
 mod cluster;
 mod demo;
