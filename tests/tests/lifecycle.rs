@@ -164,7 +164,10 @@ async fn python_follows_lifecycle_events_across_a_failover_and_replays_them() {
     // An HSM stopped and started again.
     stack.kill_agent(&h3);
     wait_for_state(&client, &h3, "failed", Duration::from_secs(15)).await;
-    stack.start_agents(&[h3.clone()]).await.expect("hsm-3 back");
+    stack
+        .start_agents(std::slice::from_ref(&h3))
+        .await
+        .expect("hsm-3 back");
     wait_for_state(&client, &h3, "in-service", Duration::from_secs(30)).await;
 
     let events = lines_of(live, Duration::from_secs(240)).await;

@@ -624,8 +624,9 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     .await?;
     let ceiling_rate = ceiling(client.nats(), sizes.ceiling).await?;
     // Stored per key: KeyCreated, n-1 commands, n-1 CloneApplied,
-    // KeyReplicated, and one audit record per event (n+1).
-    let msgs_per_key = 3 * n + 1;
+    // KeyReplicated, one audit record per event (n+1) and one lifecycle
+    // event per event (n+1, the mirror being on by default).
+    let msgs_per_key = 4 * n + 2;
     say("measuring create-then-sign on each route");
     let routes = routing(&stack.url(), &hsms, sizes.routing).await?;
     let module = match args
