@@ -104,6 +104,7 @@ struct Sizes {
     bootstrap_keys: usize,
     recovery_events: usize,
     keystore_throughput: usize,
+    lifecycle_throughput: usize,
 }
 
 /// Resident memory of a process, in bytes (Linux).
@@ -471,7 +472,7 @@ async fn create_latency(
 }
 
 /// Keys per second created and replicated to every HSM, `in_flight` creates at a time.
-async fn throughput(
+pub(super) async fn throughput(
     client: &Client,
     hsms: &[HsmId],
     key_type: KeyType,
@@ -561,6 +562,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             bootstrap_keys: 2000,
             recovery_events: 20_000,
             keystore_throughput: 300,
+            lifecycle_throughput: 1000,
         }
     } else {
         Sizes {
@@ -575,6 +577,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             bootstrap_keys: 100_000,
             recovery_events: 1_000_000,
             keystore_throughput: 1000,
+            lifecycle_throughput: 10_000,
         }
     };
     let n = usize::from(args.hsms);
@@ -621,8 +624,9 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     .await?;
     let ceiling_rate = ceiling(client.nats(), sizes.ceiling).await?;
     // Stored per key: KeyCreated, n-1 commands, n-1 CloneApplied,
-    // KeyReplicated, and one audit record per event (n+1).
-    let msgs_per_key = 3 * n + 1;
+    // KeyReplicated, one audit record per event (n+1) and one lifecycle
+    // event per event (n+1, the mirror being on by default).
+    let msgs_per_key = 4 * n + 2;
     say("measuring create-then-sign on each route");
     let routes = routing(&stack.url(), &hsms, sizes.routing).await?;
     let module = match args
@@ -657,6 +661,14 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         sizes.recovery_events
     ));
     let recov = recovery(cli, sizes.recovery_events).await?;
+    say("measuring throughput with the lifecycle mirror off and on");
+    let lifecycle = super::bench_lifecycle::rows(
+        &cli.subjects()?,
+        n,
+        sizes.lifecycle_throughput,
+        args.in_flight,
+    )
+    .await?;
     let keystores = if args.keystore == BenchKeystore::Pkcs11 {
         // Ed25519 is not clonable on every token (SoftHSM 2.6.1): these
         // rows use the latency key type for throughput too, on both.
@@ -704,6 +716,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         "recovery": recov,
         "keystores": keystores,
         "pkcs11_module": module,
+        "lifecycle": lifecycle,
     });
     if args.json {
         return print_json(&doc);
@@ -781,6 +794,17 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             r["replicated_per_s"].to_string()
         );
     }
+    let l = &doc["lifecycle"];
+    println!(
+        "\n  lifecycle mirror ({} keys): replicated/s {} with it, {} without ({}x); created/s {} / {}; the mirror stored the last fact {} ms after the last key was replicated",
+        l["keys"],
+        l["mirror_on"]["replicated_per_s"],
+        l["mirror_off"]["replicated_per_s"],
+        l["on_to_off_replicated"],
+        l["mirror_on"]["created_per_s"],
+        l["mirror_off"]["created_per_s"],
+        l["mirror_on"]["lag_after_last_replicated_ms"]
+    );
     let b = &doc["bootstrap"];
     outln!(
         "\n  bootstrap: a new HSM joining {} keys is in service after {} s ({} keys/s); orchestrator memory {} bytes per tracked key",

@@ -27,6 +27,7 @@ macro_rules! out {
 
 mod audit;
 mod bench;
+mod bench_lifecycle;
 mod bench_module;
 mod cluster;
 mod completions;
@@ -308,6 +309,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(c) => dlq::run(&cli, c).await,
         Command::Completions(args) => completions::run(args),
         Command::Man(args) => completions::man(args),
+    }
+}
+
+/// Writes one line to `out` (stdout, for a line-at-a-time feed) and
+/// flushes it. `Ok(false)` when the reader has gone (a closed pipe, as
+/// `| head -1`): the caller stops quietly instead of panicking.
+fn write_line(out: &mut impl std::io::Write, line: &str) -> anyhow::Result<bool> {
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::anyhow!("writing to stdout: {e}")),
     }
 }
 
