@@ -133,6 +133,11 @@ fn read_data(path: &str) -> Result<Data, String> {
         .map_err(|e| format!("cannot read {path}: {e}"))
 }
 
+/// How long an operation on an `--hsm` the cluster status does not list
+/// still gets to answer: a status can lag an HSM that just joined (its
+/// join not folded yet), and a live agent answers well within this.
+const NOT_A_MEMBER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs a key operation, refusing at once an `--hsm` that is not a member
 /// (asked of the orchestrator while the operation runs, so a member costs
 /// nothing extra), and turning "not found" into what the log says: no
@@ -152,10 +157,19 @@ async fn guarded<T>(
             tokio::select! {
                 r = &mut op => r,
                 s = &mut status => {
-                    if let Ok(s) = &s {
-                        check_member(s, h)?;
+                    match s.as_ref().map(|s| check_member(s, h)) {
+                        // The orchestrator has not (yet) folded this HSM's
+                        // join: an agent that is up answers its operation
+                        // within milliseconds, so give it that long before
+                        // believing the status over the HSM itself.
+                        Ok(Err(not_member)) => {
+                            match tokio::time::timeout(NOT_A_MEMBER_GRACE, &mut op).await {
+                                Ok(r) => r,
+                                Err(_) => return Err(not_member),
+                            }
+                        }
+                        _ => op.await,
                     }
-                    op.await
                 }
             }
         }
