@@ -1,16 +1,15 @@
 //! The `keysync` command line: a local stack, the demo, keys, cluster status.
 //!
 //! `--json` output is one JSON document on stdout; errors go to stderr with
-//! a non-zero exit code (2 for bad arguments).
+//! a non-zero exit code (2 for bad arguments). A closed stdout (`| head`)
+//! ends a command quietly, with exit 0.
 
 mod cmd;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = cmd::Cli::parse();
+    let cli = cmd::parse();
     cli.check();
     let telemetry = match keysync_telemetry::init("keysync", &[], "warn", cli.log_format) {
         Ok(t) => t,
@@ -31,6 +30,7 @@ fn main() -> ExitCode {
     drop(telemetry);
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if cmd::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -10,8 +10,8 @@ use backon::Retryable as _;
 use futures::StreamExt;
 use keysync_schemas::{
     decode, encode, ClusterStatus, Durability, Envelope, Event, HsmId, KeyAttributes, KeyId,
-    KeyInfo, KeyType, OpErrorKind, OpReply, OpRequest, SecretBytes, Source, StatusReply,
-    StatusRequest, Subjects, SyncMetrics,
+    KeyInfo, KeyStanding, KeyStatus, KeyType, OpErrorKind, OpReply, OpRequest, SecretBytes, Source,
+    StatusReply, StatusRequest, Subjects, SyncMetrics,
 };
 use tokio::sync::watch;
 use tracing::Instrument as _;
@@ -377,6 +377,16 @@ impl Client {
         if !policy.key_not_found {
             return self.request_retrying_transient(&Route::Any, op).await;
         }
+        // A deleted key will not come back: say so at once rather than
+        // after the whole budget.
+        let first = self.request_retrying_transient(&Route::Any, op).await;
+        let key_id = match first {
+            Err(Error::KeyNotFound { key_id, .. }) => key_id,
+            other => return other,
+        };
+        if let Some(e @ Error::KeyDeleted { .. }) = self.why_missing(key_id).await {
+            return Err(e);
+        }
         let budget = policy.not_found_budget(self.inner.metrics.borrow().as_ref());
         let started = Instant::now();
         let result = (|| self.request_retrying_transient(&Route::Any, op))
@@ -384,10 +394,15 @@ impl Client {
             .when(|e| matches!(e, Error::KeyNotFound { .. }))
             .await;
         match result {
-            Err(Error::KeyNotFound { key_id, .. }) => Err(Error::NotYetReplicated {
-                key_id,
-                waited: started.elapsed(),
-            }),
+            // "Not yet replicated" only for a key the log knows; one it
+            // does not know (or deleted meanwhile) is said to be so.
+            Err(Error::KeyNotFound { key_id, .. }) => Err(self
+                .why_missing(key_id)
+                .await
+                .unwrap_or(Error::NotYetReplicated {
+                    key_id,
+                    waited: started.elapsed(),
+                })),
             other => other,
         }
     }
@@ -923,7 +938,40 @@ impl Client {
 
     /// Cluster status from the orchestrator.
     pub async fn cluster_status(&self) -> Result<ClusterStatus> {
-        let payload = encode(&Envelope::new(self.source(), StatusRequest::Cluster))
+        match self.ask_orchestrator(StatusRequest::Cluster).await? {
+            StatusReply::Cluster(s) => Ok(s),
+            other => Err(Error::Protocol(format!(
+                "a cluster status request answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// What the orchestrator's fold of the log says of one key: unknown,
+    /// live (and on which HSMs) or deleted. An orchestrator older than
+    /// this query does not answer it ([`Error::OrchestratorUnavailable`]).
+    pub async fn key_status(&self, key_id: KeyId) -> Result<KeyStatus> {
+        match self.ask_orchestrator(StatusRequest::Key(key_id)).await? {
+            StatusReply::Key(s) if s.key_id == key_id => Ok(s),
+            other => Err(Error::Protocol(format!(
+                "a key status request answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// Why `key_id` was not found, if the log can say: it never existed
+    /// ([`Error::NoSuchKey`]) or was deleted ([`Error::KeyDeleted`]).
+    /// `None` when the log knows it live (so it is on its way to the HSMs
+    /// that lack it) or the orchestrator does not answer.
+    pub async fn why_missing(&self, key_id: KeyId) -> Option<Error> {
+        match self.key_status(key_id).await.ok()?.standing {
+            KeyStanding::Unknown => Some(Error::NoSuchKey { key_id }),
+            KeyStanding::Deleted => Some(Error::KeyDeleted { key_id }),
+            KeyStanding::Live => None,
+        }
+    }
+
+    async fn ask_orchestrator(&self, req: StatusRequest) -> Result<StatusReply> {
+        let payload = encode(&Envelope::new(self.source(), req))
             .map_err(|e| Error::BadRequest(e.to_string()))?;
         let msg = self
             .inner
@@ -936,12 +984,9 @@ impl Client {
             )
             .await
             .map_err(|e| Error::OrchestratorUnavailable(e.to_string()))?;
-        match decode::<StatusReply>(&msg.payload)
+        Ok(decode::<StatusReply>(&msg.payload)
             .map_err(|e| Error::Protocol(e.to_string()))?
-            .body
-        {
-            StatusReply::Cluster(s) => Ok(s),
-        }
+            .body)
     }
 }
 

@@ -45,6 +45,19 @@ pub enum Error {
         /// How long the retries waited.
         waited: std::time::Duration,
     },
+    /// The cluster's log has no key with this id: it never existed (a
+    /// typo, another cluster's id). Retrying will not help.
+    #[error("no key {key_id} in this cluster")]
+    NoSuchKey {
+        /// The key.
+        key_id: KeyId,
+    },
+    /// The key was deleted; ids are never reused, so it will not come back.
+    #[error("key {key_id} was deleted from this cluster")]
+    KeyDeleted {
+        /// The key.
+        key_id: KeyId,
+    },
     /// The request is wrong; retrying will not help.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -93,6 +106,8 @@ impl Error {
             Error::HsmUnavailable { .. } => "hsm_unavailable",
             Error::KeyNotFound { .. } => "key_not_found",
             Error::NotYetReplicated { .. } => "not_yet_replicated",
+            Error::NoSuchKey { .. } => "no_such_key",
+            Error::KeyDeleted { .. } => "key_deleted",
             Error::BadRequest(_) => "bad_request",
             Error::KeyIdTaken { .. } => "key_id_taken",
             Error::BelowDurability { .. } => "below_durability",

@@ -34,6 +34,7 @@ async fn status(
         .ok()?;
     match decode::<StatusReply>(&msg.payload).ok()?.body {
         StatusReply::Cluster(s) => Some(s),
+        StatusReply::Key(_) => None,
     }
 }
 

@@ -24,7 +24,8 @@
 //! [`run`] is the thin loop around them: intake ([`intake`],
 //! [`heartbeats`]) → verify → fold → decide → execute ([`executor`],
 //! [`publisher`]), plus the lease, snapshots ([`snapshot`]), the audit chain
-//! ([`audit`]) and read-only answers ([`status`], [`metrics`],
+//! ([`audit`]), the lifecycle mirror for other languages ([`lifecycle`])
+//! and read-only answers ([`status`], [`metrics`],
 //! [`prometheus`]).
 
 pub mod anti_entropy;
@@ -36,6 +37,7 @@ pub mod heartbeats;
 pub mod intake;
 pub mod inventory;
 pub mod lease;
+pub mod lifecycle;
 pub mod liveness;
 pub mod metrics;
 pub mod plan;
@@ -97,6 +99,9 @@ pub struct Config {
     /// The cluster identity: signs commands and the orchestrator's events,
     /// and verifies operators' enrollments.
     pub identity: Arc<Identity>,
+    /// Whether the active orchestrator mirrors lifecycle facts into the
+    /// CloudEvents stream ([`lifecycle`]); off only to measure its cost.
+    pub lifecycle: bool,
 }
 
 /// Default most publishes in flight.
@@ -132,6 +137,10 @@ struct Orchestrator {
     active: bool,
     /// The audit appender, while active.
     auditor: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The lifecycle mirror, while active (and turned on).
+    mirror: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The snapshot store (the lifecycle mirror starts its fold from it).
+    snapshots: jetstream::object_store::ObjectStore,
     /// Who is heard from and who fell silent (knowledge of this process
     /// only: heartbeats are not in the log).
     liveness: Liveness,
@@ -275,6 +284,8 @@ pub async fn run(
         prom,
         active: false,
         auditor: None,
+        mirror: None,
+        snapshots: snapshots.clone(),
         liveness: Liveness::new(config.failure_timeout),
         anti_entropy: AntiEntropy::new(config.repair_after),
         config,
@@ -450,6 +461,19 @@ pub async fn run(
                         Err(e) => anyhow::bail!("the audit appender panicked: {e}"),
                     }
                 }
+                done = async {
+                    match orch.mirror.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    orch.mirror = None;
+                    match done {
+                        Ok(Ok(())) => anyhow::bail!("the lifecycle mirror stopped"),
+                        Ok(Err(e)) => anyhow::bail!("the lifecycle mirror failed: {e:#}"),
+                        Err(e) => anyhow::bail!("the lifecycle mirror panicked: {e}"),
+                    }
+                }
             }
             // Junk found under one of our ids by any publish above: counted
             // and filed here, in one place.
@@ -464,6 +488,9 @@ pub async fn run(
     orch.executor.publisher.drain().await;
     if let Some(a) = orch.auditor.take() {
         a.abort();
+    }
+    if let Some(m) = orch.mirror.take() {
+        m.abort();
     }
     if let Some(k) = renewing.take() {
         k.task.abort();
@@ -511,6 +538,16 @@ impl Orchestrator {
             self.verdicts.clone(),
             self.side_rejections.clone(),
         )));
+        if self.config.lifecycle {
+            self.mirror = Some(tokio::spawn(lifecycle::run(
+                self.js.clone(),
+                self.events.clone(),
+                self.config.subjects.clone(),
+                self.config.replicas,
+                self.config.identity.clone(),
+                self.snapshots.clone(),
+            )));
+        }
         self.liveness
             .start(Instant::now(), self.state.members().map(|m| &m.hsm));
         let actions = reconcile(&self.state);

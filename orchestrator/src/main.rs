@@ -59,14 +59,32 @@ struct Args {
     snapshot_every: u64,
     /// The cluster identity (Ed25519, mode 0600; made at first start).
     /// Every orchestrator of a cluster uses the same one; agents verify
-    /// commands with its public key.
-    #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
+    /// commands with its public key. Default: a fixed system path, never
+    /// the working directory.
+    #[arg(long, env = "KEYSYNC_IDENTITY", default_value = keysync_security::identity::DEFAULT_CLUSTER_IDENTITY)]
     identity: std::path::PathBuf,
     #[command(flatten)]
     auth: keysync_security::NatsAuth,
+    /// Mirror lifecycle facts as CloudEvents (JSON) into the
+    /// `<PREFIX>_LIFECYCLE` stream for services in any language (`off` only
+    /// to measure what the mirror costs).
+    #[arg(
+        long,
+        value_enum,
+        env = "KEYSYNC_LIFECYCLE_STREAM",
+        default_value = "on"
+    )]
+    lifecycle_stream: OnOff,
     /// Most publishes awaiting acknowledgement at once.
     #[arg(long, default_value_t = orchestrator::DEFAULT_MAX_IN_FLIGHT)]
     max_in_flight: usize,
+}
+
+/// A feature turned on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 fn secs(s: f64, min: f64) -> Duration {
@@ -102,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
         lease_ttl: secs(args.lease_ttl, 0.3),
         repair_after: args.repair_after.max(1),
         snapshot_every: args.snapshot_every,
+        lifecycle: args.lifecycle_stream == OnOff::On,
     };
     let nats = args
         .auth

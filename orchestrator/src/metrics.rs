@@ -139,6 +139,7 @@ impl SyncStats {
             version: METRICS_VERSION,
             orchestrator: orchestrator.to_string(),
             at_unix_ms,
+            at: crate::lifecycle::rfc3339(at_unix_ms.saturating_mul(1_000_000)),
             window_secs: self.window_start.elapsed().as_secs_f64(),
             members: hsms.len() as u64,
             keys,

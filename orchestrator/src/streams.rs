@@ -148,7 +148,7 @@ pub fn tightened(have: &stream::Config, want: &stream::Config) -> Option<stream:
 
 /// Creates `want`'s stream if missing; on an existing one (made by an
 /// older build), tightens its limits in place ([`tightened`]).
-async fn ensure_one(
+pub(crate) async fn ensure_one(
     js: &jetstream::Context,
     want: stream::Config,
 ) -> anyhow::Result<stream::Stream> {

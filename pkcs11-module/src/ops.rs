@@ -26,7 +26,10 @@ pub const MAX_DATA: usize = 64 * 1024;
 fn sdk_rv(what: &str, e: &keysync::Error, missing: CK_RV) -> CK_RV {
     report(format_args!("{what}: {e}"));
     match e {
-        keysync::Error::KeyNotFound { .. } | keysync::Error::NotYetReplicated { .. } => missing,
+        keysync::Error::KeyNotFound { .. }
+        | keysync::Error::NotYetReplicated { .. }
+        | keysync::Error::NoSuchKey { .. }
+        | keysync::Error::KeyDeleted { .. } => missing,
         keysync::Error::Connect { .. }
         | keysync::Error::HsmUnavailable { .. }
         | keysync::Error::OrchestratorUnavailable(_) => CKR_DEVICE_ERROR,

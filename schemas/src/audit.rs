@@ -142,7 +142,53 @@ pub enum AuditFact {
     },
 }
 
+/// Who caused an audited fact: the signer the log's policy requires for
+/// it (an HSM's agent, or the cluster key), and for the cluster key
+/// whether the orchestrator decided it or an operator asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// The HSM's agent (signed with its enrolled identity key).
+    Hsm(HsmId),
+    /// The active orchestrator (signed with the cluster key).
+    Orchestrator,
+    /// An operator, with the cluster identity (`keysync hsm ...`).
+    Operator,
+}
+
+impl Actor {
+    /// `hsm`, `orchestrator` or `operator`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Actor::Hsm(_) => "hsm",
+            Actor::Orchestrator => "orchestrator",
+            Actor::Operator => "operator",
+        }
+    }
+}
+
 impl AuditFact {
+    /// Who caused the fact. Exact, not guessed: every fact is accepted only
+    /// with the one signer the policy allows for its kind
+    /// (`keysync_security::event_signer`).
+    pub fn actor(&self) -> Actor {
+        match self {
+            AuditFact::KeyCreated { hsm, .. }
+            | AuditFact::CloneApplied { hsm, .. }
+            | AuditFact::CloneFailed { hsm, .. }
+            | AuditFact::KeyDeleted { hsm, .. }
+            | AuditFact::KeyErased { hsm, .. }
+            | AuditFact::HsmJoined { hsm }
+            | AuditFact::JoinRequested { hsm, .. }
+            | AuditFact::HsmCapabilities { hsm, .. } => Actor::Hsm(hsm.clone()),
+            AuditFact::KeyReplicated { .. }
+            | AuditFact::HsmFailed { .. }
+            | AuditFact::HsmRecovered { .. } => Actor::Orchestrator,
+            AuditFact::HsmEnrolled { .. }
+            | AuditFact::HsmRevoked { .. }
+            | AuditFact::JoinTokenIssued { .. } => Actor::Operator,
+        }
+    }
+
     /// The audited form of an event.
     pub fn of(event: &Event) -> AuditFact {
         match event {

@@ -12,6 +12,7 @@
 //! - [`ops`]: the request/reply key operations clients send to agents;
 //! - [`dead_letter`]: a rejected message, kept with its reason;
 //! - [`rejection`]: why a message was rejected, one typed reason for all;
+//! - [`lifecycle`]: CloudEvents for other languages (JSON, with JSON Schemas);
 //! - [`status`]: cluster status, as the orchestrator reports it;
 //! - [`subjects`]: the subject and stream layout under a cluster prefix;
 //! - [`headers`]: NATS header names (dedup id, later signatures and trace
@@ -31,13 +32,14 @@ pub mod events;
 pub mod headers;
 pub mod heartbeat;
 pub mod keys;
+pub mod lifecycle;
 pub mod metrics;
 pub mod ops;
 pub mod rejection;
 pub mod status;
 pub mod subjects;
 
-pub use audit::{record_hash, AuditFact, AuditRecord};
+pub use audit::{record_hash, Actor, AuditFact, AuditRecord};
 pub use codec::{
     decode, encode, DecodeError, EncodeError, Message, MAX_EVENT_BYTES, MAX_MESSAGE_BYTES,
 };
@@ -57,5 +59,7 @@ pub use keys::{
 pub use metrics::{HsmMetrics, LatencySummary, SyncMetrics, METRICS_VERSION};
 pub use ops::{AgentHealth, KeyInfo, OpError, OpErrorKind, OpReply, OpRequest};
 pub use rejection::{RejectReason, Rejection};
-pub use status::{ClusterStatus, MemberState, MemberStatus, StatusReply, StatusRequest};
+pub use status::{
+    ClusterStatus, KeyStanding, KeyStatus, MemberState, MemberStatus, StatusReply, StatusRequest,
+};
 pub use subjects::Subjects;

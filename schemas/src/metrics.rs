@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub const METRICS_VERSION: u16 = 1;
 
 /// Latency percentiles over a set of observations, in milliseconds.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LatencySummary {
     /// Observations.
     pub count: u64,
@@ -27,7 +27,7 @@ pub struct LatencySummary {
 }
 
 /// One HSM's figures.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HsmMetrics {
     /// The HSM.
     pub hsm_id: String,
@@ -45,7 +45,7 @@ pub struct HsmMetrics {
 }
 
 /// The document on `<prefix>.metrics.sync`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SyncMetrics {
     /// [`METRICS_VERSION`].
     pub version: u16,
@@ -53,6 +53,10 @@ pub struct SyncMetrics {
     pub orchestrator: String,
     /// When, in milliseconds since the Unix epoch.
     pub at_unix_ms: u64,
+    /// The same instant in RFC 3339 (UTC), the one time format of every
+    /// keysync JSON output.
+    #[serde(default)]
+    pub at: String,
     /// Length of the window, in seconds.
     pub window_secs: f64,
     /// Member HSMs.

@@ -16,7 +16,19 @@ use serde::{Deserialize, Serialize};
 ///
 /// On the wire (bincode) a reason is its variant index: add new reasons
 /// at the end only. In JSON it is the snake_case name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RejectReason {
     /// Larger than the message limit.

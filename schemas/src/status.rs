@@ -2,13 +2,17 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::keys::HsmId;
+use crate::keys::{HsmId, KeyId, KeyType};
 
 /// Ask the orchestrator for cluster status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StatusRequest {
     /// Members, their key counts and lag.
     Cluster,
+    /// What the log says of one key: never seen, live (and where), or
+    /// deleted. Lets a client tell "no such key" from "not yet replicated"
+    /// (appended: older orchestrators do not answer it).
+    Key(KeyId),
 }
 
 /// The orchestrator's answer.
@@ -16,6 +20,47 @@ pub enum StatusRequest {
 pub enum StatusReply {
     /// Cluster status.
     Cluster(ClusterStatus),
+    /// One key's standing in the log (answers [`StatusRequest::Key`]).
+    Key(KeyStatus),
+}
+
+/// Whether the log knows a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyStanding {
+    /// No event of the log folded so far names it: no such key in this
+    /// cluster (or one created so recently that its event is not folded
+    /// yet: compare [`KeyStatus::last_seq`]).
+    Unknown,
+    /// Created and not deleted.
+    Live,
+    /// Deleted (a tombstone): ids are never reused, it will not come back.
+    Deleted,
+}
+
+impl KeyStanding {
+    /// The name used in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStanding::Unknown => "unknown",
+            KeyStanding::Live => "live",
+            KeyStanding::Deleted => "deleted",
+        }
+    }
+}
+
+/// One key, as the orchestrator's fold of the log sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyStatus {
+    /// The key asked about.
+    pub key_id: KeyId,
+    /// Unknown, live or deleted.
+    pub standing: KeyStanding,
+    /// Its type (`None` when unknown).
+    pub key_type: Option<KeyType>,
+    /// Members known to hold it (live), or yet to erase it (deleted).
+    pub holders: Vec<HsmId>,
+    /// Last event stream sequence folded when this was answered.
+    pub last_seq: u64,
 }
 
 /// A member's state as the orchestrator sees it.

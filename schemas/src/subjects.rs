@@ -212,6 +212,27 @@ impl Subjects {
         format!("{}.evt.hsm.{hsm}.join", self.prefix)
     }
 
+    /// The lifecycle stream of CloudEvents for other languages
+    /// (`KEYSYNC_LIFECYCLE`).
+    pub fn lifecycle_stream(&self) -> String {
+        format!("{}_LIFECYCLE", self.stream_base)
+    }
+
+    /// Every lifecycle event: `<p>.lifecycle.>`.
+    pub fn lifecycle_all(&self) -> String {
+        format!("{}.lifecycle.>", self.prefix)
+    }
+
+    /// `<p>.lifecycle.key.<id>.<event>`
+    pub fn lifecycle_key(&self, key: &str, event: &str) -> String {
+        format!("{}.lifecycle.key.{key}.{event}", self.prefix)
+    }
+
+    /// `<p>.lifecycle.hsm.<hsm>.<event>`
+    pub fn lifecycle_hsm(&self, hsm: &str, event: &str) -> String {
+        format!("{}.lifecycle.hsm.{hsm}.{event}", self.prefix)
+    }
+
     /// Stream of dead letters: every rejected message, with its reason.
     pub fn dead_letter_stream(&self) -> String {
         format!("{}_DLQ", self.stream_base)
@@ -343,6 +364,15 @@ mod tests {
         assert_eq!(s.hsm_op(&h), "keysync.hsm.hsm-1.op");
         assert_eq!(s.any_op(), "keysync.op");
         assert_eq!(s.metrics_sync(), "keysync.metrics.sync");
+        assert_eq!(s.lifecycle_stream(), "KEYSYNC_LIFECYCLE");
+        assert_eq!(
+            s.lifecycle_key(&k.to_string(), "created"),
+            "keysync.lifecycle.key.0190f3a2-0000-7000-8000-000000000001.created"
+        );
+        assert_eq!(
+            s.lifecycle_hsm(h.as_str(), "failed"),
+            "keysync.lifecycle.hsm.hsm-1.failed"
+        );
         let id = k.to_string();
         assert_eq!(s.key_of_event(&s.clone_applied(&k, &h)), Some(id.as_str()));
         assert_eq!(s.key_of_event(&s.key_created(&k)), Some(id.as_str()));

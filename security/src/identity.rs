@@ -11,6 +11,12 @@ use zeroize::Zeroizing;
 
 use crate::secret_file::{self, SecretFileError};
 
+/// Where the cluster identity lives when no `--identity` is given: a fixed
+/// system path (systemd's `StateDirectory=keysync`), never one relative to
+/// the directory a process happens to start in, which would scatter cluster
+/// private keys wherever an orchestrator or `keysync hsm` was run.
+pub const DEFAULT_CLUSTER_IDENTITY: &str = "/var/lib/keysync/cluster.key";
+
 /// Why an identity could not be loaded or made.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

@@ -53,31 +53,101 @@ pub fn read(path: &Path) -> Result<Zeroizing<String>, SecretFileError> {
 }
 
 /// Creates `path` with mode 0600 holding `text`; fails if it exists.
+///
+/// Written atomically ([`write_atomic`] without overwriting): a reader
+/// (an orchestrator starting, an agent) sees no file or the whole file,
+/// never half a key, even if this process dies mid-write.
 pub fn create(path: &Path, text: &str) -> Result<(), SecretFileError> {
+    write_atomic(path, text.as_bytes(), Overwrite::Never)
+}
+
+/// Whether [`write_atomic`] may replace an existing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overwrite {
+    /// Fail with [`SecretFileError::Exists`] if `path` exists (keys,
+    /// identities: never replaced by accident).
+    Never,
+    /// Replace it (a pinned key, a rotated credential): readers see the
+    /// old or the new contents, never a mix.
+    Replace,
+}
+
+/// Writes `contents` to `path` atomically, with mode 0600: a temporary
+/// file in the same directory (made 0600 from the start, so the secret is
+/// never readable by others even for a moment), written, fsynced, then
+/// renamed over `path` (or linked to it without replacing, with
+/// [`Overwrite::Never`]), and the directory fsynced so the rename survives
+/// a power loss. If anything fails, the temporary file is removed and
+/// `path` is as it was: there is never a half-written secret file.
+pub fn write_atomic(
+    path: &Path,
+    contents: &[u8],
+    overwrite: Overwrite,
+) -> Result<(), SecretFileError> {
     let shown = path.display().to_string();
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        opts.mode(0o600);
+    let io = |source| SecretFileError::Io {
+        path: shown.clone(),
+        source,
+    };
+    if overwrite == Overwrite::Never && std::fs::symlink_metadata(path).is_ok() {
+        return Err(SecretFileError::Exists(shown));
     }
-    let mut file = opts.open(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::AlreadyExists {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file name",
+        ))
+    })?;
+    // The directory's own error first ("No such file or directory").
+    std::fs::metadata(dir).map_err(|e| SecretFileError::Io {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
+    // tempfile makes the file with O_EXCL and mode 0600 on Unix.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| io(without_temp_path(e)))?;
+    tmp.write_all(contents)
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(io)?;
+    match overwrite {
+        Overwrite::Replace => tmp.persist(path).map(|_| ()),
+        Overwrite::Never => tmp.persist_noclobber(path).map(|_| ()),
+    }
+    .map_err(|e| {
+        // `e` holds the temporary file, removed when dropped here.
+        if e.error.kind() == std::io::ErrorKind::AlreadyExists {
             SecretFileError::Exists(shown.clone())
         } else {
-            SecretFileError::Io {
-                path: shown.clone(),
-                source,
-            }
+            io(e.error)
         }
     })?;
-    file.write_all(text.as_bytes())
-        .and_then(|_| file.sync_all())
-        .map_err(|source| SecretFileError::Io {
-            path: shown,
-            source,
-        })
+    sync_dir(dir).map_err(io)
+}
+
+/// tempfile's error without the temporary file's name (the target's is
+/// the one a person needs).
+fn without_temp_path(e: std::io::Error) -> std::io::Error {
+    std::io::Error::from(e.kind())
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
 }
 
 fn io_at(path: &Path) -> impl Fn(std::io::Error) -> SecretFileError + '_ {
@@ -136,22 +206,11 @@ pub fn private_file(path: &Path) -> Result<bool, SecretFileError> {
     narrow(path, 0o600)
 }
 
-/// Opens `path` for writing, creating it with mode 0600 if missing
-/// (truncating it otherwise, and narrowing a looser mode): for files that
-/// are private but not secret, such as a pinned public key.
+/// Writes `path` with mode 0600, replacing it if it exists (atomically:
+/// see [`write_atomic`]): for files that are private, secret or not, such
+/// as a pinned public key or a PIN file.
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), SecretFileError> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        opts.mode(0o600);
-    }
-    let mut file = opts.open(path).map_err(io_at(path))?;
-    private_file(path)?;
-    file.write_all(contents)
-        .and_then(|_| file.sync_all())
-        .map_err(io_at(path))
+    write_atomic(path, contents, Overwrite::Replace)
 }
 
 #[cfg(all(test, unix))]
@@ -182,5 +241,75 @@ mod tests {
         assert_eq!(mode(&file), 0o600);
         assert_eq!(std::fs::read(&file).expect("read"), b"y");
         assert!(!private_file(&file).expect("already private"));
+    }
+
+    /// Names in `dir` other than `keep`.
+    fn leftovers(dir: &Path, keep: &[&str]) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| !keep.contains(&n.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn secret_files_are_0600_and_never_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cluster.key");
+        // Made 0600 from the start (tempfile opens it so), whatever the
+        // umask: it can only narrow a mode.
+        create(&path, "secret\n").expect("create");
+        assert_eq!(mode(&path), 0o600);
+        assert!(matches!(
+            create(&path, "other\n"),
+            Err(SecretFileError::Exists(_))
+        ));
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "secret\n");
+        assert!(leftovers(dir.path(), &["cluster.key"]).is_empty());
+    }
+
+    #[test]
+    fn a_write_that_fails_leaves_no_half_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The target is a directory: the rename fails after the contents
+        // were written to the temporary file.
+        let target = dir.path().join("domain.key");
+        std::fs::create_dir(&target).expect("mkdir");
+        std::fs::write(target.join("inside"), b"x").expect("write");
+        let err = write_atomic(&target, b"secret", Overwrite::Replace).expect_err("refused");
+        assert!(matches!(err, SecretFileError::Io { .. }), "{err}");
+        assert!(target.is_dir(), "the directory is untouched");
+        assert!(
+            leftovers(dir.path(), &["domain.key"]).is_empty(),
+            "no temporary file left: {:?}",
+            leftovers(dir.path(), &["domain.key"])
+        );
+        // A directory nobody may write to: nothing is made (unless root,
+        // who may write anywhere; then the write must be whole).
+        let ro = dir.path().join("ro");
+        std::fs::create_dir(&ro).expect("mkdir");
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o500)).expect("chmod");
+        let path = ro.join("pin");
+        match write_private(&path, b"1234") {
+            Err(_) => assert!(leftovers(&ro, &[]).is_empty()),
+            Ok(()) => {
+                assert_eq!(std::fs::read(&path).expect("read"), b"1234");
+                assert_eq!(mode(&path), 0o600);
+                assert!(leftovers(&ro, &["pin"]).is_empty());
+            }
+        }
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
+
+    #[test]
+    fn replacing_keeps_0600_and_the_whole_new_contents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pinned");
+        std::fs::write(&path, b"old old old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_private(&path, b"new").expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+        assert_eq!(mode(&path), 0o600);
+        assert!(leftovers(dir.path(), &["pinned"]).is_empty());
     }
 }

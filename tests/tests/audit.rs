@@ -195,7 +195,7 @@ async fn the_audit_chain_verifies_finds_tampering_and_replays() {
     let b =
         seq_of(&|f| matches!(f, AuditFact::KeyDeleted { key_id, .. } if *key_id == k1.info.key_id));
     let keys_at = |until: &str| -> Vec<(String, usize)> {
-        let out = cli(&["replay", "--until", until]);
+        let out = cli(&["replay", "--until", until, "--json"]);
         assert!(
             out.status.success(),
             "{}",

@@ -197,7 +197,8 @@ async fn the_cli_contract_on_a_live_cluster() {
     ]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(missing.stdout.is_empty());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found on HSM hsm-1"));
+    assert!(String::from_utf8_lossy(&missing.stderr)
+        .contains("no key 0190f3a2-0000-7000-8000-000000000001 in this cluster"));
 }
 
 #[test]

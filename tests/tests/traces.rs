@@ -404,9 +404,11 @@ async fn one_keys_life_is_one_trace_across_processes() {
     assert!(root.parent.is_empty(), "the operation is the trace's root");
     assert_eq!(root.kind, CLIENT);
     assert_eq!(root.status.0, ERROR, "{root:?}");
+    // Retried within the budget, then named for what it is: the log has
+    // no such key (not "not yet replicated").
     assert_eq!(
         root.attrs.get("error.type").map(String::as_str),
-        Some("not_yet_replicated"),
+        Some("no_such_key"),
         "{root:?}"
     );
     let attempts: Vec<&Span> = in_trace

@@ -24,7 +24,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write every record as one line of JSON (for a SIEM).
+    /// Write every record as one line of JSON (for a SIEM): each with its
+    /// `seq`, the fact, who caused it (`actor`) and RFC 3339 times.
     Export {
         /// Audit stream (default: the cluster's).
         #[arg(long)]
@@ -32,6 +33,14 @@ pub enum Command {
         /// JSON lines (the only format).
         #[arg(long)]
         json: bool,
+        /// Only records after this one: a record sequence (the `seq` of the
+        /// last line a previous run printed, to resume exactly there), or
+        /// an RFC 3339 time (records of facts stored at or after it).
+        #[arg(long)]
+        since: Option<String>,
+        /// Keep printing records as they are appended (tail it).
+        #[arg(long)]
+        follow: bool,
     },
     /// Rebuild and print the cluster (which keys, on which HSMs) as it was
     /// at a chain sequence or an RFC 3339 time.
@@ -42,6 +51,10 @@ pub enum Command {
         /// Audit stream (default: the cluster's).
         #[arg(long)]
         stream: Option<String>,
+        /// One JSON document on stdout (members, keys with their HSMs,
+        /// deleted keys) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -222,6 +235,140 @@ fn fact_json(f: &AuditFact) -> serde_json::Value {
     }
 }
 
+/// Where an export starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Since {
+    /// After this record sequence.
+    After(u64),
+    /// Records of facts stored at or after this time (ns since the epoch).
+    At(u64),
+}
+
+impl Since {
+    fn parse(text: Option<&str>) -> anyhow::Result<Since> {
+        let Some(text) = text else {
+            return Ok(Since::After(0));
+        };
+        if let Ok(seq) = text.parse::<u64>() {
+            return Ok(Since::After(seq));
+        }
+        let t = OffsetDateTime::parse(text, &Rfc3339).with_context(|| {
+            format!("--since {text:?} is neither a record sequence nor an RFC 3339 time (e.g. 2026-11-28T10:00:00Z)")
+        })?;
+        Ok(Since::At(
+            u64::try_from(t.unix_timestamp_nanos()).unwrap_or(0),
+        ))
+    }
+
+    /// Whether a stored record is exported.
+    fn keeps(self, seq: u64, record: &Result<AuditRecord, String>) -> bool {
+        match (self, record) {
+            (Since::After(after), _) => seq > after,
+            (Since::At(ns), Ok(r)) => r.event_time_ns >= ns,
+            // A foreign message has no fact time: kept by its place.
+            (Since::At(_), Err(_)) => true,
+        }
+    }
+}
+
+/// One exported line.
+fn export_line(
+    seq: u64,
+    hash: [u8; 32],
+    record: &Result<AuditRecord, String>,
+) -> serde_json::Value {
+    match record {
+        Ok(rec) => {
+            let actor = rec.fact.actor();
+            let actor = match &actor {
+                keysync_schemas::Actor::Hsm(h) => json!({"kind": actor.kind(), "hsm": h.as_str()}),
+                _ => json!({"kind": actor.kind()}),
+            };
+            json!({
+                "seq": seq,
+                "hash": hex::encode(hash),
+                "prev_hash": hex::encode(rec.prev_hash),
+                "chain_seq": rec.chain_seq,
+                "event_seq": rec.event_seq,
+                "event_time": rfc3339(rec.event_time_ns),
+                "actor": actor,
+                "fact": fact_json(&rec.fact),
+            })
+        }
+        Err(e) => json!({"seq": seq, "hash": hex::encode(hash), "foreign": true, "error": e}),
+    }
+}
+
+/// Prints the audit records after `since` as JSON lines; with `follow`,
+/// then every record appended, until interrupted. A closed stdout (a
+/// reader that stopped, as `| head -1`) ends it quietly.
+async fn export(
+    cli: &Cli,
+    stream: &Option<String>,
+    since: Option<&str>,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let since = Since::parse(since)?;
+    let nats = cli.nats("keysync audit export").await?;
+    let js = jetstream::new(nats);
+    let name = stream.clone().unwrap_or(cli.subjects()?.audit_stream());
+    let mut s = js
+        .get_stream(&name)
+        .await
+        .with_context(|| format!("audit stream {name}"))?;
+    let last = s.info().await?.state.last_sequence;
+    let start = match since {
+        Since::After(seq) => jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: seq + 1,
+        },
+        // A record is stored after its fact: none before the time is needed.
+        Since::At(ns) => jetstream::consumer::DeliverPolicy::ByStartTime {
+            start_time: OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        },
+    };
+    // Without --follow, the export ends at the stream's last record as of
+    // now; nothing to wait for if it lies before the start.
+    let nothing_yet = match since {
+        Since::After(seq) => seq >= last,
+        Since::At(ns) => match s.direct_get(last).await {
+            Ok(m) => m.time.unix_timestamp_nanos() < i128::from(ns),
+            Err(_) => last == 0,
+        },
+    };
+    if nothing_yet && !follow {
+        return Ok(());
+    }
+    let consumer = s
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: start,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut out = std::io::stdout();
+    while let Some(m) = messages.next().await {
+        let m = m?;
+        let seq = m
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .stream_sequence;
+        let record = decode::<AuditRecord>(&m.payload)
+            .map(|e| e.body)
+            .map_err(|e| e.to_string());
+        if since.keeps(seq, &record) {
+            let line = export_line(seq, record_hash(&m.payload), &record);
+            if !super::write_line(&mut out, &line.to_string())? {
+                return Ok(());
+            }
+        }
+        if !follow && seq >= last {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn rfc3339(ns: u64) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
         .ok()
@@ -265,7 +412,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                             &json!({"intact": true, "records": w.records, "foreign": foreign_json}),
                         )?;
                     } else {
-                        println!("audit chain intact: {} records{foreign_text}", w.records);
+                        outln!("audit chain intact: {} records{foreign_text}", w.records);
                     }
                     if !w.foreign.is_empty() {
                         eprintln!(
@@ -286,27 +433,17 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Export { stream, .. } => {
-            for r in read_all(cli, stream).await? {
-                let line = match &r.record {
-                    Ok(rec) => json!({
-                        "seq": r.seq,
-                        "hash": hex::encode(r.hash),
-                        "prev_hash": hex::encode(rec.prev_hash),
-                        "chain_seq": rec.chain_seq,
-                        "event_seq": rec.event_seq,
-                        "event_time": rfc3339(rec.event_time_ns),
-                        "fact": fact_json(&rec.fact),
-                    }),
-                    Err(e) => {
-                        json!({"seq": r.seq, "hash": hex::encode(r.hash), "foreign": true, "error": e})
-                    }
-                };
-                println!("{line}");
-            }
-            Ok(())
-        }
-        Command::Replay { until, stream } => {
+        Command::Export {
+            stream,
+            since,
+            follow,
+            ..
+        } => export(cli, stream, since.as_deref(), *follow).await,
+        Command::Replay {
+            until,
+            stream,
+            json,
+        } => {
             let limit: Box<dyn Fn(&AuditRecord) -> bool> = match until.parse::<u64>() {
                 Ok(seq) => Box::new(move |r: &AuditRecord| r.chain_seq <= seq),
                 Err(_) => {
@@ -376,7 +513,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     | AuditFact::HsmCapabilities { .. } => {}
                 }
             }
-            print_json(&json!({
+            let doc = json!({
                 "until_seq": last.0,
                 "until_time": rfc3339(last.1),
                 "members": members.iter().map(|(h, s)| json!({"hsm_id": h.as_str(), "state": s})).collect::<Vec<_>>(),
@@ -384,10 +521,34 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     "key_id": id.to_string(),
                     "key_type": k.key_type,
                     "fingerprint": k.fingerprint,
+                    "hsm_ids": k.hsms.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
                     "hsms": k.hsms.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "deleted": keys.iter().filter(|(_, k)| k.deleted).map(|(id, _)| id.to_string()).collect::<Vec<_>>(),
-            }))
+            });
+            if *json {
+                return print_json(&doc);
+            }
+            outln!(
+                "the cluster at audit record {} ({})",
+                last.0,
+                rfc3339(last.1)
+            );
+            outln!("{:<16} STATE", "HSM");
+            for (h, state) in &members {
+                outln!("{:<16} {state}", h.as_str());
+            }
+            outln!("{:<36}  {:<8} HSMS", "KEY", "TYPE");
+            for (id, k) in keys.iter().filter(|(_, k)| !k.deleted) {
+                let hsms: Vec<&str> = k.hsms.iter().map(|h| h.as_str()).collect();
+                outln!("{id}  {:<8} {}", k.key_type, hsms.join(","));
+            }
+            let deleted = keys.values().filter(|k| k.deleted).count();
+            outln!(
+                "{} live keys, {deleted} deleted (--json for fingerprints and the deleted ids)",
+                keys.len() - deleted
+            );
+            Ok(())
         }
     }
 }
@@ -436,6 +597,31 @@ mod tests {
             hash: record_hash(b"junk"),
             record: Err("bad magic".into()),
         }
+    }
+
+    #[test]
+    fn since_takes_a_sequence_or_a_time_and_resumes_after_it() {
+        assert_eq!(Since::parse(None).expect("none"), Since::After(0));
+        assert_eq!(Since::parse(Some("42")).expect("seq"), Since::After(42));
+        assert_eq!(
+            Since::parse(Some("1970-01-01T00:00:01Z")).expect("time"),
+            Since::At(1_000_000_000)
+        );
+        assert!(Since::parse(Some("yesterday")).is_err());
+        let r = stored(5, [0; 32]).record;
+        assert!(!Since::After(5).keeps(5, &r));
+        assert!(Since::After(4).keeps(5, &r));
+        // `stored` puts the fact at 5 ns.
+        assert!(Since::At(5).keeps(5, &r));
+        assert!(!Since::At(6).keeps(5, &r));
+    }
+
+    #[test]
+    fn an_exported_record_names_its_actor() {
+        let r = stored(1, [0; 32]);
+        let line = export_line(1, r.hash, &r.record);
+        assert_eq!(line["actor"], json!({"kind": "hsm", "hsm": "hsm-1"}));
+        assert_eq!(line["event_time"], "1970-01-01T00:00:00.000000001Z");
     }
 
     #[test]

@@ -104,6 +104,7 @@ struct Sizes {
     bootstrap_keys: usize,
     recovery_events: usize,
     keystore_throughput: usize,
+    lifecycle_throughput: usize,
 }
 
 /// Resident memory of a process, in bytes (Linux).
@@ -471,7 +472,7 @@ async fn create_latency(
 }
 
 /// Keys per second created and replicated to every HSM, `in_flight` creates at a time.
-async fn throughput(
+pub(super) async fn throughput(
     client: &Client,
     hsms: &[HsmId],
     key_type: KeyType,
@@ -561,6 +562,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             bootstrap_keys: 2000,
             recovery_events: 20_000,
             keystore_throughput: 300,
+            lifecycle_throughput: 1000,
         }
     } else {
         Sizes {
@@ -575,6 +577,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             bootstrap_keys: 100_000,
             recovery_events: 1_000_000,
             keystore_throughput: 1000,
+            lifecycle_throughput: 10_000,
         }
     };
     let n = usize::from(args.hsms);
@@ -621,8 +624,9 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     .await?;
     let ceiling_rate = ceiling(client.nats(), sizes.ceiling).await?;
     // Stored per key: KeyCreated, n-1 commands, n-1 CloneApplied,
-    // KeyReplicated, and one audit record per event (n+1).
-    let msgs_per_key = 3 * n + 1;
+    // KeyReplicated, one audit record per event (n+1) and one lifecycle
+    // event per event (n+1, the mirror being on by default).
+    let msgs_per_key = 4 * n + 2;
     say("measuring create-then-sign on each route");
     let routes = routing(&stack.url(), &hsms, sizes.routing).await?;
     let module = match args
@@ -657,6 +661,14 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         sizes.recovery_events
     ));
     let recov = recovery(cli, sizes.recovery_events).await?;
+    say("measuring throughput with the lifecycle mirror off and on");
+    let lifecycle = super::bench_lifecycle::rows(
+        &cli.subjects()?,
+        n,
+        sizes.lifecycle_throughput,
+        args.in_flight,
+    )
+    .await?;
     let keystores = if args.keystore == BenchKeystore::Pkcs11 {
         // Ed25519 is not clonable on every token (SoftHSM 2.6.1): these
         // rows use the latency key type for throughput too, on both.
@@ -704,13 +716,16 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         "recovery": recov,
         "keystores": keystores,
         "pkcs11_module": module,
+        "lifecycle": lifecycle,
     });
     if args.json {
         return print_json(&doc);
     }
     let f = |v: &serde_json::Value| format!("{:.2}", v.as_f64().unwrap_or(0.0));
-    let row = |name: &str, v: &serde_json::Value| {
-        println!(
+    let row = |name: &str, v: &serde_json::Value| -> std::io::Result<()> {
+        use std::io::Write as _;
+        writeln!(
+            std::io::stdout().lock(),
             "  {:<34} {:>8} {:>8} {:>8} {:>8}",
             name,
             f(&v["p50_ms"]),
@@ -719,19 +734,23 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             f(&v["max_ms"])
         )
     };
-    println!(
+    outln!(
         "keysync bench: {n} HSMs, {} keys, {} cores{}",
         args.key_type,
         doc["machine"]["cores"],
         if args.quick { ", --quick" } else { "" }
     );
-    println!(
+    outln!(
         "\n  {:<34} {:>8} {:>8} {:>8} {:>8}   (ms)",
-        "latency", "p50", "p90", "p99", "max"
+        "latency",
+        "p50",
+        "p90",
+        "p99",
+        "max"
     );
-    row("JetStream floor (same pattern)", &doc["floor"]);
-    row("sync latency, one key at a time", &doc["sync_latency"]);
-    println!(
+    row("JetStream floor (same pattern)", &doc["floor"])?;
+    row("sync latency, one key at a time", &doc["sync_latency"])?;
+    outln!(
         "  {:<34} {:>7}x {:>16}x",
         "ratio to floor",
         f(&doc["ratio_to_floor"]["p50"]),
@@ -741,28 +760,33 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         row(
             &format!("create, durability {d}"),
             &doc["create_latency"][d],
-        );
+        )?;
     }
     let t = &doc["throughput"];
-    println!(
+    outln!(
         "\n  throughput ({} keys, {} in flight): {} keys/s created, {} keys/s replicated to {n} HSMs",
         t["keys"], t["in_flight"], t["created_per_s"], t["replicated_per_s"]
     );
-    println!(
+    outln!(
         "  bus ceiling: {} JetStream publishes/s / {} messages per key = {} keys/s",
-        t["bus_publish_per_s"], t["messages_per_key"], t["bus_ceiling_keys_per_s"]
+        t["bus_publish_per_s"],
+        t["messages_per_key"],
+        t["bus_ceiling_keys_per_s"]
     );
     let r = &doc["routing"];
-    println!(
+    outln!(
         "\n  create (none) then sign at once, failures of {}: replica-aware {}, any HSM without retries {}, any HSM with retries {}",
         r["replica_aware"]["cycles"], r["replica_aware"]["failures"], r["any_without_retries"]["failures"], r["any_with_retries"]["failures"]
     );
-    println!(
+    outln!(
         "\n  {:<6} {:>10} {:>10} {:>14}",
-        "HSMs", "sync p50", "sync p99", "replicated/s"
+        "HSMs",
+        "sync p50",
+        "sync p99",
+        "replicated/s"
     );
     for r in doc["scaling"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  {:<6} {:>10} {:>10} {:>14}",
             r["hsms"],
             f(&r["sync_latency"]["p50_ms"]),
@@ -770,27 +794,41 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             r["replicated_per_s"].to_string()
         );
     }
-    let b = &doc["bootstrap"];
+    let l = &doc["lifecycle"];
     println!(
+        "\n  lifecycle mirror ({} keys): replicated/s {} with it, {} without ({}x); created/s {} / {}; the mirror stored the last fact {} ms after the last key was replicated",
+        l["keys"],
+        l["mirror_on"]["replicated_per_s"],
+        l["mirror_off"]["replicated_per_s"],
+        l["on_to_off_replicated"],
+        l["mirror_on"]["created_per_s"],
+        l["mirror_off"]["created_per_s"],
+        l["mirror_on"]["lag_after_last_replicated_ms"]
+    );
+    let b = &doc["bootstrap"];
+    outln!(
         "\n  bootstrap: a new HSM joining {} keys is in service after {} s ({} keys/s); orchestrator memory {} bytes per tracked key",
         b["keys"], b["seconds_to_in_service"], b["keys_per_s"], b["orchestrator_bytes_per_key"]
     );
     let r = &doc["recovery"];
-    println!(
+    outln!(
         "  recovery: orchestrator restart over {} events folded in {} s from the log alone ({} events/s, {} MB resident); {} s from its snapshot",
         r["events"], r["seconds_full_replay"], r["events_per_s"], r["orchestrator_rss_mb"], r["seconds_from_snapshot"]
     );
     let m = &doc["pkcs11_module"];
     if !m.is_null() {
-        println!(
+        outln!(
             "\n  {:<34} {:>8} {:>8}   (ms, P-256, replicas:2, {} cycles)",
-            "create then sign at once", "p50", "p99", m["cycles"]
+            "create then sign at once",
+            "p50",
+            "p99",
+            m["cycles"]
         );
         for (name, v) in [
             ("through the PKCS#11 module", &m["create_then_sign_module"]),
             ("through the SDK", &m["create_then_sign_sdk"]),
         ] {
-            println!(
+            outln!(
                 "  {:<34} {:>8} {:>8}",
                 name,
                 f(&v["p50_ms"]),
@@ -798,14 +836,16 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             );
         }
         let r = &m["sign_per_s_by_threads"];
-        println!(
+        outln!(
             "  signs/s through the module: {} (1 thread), {} (8), {} (32)",
-            r["1"], r["8"], r["32"]
+            r["1"],
+            r["8"],
+            r["32"]
         );
     }
     let k = &doc["keystores"];
     if !k.is_null() {
-        println!(
+        outln!(
             "\n  keystores: {} keys, {} HSMs; throughput {} keys, {} in flight\n  {:<34} {:>8} {:>8} {:>8} {:>12} {:>12}",
             k["key_type"].as_str().unwrap_or_default(),
             n,
@@ -822,7 +862,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             ("embedded", &k["embedded"]),
             ("SoftHSM2 (pkcs11)", &k["softhsm2"]),
         ] {
-            println!(
+            outln!(
                 "  {:<34} {:>8} {:>8} {:>7}x {:>12} {:>12}",
                 format!("sync latency, {name}"),
                 f(&v["sync_latency"]["p50_ms"]),

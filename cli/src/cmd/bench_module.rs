@@ -112,9 +112,11 @@ pub async fn rows(
 ) -> anyhow::Result<serde_json::Value> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("keysync-pkcs11.toml");
-    std::fs::write(
+    // It holds a user PIN: a secret file (0600, written whole).
+    keysync_security::secret_file::write_private(
         &config,
-        format!("nats = [\"{nats_url}\"]\nuser_pin = \"{PIN}\"\ndurability = \"replicas:2\"\n"),
+        format!("nats = [\"{nats_url}\"]\nuser_pin = \"{PIN}\"\ndurability = \"replicas:2\"\n")
+            .as_bytes(),
     )?;
     // Read at C_Initialize, below; nothing else in this process reads it.
     std::env::set_var("KEYSYNC_PKCS11_CONFIG", &config);

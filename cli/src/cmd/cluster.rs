@@ -21,6 +21,9 @@ pub enum Command {
         /// key (the agents' `--cluster-key`).
         #[arg(long)]
         identity_out: Option<PathBuf>,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Members, their states, key counts and lag, as the orchestrator sees them.
     Status {
@@ -35,6 +38,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
         Command::Init {
             domain_key_out,
             identity_out,
+            json,
         } => {
             // The identity first: it refuses an existing file before the
             // domain key is made.
@@ -48,17 +52,25 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 .transpose()?;
             let key = keysync_security::domain_key::DomainKey::create_file(domain_key_out)
                 .context("creating the domain key")?;
-            println!(
+            if *json {
+                return print_json(&json!({
+                    "domain": key.id().to_string(),
+                    "domain_key_file": domain_key_out.display().to_string(),
+                    "identity_file": identity_out.as_ref().map(|p| p.display().to_string()),
+                    "cluster_key": identity.as_ref().map(|i| i.public_hex()),
+                }));
+            }
+            outln!(
                 "domain key {} written to {} (mode 0600). Give this file to every hsm-agent of the cluster (--domain-key), and to nothing else.",
                 key.id(),
                 domain_key_out.display()
             );
             if let (Some(identity), Some(path)) = (identity, identity_out) {
-                println!(
+                outln!(
                     "cluster identity written to {} (mode 0600): give it to both orchestrators (--identity) and to operators' keysync hsm commands.",
                     path.display()
                 );
-                println!(
+                outln!(
                     "cluster key (agents' --cluster-key): {}",
                     identity.public_hex()
                 );
@@ -85,13 +97,16 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     "rejected": s.rejected.iter().map(|(r, n)| (r.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 }))
             } else {
-                println!(
+                outln!(
                     "{:<16} {:<11} {:>8} {:>8}  CANNOT HOLD",
-                    "HSM", "STATE", "KEYS", "LAG"
+                    "HSM",
+                    "STATE",
+                    "KEYS",
+                    "LAG"
                 );
                 for m in &s.members {
                     let cannot: Vec<&str> = m.cannot_hold.iter().map(|t| t.as_str()).collect();
-                    println!(
+                    outln!(
                         "{:<16} {:<11} {:>8} {:>8}  {}",
                         m.hsm_id.as_str(),
                         m.state.as_str(),
@@ -104,12 +119,16 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                         }
                     );
                 }
-                println!(
+                outln!(
                     "keys {}  replicated {}  pending clones {}  clone failures {}  log seq {}",
-                    s.keys, s.replicated, s.pending_clones, s.clone_failures, s.last_seq
+                    s.keys,
+                    s.replicated,
+                    s.pending_clones,
+                    s.clone_failures,
+                    s.last_seq
                 );
                 for (reason, n) in &s.rejected {
-                    println!("rejected {reason}: {n}");
+                    outln!("rejected {reason}: {n}");
                 }
                 Ok(())
             }

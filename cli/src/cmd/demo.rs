@@ -92,10 +92,10 @@ async fn create_all(
 
 pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let n = usize::from(args.hsms);
-    println!("keysync demo: {n} HSMs kept in sync through NATS JetStream\n");
+    outln!("keysync demo: {n} HSMs kept in sync through NATS JetStream\n");
 
     let t = Instant::now();
-    print!("[1/5] Starting a local stack: nats-server, orchestrator, {n} HSM agents ... ");
+    out!("[1/5] Starting a local stack: nats-server, orchestrator, {n} HSM agents ... ");
     let mut stack = DevStack::start(StackOptions {
         hsms: n,
         subjects: cli.subjects()?,
@@ -103,7 +103,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     })
     .await
     .context("starting the local stack")?;
-    println!(
+    outln!(
         "ready in {:.1} s at {}",
         t.elapsed().as_secs_f64(),
         stack.url()
@@ -118,7 +118,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         .await?;
     client.nats().flush().await?;
 
-    println!(
+    outln!(
         "[2/5] Creating {} token keys (P-256, Ed25519, AES-256, RSA-2048) on random HSMs, durability logged",
         args.keys
     );
@@ -160,14 +160,14 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         }
     }
     let all_in = t.elapsed();
-    println!(
+    outln!(
         "      {} keys created in {:.2} s ({:.0} keys/s), all replicated to {n} HSMs {:.2} s after the first create",
         args.keys,
         created_in.as_secs_f64(),
         args.keys as f64 / created_in.as_secs_f64(),
         all_in.as_secs_f64()
     );
-    println!(
+    outln!(
         "      sync latency (KeyCreated stored -> last HSM applied): p50 {}  p90 {}  p99 {}  max {}",
         ms(latency.value_at_quantile(0.5)),
         ms(latency.value_at_quantile(0.9)),
@@ -176,7 +176,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     );
 
     let doomed = hsms[n - 1].clone();
-    println!(
+    outln!(
         "[3/5] {doomed} creates {} more keys, then is killed with SIGKILL right after the last create returns",
         args.doomed_keys
     );
@@ -190,12 +190,12 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     .await?;
     let killed_at = Instant::now();
     stack.kill_agent(&doomed);
-    println!(
+    outln!(
         "      {doomed} killed; every create had returned only after its KeyCreated was stored in JetStream"
     );
 
     let survivors: Vec<HsmId> = hsms[..n - 1].to_vec();
-    println!(
+    outln!(
         "[4/5] Waiting for {} to hold every key ...",
         survivors
             .iter()
@@ -222,17 +222,17 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    println!(
+    outln!(
         "      every survivor holds all {} keys with identical fingerprints, {:.0} ms after the kill;",
         expected.len(),
         killed_at.elapsed().as_secs_f64() * 1000.0
     );
-    println!(
+    outln!(
         "      all {} keys born on {doomed} survived its death",
         born_on_doomed.len()
     );
 
-    println!("[5/5] Restarting {doomed} from its own store ...");
+    outln!("[5/5] Restarting {doomed} from its own store ...");
     stack.start_agents(std::slice::from_ref(&doomed)).await?;
     let inv = inventory(&client, &doomed).await?;
     if inv != expected {
@@ -243,12 +243,12 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         );
     }
     inventories.insert(doomed.clone(), inv);
-    println!("      {doomed} is back with all {} keys\n", expected.len());
+    outln!("      {doomed} is back with all {} keys\n", expected.len());
 
-    println!("Summary");
-    println!("  {:<8} {:>6}  fingerprints", "HSM", "keys");
+    outln!("Summary");
+    outln!("  {:<8} {:>6}  fingerprints", "HSM", "keys");
     for (h, inv) in &inventories {
-        println!(
+        outln!(
             "  {:<8} {:>6}  {}",
             h.as_str(),
             inv.len(),
@@ -259,13 +259,13 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             }
         );
     }
-    println!(
+    outln!(
         "  sync latency p50 {} / p99 {} over {} keys; 0 keys lost after an HSM was killed",
         ms(latency.value_at_quantile(0.5)),
         ms(latency.value_at_quantile(0.99)),
         latency.len()
     );
-    println!(
+    outln!(
         "\nNext: `keysync dev` runs this stack for you to use (`keysync --nats URL key create --type p256 --json`)."
     );
     stack.shutdown().await;

@@ -21,6 +21,10 @@ pub struct Args {
     /// Have the orchestrator serve Prometheus metrics here (e.g. 127.0.0.1:9464).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Print the stack (NATS URL, HSM ids, data directory) as one JSON
+    /// document on stdout once it is up, instead of the bare URL.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
@@ -33,7 +37,16 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         ..Default::default()
     })
     .await?;
-    println!("{}", stack.url());
+    if args.json {
+        super::print_json(&serde_json::json!({
+            "nats_url": stack.url(),
+            "hsm_ids": stack.hsm_ids().iter().map(|h| h.as_str()).collect::<Vec<_>>(),
+            "data_dir": stack.dir().display().to_string(),
+            "prefix": cli.prefix,
+        }))?;
+    } else {
+        outln!("{}", stack.url());
+    }
     eprintln!(
         "keysync dev stack up: {} HSMs ({}), data in {}\n  export KEYSYNC_NATS={}\n  keysync cluster status\nCtrl-C stops it.",
         args.hsms,

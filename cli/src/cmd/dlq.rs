@@ -89,7 +89,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
             })).collect::<Vec<_>>(),
         }));
     }
-    println!(
+    outln!(
         "{} dead letters in {name}; the latest {}:",
         state.messages,
         letters.len()
@@ -100,16 +100,19 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
             Some(Err(_)) => "UNVERIFIED",
             None => "unchecked",
         };
-        println!(
+        outln!(
             "{seq:>8}  {filed:<10} {:<20} {:<24} {:<48} {}",
-            l.reason, l.rejected_by, l.subject, l.detail
+            l.reason,
+            l.rejected_by,
+            l.subject,
+            l.detail
         );
     }
     if trust.is_none() {
-        println!("signatures not checked: no cluster status (cluster and enrolled keys) from the orchestrator");
+        outln!("signatures not checked: no cluster status (cluster and enrolled keys) from the orchestrator");
     }
     if unreadable > 0 {
-        println!("{unreadable} unreadable messages in the stream (not filed by keysync)");
+        outln!("{unreadable} unreadable messages in the stream (not filed by keysync)");
     }
     Ok(())
 }

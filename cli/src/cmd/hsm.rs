@@ -26,7 +26,7 @@ pub enum Command {
         #[arg(long, value_parser = keysync_security::parse_public_key)]
         pubkey: [u8; 32],
         /// The cluster identity file (the orchestrators' `--identity`).
-        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
+        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = keysync_security::identity::DEFAULT_CLUSTER_IDENTITY)]
         identity: PathBuf,
         #[command(flatten)]
         creds: super::nats::MintArgs,
@@ -44,7 +44,7 @@ pub enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
         /// The cluster identity file.
-        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
+        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = keysync_security::identity::DEFAULT_CLUSTER_IDENTITY)]
         identity: PathBuf,
         #[command(flatten)]
         creds: super::nats::MintArgs,
@@ -59,7 +59,7 @@ pub enum Command {
         #[arg(long)]
         id: HsmId,
         /// The cluster identity file.
-        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
+        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = keysync_security::identity::DEFAULT_CLUSTER_IDENTITY)]
         identity: PathBuf,
         #[command(flatten)]
         nats_revoke: super::nats::RevokeArgs,
@@ -70,8 +70,11 @@ pub enum Command {
     /// Print the cluster's public key (for agents' `--cluster-key`).
     ClusterKey {
         /// The cluster identity file.
-        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = "keysync-cluster.key")]
+        #[arg(long, env = "KEYSYNC_IDENTITY", default_value = keysync_security::identity::DEFAULT_CLUSTER_IDENTITY)]
         identity: PathBuf,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Put the cluster domain key into a PKCS#11 token (sensitive,
     /// non-extractable, wrap and unwrap only), so an agent can front it
@@ -146,7 +149,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     "nats_creds": creds_out.map(|p| p.display().to_string()),
                 }))
             } else {
-                println!(
+                outln!(
                     "enrolled {id} with key {} (event {seq})",
                     hex::encode(pubkey)
                 );
@@ -185,7 +188,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     "nats_creds": creds_out.map(|p| p.display().to_string()),
                 }))
             } else {
-                println!("{}", token.encode().as_str());
+                outln!("{}", token.encode().as_str());
                 eprintln!("one-time join token for {id}, valid {ttl} s: start its agent with --join-token (or KEYSYNC_JOIN_TOKEN)");
                 if let Some(p) = creds_out {
                     eprintln!(
@@ -221,15 +224,19 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     "nats_user_revoked": nats_user,
                 }))
             } else {
-                println!("removed {id}: key revoked, queued commands withdrawn (event {seq})");
+                outln!("removed {id}: key revoked, queued commands withdrawn (event {seq})");
                 if let Some(u) = nats_user {
-                    println!("NATS user {u} revoked on the servers");
+                    outln!("NATS user {u} revoked on the servers");
                 }
                 Ok(())
             }
         }
-        Command::ClusterKey { identity } => {
-            println!("{}", load(identity)?.public_hex());
+        Command::ClusterKey { identity, json } => {
+            let key = load(identity)?.public_hex();
+            if *json {
+                return print_json(&json!({"cluster_key": key}));
+            }
+            outln!("{key}");
             Ok(())
         }
         Command::ProvisionDomainKey {
@@ -259,11 +266,11 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 }))
             } else {
                 if imported {
-                    println!("domain key {domain} put into token {pkcs11_token_label:?}");
+                    outln!("domain key {domain} put into token {pkcs11_token_label:?}");
                 } else {
-                    println!("token {pkcs11_token_label:?} already holds domain key {domain}; nothing changed");
+                    outln!("token {pkcs11_token_label:?} already holds domain key {domain}; nothing changed");
                 }
-                println!("check value: {cv}");
+                outln!("check value: {cv}");
                 eprintln!("start its agent with --keystore pkcs11 --domain-check-value {cv}");
                 Ok(())
             }

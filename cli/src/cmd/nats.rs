@@ -221,7 +221,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 .or_else(|| claims["iss"].as_str())
                 .context("user JWT without an issuer")?;
             revoke_user(cli, account, user, nats_operator_signer, nats_system_creds).await?;
-            println!("NATS user {user} revoked on the servers");
+            outln!("NATS user {user} revoked on the servers");
             Ok(())
         }
         Command::Init { out, operator_name } => {
@@ -244,12 +244,12 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 )?;
             }
             write_secret(&out.join("creds/sys.creds"), &d.system_creds()?)?;
-            println!("NATS trust chain written to {}", out.display());
-            println!("  resolver.conf        include from every nats-server config");
-            println!("  creds/*.creds        one per role (orchestrator, client, auditor, operator) and sys");
-            println!("  agent-signer.toml    mints agents' creds (keysync hsm enroll|token --nats-signer)");
-            println!("  operator-signer.nk   re-signs the account (keysync hsm remove --nats-operator-signer)");
-            println!("  operator.nk, account.nk, system-account.nk: keep offline");
+            outln!("NATS trust chain written to {}", out.display());
+            outln!("  resolver.conf        include from every nats-server config");
+            outln!("  creds/*.creds        one per role (orchestrator, client, auditor, operator) and sys");
+            outln!("  agent-signer.toml    mints agents' creds (keysync hsm enroll|token --nats-signer)");
+            outln!("  operator-signer.nk   re-signs the account (keysync hsm remove --nats-operator-signer)");
+            outln!("  operator.nk, account.nk, system-account.nk: keep offline");
             Ok(())
         }
         Command::RoleCreds {
@@ -263,7 +263,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     .with_context(|| format!("account key {}", account_key.display()))?,
             )?;
             write_secret(out, &nats_jwt::role_creds(&account, role)?)?;
-            println!("{} credentials written to {}", role.name(), out.display());
+            outln!("{} credentials written to {}", role.name(), out.display());
             Ok(())
         }
     }

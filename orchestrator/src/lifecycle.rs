@@ -1,0 +1,693 @@
+//! The lifecycle mirror: the active orchestrator copies every fact another
+//! service could care about from the signed events stream into
+//! `KEYSYNC_LIFECYCLE`, as CloudEvents 1.0 in structured JSON mode (see
+//! `docs/decisions/0014-lifecycle-events.md`).
+//!
+//! What a fact becomes is decided by pure functions ([`data_of`],
+//! [`cloud_event`], [`mirrored`]): the same fact always gives the same
+//! bytes under the same id (`events-<seq>`), which is also the message's
+//! `Nats-Msg-Id`. Where to resume is read back from the lifecycle stream
+//! itself ([`cursor_of`]: the events-stream sequence of its last message
+//! signed by the cluster), so a new active orchestrator after a failover
+//! or a restart neither skips a fact nor stores one twice, however long
+//! after; the duplicate window only has to cover what the old active one
+//! still had in flight.
+//!
+//! Which facts count is decided as the fold decides it: the mirror runs
+//! its own [`ClusterState`] over the log (from the snapshot when that is
+//! not past the cursor), with the same signature, subject and state
+//! checks, so a forged, replayed or refused event is never mirrored. It
+//! runs as its own task beside the fold, like the auditor, and like it
+//! ends the orchestrator's run when it cannot publish (crash-only).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::stream::{self, DirectGetErrorKind};
+use async_nats::jetstream::{self, consumer::pull};
+use bytes::Bytes;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use keysync_schemas::lifecycle::{
+    self, About, CloudEvent, HsmEnrolledData, HsmFailedData, HsmJoinedData, HsmRecoveredData,
+    HsmRemovedData, KeyAppliedData, KeyCloneFailedData, KeyCreatedData, KeyDeletedData,
+    KeyErasedData, KeyReplicatedData, LifecycleData,
+};
+use keysync_schemas::{headers, EnrolledVia, Event, Subjects};
+use keysync_security::{Claim, Identity, Signer};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::decide::subject_matches;
+use crate::state::{ClusterState, EventMeta};
+
+/// How long the lifecycle stream remembers a `Nats-Msg-Id`. It covers a
+/// failover many times over (the lease is seconds): the one case where two
+/// orchestrators publish the same facts at once. Past it the cursor alone
+/// keeps a fact from being stored twice.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Largest lifecycle event stored (they are a few hundred bytes).
+pub const MAX_EVENT_BYTES: i32 = 8 * 1024;
+
+/// Most publishes awaiting their PubAck at once.
+const IN_FLIGHT: usize = 256;
+
+/// Most messages looked at, walking back over foreign ones, to find the
+/// cursor.
+const MAX_WALK_BACK: u64 = 100_000;
+
+/// The lifecycle stream: CloudEvents, kept (limits retention), file
+/// storage, bounded in message size.
+pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: subjects.lifecycle_stream(),
+        description: Some(
+            "keysync lifecycle events: CloudEvents 1.0 (JSON) mirrored from the events stream"
+                .into(),
+        ),
+        subjects: vec![subjects.lifecycle_all()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_message_size: MAX_EVENT_BYTES,
+        duplicate_window: DUPLICATE_WINDOW,
+        allow_direct: true,
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
+/// Nanoseconds since the epoch in RFC 3339 (UTC), the one time format of
+/// keysync's JSON outputs. Empty if out of range (never, for a real clock).
+pub fn rfc3339(ns: u64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// The lifecycle id (and `Nats-Msg-Id`) of the fact at events-stream
+/// sequence `seq`.
+pub fn event_id(seq: u64) -> String {
+    format!("events-{seq}")
+}
+
+/// The CloudEvents `source` of a cluster.
+pub fn source(subjects: &Subjects) -> String {
+    format!("urn:keysync:{}", subjects.prefix())
+}
+
+/// What a fact tells other services, if anything. Never key material: a
+/// `KeyCreated`'s wrapped blob and public key stay in the signed log.
+/// Enrollment requests, join tokens and capability announcements are
+/// internal to the cluster and not mirrored; a clone failure is (only
+/// final ones are logged). `was_failed`: the log said the event's HSM was
+/// failed before it (a failed HSM that joins again has recovered).
+pub fn data_of(event: &Event, was_failed: bool) -> Option<LifecycleData> {
+    Some(match event {
+        Event::KeyCreated(c) => LifecycleData::KeyCreated(KeyCreatedData {
+            key_id: c.key_id.to_string(),
+            key_type: c.key_type.into(),
+            fingerprint: c.fingerprint.to_hex(),
+            hsm: c.hsm.to_string(),
+            origin: c.origin.into(),
+            durability: c.durability.to_string(),
+            label: c.attributes.label.clone(),
+        }),
+        Event::CloneApplied(a) => LifecycleData::KeyApplied(KeyAppliedData {
+            key_id: a.key_id.to_string(),
+            hsm: a.hsm.to_string(),
+            fingerprint: a.fingerprint.to_hex(),
+            already_present: a.already_present,
+        }),
+        Event::CloneFailed(f) => LifecycleData::KeyCloneFailed(KeyCloneFailedData {
+            key_id: f.key_id.to_string(),
+            hsm: f.hsm.to_string(),
+            reason: f.reason.label().to_string(),
+            detail: f.reason.reason().to_string(),
+        }),
+        Event::KeyReplicated(r) => LifecycleData::KeyReplicated(KeyReplicatedData {
+            key_id: r.key_id.to_string(),
+            fingerprint: r.fingerprint.to_hex(),
+            holders: r.holders.iter().map(|h| h.to_string()).collect(),
+            sync_latency_ms: r.sync_latency_micros as f64 / 1000.0,
+            created_seq: r.created_seq,
+        }),
+        Event::KeyDeleted(d) => LifecycleData::KeyDeleted(KeyDeletedData {
+            key_id: d.key_id.to_string(),
+            fingerprint: d.fingerprint.to_hex(),
+            hsm: d.hsm.to_string(),
+        }),
+        Event::KeyErased(e) => LifecycleData::KeyErased(KeyErasedData {
+            key_id: e.key_id.to_string(),
+            hsm: e.hsm.to_string(),
+            was_present: e.was_present,
+        }),
+        Event::HsmJoined(j) if was_failed => LifecycleData::HsmRecovered(HsmRecoveredData {
+            hsm: j.hsm.to_string(),
+            rejoined: true,
+            agent_version: Some(j.agent_version.clone()),
+            token_keys: Some(j.token_keys),
+        }),
+        Event::HsmJoined(j) => LifecycleData::HsmJoined(HsmJoinedData {
+            hsm: j.hsm.to_string(),
+            agent_version: j.agent_version.clone(),
+            token_keys: j.token_keys,
+        }),
+        Event::HsmFailed(f) => LifecycleData::HsmFailed(HsmFailedData {
+            hsm: f.hsm.to_string(),
+            silent_ms: f.silent_ms,
+        }),
+        Event::HsmRecovered(r) => LifecycleData::HsmRecovered(HsmRecoveredData {
+            hsm: r.hsm.to_string(),
+            rejoined: false,
+            agent_version: None,
+            token_keys: None,
+        }),
+        Event::HsmEnrolled(e) => LifecycleData::HsmEnrolled(HsmEnrolledData {
+            hsm: e.hsm.to_string(),
+            public_key: hex::encode(e.public_key),
+            via: match e.via {
+                EnrolledVia::Operator => "operator",
+                EnrolledVia::JoinToken => "join_token",
+            }
+            .to_string(),
+        }),
+        Event::HsmRevoked(r) => LifecycleData::HsmRemoved(HsmRemovedData {
+            hsm: r.hsm.to_string(),
+        }),
+        Event::JoinTokenIssued(_) | Event::JoinRequested(_) | Event::HsmCapabilities(_) => {
+            return None
+        }
+    })
+}
+
+/// The key or HSM a lifecycle event is about (its CloudEvents `subject`).
+fn about_id(data: &LifecycleData) -> &str {
+    match data {
+        LifecycleData::KeyCreated(d) => &d.key_id,
+        LifecycleData::KeyApplied(d) => &d.key_id,
+        LifecycleData::KeyCloneFailed(d) => &d.key_id,
+        LifecycleData::KeyReplicated(d) => &d.key_id,
+        LifecycleData::KeyDeleted(d) => &d.key_id,
+        LifecycleData::KeyErased(d) => &d.key_id,
+        LifecycleData::HsmJoined(d) => &d.hsm,
+        LifecycleData::HsmFailed(d) => &d.hsm,
+        LifecycleData::HsmRecovered(d) => &d.hsm,
+        LifecycleData::HsmEnrolled(d) => &d.hsm,
+        LifecycleData::HsmRemoved(d) => &d.hsm,
+    }
+}
+
+/// W3C trace context carried by a fact (its `traceparent` and
+/// `tracestate` headers).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trace {
+    /// `traceparent`.
+    pub parent: Option<String>,
+    /// `tracestate`.
+    pub state: Option<String>,
+}
+
+impl Trace {
+    /// The trace context in a message's headers.
+    pub fn of(h: Option<&async_nats::HeaderMap>) -> Trace {
+        let get = |name: &str| {
+            h.and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        Trace {
+            parent: get(headers::TRACEPARENT),
+            state: get(headers::TRACESTATE),
+        }
+    }
+}
+
+/// The CloudEvent for `data`, the fact stored at `meta` with trace `trace`.
+pub fn cloud_event(
+    subjects: &Subjects,
+    meta: EventMeta,
+    data: LifecycleData,
+    trace: Trace,
+) -> CloudEvent<LifecycleData> {
+    CloudEvent {
+        specversion: lifecycle::SPEC_VERSION.into(),
+        id: event_id(meta.seq),
+        source: source(subjects),
+        event_type: data.event_type(),
+        subject: about_id(&data).to_string(),
+        time: rfc3339(meta.stored_at_ns),
+        datacontenttype: lifecycle::DATA_CONTENT_TYPE.into(),
+        dataschema: format!("{}{}", lifecycle::SCHEMA_BASE, data.schema_file()),
+        keysyncseq: meta.seq.to_string(),
+        traceparent: trace.parent,
+        tracestate: trace.state,
+        data,
+    }
+}
+
+/// A lifecycle message ready to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirrored {
+    /// `<p>.lifecycle.<key|hsm>.<id>.<event>`
+    pub subject: String,
+    /// `Nats-Msg-Id` (the CloudEvent's `id`).
+    pub msg_id: String,
+    /// The structured-mode JSON.
+    pub payload: Vec<u8>,
+}
+
+/// What the accepted fact `event`, stored at `meta`, is mirrored as: its
+/// lifecycle message, or nothing. `was_failed` as for [`data_of`].
+pub fn mirrored(
+    subjects: &Subjects,
+    meta: EventMeta,
+    event: &Event,
+    was_failed: bool,
+    trace: Trace,
+) -> Option<Mirrored> {
+    let data = data_of(event, was_failed)?;
+    let (about, name) = data.name();
+    let subject = match about {
+        About::Key => subjects.lifecycle_key(about_id(&data), name),
+        About::Hsm => subjects.lifecycle_hsm(about_id(&data), name),
+    };
+    let ce = cloud_event(subjects, meta, data, trace);
+    let payload = serde_json::to_vec(&ce).ok()?;
+    Some(Mirrored {
+        subject,
+        msg_id: ce.id,
+        payload,
+    })
+}
+
+/// The events-stream sequence a stored lifecycle message mirrors, if it is
+/// one of ours: signed by the cluster key over its subject, id and bytes,
+/// and carrying `keysyncseq`. Anything else (a stray or hostile publish on
+/// a lifecycle subject) is not a cursor.
+pub fn cursor_of(
+    subject: &str,
+    h: &async_nats::HeaderMap,
+    payload: &[u8],
+    cluster_key: &[u8; 32],
+) -> Option<u64> {
+    let claim = Claim::read(Some(h)).ok()?;
+    if claim.signer != Signer::Cluster || claim.verify(cluster_key, subject, payload).is_err() {
+        return None;
+    }
+    let ce: CloudEvent<serde_json::Value> = serde_json::from_slice(payload).ok()?;
+    let seq: u64 = ce.keysyncseq.parse().ok()?;
+    (ce.id == claim.msg_id && ce.id == event_id(seq)).then_some(seq)
+}
+
+/// The last fact mirrored: the cursor of the stream's last message that is
+/// ours, walking back over foreign ones (0: none).
+async fn read_cursor(
+    stream: &jetstream::stream::Stream,
+    cluster_key: &[u8; 32],
+) -> anyhow::Result<u64> {
+    let state = stream.get_info().await?.state;
+    let first = state.first_sequence.max(1);
+    let mut seq = state.last_sequence;
+    let mut walked = 0u64;
+    while seq >= first && seq > 0 {
+        match stream.direct_get(seq).await {
+            Ok(m) => {
+                if let Some(cursor) = cursor_of(&m.subject, &m.headers, &m.payload, cluster_key) {
+                    return Ok(cursor);
+                }
+                tracing::warn!(
+                    seq,
+                    subject = %m.subject,
+                    "a foreign message in the lifecycle stream (not signed by the cluster): skipped"
+                );
+            }
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        walked += 1;
+        if walked >= MAX_WALK_BACK {
+            anyhow::bail!(
+                "no lifecycle event of ours in the last {MAX_WALK_BACK} messages of {}: \
+                 see who may publish on its subjects (only orchestrators should)",
+                stream.cached_info().config.name
+            );
+        }
+        seq -= 1;
+    }
+    Ok(0)
+}
+
+/// A publish in flight: what it was, and its PubAck.
+type InFlight = FuturesOrdered<
+    futures::future::BoxFuture<'static, (Mirrored, Result<PublishAck, PublishError>)>,
+>;
+
+/// Runs the mirror until aborted or a publish fails.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    js: jetstream::Context,
+    events: jetstream::stream::Stream,
+    subjects: Subjects,
+    replicas: usize,
+    identity: Arc<Identity>,
+    snapshots: jetstream::object_store::ObjectStore,
+) -> anyhow::Result<()> {
+    let cluster_key = identity.public_key();
+    let lifecycle = crate::streams::ensure_one(&js, stream_config(&subjects, replicas)).await?;
+    let mut cursor = read_cursor(&lifecycle, &cluster_key).await?;
+    let mut events = events;
+    let events_last = events.info().await?.state.last_sequence;
+    if cursor > events_last {
+        tracing::warn!(
+            cursor,
+            events_last,
+            "the lifecycle stream is ahead of the events stream (was the events stream recreated?): mirroring it from its start"
+        );
+        cursor = 0;
+    }
+    // The fold that judges facts, from a snapshot not past the cursor.
+    let mut state = crate::snapshot::load(&snapshots, cluster_key)
+        .await
+        .filter(|s| s.last_seq() <= cursor)
+        .unwrap_or_default();
+    tracing::info!(
+        cursor,
+        from = state.last_seq() + 1,
+        "lifecycle mirror: resuming after the last fact mirrored"
+    );
+    let deliver_policy = if state.last_seq() > 0 {
+        jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: state.last_seq() + 1,
+        }
+    } else {
+        jetstream::consumer::DeliverPolicy::All
+    };
+    let consumer = events
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subjects.events_all(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut acks: InFlight = FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            msg = messages.next() => {
+                let msg = msg
+                    .ok_or_else(|| anyhow::anyhow!("lifecycle reader ended"))?
+                    .map_err(|e| anyhow::anyhow!("lifecycle reader failed: {e}"))?;
+                let (meta, _) = crate::intake::meta_of(&msg)?;
+                let Some((event, was_failed)) = judge(&mut state, &subjects, &cluster_key, &msg, meta) else {
+                    continue;
+                };
+                if meta.seq <= cursor {
+                    continue; // mirrored already
+                }
+                let trace = Trace::of(msg.headers.as_ref());
+                let Some(m) = mirrored(&subjects, meta, &event, was_failed, trace) else {
+                    continue;
+                };
+                acks.push_back(send(&js, &identity, m).await?);
+                while acks.len() >= IN_FLIGHT {
+                    if let Some(done) = acks.next().await {
+                        settle(&js, &lifecycle, &identity, &mut acks, done).await?;
+                    }
+                }
+            }
+            Some(done) = acks.next(), if !acks.is_empty() => {
+                settle(&js, &lifecycle, &identity, &mut acks, done).await?;
+            }
+        }
+    }
+}
+
+/// Folds one stored event as the orchestrator's fold does; the event if it
+/// is an accepted fact, with whether the log said its HSM was failed
+/// before it.
+fn judge(
+    state: &mut ClusterState,
+    subjects: &Subjects,
+    cluster_key: &[u8; 32],
+    msg: &jetstream::Message,
+    meta: EventMeta,
+) -> Option<(Event, bool)> {
+    let checked = keysync_security::check_event(
+        msg.headers.as_ref(),
+        &msg.subject,
+        &msg.payload,
+        meta.stored_at_ns,
+        cluster_key,
+        |h| state.enrolled_key(h),
+    );
+    let event = match checked {
+        Ok(env) if subject_matches(subjects.parse_event(&msg.subject), &env.body) => env.body,
+        Ok(_) => {
+            state.reject_at(meta.seq, keysync_schemas::RejectReason::SubjectMismatch);
+            return None;
+        }
+        Err(r) => {
+            state.reject_at(meta.seq, r.reason);
+            return None;
+        }
+    };
+    let was_failed = match &event {
+        Event::HsmJoined(j) => state
+            .member_index(&j.hsm)
+            .and_then(|i| state.member_at(i))
+            .is_some_and(|m| !m.live),
+        _ => false,
+    };
+    state.apply(meta, &event).ok().map(|_| (event, was_failed))
+}
+
+/// Signs and publishes one lifecycle message; returns its PubAck to come.
+async fn send(
+    js: &jetstream::Context,
+    identity: &Identity,
+    m: Mirrored,
+) -> anyhow::Result<futures::future::BoxFuture<'static, (Mirrored, Result<PublishAck, PublishError>)>>
+{
+    let mut h = keysync_security::signed_headers(
+        identity,
+        &Signer::Cluster,
+        &m.subject,
+        &m.msg_id,
+        &m.payload,
+    );
+    // The CloudEvents NATS binding: structured mode says so in content-type.
+    h.insert("content-type", lifecycle::CONTENT_TYPE);
+    let fut = js
+        .publish_with_headers(m.subject.clone(), h, Bytes::from(m.payload.clone()))
+        .await?;
+    Ok(Box::pin(async move { (m, fut.await) }))
+}
+
+/// One PubAck. A failure ends the run. A duplicate answer is checked: if
+/// what holds the id is ours, the fact was mirrored already (by the active
+/// orchestrator before this one, within the duplicate window); if not, it
+/// is removed and the event published again, so a stray publish under one
+/// of our ids cannot suppress a fact.
+async fn settle(
+    js: &jetstream::Context,
+    lifecycle: &jetstream::stream::Stream,
+    identity: &Identity,
+    acks: &mut InFlight,
+    (m, ack): (Mirrored, Result<PublishAck, PublishError>),
+) -> anyhow::Result<()> {
+    let ack = ack.map_err(|e| anyhow::anyhow!("a lifecycle event was not stored: {e}"))?;
+    if !ack.duplicate {
+        return Ok(());
+    }
+    let cluster_key = identity.public_key();
+    let ours = match lifecycle.direct_get(ack.sequence).await {
+        Ok(s) => cursor_of(&s.subject, &s.headers, &s.payload, &cluster_key).is_some(),
+        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => false,
+        Err(e) => return Err(e.into()),
+    };
+    if ours {
+        return Ok(());
+    }
+    tracing::warn!(
+        seq = ack.sequence,
+        msg_id = %m.msg_id,
+        "a foreign message holds a lifecycle event's id: removing it and publishing the event again"
+    );
+    crate::streams::delete_message(js, &ack.stream, ack.sequence, false).await?;
+    // The id is free once the message holding it is gone.
+    acks.push_back(send(js, identity, m).await?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keysync_schemas::{
+        DomainId, Durability, Fingerprint, HsmId, JoinRequested, KeyAttributes, KeyCreated, KeyId,
+        KeyOrigin, KeyReplicated, KeyType,
+    };
+
+    fn meta(seq: u64) -> EventMeta {
+        EventMeta {
+            seq,
+            stored_at_ns: 1_764_000_000_123_456_789,
+        }
+    }
+
+    fn created(key_id: KeyId) -> Event {
+        Event::KeyCreated(KeyCreated {
+            key_id,
+            key_type: KeyType::P256,
+            fingerprint: Fingerprint([0xab; 32]),
+            hsm: HsmId::new("hsm-1").expect("id"),
+            origin: KeyOrigin::Generated,
+            attributes: KeyAttributes::default(),
+            durability: Durability::Replicas(2),
+            domain: DomainId([1; 8]),
+            wrapped: vec![0x5e; 40],
+            public_key: Some(vec![0x30; 91]),
+        })
+    }
+
+    #[test]
+    fn a_created_key_becomes_a_cloudevent_without_material() {
+        let s = Subjects::default();
+        let key_id = KeyId::new();
+        let trace = Trace {
+            parent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            state: None,
+        };
+        let m = mirrored(&s, meta(42), &created(key_id), false, trace.clone()).expect("mirrored");
+        assert_eq!(m.subject, s.lifecycle_key(&key_id.to_string(), "created"));
+        assert_eq!(m.msg_id, "events-42");
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["id"], "events-42");
+        assert_eq!(v["source"], "urn:keysync:keysync");
+        assert_eq!(v["type"], "io.keysync.key.created.v1");
+        assert_eq!(v["subject"], key_id.to_string());
+        assert_eq!(v["time"], "2025-11-24T16:00:00.123456789Z");
+        assert_eq!(v["datacontenttype"], "application/json");
+        assert_eq!(
+            v["dataschema"],
+            format!("{}key.created.v1.json", lifecycle::SCHEMA_BASE)
+        );
+        assert_eq!(v["keysyncseq"], "42");
+        assert_eq!(v["traceparent"], trace.parent.clone().expect("tp").as_str());
+        assert!(v.get("tracestate").is_none());
+        assert_eq!(v["data"]["key_type"], "p256");
+        assert_eq!(v["data"]["durability"], "replicas:2");
+        assert_eq!(v["data"]["origin"], "generated");
+        // No wrapped material, no public key: neither as bytes nor as hex.
+        let text = String::from_utf8(m.payload.clone()).expect("utf-8");
+        assert!(
+            !text.contains("wrapped") && !text.contains("public_key"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("5e5e5e") && !text.contains("303030"),
+            "{text}"
+        );
+        // The same fact gives the same bytes: a re-mirror after a failover
+        // is a byte-identical duplicate.
+        assert_eq!(
+            Some(m),
+            mirrored(&s, meta(42), &created(key_id), false, trace)
+        );
+    }
+
+    #[test]
+    fn replicated_carries_holders_and_latency_and_internal_facts_are_not_mirrored() {
+        let s = Subjects::new("team-a").expect("prefix");
+        let key_id = KeyId::new();
+        let r = Event::KeyReplicated(KeyReplicated {
+            key_id,
+            fingerprint: Fingerprint([1; 32]),
+            holders: vec![HsmId::new("a").expect("id"), HsmId::new("b").expect("id")],
+            sync_latency_micros: 1_250,
+            created_seq: 7,
+        });
+        let m = mirrored(&s, meta(9), &r, false, Trace::default()).expect("mirrored");
+        assert_eq!(
+            m.subject,
+            format!("team-a.lifecycle.key.{key_id}.replicated")
+        );
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
+        assert_eq!(v["data"]["holders"], serde_json::json!(["a", "b"]));
+        assert_eq!(v["data"]["sync_latency_ms"], 1.25);
+        assert_eq!(v["data"]["created_seq"], 7);
+        assert_eq!(v["source"], "urn:keysync:team-a");
+        assert!(v.get("traceparent").is_none());
+        let join = Event::JoinRequested(JoinRequested {
+            hsm: HsmId::new("a").expect("id"),
+            public_key: [2; 32],
+            token_key: [3; 32],
+            proof: vec![4; 64],
+        });
+        assert_eq!(mirrored(&s, meta(10), &join, false, Trace::default()), None);
+    }
+
+    #[test]
+    fn a_failed_hsm_that_joins_again_has_recovered() {
+        let s = Subjects::default();
+        let joined = Event::HsmJoined(keysync_schemas::HsmJoined {
+            hsm: HsmId::new("hsm-3").expect("id"),
+            agent_version: "0.1.0".into(),
+            token_keys: 12,
+        });
+        let first = mirrored(&s, meta(3), &joined, false, Trace::default()).expect("m");
+        assert_eq!(first.subject, "keysync.lifecycle.hsm.hsm-3.joined");
+        let again = mirrored(&s, meta(30), &joined, true, Trace::default()).expect("m");
+        assert_eq!(again.subject, "keysync.lifecycle.hsm.hsm-3.recovered");
+        let v: serde_json::Value = serde_json::from_slice(&again.payload).expect("json");
+        assert_eq!(v["type"], "io.keysync.hsm.recovered.v1");
+        assert_eq!(v["data"]["rejoined"], true);
+        assert_eq!(v["data"]["token_keys"], 12);
+    }
+
+    #[test]
+    fn only_a_cluster_signed_lifecycle_event_is_a_cursor() {
+        let s = Subjects::default();
+        let id = Identity::generate().expect("rng");
+        let m = mirrored(&s, meta(5), &created(KeyId::new()), false, Trace::default()).expect("m");
+        let h = keysync_security::signed_headers(
+            &id,
+            &Signer::Cluster,
+            &m.subject,
+            &m.msg_id,
+            &m.payload,
+        );
+        assert_eq!(
+            cursor_of(&m.subject, &h, &m.payload, &id.public_key()),
+            Some(5)
+        );
+        // Another key, another subject, edited bytes, no signature: none.
+        let other = Identity::generate().expect("rng");
+        assert_eq!(
+            cursor_of(&m.subject, &h, &m.payload, &other.public_key()),
+            None
+        );
+        assert_eq!(
+            cursor_of("keysync.lifecycle.x", &h, &m.payload, &id.public_key()),
+            None
+        );
+        let mut edited = m.payload.clone();
+        edited[10] ^= 1;
+        assert_eq!(cursor_of(&m.subject, &h, &edited, &id.public_key()), None);
+        let unsigned = async_nats::HeaderMap::new();
+        assert_eq!(
+            cursor_of(&m.subject, &unsigned, &m.payload, &id.public_key()),
+            None
+        );
+    }
+
+    #[test]
+    fn times_are_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_500_000_000), "1970-01-01T00:00:01.5Z");
+    }
+}
