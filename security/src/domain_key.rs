@@ -103,6 +103,7 @@ impl DomainKey {
         Ok(DomainKey::from_bytes(*bytes))
     }
 
+    #[cfg(feature = "files")]
     /// Writes a new random key to `path` with mode 0600 (never overwrites).
     pub fn create_file(path: &Path) -> Result<Self, DomainKeyError> {
         let key = DomainKey::generate()?;

@@ -71,6 +71,7 @@ impl Identity {
         Ok(Self::from_seed(&seed))
     }
 
+    #[cfg(feature = "files")]
     /// Writes a new identity to `path` (mode 0600; never overwrites).
     pub fn create_file(path: &Path) -> Result<Self, IdentityError> {
         let id = Self::generate()?;
@@ -79,6 +80,7 @@ impl Identity {
         Ok(id)
     }
 
+    #[cfg(feature = "files")]
     /// Loads `path`, or makes it if it does not exist. Returns whether it
     /// was made.
     pub fn load_or_create(path: &Path) -> Result<(Self, bool), IdentityError> {

@@ -2,6 +2,7 @@
 //! never over an existing file; and the private directories that hold
 //! them (0700).
 
+#[cfg(feature = "files")]
 use std::io::Write as _;
 use std::path::Path;
 
@@ -52,6 +53,7 @@ pub fn read(path: &Path) -> Result<Zeroizing<String>, SecretFileError> {
     Ok(Zeroizing::new(std::fs::read_to_string(path).map_err(io)?))
 }
 
+#[cfg(feature = "files")]
 /// Creates `path` with mode 0600 holding `text`; fails if it exists.
 ///
 /// Written atomically ([`write_atomic`] without overwriting): a reader
@@ -61,6 +63,7 @@ pub fn create(path: &Path, text: &str) -> Result<(), SecretFileError> {
     write_atomic(path, text.as_bytes(), Overwrite::Never)
 }
 
+#[cfg(feature = "files")]
 /// Whether [`write_atomic`] may replace an existing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overwrite {
@@ -72,6 +75,7 @@ pub enum Overwrite {
     Replace,
 }
 
+#[cfg(feature = "files")]
 /// Writes `contents` to `path` atomically, with mode 0600: a temporary
 /// file in the same directory (made 0600 from the start, so the secret is
 /// never readable by others even for a moment), written, fsynced, then
@@ -131,12 +135,14 @@ pub fn write_atomic(
     sync_dir(dir).map_err(io)
 }
 
+#[cfg(feature = "files")]
 /// tempfile's error without the temporary file's name (the target's is
 /// the one a person needs).
 fn without_temp_path(e: std::io::Error) -> std::io::Error {
     std::io::Error::from(e.kind())
 }
 
+#[cfg(feature = "files")]
 /// Makes a rename in `dir` durable.
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
@@ -206,6 +212,7 @@ pub fn private_file(path: &Path) -> Result<bool, SecretFileError> {
     narrow(path, 0o600)
 }
 
+#[cfg(feature = "files")]
 /// Writes `path` with mode 0600, replacing it if it exists (atomically:
 /// see [`write_atomic`]): for files that are private, secret or not, such
 /// as a pinned public key or a PIN file.
