@@ -103,10 +103,20 @@ async def main():
     p.add_argument("--until", help="with --all: stop after an event TYPE:SUBJECT (and --idle seconds of quiet)")
     p.add_argument("--idle", type=float, default=1.0, help="seconds of quiet that end --all")
     p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+    p.add_argument("--user", help="NATS user (with --password)")
+    p.add_argument("--password", help="NATS password")
+    p.add_argument("--creds", help="NATS credentials file (JWT + seed)")
+    p.add_argument("--inbox-prefix", default="_INBOX",
+                   help="inbox prefix the account confines this user to (e.g. _INBOX.auditor)")
     args = p.parse_args()
 
     schemas = Schemas(args.schemas)
-    nc = await nats.connect(args.nats)
+    auth = {}
+    if args.user:
+        auth = {"user": args.user, "password": args.password}
+    if args.creds:
+        auth["user_credentials"] = args.creds
+    nc = await nats.connect(args.nats, inbox_prefix=args.inbox_prefix, **auth)
     js = nc.jetstream()
     if args.key:
         subject = f"{args.prefix}.lifecycle.key.{args.key}.>"
@@ -116,7 +126,12 @@ async def main():
         done_types = set()
     until = tuple(args.until.split(":", 1)) if args.until else None
     # An ordered consumer: every stored event in stream order, then live ones.
-    sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    # The stream is named, not looked up by subject: a reader's permissions
+    # need not include listing streams.
+    stream = f"{args.prefix.upper()}_LIFECYCLE"
+    sub = await js.subscribe(
+        subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.timeout
     invalid = 0

@@ -221,7 +221,7 @@ impl Role {
     /// Its permissions: the same subjects as its block in
     /// `deploy/nats/secure.conf` (a test compares them), which explains each.
     pub fn permissions(self) -> Permissions {
-        const AUDIT_READ: [&str; 17] = [
+        const AUDIT_READ: [&str; 26] = [
             "$JS.API.INFO",
             "$JS.API.STREAM.INFO.KEYSYNC_AUDIT",
             "$JS.API.CONSUMER.CREATE.KEYSYNC_AUDIT",
@@ -239,6 +239,15 @@ impl Role {
             "$JS.API.CONSUMER.MSG.NEXT.KEYSYNC_DLQ.*",
             "$JS.API.DIRECT.GET.KEYSYNC_DLQ",
             "$JS.API.DIRECT.GET.KEYSYNC_DLQ.>",
+            "$JS.API.STREAM.INFO.KEYSYNC_LIFECYCLE",
+            "$JS.API.CONSUMER.CREATE.KEYSYNC_LIFECYCLE",
+            "$JS.API.CONSUMER.CREATE.KEYSYNC_LIFECYCLE.>",
+            "$JS.API.CONSUMER.INFO.KEYSYNC_LIFECYCLE.*",
+            "$JS.API.CONSUMER.DELETE.KEYSYNC_LIFECYCLE.*",
+            "$JS.API.CONSUMER.MSG.NEXT.KEYSYNC_LIFECYCLE.*",
+            "$JS.API.DIRECT.GET.KEYSYNC_LIFECYCLE",
+            "$JS.API.DIRECT.GET.KEYSYNC_LIFECYCLE.>",
+            "$JS.FC.KEYSYNC_LIFECYCLE.>", // flow control of a push (ordered) consumer
         ];
         match self {
             Role::Orchestrator => Permissions::of(

@@ -15,7 +15,8 @@ use async_nats::jetstream;
 use keysync::{CreateKey, Route};
 use keysync_schemas::{Durability, KeyId, KeyType};
 use keysync_testkit::{
-    fast_options, hsm, next_metrics, wait_for_state, wait_until, DevStack, StackOptions,
+    fast_options, hsm, next_metrics, on_secure_config, wait_for_state, wait_until, DevStack,
+    StackOptions,
 };
 
 fn python() -> String {
@@ -296,6 +297,58 @@ async fn with_the_mirror_off_nothing_is_mirrored() {
             .await
             .is_err(),
         "the lifecycle stream exists with the mirror off"
+    );
+    stack.shutdown().await;
+}
+
+/// Under the production permissions (`deploy/nats/secure.conf`), the
+/// auditor role — a SIEM's or a service's read-only user — follows a key's
+/// lifecycle events with the Python consumer: the stream is readable by
+/// name with its own inbox prefix, and nothing else is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auditor_role_reads_the_lifecycle_stream_under_the_secure_config() {
+    if !python_ready() {
+        return;
+    }
+    let stack = match DevStack::start(on_secure_config(fast_options(2))).await {
+        Ok(s) => s,
+        Err(e) => panic!("stack did not start: {e}"),
+    };
+    let url = stack.url();
+    let k = stack
+        .client()
+        .create_key(
+            CreateKey::new(KeyType::P256)
+                .on(Route::Hsm(hsm("hsm-1")))
+                .durability(Durability::All),
+        )
+        .await
+        .expect("create");
+    let auditor = start_consumer(
+        &url,
+        &[
+            "--key",
+            &k.info.key_id.to_string(),
+            "--timeout",
+            "30",
+            "--user",
+            "auditor",
+            "--password",
+            "auditor-dev-secret",
+            "--inbox-prefix",
+            "_INBOX.auditor",
+        ],
+    );
+    let followed = lines_of(auditor, Duration::from_secs(60)).await;
+    let types: Vec<&str> = followed.iter().map(|e| field(e, "type")).collect();
+    assert_eq!(
+        types,
+        [
+            "io.keysync.key.created.v1",
+            "io.keysync.key.applied.v1",
+            "io.keysync.key.replicated.v1"
+        ],
+        "the auditor's view of one key"
     );
     stack.shutdown().await;
 }
