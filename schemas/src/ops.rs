@@ -507,3 +507,70 @@ impl std::fmt::Display for OpError {
 }
 
 impl std::error::Error for OpError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode, encode, Envelope, Source};
+
+    #[test]
+    fn the_application_operations_are_appended_so_earlier_variants_keep_their_bytes() {
+        // bincode writes a variant's index: `Sign` is still variant 3, so
+        // an agent of this build and one of the last build read each
+        // other's `Sign` alike; the new operations come after `Inventory`.
+        let key_id = KeyId::new();
+        let sign = OpRequest::Sign {
+            key_id,
+            data: vec![1, 2, 3],
+        };
+        let body =
+            bincode::serde::encode_to_vec(&sign, bincode::config::standard()).expect("encode");
+        assert_eq!(body[0], 3);
+        let new = OpRequest::SignDigest {
+            key_id,
+            scheme: DigestSignScheme::Ecdsa,
+            digest: vec![0; 32],
+        };
+        let body =
+            bincode::serde::encode_to_vec(&new, bincode::config::standard()).expect("encode");
+        assert_eq!(body[0], 13);
+        let env = Envelope::new(Source::Client("c".into()), new.clone());
+        let back = decode::<OpRequest>(&encode(&env).expect("encode")).expect("decode");
+        assert_eq!(back.body, new);
+        assert_eq!(back.body.key_id(), Some(key_id));
+        assert_eq!(back.body.kind(), "sign_digest");
+    }
+
+    #[test]
+    fn digest_and_gcm_checks_name_what_is_wrong() {
+        use DigestAlg::*;
+        assert!(DigestSignScheme::Ecdsa.check(&[0; 32]).is_ok());
+        assert!(DigestSignScheme::Ecdsa.check(&[0; 20]).is_ok());
+        assert!(DigestSignScheme::Ecdsa.check(&[0; 33]).is_err());
+        assert!(DigestSignScheme::RsaPkcs1.check(&[0; 245]).is_ok());
+        assert!(DigestSignScheme::RsaPkcs1.check(&[0; 246]).is_err());
+        let pss = |hash, mgf, salt_len| DigestSignScheme::RsaPss {
+            hash,
+            mgf,
+            salt_len,
+        };
+        assert!(pss(Sha256, Sha256, 32).check(&[0; 32]).is_ok());
+        assert!(pss(Sha512, Sha512, 190).check(&[0; 64]).is_ok());
+        assert!(pss(Sha512, Sha512, 191).check(&[0; 64]).is_err());
+        assert!(pss(Sha256, Sha384, 32)
+            .check(&[0; 32])
+            .is_err_and(|e| e.contains("MGF1")));
+        assert!(pss(Sha384, Sha384, 48).check(&[0; 32]).is_err());
+        let gcm = |iv: usize, tag_bits| GcmParams {
+            iv: vec![0; iv],
+            aad: Vec::new(),
+            tag_bits,
+        };
+        for bits in [96, 104, 112, 120, 128] {
+            assert!(gcm(12, bits).check().is_ok(), "{bits}");
+        }
+        for (iv, bits) in [(12, 88), (12, 100), (12, 136), (8, 128), (16, 128)] {
+            assert!(gcm(iv, bits).check().is_err(), "{iv} {bits}");
+        }
+    }
+}
