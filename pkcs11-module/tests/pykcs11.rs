@@ -290,9 +290,41 @@ async fn pykcs11_threads_survive_an_hsm_killed_midway() {
     .expect("config");
     let module = find_binary("libkeysync_pkcs11.so")
         .unwrap_or_else(|e| panic!("{e}: build it with `cargo build -p keysync-pkcs11`"));
+    // Which HSM creates which key, from the `KeyCreated` events as they
+    // are published (read before anything is created).
+    let victim = keysync_testkit::hsm("hsm-1");
+    let (created_tx, created_by_victim) = tokio::sync::watch::channel(BTreeSet::<KeyId>::new());
+    let mut events = stack
+        .client()
+        .nats()
+        .subscribe(stack.client().subjects().key_events_all())
+        .await
+        .expect("subscribe to key events");
+    stack.client().nats().flush().await.expect("flush");
+    let watcher = {
+        let victim = victim.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            while let Some(msg) = events.next().await {
+                if !msg.subject.as_str().ends_with(".created") {
+                    continue;
+                }
+                if let Ok(env) = keysync_schemas::decode::<keysync_schemas::Event>(&msg.payload) {
+                    if let keysync_schemas::Event::KeyCreated(k) = env.body {
+                        if k.hsm == victim {
+                            created_tx.send_modify(|ids| {
+                                ids.insert(k.key_id);
+                            });
+                        }
+                    }
+                }
+            }
+        })
+    };
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/threads.py");
     let mut run = tokio::process::Command::new(PYTHON)
         .env("KEYSYNC_PKCS11_CONFIG", &config)
+        .env("PROGRESS", "1")
         .arg(&script)
         .arg(&module)
         .args(["1234", &THREADS.to_string(), &CYCLES_UNDER_KILL.to_string()])
@@ -300,25 +332,42 @@ async fn pykcs11_threads_survive_an_hsm_killed_midway() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run python");
+    // Cycles done so far, from the script's progress lines on stderr (the
+    // other lines are kept for a failure message).
+    let (done_tx, done) = tokio::sync::watch::channel(0usize);
+    let stderr = run.stderr.take().expect("stderr");
+    let errors = tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut other = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line == "cycle" {
+                done_tx.send_modify(|n| *n += 1);
+            } else {
+                other.push_str(&line);
+                other.push('\n');
+            }
+        }
+        other
+    });
     let started_at = std::time::Instant::now();
-    let victim = keysync_testkit::hsm("hsm-1");
     let client = stack.client().clone();
-    // Midway, once the victim holds a quarter of the keys and has created
-    // some itself (token keys it holds beyond the clones it applied).
+    // Midway: a quarter of the cycles done, and the victim has created
+    // keys itself. (Both are read from what the processes publish: asking
+    // the busy agent would queue behind the run's own operations.)
     let midway = wait_until(Duration::from_secs(120), || async {
-        client.health(&victim).await.is_ok_and(|h| {
-            h.token_keys as usize >= THREADS * CYCLES_UNDER_KILL / 4
-                && h.token_keys > h.clones_applied
-        })
+        *done.borrow() >= THREADS * CYCLES_UNDER_KILL / 4 && !created_by_victim.borrow().is_empty()
     })
     .await;
     assert!(midway, "the threads did not get going on {victim}");
-    let before = client
-        .health(&victim)
-        .await
-        .expect("health before the kill");
+    let victims_keys = created_by_victim.borrow().clone();
+    let (killed_after, cycles_at_kill) = (started_at.elapsed(), *done.borrow());
     let pid = stack.agent(&victim).expect("the victim's process").pid();
     stack.kill_agent(&victim);
+    assert!(
+        run.try_wait().expect("python's status").is_none(),
+        "the threads were done before the HSM was killed"
+    );
     // The kill happened: the process is gone and the HSM answers no more.
     assert!(
         !stack.agent(&victim).expect("victim").is_running(),
@@ -334,21 +383,18 @@ async fn pykcs11_threads_survive_an_hsm_killed_midway() {
     .await;
     assert!(silent, "{victim} still answers after SIGKILL");
     println!(
-        "killed {victim} (pid {pid}) after {:?}: it held {} token keys, {} created there",
-        started_at.elapsed(),
-        before.token_keys,
-        before.token_keys - before.clones_applied
-    );
-    assert!(
-        run.try_wait().expect("python's status").is_none(),
-        "the threads were done before the HSM was killed"
+        "killed {victim} (pid {pid}) after {:?} and {} of {} cycles; it had created {} keys",
+        killed_after,
+        cycles_at_kill,
+        THREADS * CYCLES_UNDER_KILL,
+        victims_keys.len()
     );
     let out = run.wait_with_output().await.expect("python ends");
+    let stderr = errors.await.unwrap_or_default();
     assert!(
         out.status.success(),
-        "threads.py failed: {}{}",
+        "threads.py failed: {}{stderr}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("one JSON line from threads.py");
@@ -365,6 +411,13 @@ async fn pykcs11_threads_survive_an_hsm_killed_midway() {
         .filter_map(|h| uuid::Uuid::parse_str(h.as_str()?).ok().map(KeyId))
         .collect();
     assert_eq!(ids.len(), THREADS * CYCLES_UNDER_KILL);
+    watcher.abort();
+    // Keys the killed HSM created (and the module returned) are among
+    // those every live HSM must hold.
+    assert!(
+        victims_keys.iter().any(|k| ids.contains(k)),
+        "none of the keys {victim} created is among those made"
+    );
     println!(
         "{} create-then-sign cycles through PyKCS11 with {victim} killed midway: {:?}",
         ids.len(),
