@@ -9,8 +9,9 @@ use async_nats::Request;
 use backon::Retryable as _;
 use futures::StreamExt;
 use keysync_schemas::{
-    decode, encode, ClusterStatus, Durability, Envelope, Event, HsmId, KeyAttributes, KeyId,
-    KeyInfo, KeyStanding, KeyStatus, KeyType, OpErrorKind, OpReply, OpRequest, SecretBytes, Source,
+    decode, encode, ClusterStatus, DigestSignScheme, Durability, Envelope, Event, GcmParams, HsmId,
+    KeyAttributes, KeyId, KeyInfo, KeyStanding, KeyStatus, KeyType, OpErrorKind, OpReply, OpRequest,
+    SecretBytes, Source,
     StatusReply, StatusRequest, Subjects, SyncMetrics,
 };
 use tokio::sync::watch;
@@ -181,7 +182,10 @@ fn key_of(op: &OpRequest) -> Option<KeyId> {
         | OpRequest::Decrypt { key_id, .. }
         | OpRequest::PublicKey { key_id }
         | OpRequest::Delete { key_id }
-        | OpRequest::Info { key_id } => Some(*key_id),
+        | OpRequest::Info { key_id }
+        | OpRequest::SignDigest { key_id, .. }
+        | OpRequest::EncryptGcm { key_id, .. }
+        | OpRequest::DecryptGcm { key_id, .. } => Some(*key_id),
         _ => None,
     }
 }
@@ -834,6 +838,74 @@ impl Client {
             key_id,
             ciphertext: ciphertext.to_vec(),
             aad: aad.to_vec(),
+        };
+        match self.request(route, op).await? {
+            OpReply::Plaintext(p) => Ok(p),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    /// Signs a digest the caller computed (a DER DigestInfo for
+    /// [`DigestSignScheme::RsaPkcs1`]), as PKCS#11's `CKM_ECDSA`,
+    /// `CKM_RSA_PKCS` and `CKM_RSA_PKCS_PSS` do. ECDSA signatures come
+    /// back raw (r ‖ s). Input the scheme cannot take (a digest of the
+    /// wrong length, PSS parameters keysync lacks) is refused here, before
+    /// anything is sent, with [`Error::BadRequest`].
+    pub async fn sign_digest(
+        &self,
+        key_id: KeyId,
+        scheme: DigestSignScheme,
+        digest: &[u8],
+        route: &Route,
+    ) -> Result<Vec<u8>> {
+        scheme.check(digest).map_err(Error::BadRequest)?;
+        let op = OpRequest::SignDigest {
+            key_id,
+            scheme,
+            digest: digest.to_vec(),
+        };
+        match self.request(route, op).await? {
+            OpReply::Signature(s) => Ok(s),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    /// AES-256-GCM with the caller's IV, AAD and tag length (PKCS#11
+    /// `CKM_AES_GCM`); returns ciphertext ‖ tag. The caller owns the IV and
+    /// must never reuse one under the same key.
+    pub async fn encrypt_gcm(
+        &self,
+        key_id: KeyId,
+        params: GcmParams,
+        plaintext: &[u8],
+        route: &Route,
+    ) -> Result<Vec<u8>> {
+        params.check().map_err(Error::BadRequest)?;
+        let op = OpRequest::EncryptGcm {
+            key_id,
+            params,
+            plaintext: SecretBytes(plaintext.to_vec()),
+        };
+        match self.request(route, op).await? {
+            OpReply::Ciphertext(c) => Ok(c),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    /// Opens ciphertext ‖ tag sealed with these parameters; a wrong key,
+    /// IV, AAD or a tampered input is [`OpErrorKind::IntegrityFailed`].
+    pub async fn decrypt_gcm(
+        &self,
+        key_id: KeyId,
+        params: GcmParams,
+        ciphertext: &[u8],
+        route: &Route,
+    ) -> Result<SecretBytes> {
+        params.check().map_err(Error::BadRequest)?;
+        let op = OpRequest::DecryptGcm {
+            key_id,
+            params,
+            ciphertext: ciphertext.to_vec(),
         };
         match self.request(route, op).await? {
             OpReply::Plaintext(p) => Ok(p),

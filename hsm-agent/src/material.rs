@@ -9,7 +9,7 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
 use hmac::{Hmac, Mac};
-use keysync_schemas::{Fingerprint, KeyType};
+use keysync_schemas::{DigestAlg, DigestSignScheme, Fingerprint, GcmParams, KeyType};
 use p256::pkcs8::EncodePublicKey as _;
 use sha2::{Digest, Sha256};
 use signature::{SignatureEncoding as _, Signer as _, Verifier as _};
@@ -41,6 +41,10 @@ pub enum MaterialError {
     /// An encoding step failed.
     #[error("encoding failed: {0}")]
     Encoding(String),
+    /// The input is not what the operation takes (a digest of the wrong
+    /// length, parameters keysync does not support): the caller's mistake.
+    #[error("bad input: {0}")]
+    BadInput(String),
 }
 
 /// A key's secret material, held in types that zeroize on drop.
@@ -267,11 +271,172 @@ impl KeyMaterial {
         seal(&cipher, &nonce, plaintext, aad)
     }
 
+    /// Signs a digest the caller computed, as PKCS#11's `CKM_ECDSA` (raw
+    /// r ‖ s), `CKM_RSA_PKCS` (type-1 padding of the DigestInfo given, no
+    /// prefix added) and `CKM_RSA_PKCS_PSS` do. The input is checked first
+    /// ([`DigestSignScheme::check`]).
+    pub fn sign_digest(
+        &self,
+        scheme: &DigestSignScheme,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, MaterialError> {
+        use signature::hazmat::PrehashSigner as _;
+        scheme.check(digest).map_err(MaterialError::BadInput)?;
+        let failed = |e: signature::Error| MaterialError::Encoding(e.to_string());
+        match (self, scheme) {
+            (KeyMaterial::P256(k), DigestSignScheme::Ecdsa) => {
+                let sig: p256::ecdsa::Signature = k.sign_prehash(digest).map_err(failed)?;
+                Ok(sig.to_bytes().to_vec())
+            }
+            (KeyMaterial::Rsa2048(k), DigestSignScheme::RsaPkcs1) => {
+                let signer = rsa::pkcs1v15::SigningKey::<Sha256>::new_unprefixed((**k).clone());
+                Ok(signer.sign_prehash(digest).map_err(failed)?.to_vec())
+            }
+            (KeyMaterial::Rsa2048(k), DigestSignScheme::RsaPss { hash, salt_len, .. }) => {
+                let key = (**k).clone();
+                let salt = *salt_len as usize;
+                let sig = match hash {
+                    DigestAlg::Sha256 => {
+                        rsa::pss::SigningKey::<Sha256>::new_with_salt_len(key, salt)
+                            .sign_prehash(digest)
+                    }
+                    DigestAlg::Sha384 => {
+                        rsa::pss::SigningKey::<sha2::Sha384>::new_with_salt_len(key, salt)
+                            .sign_prehash(digest)
+                    }
+                    DigestAlg::Sha512 => {
+                        rsa::pss::SigningKey::<sha2::Sha512>::new_with_salt_len(key, salt)
+                            .sign_prehash(digest)
+                    }
+                }
+                .map_err(failed)?;
+                Ok(sig.to_vec())
+            }
+            (other, _) => Err(MaterialError::Unsupported {
+                key_type: other.key_type(),
+                op: "sign a digest with that scheme",
+            }),
+        }
+    }
+
+    /// AES-256-GCM with the caller's IV, AAD and tag length (PKCS#11
+    /// `CKM_AES_GCM`): ciphertext ‖ tag.
+    pub fn encrypt_gcm(
+        &self,
+        params: &GcmParams,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, MaterialError> {
+        params.check().map_err(MaterialError::BadInput)?;
+        let KeyMaterial::Aes256(k) = self else {
+            return Err(MaterialError::Unsupported {
+                key_type: self.key_type(),
+                op: "encrypt",
+            });
+        };
+        with_tag_size!(params.tag_len(), T => gcm_seal::<T>(k, params, plaintext))
+    }
+
+    /// Opens ciphertext ‖ tag sealed with these parameters.
+    pub fn decrypt_gcm(
+        &self,
+        params: &GcmParams,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, MaterialError> {
+        params.check().map_err(MaterialError::BadInput)?;
+        let KeyMaterial::Aes256(k) = self else {
+            return Err(MaterialError::Unsupported {
+                key_type: self.key_type(),
+                op: "decrypt",
+            });
+        };
+        if sealed.len() < params.tag_len() {
+            return Err(MaterialError::Integrity);
+        }
+        with_tag_size!(params.tag_len(), T => gcm_open::<T>(k, params, sealed))
+    }
+
     /// Opens what [`KeyMaterial::encrypt`] produced.
     pub fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, MaterialError> {
         let cipher = self.aes("decrypt")?;
         open(&cipher, sealed, aad)
     }
+}
+
+/// Runs `$body` with `$t` the typenum of a GCM tag of `$len` bytes (12 to
+/// 16; [`GcmParams::check`] has ruled out the rest).
+macro_rules! with_tag_size {
+    ($len:expr, $t:ident => $body:expr) => {{
+        use aes_gcm::aead::consts::{U12, U13, U14, U15, U16};
+        match $len {
+            12 => {
+                type $t = U12;
+                $body
+            }
+            13 => {
+                type $t = U13;
+                $body
+            }
+            14 => {
+                type $t = U14;
+                $body
+            }
+            15 => {
+                type $t = U15;
+                $body
+            }
+            16 => {
+                type $t = U16;
+                $body
+            }
+            other => Err(MaterialError::BadInput(format!(
+                "an AES-GCM tag of {other} bytes"
+            ))),
+        }
+    }};
+}
+use with_tag_size;
+
+type GcmWithTag<T> = aes_gcm::AesGcm<aes_gcm::aes::Aes256, aes_gcm::aead::consts::U12, T>;
+
+fn gcm_seal<T: aes_gcm::TagSize>(
+    key: &[u8; 32],
+    params: &GcmParams,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, MaterialError> {
+    let cipher =
+        GcmWithTag::<T>::new_from_slice(key).map_err(|e| MaterialError::Encoding(e.to_string()))?;
+    let nonce = aes_gcm::Nonce::try_from(params.iv.as_slice())
+        .map_err(|_| MaterialError::BadInput("an AES-GCM IV is 12 bytes".into()))?;
+    cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad: &params.aad,
+            },
+        )
+        .map_err(|_| MaterialError::Encoding("AES-GCM encryption failed".into()))
+}
+
+fn gcm_open<T: aes_gcm::TagSize>(
+    key: &[u8; 32],
+    params: &GcmParams,
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, MaterialError> {
+    let cipher =
+        GcmWithTag::<T>::new_from_slice(key).map_err(|e| MaterialError::Encoding(e.to_string()))?;
+    let nonce = aes_gcm::Nonce::try_from(params.iv.as_slice())
+        .map_err(|_| MaterialError::BadInput("an AES-GCM IV is 12 bytes".into()))?;
+    cipher
+        .decrypt(
+            &nonce,
+            Payload {
+                msg: sealed,
+                aad: &params.aad,
+            },
+        )
+        .map(Zeroizing::new)
+        .map_err(|_| MaterialError::Integrity)
 }
 
 /// Label every fingerprint starts with.
@@ -489,6 +654,165 @@ mod tests {
             secret_fingerprint_message(KeyType::Aes256),
             b"keysync fingerprint v1\0aes256"
         );
+    }
+
+    #[test]
+    fn digest_signatures_verify_as_their_standards_say() {
+        use keysync_schemas::{DigestAlg, DigestSignScheme};
+        use signature::hazmat::PrehashVerifier as _;
+        let digest = Sha256::digest(b"application data");
+
+        let ec = KeyMaterial::generate(KeyType::P256).expect("p256");
+        let KeyMaterial::P256(ec_key) = &ec else {
+            panic!("not P-256")
+        };
+        let raw = ec
+            .sign_digest(&DigestSignScheme::Ecdsa, &digest)
+            .expect("ecdsa");
+        assert_eq!(raw.len(), 64);
+        let sig = p256::ecdsa::Signature::from_slice(&raw).expect("r||s");
+        ec_key
+            .verifying_key()
+            .verify_prehash(&digest, &sig)
+            .expect("verifies");
+        // The same as hash-and-sign over the message.
+        ec_key
+            .verifying_key()
+            .verify(b"application data", &sig)
+            .expect("verifies as ECDSA-SHA256");
+
+        let rsa_key = KeyMaterial::generate(KeyType::Rsa2048).expect("rsa");
+        let KeyMaterial::Rsa2048(k) = &rsa_key else {
+            panic!("not RSA")
+        };
+        // A DigestInfo for SHA-256 (RFC 8017 9.2 note 1) + the digest:
+        // the same signature as SHA256-RSA-PKCS over the message.
+        let mut info = hex::decode("3031300d060960864801650304020105000420").expect("hex");
+        info.extend_from_slice(&digest);
+        let sig = rsa_key
+            .sign_digest(&DigestSignScheme::RsaPkcs1, &info)
+            .expect("rsa-pkcs");
+        assert_eq!(sig, rsa_key.sign(b"application data").expect("sign"));
+
+        for salt_len in [0u32, 32, 64] {
+            let pss = DigestSignScheme::RsaPss {
+                hash: DigestAlg::Sha256,
+                mgf: DigestAlg::Sha256,
+                salt_len,
+            };
+            let sig = rsa_key.sign_digest(&pss, &digest).expect("pss");
+            let sig = rsa::pss::Signature::try_from(&sig[..]).expect("sig");
+            rsa::pss::VerifyingKey::<Sha256>::new_with_salt_len(
+                k.to_public_key(),
+                salt_len as usize,
+            )
+            .verify_prehash(&digest, &sig)
+            .expect("pss verifies");
+        }
+        let sha512 = sha2::Sha512::digest(b"x");
+        let pss512 = DigestSignScheme::RsaPss {
+            hash: DigestAlg::Sha512,
+            mgf: DigestAlg::Sha512,
+            salt_len: 64,
+        };
+        let sig = rsa_key.sign_digest(&pss512, &sha512).expect("pss-512");
+        rsa::pss::VerifyingKey::<sha2::Sha512>::new_with_salt_len(k.to_public_key(), 64)
+            .verify_prehash(
+                &sha512,
+                &rsa::pss::Signature::try_from(&sig[..]).expect("sig"),
+            )
+            .expect("verifies");
+    }
+
+    #[test]
+    fn bad_digest_input_is_a_bad_request_not_a_signature() {
+        use keysync_schemas::{DigestAlg, DigestSignScheme};
+        let ec = KeyMaterial::generate(KeyType::P256).expect("p256");
+        let rsa_key = KeyMaterial::generate(KeyType::Rsa2048).expect("rsa");
+        let bad = |r: Result<Vec<u8>, MaterialError>| matches!(r, Err(MaterialError::BadInput(_)));
+        assert!(bad(ec.sign_digest(&DigestSignScheme::Ecdsa, &[1; 31])));
+        assert!(bad(ec.sign_digest(&DigestSignScheme::Ecdsa, &[])));
+        assert!(bad(
+            rsa_key.sign_digest(&DigestSignScheme::RsaPkcs1, &[1; 246])
+        ));
+        assert!(bad(rsa_key.sign_digest(&DigestSignScheme::RsaPkcs1, &[])));
+        let pss = |hash, mgf, salt_len| DigestSignScheme::RsaPss {
+            hash,
+            mgf,
+            salt_len,
+        };
+        use DigestAlg::*;
+        assert!(bad(rsa_key.sign_digest(&pss(Sha256, Sha256, 32), &[1; 48])));
+        assert!(bad(rsa_key.sign_digest(&pss(Sha256, Sha512, 32), &[1; 32])));
+        assert!(bad(rsa_key.sign_digest(&pss(Sha256, Sha256, 223), &[1; 32])));
+        assert!(rsa_key
+            .sign_digest(&pss(Sha256, Sha256, 222), &[1; 32])
+            .is_ok());
+        // A scheme for another key type.
+        assert!(matches!(
+            ec.sign_digest(&DigestSignScheme::RsaPkcs1, &[1; 32]),
+            Err(MaterialError::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn gcm_with_the_callers_iv_matches_and_truncates_the_tag() {
+        use keysync_schemas::GcmParams;
+        let k = KeyMaterial::generate(KeyType::Aes256).expect("aes");
+        let iv = [9u8; GCM_NONCE_LEN];
+        let full = k.aes("encrypt").expect("aes");
+        let reference = seal(&full, &iv, b"plaintext", b"aad").expect("seal");
+        let mut last = None;
+        for tag_bits in [96u32, 104, 112, 120, 128] {
+            let p = GcmParams {
+                iv: iv.to_vec(),
+                aad: b"aad".to_vec(),
+                tag_bits,
+            };
+            let ct = k.encrypt_gcm(&p, b"plaintext").expect("enc");
+            // GCM's shorter tags are the full tag's prefix.
+            assert_eq!(ct, reference[GCM_NONCE_LEN..][..9 + p.tag_len()]);
+            assert_eq!(&k.decrypt_gcm(&p, &ct).expect("dec")[..], b"plaintext");
+            let mut bad = ct.clone();
+            bad[0] ^= 1;
+            assert!(matches!(
+                k.decrypt_gcm(&p, &bad),
+                Err(MaterialError::Integrity)
+            ));
+            last = Some(p);
+        }
+        let mut p = last.expect("params");
+        p.aad = b"other".to_vec();
+        let ct = k.encrypt_gcm(&p, b"x").expect("enc");
+        p.aad = b"aad".to_vec();
+        assert!(matches!(
+            k.decrypt_gcm(&p, &ct),
+            Err(MaterialError::Integrity)
+        ));
+        for (iv_len, tag_bits) in [(11usize, 128u32), (16, 128), (12, 64), (12, 100), (12, 136)] {
+            let p = GcmParams {
+                iv: vec![0; iv_len],
+                aad: Vec::new(),
+                tag_bits,
+            };
+            assert!(matches!(
+                k.encrypt_gcm(&p, b"x"),
+                Err(MaterialError::BadInput(_))
+            ));
+            assert!(matches!(
+                k.decrypt_gcm(&p, &[0; 32]),
+                Err(MaterialError::BadInput(_))
+            ));
+        }
+        let p = GcmParams {
+            iv: iv.to_vec(),
+            aad: Vec::new(),
+            tag_bits: 128,
+        };
+        assert!(matches!(
+            k.decrypt_gcm(&p, &[0; 3]),
+            Err(MaterialError::Integrity)
+        ));
     }
 
     #[test]

@@ -193,6 +193,47 @@ async fn execute(agent: &Arc<Agent>, req: OpRequest) -> Result<OpReply, OpError>
             .decrypt(&key_id, &ciphertext, &aad)
             .map(|p| OpReply::Plaintext(keysync_schemas::SecretBytes(p.to_vec())))
             .map_err(|e| ks_err(agent, e)),
+        OpRequest::SignDigest {
+            key_id,
+            scheme,
+            digest,
+        } => {
+            // Checked here too, so bad input is refused (and counted as a
+            // bad request) before the keystore is touched.
+            scheme
+                .check(&digest)
+                .map_err(|m| OpError::new(OpErrorKind::BadRequest, m))?;
+            let store = store.clone();
+            blocking(agent, move || store.sign_digest(&key_id, &scheme, &digest))
+                .await
+                .map(OpReply::Signature)
+        }
+        OpRequest::EncryptGcm {
+            key_id,
+            params,
+            plaintext,
+        } => {
+            params
+                .check()
+                .map_err(|m| OpError::new(OpErrorKind::BadRequest, m))?;
+            store
+                .encrypt_gcm(&key_id, &params, plaintext.expose())
+                .map(OpReply::Ciphertext)
+                .map_err(|e| ks_err(agent, e))
+        }
+        OpRequest::DecryptGcm {
+            key_id,
+            params,
+            ciphertext,
+        } => {
+            params
+                .check()
+                .map_err(|m| OpError::new(OpErrorKind::BadRequest, m))?;
+            store
+                .decrypt_gcm(&key_id, &params, &ciphertext)
+                .map(|p| OpReply::Plaintext(keysync_schemas::SecretBytes(p.to_vec())))
+                .map_err(|e| ks_err(agent, e))
+        }
         OpRequest::PublicKey { key_id } => store
             .public_key(&key_id)
             .map(OpReply::PublicKey)

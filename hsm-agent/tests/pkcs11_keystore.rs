@@ -76,8 +76,105 @@ fn clone_of(created: &CreatedKey, target: &str) -> CloneKey {
     }
 }
 
+/// The applications' operations on a digest and AES-GCM with their IV,
+/// on two keystores holding the same key: deterministic outputs are equal
+/// (RSA PKCS#1 v1.5, AES-GCM at every tag length); the others verify
+/// with the public key under the standard's own rules; bad input is a
+/// bad request on both.
+fn digest_ops_agree(a: &dyn Keystore, b: &dyn Keystore, id: &KeyId, t: KeyType) {
+    use keysync_schemas::{DigestAlg, DigestSignScheme, GcmParams};
+    use p256::pkcs8::DecodePublicKey as _;
+    use sha2::Digest as _;
+    use signature::hazmat::PrehashVerifier as _;
+    let digest = sha2::Sha256::digest(b"application data");
+    match t {
+        KeyType::P256 => {
+            let spki = a.public_key(id).expect("spki");
+            let vk = p256::ecdsa::VerifyingKey::from_public_key_der(&spki).expect("p256 spki");
+            for ks in [a, b] {
+                let raw = ks
+                    .sign_digest(id, &DigestSignScheme::Ecdsa, &digest)
+                    .expect("ECDSA on a digest");
+                let sig = p256::ecdsa::Signature::from_slice(&raw).expect("raw r||s");
+                vk.verify_prehash(&digest, &sig).expect("verifies");
+                let e = ks
+                    .sign_digest(id, &DigestSignScheme::Ecdsa, &digest[..31])
+                    .expect_err("a 31-byte digest");
+                assert_eq!(e.kind(), OpErrorKind::BadRequest, "{e}");
+            }
+        }
+        KeyType::Rsa2048 => {
+            let spki = a.public_key(id).expect("spki");
+            let pk = rsa::PublicKey::from_public_key_der(&spki).expect("rsa spki");
+            let mut info = hex::decode("3031300d060960864801650304020105000420").expect("hex");
+            info.extend_from_slice(&digest);
+            let sa = a
+                .sign_digest(id, &DigestSignScheme::RsaPkcs1, &info)
+                .expect("RSA-PKCS on a");
+            let sb = b
+                .sign_digest(id, &DigestSignScheme::RsaPkcs1, &info)
+                .expect("RSA-PKCS on b");
+            assert_eq!(sa, sb, "PKCS#1 v1.5 is deterministic");
+            assert_eq!(sa, a.sign(id, b"application data").expect("sign"));
+            let pss = DigestSignScheme::RsaPss {
+                hash: DigestAlg::Sha256,
+                mgf: DigestAlg::Sha256,
+                salt_len: 32,
+            };
+            for ks in [a, b] {
+                let sig = ks.sign_digest(id, &pss, &digest).expect("PSS");
+                rsa::pss::VerifyingKey::<sha2::Sha256>::new_with_salt_len(pk.clone(), 32)
+                    .verify_prehash(
+                        &digest,
+                        &rsa::pss::Signature::try_from(&sig[..]).expect("sig"),
+                    )
+                    .expect("PSS verifies");
+                let bad = DigestSignScheme::RsaPss {
+                    hash: DigestAlg::Sha256,
+                    mgf: DigestAlg::Sha384,
+                    salt_len: 32,
+                };
+                let e = ks.sign_digest(id, &bad, &digest).expect_err("MGF1-SHA384");
+                assert_eq!(e.kind(), OpErrorKind::BadRequest, "{e}");
+            }
+        }
+        KeyType::Aes256 => {
+            for tag_bits in [96, 128] {
+                let p = GcmParams {
+                    iv: vec![7; 12],
+                    aad: b"header".to_vec(),
+                    tag_bits,
+                };
+                let ca = a.encrypt_gcm(id, &p, b"app secret").expect("GCM on a");
+                let cb = b.encrypt_gcm(id, &p, b"app secret").expect("GCM on b");
+                assert_eq!(ca, cb, "same key, IV, AAD, tag length: same bytes");
+                assert_eq!(ca.len(), 10 + tag_bits as usize / 8);
+                assert_eq!(
+                    b.decrypt_gcm(id, &p, &ca).expect("open on b").as_slice(),
+                    b"app secret"
+                );
+                let mut tampered = ca.clone();
+                tampered[0] ^= 1;
+                let e = a.decrypt_gcm(id, &p, &tampered).expect_err("tampered");
+                assert_eq!(e.kind(), OpErrorKind::IntegrityFailed, "{e}");
+            }
+            let short_iv = GcmParams {
+                iv: vec![7; 8],
+                aad: Vec::new(),
+                tag_bits: 128,
+            };
+            for ks in [a, b] {
+                let e = ks.encrypt_gcm(id, &short_iv, b"x").expect_err("8-byte IV");
+                assert_eq!(e.kind(), OpErrorKind::BadRequest, "{e}");
+            }
+        }
+        KeyType::Ed25519 => {}
+    }
+}
+
 /// Signs on one, verifies on the other (or AES-GCM across), both ways.
 fn works_across(a: &dyn Keystore, b: &dyn Keystore, id: &KeyId, t: KeyType) {
+    digest_ops_agree(a, b, id, t);
     if t.is_asymmetric() {
         let sig = a.sign(id, b"from a").expect("sign on a");
         assert!(b.verify(id, b"from a", &sig).expect("verify on b"), "{t}");

@@ -24,10 +24,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use cryptoki_sys::*;
 
-use crate::mechanisms::{self, OFFERED};
+use crate::mechanisms::{self, Param, OFFERED};
 use crate::module;
 use crate::objects::Attr;
-use crate::ops::Template;
+use crate::ops::{self, Template};
 use crate::token::{self, SLOT_ID};
 
 /// Most attributes in one template.
@@ -147,6 +147,69 @@ unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<(CK_MECHANISM_TYPE, bool),
     // SAFETY: a non-null mechanism pointer points to a CK_MECHANISM.
     let m = unsafe { p.as_ref() }.ok_or(CKR_ARGUMENTS_BAD)?;
     Ok((m.mechanism, !m.pParameter.is_null() && m.ulParameterLen > 0))
+}
+
+/// Most bytes of a GCM IV read from a parameter (keysync takes 12; a
+/// longer one is refused after reading, not read unbounded).
+const MAX_IV: usize = 256;
+
+/// A mechanism's type and its parameter, read by the type: a
+/// `CK_RSA_PKCS_PSS_PARAMS` for the PSS mechanisms, a `CK_GCM_PARAMS` for
+/// `CKM_AES_GCM` (each only at its exact size); anything else given is
+/// [`Param::Other`], which the mechanism then refuses.
+unsafe fn mechanism_param(p: *const CK_MECHANISM) -> Result<(CK_MECHANISM_TYPE, Param), CK_RV> {
+    if !p.is_aligned() {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    // SAFETY: a non-null mechanism pointer points to a CK_MECHANISM.
+    let m = unsafe { p.as_ref() }.ok_or(CKR_ARGUMENTS_BAD)?;
+    if m.pParameter.is_null() || m.ulParameterLen == 0 {
+        return Ok((m.mechanism, Param::None));
+    }
+    let len = usize::try_from(m.ulParameterLen).map_err(|_| CKR_MECHANISM_PARAM_INVALID)?;
+    let param = match m.mechanism {
+        CKM_RSA_PKCS_PSS | CKM_SHA256_RSA_PKCS_PSS
+            if len == std::mem::size_of::<CK_RSA_PKCS_PSS_PARAMS>() =>
+        {
+            let pp = m.pParameter as *const CK_RSA_PKCS_PSS_PARAMS;
+            if !pp.is_aligned() {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+            // SAFETY: non-null, aligned, and the caller says it holds a
+            // CK_RSA_PKCS_PSS_PARAMS (its length is that struct's).
+            let pss = unsafe { &*pp };
+            Param::Pss {
+                hash_alg: pss.hashAlg,
+                mgf: pss.mgf,
+                s_len: pss.sLen,
+            }
+        }
+        CKM_AES_GCM if len == std::mem::size_of::<CK_GCM_PARAMS>() => {
+            let gp = m.pParameter as *const CK_GCM_PARAMS;
+            if !gp.is_aligned() {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+            // SAFETY: non-null, aligned, and the caller says it holds a
+            // CK_GCM_PARAMS (its length is that struct's).
+            let gcm = unsafe { &*gp };
+            if usize::try_from(gcm.ulIvLen).map_or(true, |n| n > MAX_IV)
+                || usize::try_from(gcm.ulAADLen).map_or(true, |n| n > ops::MAX_DATA)
+            {
+                return Err(CKR_MECHANISM_PARAM_INVALID);
+            }
+            // SAFETY: the IV and its length, as the parameter gives them.
+            let iv = unsafe { input(gcm.pIv.cast_const(), gcm.ulIvLen) }?;
+            // SAFETY: the AAD and its length, as the parameter gives them.
+            let aad = unsafe { input(gcm.pAAD.cast_const(), gcm.ulAADLen) }?;
+            Param::Gcm(keysync_schemas::GcmParams {
+                iv: iv.to_vec(),
+                aad: aad.to_vec(),
+                tag_bits: u32::try_from(gcm.ulTagBits).unwrap_or(u32::MAX),
+            })
+        }
+        _ => Param::Other,
+    };
+    Ok((m.mechanism, param))
 }
 
 fn check_slot(slot: CK_SLOT_ID) -> Result<(), CK_RV> {
@@ -532,8 +595,8 @@ unsafe fn operation_init(
     guard(|| {
         let m = module::get()?;
         // SAFETY: this function's mechanism.
-        let (mech, param) = unsafe { mechanism(p_mechanism) }?;
-        m.operation_init(h, verify, mech, param, key)
+        let (mech, param) = unsafe { mechanism_param(p_mechanism) }?;
+        m.operation_init(h, verify, mech, &param, key)
     })
 }
 
@@ -710,9 +773,8 @@ pub unsafe extern "C" fn C_SeedRandom(
     })
 }
 
-/// The operations no mechanism of the token does (encryption, decryption,
-/// digests): starting one names a mechanism the token lacks; the rest find
-/// no operation under way.
+/// The operations no mechanism of the token does (digests): starting one
+/// names a mechanism the token lacks; the rest find no operation under way.
 unsafe fn no_mechanism(h: CK_SESSION_HANDLE, p_mechanism: *mut CK_MECHANISM) -> CK_RV {
     guard(|| {
         let m = module::get()?;
@@ -730,24 +792,179 @@ fn no_operation(h: CK_SESSION_HANDLE) -> CK_RV {
     })
 }
 
+unsafe fn crypt_init(
+    h: CK_SESSION_HANDLE,
+    decrypt: bool,
+    p_mechanism: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard(|| {
+        let m = module::get()?;
+        m.check_session(h)?;
+        // SAFETY: this function's mechanism.
+        let (mech, param) = unsafe { mechanism_param(p_mechanism) }?;
+        m.crypt_init(h, decrypt, mech, &param, key)
+    })
+}
+
+/// Ends an encryption or decryption (`data` given: `C_Encrypt`/
+/// `C_Decrypt`; none: `*Final`) by the two-call protocol: GCM's output
+/// length is known from the input, so a length query or a short buffer
+/// asks no HSM and leaves the operation under way.
+unsafe fn crypt(
+    h: CK_SESSION_HANDLE,
+    decrypt: bool,
+    data: Option<(*const u8, CK_ULONG)>,
+    p_out: *mut u8,
+    pul_out: *mut CK_ULONG,
+) -> CK_RV {
+    guard(|| {
+        let m = module::get()?;
+        let data = match data {
+            // SAFETY: the input and its length.
+            Some((p, n)) => unsafe { input(p, n) }?,
+            None => &[],
+        };
+        // SAFETY: the output length.
+        let len = unsafe { output(pul_out) }?;
+        let need = m.crypt_output_len(h, decrypt, data.len())?;
+        if p_out.is_null() {
+            *len = need as CK_ULONG;
+            return Ok(());
+        }
+        if (*len as u128) < need as u128 {
+            *len = need as CK_ULONG;
+            return Err(CKR_BUFFER_TOO_SMALL);
+        }
+        let out = m.crypt(h, decrypt, data)?;
+        // SAFETY: the output buffer, with room for *len >= need bytes.
+        unsafe { give(&out, p_out, pul_out) }
+    })
+}
+
+/// `C_EncryptUpdate`/`C_DecryptUpdate`: buffers the part; nothing comes
+/// out until the end (GCM is sealed and opened whole on the HSM).
+unsafe fn crypt_update(
+    h: CK_SESSION_HANDLE,
+    decrypt: bool,
+    p_part: *const u8,
+    part_len: CK_ULONG,
+    pul_out: *mut CK_ULONG,
+) -> CK_RV {
+    guard(|| {
+        let m = module::get()?;
+        // SAFETY: the part and its length.
+        let part = unsafe { input(p_part, part_len) }?;
+        // SAFETY: the output length.
+        let len = unsafe { output(pul_out) }?;
+        m.crypt_update(h, decrypt, part)?;
+        *len = 0;
+        Ok(())
+    })
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn C_EncryptInit(
     h: CK_SESSION_HANDLE,
     p_mechanism: *mut CK_MECHANISM,
-    _key: CK_OBJECT_HANDLE,
+    key: CK_OBJECT_HANDLE,
 ) -> CK_RV {
     // SAFETY: passes this function's arguments through.
-    unsafe { no_mechanism(h, p_mechanism) }
+    unsafe { crypt_init(h, false, p_mechanism, key) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn C_Encrypt(
+    h: CK_SESSION_HANDLE,
+    p_data: *mut CK_BYTE,
+    data_len: CK_ULONG,
+    p_out: *mut CK_BYTE,
+    pul_out: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: passes this function's arguments through.
+    unsafe {
+        crypt(
+            h,
+            false,
+            Some((p_data.cast_const(), data_len)),
+            p_out,
+            pul_out,
+        )
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn C_EncryptUpdate(
+    h: CK_SESSION_HANDLE,
+    p_part: *mut CK_BYTE,
+    part_len: CK_ULONG,
+    _p_out: *mut CK_BYTE,
+    pul_out: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: passes this function's arguments through.
+    unsafe { crypt_update(h, false, p_part.cast_const(), part_len, pul_out) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn C_EncryptFinal(
+    h: CK_SESSION_HANDLE,
+    p_out: *mut CK_BYTE,
+    pul_out: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: passes this function's arguments through.
+    unsafe { crypt(h, false, None, p_out, pul_out) }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn C_DecryptInit(
     h: CK_SESSION_HANDLE,
     p_mechanism: *mut CK_MECHANISM,
-    _key: CK_OBJECT_HANDLE,
+    key: CK_OBJECT_HANDLE,
 ) -> CK_RV {
     // SAFETY: passes this function's arguments through.
-    unsafe { no_mechanism(h, p_mechanism) }
+    unsafe { crypt_init(h, true, p_mechanism, key) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn C_Decrypt(
+    h: CK_SESSION_HANDLE,
+    p_data: *mut CK_BYTE,
+    data_len: CK_ULONG,
+    p_out: *mut CK_BYTE,
+    pul_out: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: passes this function's arguments through.
+    unsafe {
+        crypt(
+            h,
+            true,
+            Some((p_data.cast_const(), data_len)),
+            p_out,
+            pul_out,
+        )
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn C_DecryptUpdate(
+    h: CK_SESSION_HANDLE,
+    p_part: *mut CK_BYTE,
+    part_len: CK_ULONG,
+    _p_out: *mut CK_BYTE,
+    pul_out: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: passes this function's arguments through.
+    unsafe { crypt_update(h, true, p_part.cast_const(), part_len, pul_out) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn C_DecryptFinal(
+    h: CK_SESSION_HANDLE,
+    p_out: *mut CK_BYTE,
+    pul_out: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: passes this function's arguments through.
+    unsafe { crypt(h, true, None, p_out, pul_out) }
 }
 
 #[no_mangle]
@@ -770,12 +987,6 @@ macro_rules! never_started {
 }
 
 never_started! {
-    C_Encrypt(*mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
-    C_EncryptUpdate(*mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
-    C_EncryptFinal(*mut CK_BYTE, *mut CK_ULONG);
-    C_Decrypt(*mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
-    C_DecryptUpdate(*mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
-    C_DecryptFinal(*mut CK_BYTE, *mut CK_ULONG);
     C_Digest(*mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
     C_DigestUpdate(*mut CK_BYTE, CK_ULONG);
     C_DigestKey(CK_OBJECT_HANDLE);

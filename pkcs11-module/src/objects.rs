@@ -386,6 +386,23 @@ fn ulong_value(value: &[u8]) -> Result<CK_ULONG, CK_RV> {
     Ok(CK_ULONG::from_ne_bytes(bytes))
 }
 
+/// The name of an attribute a template may be refused for.
+fn attribute_name(t: CK_ATTRIBUTE_TYPE) -> String {
+    match t {
+        CKA_PRIVATE => "CKA_PRIVATE".into(),
+        CKA_SENSITIVE => "CKA_SENSITIVE".into(),
+        CKA_EXTRACTABLE => "CKA_EXTRACTABLE".into(),
+        CKA_MODIFIABLE => "CKA_MODIFIABLE".into(),
+        CKA_COPYABLE => "CKA_COPYABLE".into(),
+        CKA_DESTROYABLE => "CKA_DESTROYABLE".into(),
+        CKA_EC_PARAMS => "CKA_EC_PARAMS".into(),
+        CKA_MODULUS_BITS => "CKA_MODULUS_BITS".into(),
+        CKA_PUBLIC_EXPONENT => "CKA_PUBLIC_EXPONENT".into(),
+        CKA_VALUE_LEN => "CKA_VALUE_LEN".into(),
+        other => format!("attribute {other:#x}"),
+    }
+}
+
 /// Checks a generation template for an object of `class` of a `key_type`
 /// key. What keysync decides (sensitive, never extractable, a token object)
 /// must be asked for as it is or not at all; usage flags are accepted and
@@ -404,6 +421,13 @@ pub fn check_template(
             if ok {
                 Ok(())
             } else {
+                // The return code names no attribute: say which, and why.
+                crate::module::report(format_args!(
+                    "template: {} = {v:02x?} asks for a key keysync does not make ({}); {}",
+                    attribute_name(*t),
+                    "keysync keys are private, sensitive and never extractable",
+                    "leave the attribute out or ask for what keysync does (pkcs11-tool: --sensitive --private)"
+                ));
                 Err(CKR_ATTRIBUTE_VALUE_INVALID)
             }
         };

@@ -9,10 +9,10 @@ use cryptoki_sys::*;
 use keysync::{CreateKey, Route};
 use keysync_schemas::{HsmId, KeyId, KeyInfo, MemberState};
 
-use crate::mechanisms::{self, SignMechanism};
+use crate::mechanisms::{self, AgentSign, Param, SignMechanism};
 use crate::module::{report, Module};
 use crate::objects::{self, Attr, Class, Wanted};
-use crate::sessions::{Search, Signing};
+use crate::sessions::{Crypting, Search, Signing};
 
 /// A template: (attribute type, value) pairs.
 pub type Template = [(CK_ATTRIBUTE_TYPE, Vec<u8>)];
@@ -441,11 +441,11 @@ impl Module {
             .collect())
     }
 
-    /// The key an operation uses, checked against the mechanism and the
-    /// classes that may do it.
+    /// The key an operation uses, checked against the mechanism's key type
+    /// and the classes that may do it.
     fn operation_key(
         &self,
-        mechanism: SignMechanism,
+        key_type: keysync_schemas::KeyType,
         h: CK_OBJECT_HANDLE,
         classes: &[Class],
     ) -> Result<(KeyId, Route), CK_RV> {
@@ -456,7 +456,7 @@ impl Module {
             .objects()
             .resolve(h)
             .map_err(|_| CKR_KEY_HANDLE_INVALID)?;
-        if key.key_type != mechanism.key_type() {
+        if key.key_type != key_type {
             return Err(CKR_KEY_TYPE_INCONSISTENT);
         }
         if !classes.contains(&class) {
@@ -471,7 +471,7 @@ impl Module {
         s: CK_SESSION_HANDLE,
         verify: bool,
         mechanism: CK_MECHANISM_TYPE,
-        has_parameter: bool,
+        param: &Param,
         h: CK_OBJECT_HANDLE,
     ) -> Result<(), CK_RV> {
         let active = {
@@ -486,16 +486,13 @@ impl Module {
         if active {
             return Err(CKR_OPERATION_ACTIVE);
         }
-        let m = SignMechanism::from_ck(mechanism)?;
-        if has_parameter {
-            return Err(CKR_MECHANISM_PARAM_INVALID);
-        }
+        let m = SignMechanism::from_ck(mechanism, param)?;
         let classes: &[Class] = if verify {
             &[Class::Public, Class::Private]
         } else {
             &[Class::Private]
         };
-        let (key, route) = self.operation_key(m, h, classes)?;
+        let (key, route) = self.operation_key(m.key_type(), h, classes)?;
         let op = Some(Signing {
             mechanism: m,
             key,
@@ -578,29 +575,203 @@ impl Module {
     }
 
     /// `C_Sign` (with `data`) and `C_SignFinal` (with none): signs what was
-    /// given and ends the operation.
+    /// given and ends the operation. A digest the mechanism cannot take is
+    /// `CKR_DATA_LEN_RANGE`, found before anything is sent.
     pub fn sign(&self, s: CK_SESSION_HANDLE, data: &[u8]) -> Result<Vec<u8>, CK_RV> {
         let op = self.take_operation(s, false, data)?;
+        let request = op.mechanism.agent_request(op.data)?;
         let client = self.client.clone();
+        let (key, route) = (op.key, op.route);
         let signature = self
-            .run(async move { client.sign(op.key, &op.data, &op.route).await })?
+            .run(async move {
+                match request {
+                    AgentSign::Message(data) => client.sign(key, &data, &route).await,
+                    AgentSign::Digest(scheme, digest) => {
+                        client.sign_digest(key, scheme, &digest, &route).await
+                    }
+                }
+            })?
             .map_err(|e| sdk_rv("signing", &e, CKR_KEY_HANDLE_INVALID))?;
         op.mechanism.from_agent(signature)
     }
 
-    /// `C_Verify` (with `data`) and `C_VerifyFinal` (with none): verifies on
-    /// an HSM holding the key and ends the operation.
+    /// `C_Verify` (with `data`) and `C_VerifyFinal` (with none): verifies
+    /// here with the key's public key (fetched from an HSM once, then
+    /// kept) and ends the operation.
     pub fn verify(&self, s: CK_SESSION_HANDLE, data: &[u8], signature: &[u8]) -> Result<(), CK_RV> {
         let op = self.take_operation(s, true, data)?;
-        let signature = op.mechanism.to_agent(signature)?;
+        let spki = self.public_key_of(op.key, &op.route)?;
+        op.mechanism.verify(&spki, &op.data, signature)
+    }
+
+    /// A key's SPKI DER: kept, or fetched from an HSM holding the key.
+    fn public_key_of(&self, id: KeyId, route: &Route) -> Result<Vec<u8>, CK_RV> {
+        if let Some(spki) = self.objects().key(&id).and_then(|k| k.spki.clone()) {
+            return Ok(spki);
+        }
         let client = self.client.clone();
-        let valid = self
-            .run(async move { client.verify(op.key, &op.data, &signature, &op.route).await })?
-            .map_err(|e| sdk_rv("verifying", &e, CKR_KEY_HANDLE_INVALID))?;
-        if valid {
-            Ok(())
+        let route = route.clone();
+        let spki = self
+            .run(async move { client.public_key(id, &route).await })?
+            .map_err(|e| sdk_rv("reading a public key", &e, CKR_KEY_HANDLE_INVALID))?;
+        self.objects().set_spki(&id, spki.clone());
+        Ok(spki)
+    }
+
+    /// `C_EncryptInit` / `C_DecryptInit`: `CKM_AES_GCM` with an AES key.
+    pub fn crypt_init(
+        &self,
+        s: CK_SESSION_HANDLE,
+        decrypt: bool,
+        mechanism: CK_MECHANISM_TYPE,
+        param: &Param,
+        h: CK_OBJECT_HANDLE,
+    ) -> Result<(), CK_RV> {
+        {
+            let mut sessions = self.sessions();
+            let session = sessions.get(s)?;
+            let active = if decrypt {
+                session.decrypt.is_some()
+            } else {
+                session.encrypt.is_some()
+            };
+            if active {
+                return Err(CKR_OPERATION_ACTIVE);
+            }
+        }
+        let params = mechanisms::gcm(mechanism, param)?;
+        let (key, route) =
+            self.operation_key(keysync_schemas::KeyType::Aes256, h, &[Class::Secret])?;
+        let op = Some(Crypting {
+            key,
+            route,
+            params,
+            data: Vec::new(),
+        });
+        let mut sessions = self.sessions();
+        let session = sessions.get(s)?;
+        if decrypt {
+            session.decrypt = op;
         } else {
-            Err(CKR_SIGNATURE_INVALID)
+            session.encrypt = op;
+        }
+        Ok(())
+    }
+
+    fn with_crypt<T>(
+        &self,
+        s: CK_SESSION_HANDLE,
+        decrypt: bool,
+        f: impl FnOnce(&mut Option<Crypting>) -> Result<T, CK_RV>,
+    ) -> Result<T, CK_RV> {
+        let mut sessions = self.sessions();
+        let session = sessions.get(s)?;
+        let op = if decrypt {
+            &mut session.decrypt
+        } else {
+            &mut session.encrypt
+        };
+        if op.is_none() {
+            return Err(CKR_OPERATION_NOT_INITIALIZED);
+        }
+        f(op)
+    }
+
+    /// The exact output length of ending the session's encryption or
+    /// decryption with `more` data last (GCM: ciphertext = plaintext +
+    /// tag), known before the HSM is asked, for the two-call protocol. A
+    /// ciphertext shorter than its tag is `CKR_ENCRYPTED_DATA_LEN_RANGE`
+    /// and ends the operation.
+    pub fn crypt_output_len(
+        &self,
+        s: CK_SESSION_HANDLE,
+        decrypt: bool,
+        more: usize,
+    ) -> Result<usize, CK_RV> {
+        self.with_crypt(s, decrypt, |op| {
+            let (buffered, tag) = op
+                .as_ref()
+                .map_or((0, 0), |o| (o.data.len(), o.params.tag_len()));
+            let total = buffered.saturating_add(more);
+            if !decrypt {
+                return Ok(total.saturating_add(tag));
+            }
+            match total.checked_sub(tag) {
+                Some(n) => Ok(n),
+                None => {
+                    *op = None;
+                    Err(CKR_ENCRYPTED_DATA_LEN_RANGE)
+                }
+            }
+        })
+    }
+
+    /// `C_EncryptUpdate` / `C_DecryptUpdate`: buffers `data` (and returns
+    /// nothing yet: the HSM seals or opens the whole message at the end).
+    pub fn crypt_update(
+        &self,
+        s: CK_SESSION_HANDLE,
+        decrypt: bool,
+        data: &[u8],
+    ) -> Result<(), CK_RV> {
+        self.with_crypt(s, decrypt, |op| {
+            let fits = op
+                .as_ref()
+                .is_some_and(|o| o.data.len().saturating_add(data.len()) <= MAX_DATA);
+            if !fits {
+                *op = None;
+                return Err(CKR_DATA_LEN_RANGE);
+            }
+            if let Some(o) = op.as_mut() {
+                o.data.extend_from_slice(data);
+            }
+            Ok(())
+        })
+    }
+
+    /// `C_Encrypt`/`C_Decrypt` (with `data`) and `C_EncryptFinal`/
+    /// `C_DecryptFinal` (with none): seals or opens on an HSM holding the
+    /// key and ends the operation. A failed tag check is
+    /// `CKR_ENCRYPTED_DATA_INVALID`.
+    pub fn crypt(
+        &self,
+        s: CK_SESSION_HANDLE,
+        decrypt: bool,
+        more: &[u8],
+    ) -> Result<Vec<u8>, CK_RV> {
+        let op = self.with_crypt(s, decrypt, |op| {
+            let mut o = op.take().ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+            if o.data.len().saturating_add(more.len()) > MAX_DATA {
+                return Err(CKR_DATA_LEN_RANGE);
+            }
+            o.data.extend_from_slice(more);
+            Ok(o)
+        })?;
+        let client = self.client.clone();
+        let result = self.run(async move {
+            if decrypt {
+                client
+                    .decrypt_gcm(op.key, op.params, &op.data, &op.route)
+                    .await
+                    .map(|p| p.expose().to_vec())
+            } else {
+                client
+                    .encrypt_gcm(op.key, op.params, &op.data, &op.route)
+                    .await
+            }
+        })?;
+        match result {
+            Ok(out) => Ok(out),
+            Err(keysync::Error::Operation(e))
+                if e.kind == keysync_schemas::OpErrorKind::IntegrityFailed =>
+            {
+                Err(CKR_ENCRYPTED_DATA_INVALID)
+            }
+            Err(e) => Err(sdk_rv(
+                if decrypt { "decrypting" } else { "encrypting" },
+                &e,
+                CKR_KEY_HANDLE_INVALID,
+            )),
         }
     }
 

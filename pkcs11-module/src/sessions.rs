@@ -31,6 +31,20 @@ pub struct Signing {
     pub data: Vec<u8>,
 }
 
+/// An AES-GCM encryption or decryption under way (the data is buffered:
+/// GCM authenticates the whole message, and the HSM does it in one call).
+#[derive(Debug)]
+pub struct Crypting {
+    /// The key.
+    pub key: KeyId,
+    /// Where the key's operations go.
+    pub route: keysync::Route,
+    /// The application's IV, AAD and tag length.
+    pub params: keysync_schemas::GcmParams,
+    /// Data given so far by `C_*Update`.
+    pub data: Vec<u8>,
+}
+
 /// One session.
 #[derive(Debug, Default)]
 pub struct Session {
@@ -42,6 +56,10 @@ pub struct Session {
     pub sign: Option<Signing>,
     /// A verification under way.
     pub verify: Option<Signing>,
+    /// An encryption under way.
+    pub encrypt: Option<Crypting>,
+    /// A decryption under way.
+    pub decrypt: Option<Crypting>,
 }
 
 /// Open sessions by handle.

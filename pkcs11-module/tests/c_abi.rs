@@ -326,10 +326,39 @@ fn the_c_abi_refuses_bad_input_and_serves_many_threads() {
         ulMaxKeySize: 0,
         flags: 0,
     };
-    for unknown in [CKM_RSA_PKCS_PSS, CKM_ECDSA, CKM_AES_GCM, 0x8000_1234] {
+    for unknown in [
+        CKM_SHA1_RSA_PKCS,
+        CKM_AES_CBC,
+        CKM_RSA_PKCS_OAEP,
+        0x8000_1234,
+    ] {
         assert_eq!(
             call!(m, C_GetMechanismInfo, 0, unknown, &mut mi),
             CKR_MECHANISM_INVALID
+        );
+    }
+    assert_eq!(
+        call!(m, C_GetMechanismInfo, 0, CKM_AES_GCM, &mut mi),
+        CKR_OK
+    );
+    assert_eq!(
+        mi.flags & (CKF_ENCRYPT | CKF_DECRYPT),
+        CKF_ENCRYPT | CKF_DECRYPT
+    );
+    assert_eq!(
+        call!(m, C_GetMechanismInfo, 0, CKM_RSA_PKCS, &mut mi),
+        CKR_OK
+    );
+    assert_eq!(mi.flags & CKF_DECRYPT, 0, "RSA-PKCS signs only");
+    for digest_mechanism in [
+        CKM_ECDSA,
+        CKM_RSA_PKCS,
+        CKM_RSA_PKCS_PSS,
+        CKM_SHA256_RSA_PKCS_PSS,
+    ] {
+        assert!(
+            mechanisms.contains(&digest_mechanism),
+            "{digest_mechanism:#x}"
         );
     }
 
@@ -424,13 +453,72 @@ fn the_c_abi_refuses_bad_input_and_serves_many_threads() {
     let (rv, pubh, privh) = p256_pair(&m, h, "abi-key");
     assert_eq!(rv, CKR_OK);
     let data = b"abi data";
-    for digest_mechanism in [CKM_ECDSA, CKM_RSA_PKCS, CKM_RSA_PKCS_PSS, 0x8000_4321] {
-        let mut mechanism = mech(digest_mechanism);
+    for unknown in [CKM_SHA1_RSA_PKCS, CKM_ECDSA_SHA1, 0x8000_4321] {
+        let mut mechanism = mech(unknown);
         assert_eq!(
             call!(m, C_SignInit, h, &mut mechanism, privh),
             CKR_MECHANISM_INVALID
         );
     }
+    // A mechanism of another key type, a parameter where none is taken,
+    // PSS without its parameters or with a struct of the wrong size.
+    let mut rsa_pkcs = mech(CKM_RSA_PKCS);
+    assert_eq!(
+        call!(m, C_SignInit, h, &mut rsa_pkcs, privh),
+        CKR_KEY_TYPE_INCONSISTENT
+    );
+    let junk = [0u8; 24];
+    let mut with_param = CK_MECHANISM {
+        mechanism: CKM_ECDSA,
+        pParameter: junk.as_ptr() as *mut c_void,
+        ulParameterLen: junk.len() as CK_ULONG,
+    };
+    assert_eq!(
+        call!(m, C_SignInit, h, &mut with_param, privh),
+        CKR_MECHANISM_PARAM_INVALID
+    );
+    let mut pss_bare = mech(CKM_RSA_PKCS_PSS);
+    assert_eq!(
+        call!(m, C_SignInit, h, &mut pss_bare, privh),
+        CKR_MECHANISM_PARAM_INVALID
+    );
+    with_param.mechanism = CKM_RSA_PKCS_PSS;
+    with_param.ulParameterLen = 7;
+    assert_eq!(
+        call!(m, C_SignInit, h, &mut with_param, privh),
+        CKR_MECHANISM_PARAM_INVALID
+    );
+    // CKM_ECDSA on a digest: the two-call protocol, then a signature that
+    // is ECDSA-SHA256 of the message; a digest of no hash's length is
+    // CKR_DATA_LEN_RANGE and ends the operation.
+    let digest = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(data)
+    };
+    let mut ecdsa_raw = mech(CKM_ECDSA);
+    assert_eq!(call!(m, C_SignInit, h, &mut ecdsa_raw, privh), CKR_OK);
+    let (gp, gl) = (digest.as_ptr() as *mut u8, digest.len() as CK_ULONG);
+    let mut raw_len: CK_ULONG = 0;
+    assert_eq!(
+        call!(m, C_Sign, h, gp, gl, null_mut(), &mut raw_len),
+        CKR_OK
+    );
+    assert_eq!(raw_len, 64);
+    let mut raw_sig = [0u8; 64];
+    assert_eq!(
+        call!(m, C_Sign, h, gp, gl, raw_sig.as_mut_ptr(), &mut raw_len),
+        CKR_OK
+    );
+    assert_eq!(verify(&m, h, pubh, data, &raw_sig), CKR_OK);
+    assert_eq!(call!(m, C_SignInit, h, &mut ecdsa_raw, privh), CKR_OK);
+    assert_eq!(
+        call!(m, C_Sign, h, gp, gl - 1, raw_sig.as_mut_ptr(), &mut raw_len),
+        CKR_DATA_LEN_RANGE
+    );
+    assert_eq!(
+        call!(m, C_Sign, h, gp, gl, raw_sig.as_mut_ptr(), &mut raw_len),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
     let mut ecdsa = mech(CKM_ECDSA_SHA256);
     assert_eq!(
         call!(m, C_SignInit, h, null_mut(), privh),
@@ -603,15 +691,152 @@ fn the_c_abi_refuses_bad_input_and_serves_many_threads() {
     assert_eq!(&found[..n as usize], &[pubh]);
     assert_eq!(call!(m, C_FindObjectsFinal, h), CKR_OK);
 
-    // What the token does not do.
-    let mut gcm = mech(CKM_AES_GCM);
+    // AES-GCM with the application's CK_GCM_PARAMS.
+    let mut aes: CK_OBJECT_HANDLE = 0;
+    let mut aes_gen = mech(CKM_AES_KEY_GEN);
+    assert_eq!(
+        call!(m, C_GenerateKey, h, &mut aes_gen, null_mut(), 0, &mut aes),
+        CKR_OK
+    );
+    let mut iv = [3u8; 12];
+    let aad = *b"aad";
+    let mut params = CK_GCM_PARAMS {
+        pIv: iv.as_mut_ptr(),
+        ulIvLen: 12,
+        ulIvBits: 96,
+        pAAD: aad.as_ptr() as *mut u8,
+        ulAADLen: 3,
+        ulTagBits: 128,
+    };
+    let gcm_mech = |p: &mut CK_GCM_PARAMS, len: usize| CK_MECHANISM {
+        mechanism: CKM_AES_GCM,
+        pParameter: p as *mut CK_GCM_PARAMS as *mut c_void,
+        ulParameterLen: len as CK_ULONG,
+    };
+    let full = std::mem::size_of::<CK_GCM_PARAMS>();
+    let mut gcm = gcm_mech(&mut params, full);
     assert_eq!(
         call!(m, C_EncryptInit, h, &mut gcm, privh),
-        CKR_MECHANISM_INVALID
+        CKR_KEY_TYPE_INCONSISTENT
     );
+    let mut bare = mech(CKM_AES_GCM);
+    assert_eq!(
+        call!(m, C_EncryptInit, h, &mut bare, aes),
+        CKR_MECHANISM_PARAM_INVALID
+    );
+    let mut truncated = gcm_mech(&mut params, full - 8);
+    assert_eq!(
+        call!(m, C_EncryptInit, h, &mut truncated, aes),
+        CKR_MECHANISM_PARAM_INVALID
+    );
+    params.pIv = null_mut();
+    let mut no_iv = gcm_mech(&mut params, full);
+    assert_eq!(
+        call!(m, C_EncryptInit, h, &mut no_iv, aes),
+        CKR_ARGUMENTS_BAD
+    );
+    params.pIv = iv.as_mut_ptr();
+    params.ulTagBits = 64;
+    let mut short_tag = gcm_mech(&mut params, full);
+    assert_eq!(
+        call!(m, C_EncryptInit, h, &mut short_tag, aes),
+        CKR_MECHANISM_PARAM_INVALID
+    );
+    params.ulTagBits = 128;
     assert_eq!(
         call!(m, C_Encrypt, h, dp, dl, null_mut(), &mut len),
         CKR_OPERATION_NOT_INITIALIZED
+    );
+    let mut gcm = gcm_mech(&mut params, full);
+    assert_eq!(call!(m, C_EncryptInit, h, &mut gcm, aes), CKR_OK);
+    assert_eq!(
+        call!(m, C_EncryptInit, h, &mut gcm, aes),
+        CKR_OPERATION_ACTIVE
+    );
+    len = 0;
+    assert_eq!(call!(m, C_Encrypt, h, dp, dl, null_mut(), &mut len), CKR_OK);
+    assert_eq!(len, dl + 16);
+    let mut sealed = vec![0u8; data.len() + 16];
+    len = 4;
+    assert_eq!(
+        call!(m, C_Encrypt, h, dp, dl, sealed.as_mut_ptr(), &mut len),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(len, dl + 16);
+    assert_eq!(
+        call!(m, C_Encrypt, h, dp, dl, sealed.as_mut_ptr(), &mut len),
+        CKR_OK
+    );
+    // Multi-part gives the same bytes (same key, IV, AAD): nothing comes
+    // out of the updates, everything at the end.
+    assert_eq!(call!(m, C_EncryptInit, h, &mut gcm, aes), CKR_OK);
+    let mut part_len: CK_ULONG = 99;
+    let mut scratch = [0u8; 64];
+    assert_eq!(
+        call!(
+            m,
+            C_EncryptUpdate,
+            h,
+            dp,
+            3,
+            scratch.as_mut_ptr(),
+            &mut part_len
+        ),
+        CKR_OK
+    );
+    assert_eq!(part_len, 0);
+    assert_eq!(
+        call!(
+            m,
+            C_EncryptUpdate,
+            h,
+            dp.wrapping_add(3),
+            dl - 3,
+            scratch.as_mut_ptr(),
+            &mut part_len
+        ),
+        CKR_OK
+    );
+    part_len = scratch.len() as CK_ULONG;
+    assert_eq!(
+        call!(m, C_EncryptFinal, h, scratch.as_mut_ptr(), &mut part_len),
+        CKR_OK
+    );
+    assert_eq!(&scratch[..part_len as usize], &sealed[..]);
+    let (sp, sl) = (sealed.as_mut_ptr(), sealed.len() as CK_ULONG);
+    assert_eq!(call!(m, C_DecryptInit, h, &mut gcm, aes), CKR_OK);
+    len = 0;
+    assert_eq!(call!(m, C_Decrypt, h, sp, sl, null_mut(), &mut len), CKR_OK);
+    assert_eq!(len, dl);
+    let mut opened = vec![0u8; data.len()];
+    assert_eq!(
+        call!(m, C_Decrypt, h, sp, sl, opened.as_mut_ptr(), &mut len),
+        CKR_OK
+    );
+    assert_eq!(&opened[..], data);
+    sealed[0] ^= 1;
+    assert_eq!(call!(m, C_DecryptInit, h, &mut gcm, aes), CKR_OK);
+    len = opened.len() as CK_ULONG;
+    assert_eq!(
+        call!(m, C_Decrypt, h, sp, sl, opened.as_mut_ptr(), &mut len),
+        CKR_ENCRYPTED_DATA_INVALID
+    );
+    assert_eq!(call!(m, C_DecryptInit, h, &mut gcm, aes), CKR_OK);
+    assert_eq!(
+        call!(m, C_Decrypt, h, sp, 15, opened.as_mut_ptr(), &mut len),
+        CKR_ENCRYPTED_DATA_LEN_RANGE,
+        "shorter than its tag"
+    );
+    assert_eq!(
+        call!(m, C_Decrypt, h, sp, sl, opened.as_mut_ptr(), &mut len),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+
+    // What the token does not do.
+    let mut cbc = mech(CKM_AES_CBC);
+    assert_eq!(
+        call!(m, C_EncryptInit, h, &mut cbc, aes),
+        CKR_MECHANISM_INVALID
     );
     assert_eq!(
         call!(m, C_CreateObject, h, null_mut(), 0, null_mut()),

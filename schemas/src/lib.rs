@@ -57,7 +57,10 @@ pub use keys::{
     MAX_LABEL_BYTES,
 };
 pub use metrics::{HsmMetrics, LatencySummary, SyncMetrics, METRICS_VERSION};
-pub use ops::{AgentHealth, KeyInfo, OpError, OpErrorKind, OpReply, OpRequest};
+pub use ops::{
+    AgentHealth, DigestAlg, DigestSignScheme, GcmParams, KeyInfo, OpError, OpErrorKind, OpReply,
+    OpRequest, ECDSA_DIGEST_LENS, GCM_IV_LEN, RSA_MODULUS_BYTES,
+};
 pub use rejection::{RejectReason, Rejection};
 pub use status::{
     ClusterStatus, KeyStanding, KeyStatus, MemberState, MemberStatus, StatusReply, StatusRequest,

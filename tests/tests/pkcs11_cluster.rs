@@ -62,6 +62,112 @@ fn pkcs11_tool(stack: &DevStack, label: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// See the call site.
+async fn applications_ops_agree(
+    client: &keysync::Client,
+    hsms: &[HsmId],
+    made: &[(KeyType, HsmId, KeyId)],
+) {
+    use keysync_schemas::{DigestAlg, DigestSignScheme, GcmParams, OpRequest, RejectReason};
+    use p256::pkcs8::DecodePublicKey as _;
+    use sha2::Digest as _;
+    use signature::hazmat::PrehashVerifier as _;
+    let digest = sha2::Sha256::digest(b"an application's message");
+    let mut digest_info = hex::decode("3031300d060960864801650304020105000420").expect("hex");
+    digest_info.extend_from_slice(&digest);
+    let pss = DigestSignScheme::RsaPss {
+        hash: DigestAlg::Sha256,
+        mgf: DigestAlg::Sha256,
+        salt_len: 32,
+    };
+    for (t, on, id) in made {
+        let mut same = Vec::new();
+        for h in hsms {
+            let route = Route::Hsm(h.clone());
+            match t {
+                KeyType::Aes256 => {
+                    let params = GcmParams {
+                        iv: vec![5; 12],
+                        aad: b"header".to_vec(),
+                        tag_bits: 96,
+                    };
+                    let sealed = client
+                        .encrypt_gcm(*id, params.clone(), b"record", &route)
+                        .await
+                        .unwrap_or_else(|e| panic!("GCM on {h} (key from {on}): {e}"));
+                    let opened = client
+                        .decrypt_gcm(*id, params, &sealed, &route)
+                        .await
+                        .unwrap_or_else(|e| panic!("GCM open on {h}: {e}"));
+                    assert_eq!(opened.expose(), b"record");
+                    same.push(sealed);
+                }
+                KeyType::Rsa2048 => {
+                    let spki = client.public_key(*id, &route).await.expect("spki");
+                    let pk = rsa::PublicKey::from_public_key_der(&spki).expect("rsa spki");
+                    same.push(
+                        client
+                            .sign_digest(*id, DigestSignScheme::RsaPkcs1, &digest_info, &route)
+                            .await
+                            .unwrap_or_else(|e| panic!("RSA-PKCS on {h}: {e}")),
+                    );
+                    let sig = client
+                        .sign_digest(*id, pss, &digest, &route)
+                        .await
+                        .unwrap_or_else(|e| panic!("PSS on {h}: {e}"));
+                    rsa::pss::VerifyingKey::<sha2::Sha256>::new_with_salt_len(pk, 32)
+                        .verify_prehash(
+                            &digest,
+                            &rsa::pss::Signature::try_from(&sig[..]).expect("sig"),
+                        )
+                        .unwrap_or_else(|e| panic!("PSS from {h} does not verify: {e}"));
+                }
+                KeyType::P256 => {
+                    let spki = client.public_key(*id, &route).await.expect("spki");
+                    let vk = p256::ecdsa::VerifyingKey::from_public_key_der(&spki).expect("spki");
+                    let raw = client
+                        .sign_digest(*id, DigestSignScheme::Ecdsa, &digest, &route)
+                        .await
+                        .unwrap_or_else(|e| panic!("ECDSA on {h}: {e}"));
+                    let sig = p256::ecdsa::Signature::from_slice(&raw).expect("raw r||s");
+                    vk.verify_prehash(&digest, &sig)
+                        .unwrap_or_else(|e| panic!("ECDSA from {h} does not verify: {e}"));
+                    // Sent as is (the SDK would refuse it first): the agent
+                    // refuses a 31-byte digest as a counted bad request.
+                    let before = client.health(h).await.expect("health");
+                    let count = |hl: &keysync_schemas::AgentHealth| {
+                        hl.rejected
+                            .iter()
+                            .find(|(r, _)| *r == RejectReason::BadRequest)
+                            .map_or(0, |(_, n)| *n)
+                    };
+                    let reply = client
+                        .request(
+                            &route,
+                            OpRequest::SignDigest {
+                                key_id: *id,
+                                scheme: DigestSignScheme::Ecdsa,
+                                digest: digest[..31].to_vec(),
+                            },
+                        )
+                        .await;
+                    assert!(
+                        matches!(reply, Err(keysync::Error::BadRequest(_))),
+                        "{h}: {reply:?}"
+                    );
+                    let after = client.health(h).await.expect("health");
+                    assert_eq!(count(&after), count(&before) + 1, "{h} counted it");
+                }
+                KeyType::Ed25519 => {}
+            }
+        }
+        assert!(
+            same.windows(2).all(|w| w[0] == w[1]),
+            "{t} key from {on}: the HSMs disagree on a deterministic output"
+        );
+    }
+}
+
 fn openssl_verifies(public_der: &Path, sig: &Path, data: &Path) -> bool {
     let out = Command::new("openssl")
         .args(["dgst", "-sha256", "-keyform", "DER", "-verify"])
@@ -154,6 +260,13 @@ async fn a_mixed_cluster_of_tokens_and_an_embedded_hsm_converges_and_works_both_
             assert_eq!(plain.expose(), b"across keystores");
         }
     }
+
+    // Applications' operations (what libkeysync_pkcs11.so asks for) on
+    // each kind of HSM, through the real agents: AES-GCM with the caller's
+    // IV gives the same bytes on every HSM; RSA PKCS#1 v1.5 on a DigestInfo
+    // the same signature; ECDSA and PSS on a digest verify with the public
+    // key; a digest of the wrong length is refused and counted.
+    applications_ops_agree(&client, &hsms, &made).await;
 
     // OpenSC signs with the clones in token 2; openssl verifies with the
     // public key read from the HSM that made the key.

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use aes_gcm::aead::KeyInit;
 use aes_gcm::Aes256Gcm;
 use keysync_schemas::{
-    CloneFailure, CloneKey, DomainId, Fingerprint, HsmId, InventoryDigest, KeyAttributes, KeyId,
-    KeyInfo, KeyType, Timestamp,
+    CloneFailure, CloneKey, DigestSignScheme, DomainId, Fingerprint, GcmParams, HsmId,
+    InventoryDigest, KeyAttributes, KeyId, KeyInfo, KeyType, Timestamp,
 };
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -725,6 +725,33 @@ impl Keystore for EmbeddedKeystore {
         aad: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
         Ok(self.entry(id)?.material.decrypt(ciphertext, aad)?)
+    }
+
+    fn sign_digest(
+        &self,
+        id: &KeyId,
+        scheme: &DigestSignScheme,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, KeystoreError> {
+        Ok(self.entry(id)?.material.sign_digest(scheme, digest)?)
+    }
+
+    fn encrypt_gcm(
+        &self,
+        id: &KeyId,
+        params: &GcmParams,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, KeystoreError> {
+        Ok(self.entry(id)?.material.encrypt_gcm(params, plaintext)?)
+    }
+
+    fn decrypt_gcm(
+        &self,
+        id: &KeyId,
+        params: &GcmParams,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
+        Ok(self.entry(id)?.material.decrypt_gcm(params, sealed)?)
     }
 
     fn public_key(&self, id: &KeyId) -> Result<Vec<u8>, KeystoreError> {

@@ -12,8 +12,8 @@ pub mod journal;
 pub mod pkcs11;
 
 use keysync_schemas::{
-    CloneFailure, CloneKey, DomainId, Fingerprint, HsmId, InventoryDigest, KeyAttributes, KeyId,
-    KeyInfo, KeyOrigin, KeyType, OpErrorKind,
+    CloneFailure, CloneKey, DigestSignScheme, DomainId, Fingerprint, GcmParams, HsmId,
+    InventoryDigest, KeyAttributes, KeyId, KeyInfo, KeyOrigin, KeyType, OpErrorKind,
 };
 
 use crate::material::MaterialError;
@@ -67,7 +67,9 @@ impl KeystoreError {
             KeystoreError::AlreadyExists(_) => OpErrorKind::AlreadyExists,
             KeystoreError::Deleted(_) => OpErrorKind::KeyIdTaken,
             KeystoreError::Material(MaterialError::Unsupported { .. }) => OpErrorKind::Unsupported,
-            KeystoreError::Material(MaterialError::Invalid(_)) => OpErrorKind::BadRequest,
+            KeystoreError::Material(MaterialError::Invalid(_) | MaterialError::BadInput(_)) => {
+                OpErrorKind::BadRequest
+            }
             KeystoreError::Material(MaterialError::Integrity) | KeystoreError::Integrity => {
                 OpErrorKind::IntegrityFailed
             }
@@ -212,6 +214,27 @@ pub trait Keystore: Send + Sync + 'static {
         id: &KeyId,
         ciphertext: &[u8],
         aad: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeystoreError>;
+    /// Signs a digest the caller computed (see [`DigestSignScheme`]).
+    fn sign_digest(
+        &self,
+        id: &KeyId,
+        scheme: &DigestSignScheme,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, KeystoreError>;
+    /// AES-256-GCM with the caller's IV, AAD and tag length: ciphertext ‖ tag.
+    fn encrypt_gcm(
+        &self,
+        id: &KeyId,
+        params: &GcmParams,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, KeystoreError>;
+    /// Opens ciphertext ‖ tag sealed with these parameters.
+    fn decrypt_gcm(
+        &self,
+        id: &KeyId,
+        params: &GcmParams,
+        sealed: &[u8],
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeystoreError>;
     /// SPKI DER of a key.
     fn public_key(&self, id: &KeyId) -> Result<Vec<u8>, KeystoreError>;

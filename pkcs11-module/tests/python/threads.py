@@ -3,10 +3,14 @@ session each, CYCLES times: generate a P-256 pair, sign at once with
 CKM_ECDSA_SHA256, verify. Prints one JSON line: cycles, failures, the key
 ids (CKA_ID, hex) made, and what reading a private key's CKA_VALUE gave.
 
+With PROGRESS=1 in the environment it also prints "cycle" on stderr
+after each cycle, so a test can act midway through the run.
+
 Usage: python3 threads.py MODULE PIN THREADS CYCLES
 """
 
 import json
+import os
 import sys
 import threading
 
@@ -29,6 +33,7 @@ flags = CKF_SERIAL_SESSION | CKF_RW_SESSION
 first = lib.openSession(slot, flags)
 first.login(pin)
 
+progress = os.environ.get("PROGRESS") == "1"
 lock = threading.Lock()
 failures = []
 ids = []
@@ -57,6 +62,10 @@ def work(t):
         except Exception as e:  # every failure is counted, none stops the run
             with lock:
                 failures.append("%s: %r" % (label, e))
+        if progress:
+            with lock:
+                sys.stderr.write("cycle\n")
+                sys.stderr.flush()
     session.closeSession()
 
 

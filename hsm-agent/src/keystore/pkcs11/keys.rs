@@ -6,11 +6,12 @@
 
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
-use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::types::Ulong;
-use keysync_schemas::{Fingerprint, KeyId, KeyType};
+use keysync_schemas::{DigestAlg, DigestSignScheme, Fingerprint, KeyId, KeyType};
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
@@ -416,6 +417,94 @@ pub(crate) fn gcm_decrypt(
         .map_err(integrity("C_Decrypt (AES-GCM)"))
 }
 
+/// Signs a digest the caller computed with a private key object:
+/// `CKM_ECDSA` (raw r ‖ s), `CKM_RSA_PKCS` (the DigestInfo as given),
+/// `CKM_RSA_PKCS_PSS`. The input was checked against the scheme first.
+pub(crate) fn sign_digest_with(
+    s: &Session,
+    key: ObjectHandle,
+    key_type: KeyType,
+    scheme: &DigestSignScheme,
+    digest: &[u8],
+) -> Result<Vec<u8>, Pkcs11Error> {
+    scheme.check(digest).map_err(Pkcs11Error::Invalid)?;
+    if scheme.key_type() != key_type {
+        return Err(cannot(key_type, "sign a digest with that scheme"));
+    }
+    match scheme {
+        DigestSignScheme::Ecdsa => s
+            .sign(&Mechanism::Ecdsa, key, digest)
+            .map_err(map("C_Sign (ECDSA on a digest)")),
+        DigestSignScheme::RsaPkcs1 => s
+            .sign(&Mechanism::RsaPkcs, key, digest)
+            .map_err(map("C_Sign (RSA-PKCS)")),
+        DigestSignScheme::RsaPss {
+            hash,
+            mgf,
+            salt_len,
+        } => {
+            let params = PkcsPssParams {
+                hash_alg: hash_mechanism(*hash),
+                mgf: mgf1(*mgf),
+                s_len: Ulong::new(u64::from(*salt_len)),
+            };
+            s.sign(&Mechanism::RsaPkcsPss(params), key, digest)
+                .map_err(map("C_Sign (RSA-PKCS-PSS)"))
+        }
+    }
+}
+
+fn hash_mechanism(h: DigestAlg) -> MechanismType {
+    match h {
+        DigestAlg::Sha256 => MechanismType::SHA256,
+        DigestAlg::Sha384 => MechanismType::SHA384,
+        DigestAlg::Sha512 => MechanismType::SHA512,
+    }
+}
+
+fn mgf1(h: DigestAlg) -> PkcsMgfType {
+    match h {
+        DigestAlg::Sha256 => PkcsMgfType::MGF1_SHA256,
+        DigestAlg::Sha384 => PkcsMgfType::MGF1_SHA384,
+        DigestAlg::Sha512 => PkcsMgfType::MGF1_SHA512,
+    }
+}
+
+/// AES-GCM in the token with the caller's IV, AAD and tag length:
+/// ciphertext ‖ tag.
+pub(crate) fn gcm_encrypt_with(
+    s: &Session,
+    key: ObjectHandle,
+    params: &keysync_schemas::GcmParams,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, Pkcs11Error> {
+    params.check().map_err(Pkcs11Error::Invalid)?;
+    let mut iv = params.iv.clone();
+    let gcm = GcmParams::new(&mut iv, &params.aad, Ulong::new(u64::from(params.tag_bits)))
+        .map_err(map("AES-GCM parameters"))?;
+    s.encrypt(&Mechanism::AesGcm(gcm), key, plaintext)
+        .map_err(map("C_Encrypt (AES-GCM)"))
+}
+
+/// Opens ciphertext ‖ tag with the caller's parameters.
+pub(crate) fn gcm_decrypt_with(
+    s: &Session,
+    key: ObjectHandle,
+    params: &keysync_schemas::GcmParams,
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, Pkcs11Error> {
+    params.check().map_err(Pkcs11Error::Invalid)?;
+    if sealed.len() < params.tag_len() {
+        return Err(Pkcs11Error::Integrity);
+    }
+    let mut iv = params.iv.clone();
+    let gcm = GcmParams::new(&mut iv, &params.aad, Ulong::new(u64::from(params.tag_bits)))
+        .map_err(map("AES-GCM parameters"))?;
+    s.decrypt(&Mechanism::AesGcm(gcm), key, sealed)
+        .map(Zeroizing::new)
+        .map_err(integrity("C_Decrypt (AES-GCM)"))
+}
+
 fn cannot(key_type: KeyType, op: &str) -> Pkcs11Error {
     Pkcs11Error::Unsupported {
         what: format!("{op} with {key_type} keys"),
@@ -788,6 +877,51 @@ impl Token {
                 return Err(cannot(key.key_type, "decrypt"));
             }
             gcm_decrypt(s, key.handle, sealed, aad)
+        })
+    }
+
+    /// Signs a digest the caller computed (see [`DigestSignScheme`]). Blocks.
+    pub fn sign_digest(
+        &self,
+        id: &KeyId,
+        scheme: &DigestSignScheme,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, Pkcs11Error> {
+        self.with_session(|s| {
+            let key = self.key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            sign_digest_with(s, key.handle, key.key_type, scheme, digest)
+        })
+    }
+
+    /// AES-GCM with the caller's parameters: ciphertext ‖ tag. Blocks.
+    pub fn encrypt_gcm(
+        &self,
+        id: &KeyId,
+        params: &keysync_schemas::GcmParams,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, Pkcs11Error> {
+        self.with_session(|s| {
+            let key = self.key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            if key.key_type != KeyType::Aes256 {
+                return Err(cannot(key.key_type, "encrypt"));
+            }
+            gcm_encrypt_with(s, key.handle, params, plaintext)
+        })
+    }
+
+    /// Opens ciphertext ‖ tag with the caller's parameters. Blocks.
+    pub fn decrypt_gcm(
+        &self,
+        id: &KeyId,
+        params: &keysync_schemas::GcmParams,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, Pkcs11Error> {
+        self.with_session(|s| {
+            let key = self.key(s, id)?.ok_or(Pkcs11Error::NotFound(*id))?;
+            if key.key_type != KeyType::Aes256 {
+                return Err(cannot(key.key_type, "decrypt"));
+            }
+            gcm_decrypt_with(s, key.handle, params, sealed)
         })
     }
 

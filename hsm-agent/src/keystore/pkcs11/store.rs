@@ -17,8 +17,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use keysync_schemas::{
-    CloneFailure, CloneKey, DomainId, Fingerprint, HsmId, InventoryDigest, KeyId, KeyInfo, KeyType,
-    Timestamp,
+    CloneFailure, CloneKey, DigestSignScheme, DomainId, Fingerprint, GcmParams, HsmId,
+    InventoryDigest, KeyId, KeyInfo, KeyType, Timestamp,
 };
 use zeroize::Zeroizing;
 
@@ -656,6 +656,36 @@ impl Keystore for Pkcs11Keystore {
     ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
         self.held(id)?;
         Ok(self.token.decrypt(id, ciphertext, aad)?)
+    }
+
+    fn sign_digest(
+        &self,
+        id: &KeyId,
+        scheme: &DigestSignScheme,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, KeystoreError> {
+        self.held(id)?;
+        Ok(self.token.sign_digest(id, scheme, digest)?)
+    }
+
+    fn encrypt_gcm(
+        &self,
+        id: &KeyId,
+        params: &GcmParams,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, KeystoreError> {
+        self.held(id)?;
+        Ok(self.token.encrypt_gcm(id, params, plaintext)?)
+    }
+
+    fn decrypt_gcm(
+        &self,
+        id: &KeyId,
+        params: &GcmParams,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
+        self.held(id)?;
+        Ok(self.token.decrypt_gcm(id, params, sealed)?)
     }
 
     fn public_key(&self, id: &KeyId) -> Result<Vec<u8>, KeystoreError> {
