@@ -10,9 +10,8 @@ use backon::Retryable as _;
 use futures::StreamExt;
 use keysync_schemas::{
     decode, encode, ClusterStatus, DigestSignScheme, Durability, Envelope, Event, GcmParams, HsmId,
-    KeyAttributes, KeyId, KeyInfo, KeyStanding, KeyStatus, KeyType, OpErrorKind, OpReply, OpRequest,
-    SecretBytes, Source,
-    StatusReply, StatusRequest, Subjects, SyncMetrics,
+    KeyAttributes, KeyId, KeyInfo, KeyStanding, KeyStatus, KeyType, OpErrorKind, OpReply,
+    OpRequest, SecretBytes, Source, StatusReply, StatusRequest, Subjects, SyncMetrics,
 };
 use tokio::sync::watch;
 use tracing::Instrument as _;

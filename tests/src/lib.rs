@@ -655,3 +655,31 @@ impl TlsFiles {
         ]
     }
 }
+
+/// Every HSM holds the same keys, including every key in `created`. (A
+/// create that failed during the outage may still have made a key, logged
+/// later from its agent's outbox: it must then be everywhere too.)
+pub async fn assert_same_everywhere(
+    client: &Client,
+    hsms: &[HsmId],
+    created: &BTreeMap<KeyId, Fingerprint>,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut invs = Vec::new();
+        for h in hsms {
+            invs.push(inventory(client, h).await);
+        }
+        let all_equal = invs.windows(2).all(|w| w[0] == w[1]);
+        let complete = created.iter().all(|(k, fp)| invs[0].get(k) == Some(fp));
+        if all_equal && complete {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let sizes: Vec<usize> = invs.iter().map(|i| i.len()).collect();
+            let missing = created.keys().filter(|k| !invs[0].contains_key(k)).count();
+            panic!("HSMs did not converge: sizes {sizes:?}, {missing} created keys missing on the first");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

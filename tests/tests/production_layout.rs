@@ -7,40 +7,12 @@
 //! and synced; one NATS node is killed; keys are still created and synced,
 //! and nothing is lost.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use keysync_schemas::{Fingerprint, HsmId, KeyId};
 use keysync_testkit::{
-    create_many, inventory, on_path, wait_until, DevStack, NatsTrust, StackOptions, TlsFiles,
+    assert_same_everywhere, create_many, on_path, wait_until, DevStack, NatsTrust, StackOptions,
+    TlsFiles,
 };
-
-/// Every HSM holds every key in `created`, with its fingerprint, and the
-/// same keys as every other.
-async fn assert_same_everywhere(
-    client: &keysync::Client,
-    hsms: &[HsmId],
-    created: &BTreeMap<KeyId, Fingerprint>,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let mut invs = Vec::new();
-        for h in hsms {
-            invs.push(inventory(client, h).await);
-        }
-        let all_equal = invs.windows(2).all(|w| w[0] == w[1]);
-        let complete = created.iter().all(|(k, fp)| invs[0].get(k) == Some(fp));
-        if all_equal && complete {
-            return;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let sizes: Vec<usize> = invs.iter().map(|i| i.len()).collect();
-            let missing = created.keys().filter(|k| !invs[0].contains_key(k)).count();
-            panic!("HSMs did not converge: sizes {sizes:?}, {missing} created keys missing");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// The command line of a running process.
 fn cmdline(pid: u32) -> Vec<String> {
