@@ -52,7 +52,11 @@ pub(super) const HOPS: [(&str, &str, Option<&str>); 8] = [
         "command stored -> agent received",
         Some("stored_to_work_queue_consumer"),
     ),
-    ("agent_apply", "agent received -> applied", None),
+    (
+        "agent_apply",
+        "agent received -> applied",
+        Some("store_commit"),
+    ),
     (
         "applied_to_clone_applied_stored",
         "applied -> CloneApplied stored",
@@ -213,7 +217,10 @@ pub(super) async fn keysync_hops(
 ///   last `CloneApplied` with `KeyReplicated`);
 /// - `request_publish`: a request whose responder publishes to JetStream
 ///   and awaits the PubAck before replying (a `logged` create without the
-///   key).
+///   key);
+/// - `store_commit`: one 256-byte record committed to a redb file with its
+///   default durability (fsync), as an agent stores a clone (no bus: the
+///   floor of the apply, less its checks and crypto).
 pub(super) async fn bare_hops(nats: &async_nats::Client, n: usize) -> anyhow::Result<serde_json::Value> {
     let js = jetstream::new(nats.clone());
     let (limits, queue) = ("KEYSYNC_BENCH_HOPS", "KEYSYNC_BENCH_HOPS_QUEUE");
@@ -284,8 +291,11 @@ pub(super) async fn bare_hops(nats: &async_nats::Client, n: usize) -> anyhow::Re
         "stored_to_work_queue_consumer",
         "relay",
         "request_publish",
+        "store_commit",
     ];
     let mut h: Vec<Histogram<u64>> = names.iter().map(|_| histogram()).collect::<Result<_, _>>()?;
+    let dir = tempfile::tempdir()?;
+    let db = std::sync::Arc::new(redb::Database::create(dir.path().join("bench.redb"))?);
     for i in 0..n + n / 10 {
         let keep = i >= n / 10;
         // Publish → stored, stored → ordered consumer, then the relay.
@@ -317,7 +327,18 @@ pub(super) async fn bare_hops(nats: &async_nats::Client, n: usize) -> anyhow::Re
         let t = Instant::now();
         nats.request("keysync-bench.hops.op", payload.clone()).await?;
         let rr_us = (t.elapsed().as_micros() as u64).max(1);
+        let db2 = db.clone();
+        let commit_us = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+            const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("bench");
+            let t = Instant::now();
+            let txn = db2.begin_write()?;
+            txn.open_table(TABLE)?.insert(i as u64, [7u8; 256].as_slice())?;
+            txn.commit()?;
+            Ok((t.elapsed().as_micros() as u64).max(1))
+        })
+        .await??;
         if keep {
+            h[5].record(commit_us)?;
             record(&mut h[0], t_pub, t0)?;
             record(&mut h[1], t0, t_recv)?;
             record(&mut h[2], t_q, t_q_recv)?;
