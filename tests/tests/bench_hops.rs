@@ -64,6 +64,9 @@ fn the_hop_table_times_every_clone_beside_the_bare_hops() {
     let sync_max = k["sync"]["max_ms"].as_f64().expect("sync max");
     for name in per_clone.iter().chain(&per_key[1..4]) {
         let max = k[name]["max_ms"].as_f64().expect("max");
-        assert!(max <= sync_max + 0.01, "{name} max {max} > sync max {sync_max}");
+        assert!(
+            max <= sync_max + 0.01,
+            "{name} max {max} > sync max {sync_max}"
+        );
     }
 }

@@ -31,7 +31,11 @@ use super::bench::{histogram, pct};
 /// The hops, in the order a sync takes them: (JSON key, row label, the
 /// bare hop's JSON key or `None` where the hop is the process's own work).
 pub(super) const HOPS: [(&str, &str, Option<&str>); 8] = [
-    ("create_op", "create op (client call)", Some("request_publish")),
+    (
+        "create_op",
+        "create op (client call)",
+        Some("request_publish"),
+    ),
     (
         "event_stored_to_orchestrator",
         "event stored -> orchestrator",
@@ -221,7 +225,10 @@ pub(super) async fn keysync_hops(
 /// - `store_commit`: one 256-byte record committed to a redb file with its
 ///   default durability (fsync), as an agent stores a clone (no bus: the
 ///   floor of the apply, less its checks and crypto).
-pub(super) async fn bare_hops(nats: &async_nats::Client, n: usize) -> anyhow::Result<serde_json::Value> {
+pub(super) async fn bare_hops(
+    nats: &async_nats::Client,
+    n: usize,
+) -> anyhow::Result<serde_json::Value> {
     let js = jetstream::new(nats.clone());
     let (limits, queue) = ("KEYSYNC_BENCH_HOPS", "KEYSYNC_BENCH_HOPS_QUEUE");
     let _ = js.delete_stream(limits).await;
@@ -275,7 +282,10 @@ pub(super) async fn bare_hops(nats: &async_nats::Client, n: usize) -> anyhow::Re
                     .reply
                     .filter(|r| keysync_security::reply::check(r).is_ok())
                 {
-                    if let Ok(ack) = js.publish("keysync-bench.hops.created", m.payload.clone()).await {
+                    if let Ok(ack) = js
+                        .publish("keysync-bench.hops.created", m.payload.clone())
+                        .await
+                    {
                         let _ = ack.await;
                     }
                     let _ = nats.publish(reply, m.payload).await;
@@ -293,7 +303,10 @@ pub(super) async fn bare_hops(nats: &async_nats::Client, n: usize) -> anyhow::Re
         "request_publish",
         "store_commit",
     ];
-    let mut h: Vec<Histogram<u64>> = names.iter().map(|_| histogram()).collect::<Result<_, _>>()?;
+    let mut h: Vec<Histogram<u64>> = names
+        .iter()
+        .map(|_| histogram())
+        .collect::<Result<_, _>>()?;
     let dir = tempfile::tempdir()?;
     let db = std::sync::Arc::new(redb::Database::create(dir.path().join("bench.redb"))?);
     for i in 0..n + n / 10 {
@@ -325,14 +338,16 @@ pub(super) async fn bare_hops(nats: &async_nats::Client, n: usize) -> anyhow::Re
         }
         // A request answered after a JetStream publish is acknowledged.
         let t = Instant::now();
-        nats.request("keysync-bench.hops.op", payload.clone()).await?;
+        nats.request("keysync-bench.hops.op", payload.clone())
+            .await?;
         let rr_us = (t.elapsed().as_micros() as u64).max(1);
         let db2 = db.clone();
         let commit_us = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
             const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("bench");
             let t = Instant::now();
             let txn = db2.begin_write()?;
-            txn.open_table(TABLE)?.insert(i as u64, [7u8; 256].as_slice())?;
+            txn.open_table(TABLE)?
+                .insert(i as u64, [7u8; 256].as_slice())?;
             txn.commit()?;
             Ok((t.elapsed().as_micros() as u64).max(1))
         })
@@ -390,7 +405,11 @@ pub(super) fn print(hops: &serde_json::Value) -> anyhow::Result<()> {
                 let v = &hops["bare"][b];
                 (b.replace('_', " "), f(&v["p50_ms"]), f(&v["p99_ms"]))
             }
-            None => ("(the process's own work)".into(), String::new(), String::new()),
+            None => (
+                "(the process's own work)".into(),
+                String::new(),
+                String::new(),
+            ),
         };
         outln!(
             "  {:<36} {:>7} {:>7}   {:<30} {:>7} {:>7}",
