@@ -134,6 +134,10 @@ pub(super) async fn keysync_hops(
         .await?;
     let mut h: Vec<Histogram<u64>> = HOPS.iter().map(|_| histogram()).collect::<Result<_, _>>()?;
     let mut sync = histogram()?;
+    // The last hop split at the orchestrator's receipt of the last
+    // `CloneApplied` (on the `KeyReplicated` it answers with).
+    let mut to_orchestrator = histogram()?;
+    let mut orchestrator_to_stored = histogram()?;
     let mut missing = 0u64;
     for i in 0..n + n / 10 {
         let key_id = keysync_schemas::KeyId::new();
@@ -197,12 +201,24 @@ pub(super) async fn keysync_hops(
             record(&mut h[6], t_applied, t_stored)?;
         }
         record(&mut h[7], last_applied, t_replicated)?;
+        if let Some(o_recv) = hop_times(&replicated).orchestrator_received {
+            record(&mut to_orchestrator, last_applied, o_recv)?;
+            record(&mut orchestrator_to_stored, o_recv, t_replicated)?;
+        }
     }
     let mut out = serde_json::Map::new();
     for ((key, _, _), h) in HOPS.iter().zip(&h) {
         out.insert((*key).into(), pct(h));
     }
     out.insert("sync".into(), pct(&sync));
+    out.insert(
+        "last_clone_applied_to_orchestrator".into(),
+        pct(&to_orchestrator),
+    );
+    out.insert(
+        "orchestrator_to_replicated_stored".into(),
+        pct(&orchestrator_to_stored),
+    );
     out.insert("clones_without_hop_times".into(), json!(missing));
     Ok(serde_json::Value::Object(out))
 }
@@ -419,6 +435,29 @@ pub(super) fn print(hops: &serde_json::Value) -> anyhow::Result<()> {
             bare_label,
             b50,
             b99
+        );
+    }
+    for (key, label, bare) in [
+        (
+            "last_clone_applied_to_orchestrator",
+            "  of which: stored -> orchestrator",
+            "stored_to_consumer",
+        ),
+        (
+            "orchestrator_to_replicated_stored",
+            "  orchestrator -> KeyReplicated",
+            "publish_to_stored",
+        ),
+    ] {
+        let (k, b) = (&hops["keysync"][key], &hops["bare"][bare]);
+        outln!(
+            "  {:<36} {:>7} {:>7}   {:<30} {:>7} {:>7}",
+            label,
+            f(&k["p50_ms"]),
+            f(&k["p99_ms"]),
+            bare.replace('_', " "),
+            f(&b["p50_ms"]),
+            f(&b["p99_ms"])
         );
     }
     let s = &hops["keysync"]["sync"];
