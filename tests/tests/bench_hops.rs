@@ -31,6 +31,9 @@ fn the_hop_table_times_every_clone_beside_the_bare_hops() {
         "orchestrator_handling",
         "last_clone_applied_to_replicated",
         "sync",
+        // Split at the orchestrator's receipt, carried on KeyReplicated.
+        "last_clone_applied_to_orchestrator",
+        "orchestrator_to_replicated_stored",
     ];
     let per_clone = [
         "decided_to_command_stored",
