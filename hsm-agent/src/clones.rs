@@ -27,6 +27,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use futures::StreamExt;
+use keysync_schemas::headers::{HopTimes, HOP_TIMES};
 use keysync_schemas::{
     CloneApplied, CloneFailed, CloneFailure, CloneKey, Command, Envelope, Event, KeyErased,
     RejectReason, Rejection, Source,
@@ -227,7 +228,9 @@ async fn apply_batch(
     announced: &mut Announced,
     retry_log: &mut RetryLog,
 ) {
-    let mut valid: Vec<(jetstream::Message, Command)> = Vec::with_capacity(batch.len());
+    // When this batch came off the consumer: checking it is part of applying.
+    let received = keysync_schemas::Timestamp::now().as_nanos();
+    let mut valid: Vec<(jetstream::Message, Command, HopTimes)> = Vec::with_capacity(batch.len());
     let expected_subject = agent.subjects.commands_for(&agent.hsm);
     for msg in batch {
         let stored_at_ns = msg
@@ -250,7 +253,7 @@ async fn apply_batch(
                 && inner_ok
                 && msg.subject.as_str() == expected_subject
             {
-                Ok(env.body)
+                Ok((env.emitted_at, env.body))
             } else {
                 Err(Rejection::new(
                     RejectReason::WrongTarget,
@@ -258,8 +261,8 @@ async fn apply_batch(
                 ))
             }
         });
-        let cmd = match checked {
-            Ok(cmd) => cmd,
+        let (decided, cmd) = match checked {
+            Ok(checked) => checked,
             Err(rejection) => {
                 let seq = msg.info().map(|i| i.stream_sequence).ok();
                 // Keyed by this agent's identity, so nobody else can take
@@ -288,7 +291,19 @@ async fn apply_batch(
                 continue;
             }
         };
-        valid.push((msg, cmd));
+        let from_orchestrator = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(HOP_TIMES))
+            .and_then(|v| HopTimes::from_header(v.as_str()))
+            .unwrap_or_default();
+        let hops = HopTimes {
+            orchestrator_received: from_orchestrator.orchestrator_received,
+            orchestrator_decided: Some(decided.as_nanos()),
+            command_stored: Some(stored_at_ns).filter(|t| *t > 0),
+            agent_received: Some(received),
+        };
+        valid.push((msg, cmd, hops));
     }
     if valid.is_empty() {
         return;
@@ -301,7 +316,7 @@ async fn apply_batch(
     // if some of its units failed for a passing reason.
     let mut msgs: Vec<Delivery> = Vec::with_capacity(valid.len());
     let mut units: Vec<(usize, usize, Command)> = Vec::with_capacity(valid.len());
-    for (i, (msg, cmd)) in valid.into_iter().enumerate() {
+    for (i, (msg, cmd, hops)) in valid.into_iter().enumerate() {
         let (seq, delivered) = msg
             .info()
             .map(|info| (Some(info.stream_sequence), info.delivered))
@@ -324,6 +339,7 @@ async fn apply_batch(
             unlogged: None,
             retried: 0,
             decided: Vec::new(),
+            hops,
         });
     }
     // In windows of at most MAX_BATCH commands: each is applied in one
@@ -476,7 +492,7 @@ async fn apply_batch(
             let published = match keysync_schemas::encode(&env) {
                 Ok(bytes) => {
                     agent
-                        .publish_event(subject, env.id, bytes)
+                        .publish_result(subject, env.id, bytes, &delivery.hops)
                         .instrument(span)
                         .await
                 }
@@ -606,6 +622,8 @@ struct Delivery {
     retried: usize,
     /// Units whose results are logged (or need none).
     decided: Vec<usize>,
+    /// When it was decided, stored and received, for its results' header.
+    hops: HopTimes,
 }
 
 /// What applying one command did.

@@ -110,6 +110,22 @@ impl Agent {
         self.publish_with(subject, msg_id, payload, |_| {}).await
     }
 
+    /// Publishes a command's result like [`Agent::publish_event`], with
+    /// the command's [`HopTimes`](keysync_schemas::headers::HopTimes) (for
+    /// the bench's hop table; not signed, a measurement).
+    pub async fn publish_result(
+        &self,
+        subject: String,
+        msg_id: uuid::Uuid,
+        payload: Vec<u8>,
+        hops: &keysync_schemas::headers::HopTimes,
+    ) -> anyhow::Result<PublishAckFuture> {
+        self.publish_with(subject, msg_id, payload, |h| {
+            h.insert(keysync_schemas::headers::HOP_TIMES, hops.to_header());
+        })
+        .await
+    }
+
     /// Publishes a `KeyCreated` like [`Agent::publish_event`], stored only
     /// if the log holds nothing yet under its key id (see [`uniqueness`]):
     /// the PubAck is then "wrong last sequence" for a taken id.

@@ -346,12 +346,16 @@ pub async fn run(
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 batch = messages.next() => {
+                    let received = keysync_schemas::Timestamp::now().as_nanos();
                     let batch = batch.ok_or_else(|| anyhow::anyhow!("event consumer ended"))?;
                     let mut msgs = Vec::with_capacity(batch.len());
                     for msg in batch {
                         msgs.push(msg.map_err(|e| anyhow::anyhow!("event consumer failed: {e}"))?);
                     }
-                    orch.on_events(&msgs, started).await?;
+                    orch.executor.publisher.handling(Some(received));
+                    let folded = orch.on_events(&msgs, started).await;
+                    orch.executor.publisher.handling(None);
+                    folded?;
                 }
                 // A subscription that ends (its connection closed for good)
                 // ends the run, so the restart subscribes again; it is

@@ -90,6 +90,10 @@ pub struct Publisher {
     streams: HashMap<String, jetstream::stream::Stream>,
     /// Foreign messages found under our ids, not reported yet.
     foreign: Vec<Foreign>,
+    /// When the event batch being handled was received (ns since the
+    /// epoch), put on what is published meanwhile as
+    /// [`keysync_schemas::headers::HOP_TIMES`] (for the bench's hop table).
+    received_at: Option<u64>,
 }
 
 impl Publisher {
@@ -112,7 +116,14 @@ impl Publisher {
             own: OwnEvents::default(),
             streams: HashMap::new(),
             foreign: Vec::new(),
+            received_at: None,
         }
+    }
+
+    /// Marks what is published from now on as answering events received
+    /// at `at` (ns since the epoch); `None` when the loop is done with them.
+    pub fn handling(&mut self, at: Option<u64>) {
+        self.received_at = at;
     }
 
     /// The key message ids are MACed under (see [`message_id`]).
@@ -192,6 +203,13 @@ impl Publisher {
             span.record("keysync.key_id", key_id.to_string().as_str());
         }
         keysync_telemetry::inject(&span, &mut h);
+        if let Some(at) = self.received_at {
+            let times = keysync_schemas::headers::HopTimes {
+                orchestrator_received: Some(at),
+                ..Default::default()
+            };
+            h.insert(keysync_schemas::headers::HOP_TIMES, times.to_header());
+        }
         let fut = match self
             .js
             .publish_with_headers(sent.subject.clone(), h, sent.payload.clone())

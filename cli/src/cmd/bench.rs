@@ -46,6 +46,10 @@ pub struct Args {
     /// One JSON document on stdout instead of a table.
     #[arg(long)]
     json: bool,
+    /// Only the floor, the sync latency and the per-hop table (the rest
+    /// of the document is null): quick to repeat while working on a hop.
+    #[arg(long)]
+    hops_only: bool,
 }
 
 /// Creates in flight for the keystore rows: a SoftHSM2 token takes one
@@ -602,6 +606,32 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let floor_h = pct(&floor(client.nats(), n - 1, sizes.latency).await?);
     say("measuring sync latency, one key at a time");
     let sync_h = pct(&sync_one_at_a_time(&client, &hsms, args.key_type, sizes.latency).await?);
+    say("measuring each hop of a sync and the bare JetStream hops, one key at a time");
+    let hops = super::bench_hops::rows(&client, &hsms, args.key_type, sizes.latency).await?;
+    if args.hops_only {
+        stack.shutdown().await;
+        let doc = json!({
+            "machine": { "cores": std::thread::available_parallelism().map(|c| c.get()).unwrap_or(0) },
+            "hsms": n,
+            "key_type": args.key_type.as_str(),
+            "quick": args.quick,
+            "floor": floor_h,
+            "sync_latency": sync_h,
+            "ratio_to_floor": { "p50": ratio(&sync_h, &floor_h, "p50_ms"), "p99": ratio(&sync_h, &floor_h, "p99_ms") },
+            "hops": hops,
+        });
+        if args.json {
+            return print_json(&doc);
+        }
+        outln!(
+            "keysync bench --hops-only: {n} HSMs, {} keys; sync p50 {} ms, floor p50 {} ms",
+            args.key_type,
+            sync_h["p50_ms"],
+            floor_h["p50_ms"]
+        );
+        super::bench_hops::print(&doc["hops"])?;
+        return Ok(());
+    }
     say("measuring create latency at each durability level");
     let mut durability = serde_json::Map::new();
     for d in [
@@ -717,6 +747,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         "keystores": keystores,
         "pkcs11_module": module,
         "lifecycle": lifecycle,
+        "hops": hops,
     });
     if args.json {
         return print_json(&doc);
@@ -762,6 +793,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             &doc["create_latency"][d],
         )?;
     }
+    super::bench_hops::print(&doc["hops"])?;
     let t = &doc["throughput"];
     outln!(
         "\n  throughput ({} keys, {} in flight): {} keys/s created, {} keys/s replicated to {n} HSMs",
