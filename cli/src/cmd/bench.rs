@@ -280,6 +280,29 @@ async fn scaling(
     Ok(serde_json::Value::Array(rows))
 }
 
+/// A `logged` create of `key_id` and a subscription, made and flushed
+/// before the create is sent, to its `KeyReplicated`: one key's sync,
+/// watched from its start.
+pub(super) async fn watched_create(
+    client: &Client,
+    key_id: keysync_schemas::KeyId,
+    key_type: KeyType,
+) -> anyhow::Result<(async_nats::Subscriber, keysync_schemas::OpRequest)> {
+    let sub = client
+        .nats()
+        .subscribe(client.subjects().key_replicated(&key_id))
+        .await?;
+    client.nats().flush().await?;
+    let op = keysync_schemas::OpRequest::Generate {
+        key_id: Some(key_id),
+        key_type,
+        session: false,
+        durability: Durability::Logged,
+        attributes: Default::default(),
+    };
+    Ok((sub, op))
+}
+
 pub(super) fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
 }
@@ -426,18 +449,7 @@ async fn sync_one_at_a_time(
     let mut h = histogram()?;
     for i in 0..n {
         let key_id = keysync_schemas::KeyId::new();
-        let mut sub = client
-            .nats()
-            .subscribe(client.subjects().key_replicated(&key_id))
-            .await?;
-        client.nats().flush().await?;
-        let op = keysync_schemas::OpRequest::Generate {
-            key_id: Some(key_id),
-            key_type,
-            session: false,
-            durability: Durability::Logged,
-            attributes: Default::default(),
-        };
+        let (mut sub, op) = watched_create(client, key_id, key_type).await?;
         client
             .request(&Route::Hsm(hsms[i % hsms.len()].clone()), op)
             .await?;

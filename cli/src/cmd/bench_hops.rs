@@ -23,7 +23,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use keysync::{Client, Route};
 use keysync_schemas::headers::{HopTimes, HOP_TIMES};
-use keysync_schemas::{decode, Durability, Envelope, Event, HsmId, KeyType};
+use keysync_schemas::{decode, Envelope, Event, HsmId, KeyType};
 use serde_json::json;
 
 use super::bench::{histogram, pct};
@@ -142,18 +142,7 @@ pub(super) async fn keysync_hops(
     for i in 0..n + n / 10 {
         let key_id = keysync_schemas::KeyId::new();
         let origin = &hsms[i % hsms.len()];
-        let mut sub = client
-            .nats()
-            .subscribe(client.subjects().key_replicated(&key_id))
-            .await?;
-        client.nats().flush().await?;
-        let op = keysync_schemas::OpRequest::Generate {
-            key_id: Some(key_id),
-            key_type,
-            session: false,
-            durability: Durability::Logged,
-            attributes: Default::default(),
-        };
+        let (mut sub, op) = super::bench::watched_create(client, key_id, key_type).await?;
         let t = Instant::now();
         client.request(&Route::Hsm(origin.clone()), op).await?;
         let create_us = (t.elapsed().as_micros() as u64).max(1);
