@@ -115,6 +115,7 @@ pub fn data_of(event: &Event, was_failed: bool) -> Option<LifecycleData> {
             origin: c.origin.into(),
             durability: c.durability.to_string(),
             label: c.attributes.label.clone(),
+            app_id: c.attributes.app_id_hex(),
         }),
         Event::CloneApplied(a) => LifecycleData::KeyApplied(KeyAppliedData {
             key_id: a.key_id.to_string(),
