@@ -578,8 +578,13 @@ mod tests {
     fn an_application_id_is_kept_and_shown_on_both_halves() {
         let mut w = Wanted::default();
         let id_attr = (CKA_ID, vec![0x01, 0x02]);
-        check_template(KeyType::P256, Class::Public, &[id_attr.clone()], &mut w)
-            .expect("public accepted");
+        check_template(
+            KeyType::P256,
+            Class::Public,
+            std::slice::from_ref(&id_attr),
+            &mut w,
+        )
+        .expect("public accepted");
         check_template(KeyType::P256, Class::Private, &[id_attr], &mut w)
             .expect("private accepted");
         assert_eq!(w.app_id.as_deref(), Some(&[0x01, 0x02][..]));
