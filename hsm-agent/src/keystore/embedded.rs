@@ -974,6 +974,34 @@ impl Keystore for EmbeddedKeystore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_1_records_are_read_with_no_app_id() {
+        // The layout the last version-1 build wrote.
+        let v1 = StoredRecordV1 {
+            version: 1,
+            key_type: KeyType::P256,
+            fingerprint: Fingerprint([4; 32]),
+            attributes: keysync_schemas::v1::KeyAttributes {
+                label: Some("old".into()),
+            },
+            stored_at: Timestamp(7),
+            sealed: vec![9; 60],
+        };
+        let bytes = bincode::serde::encode_to_vec(&v1, bincode_config()).expect("encode");
+        let rec = read_record(&bytes).expect("a v1 record reads");
+        assert_eq!(rec.attributes.label.as_deref(), Some("old"));
+        assert_eq!(rec.attributes.app_id, None);
+        assert_eq!((rec.key_type, rec.stored_at), (KeyType::P256, Timestamp(7)));
+        assert_eq!(rec.sealed, vec![9; 60]);
+        assert_eq!(
+            stored_fingerprint(&bytes),
+            Some((KeyType::P256, Fingerprint([4; 32])))
+        );
+        let mut bad = bytes;
+        bad[0] = 9;
+        assert!(read_record(&bad).is_err());
+    }
     use keysync_schemas::{Durability, KeyCreated};
 
     fn hsm(s: &str) -> HsmId {
