@@ -94,6 +94,10 @@ pub struct CreateKey {
     pub durability: Durability,
     /// Optional label.
     pub label: Option<String>,
+    /// The application's own id for the key (PKCS#11 `CKA_ID`), 1 to
+    /// [`keysync_schemas::MAX_APP_ID_BYTES`] bytes, carried to every HSM
+    /// like the label. keysync's key id stays the key's identity.
+    pub app_id: Option<Vec<u8>>,
     /// A session key: never leaves the HSM, gone on restart.
     pub session: bool,
     /// How long to wait for `replicas:N` or `all`.
@@ -108,9 +112,21 @@ impl CreateKey {
             route: Route::Any,
             durability: Durability::Logged,
             label: None,
+            app_id: None,
             session: false,
             durability_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// The attributes the key will carry, checked as the agent checks them
+    /// (so a bad one is refused before anything is sent).
+    fn attributes(&self) -> Result<KeyAttributes> {
+        let a = KeyAttributes {
+            label: self.label.clone(),
+            app_id: self.app_id.clone(),
+        };
+        a.check().map_err(|e| Error::BadRequest(e.to_string()))?;
+        Ok(a)
     }
 
     /// Sets the route.
@@ -513,9 +529,7 @@ impl Client {
             key_type: spec.key_type,
             session: spec.session,
             durability: spec.durability,
-            attributes: KeyAttributes {
-                label: spec.label.clone(),
-            },
+            attributes: spec.attributes()?,
         };
         self.create_with(key_id, &spec, op).await
     }
@@ -530,9 +544,7 @@ impl Client {
             material: SecretBytes(material),
             session: spec.session,
             durability: spec.durability,
-            attributes: KeyAttributes {
-                label: spec.label.clone(),
-            },
+            attributes: spec.attributes()?,
         };
         self.create_with(key_id, &spec, op).await
     }
@@ -554,9 +566,7 @@ impl Client {
             wrapped,
             session: spec.session,
             durability: spec.durability,
-            attributes: KeyAttributes {
-                label: spec.label.clone(),
-            },
+            attributes: spec.attributes()?,
         };
         self.create_with(key_id, &spec, op).await
     }

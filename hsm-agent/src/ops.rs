@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use keysync_schemas::{
     decode, AgentHealth, Durability, Envelope, Event, KeyAttributes, KeyCreated, KeyDeleted, KeyId,
-    KeyType, OpError, OpErrorKind, OpReply, OpRequest, Source, MAX_LABEL_BYTES,
+    KeyType, OpError, OpErrorKind, OpReply, OpRequest, Source,
 };
 
 use crate::keystore::{CreatedKey, KeySource, KeystoreError, NewKey};
@@ -74,14 +74,11 @@ fn ks_err(agent: &Agent, e: KeystoreError) -> OpError {
     OpError::new(e.kind(), e.to_string())
 }
 
+/// Label and application id within their bounds (a counted `BadRequest`
+/// otherwise, before anything is made).
 fn check_attributes(a: &KeyAttributes) -> Result<(), OpError> {
-    match &a.label {
-        Some(l) if l.len() > MAX_LABEL_BYTES => Err(OpError::new(
-            OpErrorKind::BadRequest,
-            format!("label is {} bytes; at most {MAX_LABEL_BYTES}", l.len()),
-        )),
-        _ => Ok(()),
-    }
+    a.check()
+        .map_err(|e| OpError::new(OpErrorKind::BadRequest, e.to_string()))
 }
 
 /// A create request, whatever its source.

@@ -47,6 +47,7 @@ fn new_key(key_type: KeyType, source: KeySource<'_>) -> NewKey<'_> {
         session: false,
         attributes: KeyAttributes {
             label: Some(format!("test {key_type}")),
+            app_id: Some(vec![0xa1, key_type as u8]),
         },
         source,
     }

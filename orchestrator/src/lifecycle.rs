@@ -115,6 +115,7 @@ pub fn data_of(event: &Event, was_failed: bool) -> Option<LifecycleData> {
             origin: c.origin.into(),
             durability: c.durability.to_string(),
             label: c.attributes.label.clone(),
+            app_id: c.attributes.app_id_hex(),
         }),
         Event::CloneApplied(a) => LifecycleData::KeyApplied(KeyAppliedData {
             key_id: a.key_id.to_string(),
@@ -582,6 +583,24 @@ mod tests {
         assert_eq!(v["data"]["key_type"], "p256");
         assert_eq!(v["data"]["durability"], "replicas:2");
         assert_eq!(v["data"]["origin"], "generated");
+        assert!(
+            v["data"].get("app_id").is_none(),
+            "no app id: the field is left out"
+        );
+        let Event::KeyCreated(mut with_id) = created(key_id) else {
+            unreachable!()
+        };
+        with_id.attributes.app_id = Some(vec![0x01, 0xab]);
+        let m2 = mirrored(
+            &s,
+            meta(43),
+            &Event::KeyCreated(with_id),
+            false,
+            trace.clone(),
+        )
+        .expect("mirrored");
+        let v2: serde_json::Value = serde_json::from_slice(&m2.payload).expect("json");
+        assert_eq!(v2["data"]["app_id"], "01ab", "the application's id, as hex");
         // No wrapped material, no public key: neither as bytes nor as hex.
         let text = String::from_utf8(m.payload.clone()).expect("utf-8");
         assert!(

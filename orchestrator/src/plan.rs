@@ -272,6 +272,7 @@ fn clone_size(key: &KeyCreated) -> usize {
     key.wrapped.len()
         + key.public_key.as_ref().map_or(0, Vec::len)
         + key.attributes.label.as_ref().map_or(0, String::len)
+        + key.attributes.app_id.as_ref().map_or(0, Vec::len)
         + 160
 }
 
@@ -502,6 +503,44 @@ mod tests {
 
     fn empty() -> ClusterState {
         ClusterState::default()
+    }
+
+    #[test]
+    fn a_version_1_key_created_from_the_log_folds_and_its_clone_is_written_as_version_2() {
+        // Bytes the last version-1 build wrote (schemas' fixture): the
+        // events stream keeps such `KeyCreated`s for ever.
+        let v1 = include_bytes!("../../schemas/tests/fixtures/v1-key-created.bin");
+        let event = keysync_schemas::decode::<keysync_schemas::Event>(v1)
+            .expect("a v1 KeyCreated decodes")
+            .body;
+        let mut log = Log::given(&[joined("hsm-1"), joined("hsm-2")]);
+        let keysync_schemas::Event::KeyCreated(created) = &event else {
+            panic!("not a KeyCreated");
+        };
+        log.when(&event).expect("a v1 KeyCreated folds");
+        assert!(log.state.key(&created.key_id).is_some());
+        let window = CloneWindow {
+            target: hsm("hsm-2"),
+            repair: false,
+            clones: vec![(log.seq, created.key_id)],
+        };
+        let by_seq = HashMap::from([(log.seq, created.clone())]);
+        let steps = clone_commands(&id_key(), &window, &by_seq, log.seq);
+        let [Step::Command { command, .. }] = &steps[..] else {
+            panic!("one clone command: {steps:?}");
+        };
+        let bytes = keysync_schemas::encode(&keysync_schemas::Envelope::new(
+            keysync_schemas::Source::Orchestrator("o1".into()),
+            command.clone(),
+        ))
+        .expect("encodes");
+        assert_eq!(&bytes[..4], b"KS\x00\x02", "every writer writes version 2");
+        let back = keysync_schemas::decode::<Command>(&bytes).expect("decodes");
+        let Command::CloneKey(c) = back.body else {
+            panic!("not a CloneKey");
+        };
+        assert_eq!(c.key.attributes.label.as_deref(), Some("payments"));
+        assert_eq!(c.key.attributes.app_id, None);
     }
 
     /// The message-id key of a test cluster.

@@ -5,17 +5,18 @@
 //! (`CKA_TOKEN` false) is a keysync session key on one HSM, deleted when
 //! the session that made it closes.
 //!
-//! `CKA_ID` is the 16 bytes of the keysync key id, the id the agents'
-//! PKCS#11 tokens give the key too. An application cannot choose it: keysync
-//! keys carry only a label, and adding an attribute to keys is a wire change
-//! (bincode has no optional trailing fields), so a template's `CKA_ID` is
-//! `CKR_ATTRIBUTE_READ_ONLY`.
+//! `CKA_ID` is the application's own id when the template that made the
+//! key gave one (kept in the key's attributes, carried to every HSM, so a
+//! search from any process finds it), else the 16 bytes of the keysync key
+//! id, the id the agents' PKCS#11 tokens give the key. Both halves of a
+//! pair show the same `CKA_ID` (pkcs11-tool and OpenSSL pair them by it);
+//! several keys may share one, and a search returns them all.
 
 use std::collections::{BTreeSet, HashMap};
 
 use cryptoki_sys::*;
 use der::{Decode as _, Encode as _};
-use keysync_schemas::{HsmId, KeyId, KeyType, MAX_LABEL_BYTES};
+use keysync_schemas::{HsmId, KeyAttributes, KeyId, KeyType, MAX_APP_ID_BYTES, MAX_LABEL_BYTES};
 
 /// What kind of object a handle names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,8 +69,8 @@ pub fn ck_key_type(t: KeyType) -> CK_KEY_TYPE {
 pub struct Key {
     /// Its type.
     pub key_type: KeyType,
-    /// Its label.
-    pub label: Option<String>,
+    /// Its label and application id.
+    pub attributes: KeyAttributes,
     /// HSMs seen holding it (where its operations go first).
     pub holders: BTreeSet<HsmId>,
     /// Its SPKI DER, once fetched.
@@ -102,15 +103,17 @@ pub struct Objects {
 impl Objects {
     /// Records what a listing or a creation says of a key: merges holders,
     /// keeps a fetched SPKI.
-    pub fn learn(&mut self, id: KeyId, key_type: KeyType, label: Option<String>, hsm: HsmId) {
+    pub fn learn(&mut self, id: KeyId, key_type: KeyType, attributes: &KeyAttributes, hsm: HsmId) {
         let key = self.keys.entry(id).or_insert_with(|| Key {
             key_type,
-            label: label.clone(),
+            attributes: attributes.clone(),
             holders: BTreeSet::new(),
             spki: None,
             session: None,
         });
-        key.label = label;
+        if key.attributes != *attributes {
+            key.attributes = attributes.clone();
+        }
         key.holders.insert(hsm);
     }
 
@@ -119,7 +122,7 @@ impl Objects {
         &mut self,
         id: KeyId,
         key_type: KeyType,
-        label: Option<String>,
+        attributes: KeyAttributes,
         hsm: HsmId,
         owner: CK_SESSION_HANDLE,
     ) {
@@ -127,7 +130,7 @@ impl Objects {
             id,
             Key {
                 key_type,
-                label,
+                attributes,
                 holders: BTreeSet::from([hsm]),
                 spki: None,
                 session: Some(owner),
@@ -298,8 +301,17 @@ pub fn attribute(id: &KeyId, class: Class, key: &Key, attr: CK_ATTRIBUTE_TYPE) -
     match attr {
         CKA_CLASS => ulong(class.ck()),
         CKA_KEY_TYPE => ulong(ck_key_type(t)),
-        CKA_ID => Attr::Value(id.0.as_bytes().to_vec()),
-        CKA_LABEL => Attr::Value(key.label.clone().unwrap_or_default().into_bytes()),
+        CKA_ID => Attr::Value(match &key.attributes.app_id {
+            Some(app_id) => app_id.clone(),
+            None => id.0.as_bytes().to_vec(),
+        }),
+        CKA_LABEL => Attr::Value(
+            key.attributes
+                .label
+                .clone()
+                .unwrap_or_default()
+                .into_bytes(),
+        ),
         CKA_TOKEN => bool_attr(key.session.is_none()),
         CKA_LOCAL | CKA_DESTROYABLE => bool_attr(true),
         CKA_MODIFIABLE | CKA_COPYABLE | CKA_DERIVE => bool_attr(false),
@@ -369,6 +381,8 @@ pub fn matches(
 pub struct Wanted {
     /// The label.
     pub label: Option<String>,
+    /// The application's id (`CKA_ID`), if given.
+    pub app_id: Option<Vec<u8>>,
     /// `CKA_TOKEN`, if given (a token object unless false).
     pub token: Option<bool>,
 }
@@ -399,6 +413,7 @@ fn attribute_name(t: CK_ATTRIBUTE_TYPE) -> String {
         CKA_MODULUS_BITS => "CKA_MODULUS_BITS".into(),
         CKA_PUBLIC_EXPONENT => "CKA_PUBLIC_EXPONENT".into(),
         CKA_VALUE_LEN => "CKA_VALUE_LEN".into(),
+        CKA_ID => "CKA_ID".into(),
         other => format!("attribute {other:#x}"),
     }
 }
@@ -407,8 +422,9 @@ fn attribute_name(t: CK_ATTRIBUTE_TYPE) -> String {
 /// key. What keysync decides (sensitive, never extractable, a token object)
 /// must be asked for as it is or not at all; usage flags are accepted and
 /// not stored (reading them reports what the key can do in keysync);
-/// `CKA_ID` is read-only; any attribute not known here is
-/// `CKR_ATTRIBUTE_TYPE_INVALID`.
+/// `CKA_ID` and `CKA_LABEL` are kept (the same in both templates of a
+/// pair; an empty `CKA_ID`, the spec's default, is none); any attribute
+/// not known here is `CKR_ATTRIBUTE_TYPE_INVALID`.
 pub fn check_template(
     key_type: KeyType,
     class: Class,
@@ -453,7 +469,20 @@ pub fn check_template(
                     _ => wanted.label = Some(label),
                 }
             }
-            CKA_ID => return Err(CKR_ATTRIBUTE_READ_ONLY),
+            CKA_ID if v.is_empty() => {}
+            CKA_ID => {
+                if v.len() > MAX_APP_ID_BYTES {
+                    crate::module::report(format_args!(
+                        "template: CKA_ID is {} bytes; keysync keeps application ids of at most {MAX_APP_ID_BYTES} bytes",
+                        v.len()
+                    ));
+                    return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+                }
+                match &wanted.app_id {
+                    Some(id) if id != v => return Err(CKR_TEMPLATE_INCONSISTENT),
+                    _ => wanted.app_id = Some(v.clone()),
+                }
+            }
             CKA_TOKEN => {
                 let token = flag(v)?;
                 match wanted.token {
@@ -493,7 +522,10 @@ mod tests {
     fn key(t: KeyType) -> Key {
         Key {
             key_type: t,
-            label: Some("l".into()),
+            attributes: KeyAttributes {
+                label: Some("l".into()),
+                app_id: None,
+            },
             holders: BTreeSet::new(),
             spki: None,
             session: None,
@@ -543,6 +575,72 @@ mod tests {
     }
 
     #[test]
+    fn an_application_id_is_kept_and_shown_on_both_halves() {
+        let mut w = Wanted::default();
+        let id_attr = (CKA_ID, vec![0x01, 0x02]);
+        check_template(
+            KeyType::P256,
+            Class::Public,
+            std::slice::from_ref(&id_attr),
+            &mut w,
+        )
+        .expect("public accepted");
+        check_template(KeyType::P256, Class::Private, &[id_attr], &mut w)
+            .expect("private accepted");
+        assert_eq!(w.app_id.as_deref(), Some(&[0x01, 0x02][..]));
+        assert_eq!(
+            check_template(
+                KeyType::P256,
+                Class::Private,
+                &[(CKA_ID, vec![0x03])],
+                &mut w
+            ),
+            Err(CKR_TEMPLATE_INCONSISTENT),
+            "halves with different ids"
+        );
+        let mut none = Wanted::default();
+        check_template(
+            KeyType::P256,
+            Class::Private,
+            &[(CKA_ID, vec![])],
+            &mut none,
+        )
+        .expect("an empty CKA_ID is none");
+        assert_eq!(none.app_id, None);
+
+        let keysync_id = KeyId::new();
+        let mut k = key(KeyType::P256);
+        let own = Attr::Value(keysync_id.0.as_bytes().to_vec());
+        assert_eq!(attribute(&keysync_id, Class::Private, &k, CKA_ID), own);
+        k.attributes.app_id = Some(vec![0x01, 0x02]);
+        for class in [Class::Private, Class::Public] {
+            assert_eq!(
+                attribute(&keysync_id, class, &k, CKA_ID),
+                Attr::Value(vec![0x01, 0x02])
+            );
+            assert!(matches(&keysync_id, class, &k, &[(CKA_ID, vec![1, 2])]));
+            assert!(!matches(&keysync_id, class, &k, &[(CKA_ID, vec![1])]));
+        }
+        let by_label_and_class = [
+            (CKA_LABEL, b"l".to_vec()),
+            (CKA_CLASS, CKO_PRIVATE_KEY.to_ne_bytes().to_vec()),
+            (CKA_KEY_TYPE, CKK_EC.to_ne_bytes().to_vec()),
+        ];
+        assert!(matches(
+            &keysync_id,
+            Class::Private,
+            &k,
+            &by_label_and_class
+        ));
+        assert!(!matches(
+            &keysync_id,
+            Class::Public,
+            &k,
+            &by_label_and_class
+        ));
+    }
+
+    #[test]
     fn templates() {
         let mut w = Wanted::default();
         let label = (CKA_LABEL, b"app".to_vec());
@@ -552,7 +650,10 @@ mod tests {
         assert_eq!(w.label.as_deref(), Some("app"));
         let cases = [
             ((CKA_EXTRACTABLE, vec![1]), CKR_ATTRIBUTE_VALUE_INVALID),
-            ((CKA_ID, vec![1]), CKR_ATTRIBUTE_READ_ONLY),
+            (
+                (CKA_ID, vec![7; MAX_APP_ID_BYTES + 1]),
+                CKR_ATTRIBUTE_VALUE_INVALID,
+            ),
             ((CKA_LABEL, b"other".to_vec()), CKR_TEMPLATE_INCONSISTENT),
             ((0x8000_0001, vec![]), CKR_ATTRIBUTE_TYPE_INVALID),
         ];

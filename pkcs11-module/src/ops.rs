@@ -196,6 +196,7 @@ impl Module {
         };
         let spec = CreateKey {
             label: wanted.label.clone(),
+            app_id: wanted.app_id.clone(),
             session: !token,
             durability_timeout: self.config.timeout,
             ..CreateKey::new(key_type).durability(durability)
@@ -205,13 +206,14 @@ impl Module {
             .run(async move { client.create_key(spec).await })?
             .map_err(|e| sdk_rv("creating a key", &e, CKR_FUNCTION_FAILED))?;
         let id = created.info.key_id;
+        let attributes = created.info.attributes;
         let mut objects = self.objects();
         if token {
             for hsm in created.holders.iter().chain([&created.info.hsm]) {
-                objects.learn(id, key_type, wanted.label.clone(), hsm.clone());
+                objects.learn(id, key_type, &attributes, hsm.clone());
             }
         } else {
-            objects.learn_session_key(id, key_type, wanted.label, created.info.hsm, s);
+            objects.learn_session_key(id, key_type, attributes, created.info.hsm, s);
         }
         Ok(id)
     }
@@ -332,8 +334,7 @@ impl Module {
             let mut objects = self.objects();
             for (id, (info, holders)) in &listed {
                 for hsm in holders {
-                    let label = info.attributes.label.clone();
-                    objects.learn(*id, info.key_type, label, hsm.clone());
+                    objects.learn(*id, info.key_type, &info.attributes, hsm.clone());
                 }
             }
             let mut candidates: Vec<KeyId> = listed.keys().copied().collect();

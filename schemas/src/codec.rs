@@ -12,11 +12,16 @@
 //! [`MAX_MESSAGE_BYTES`], and bincode's own limit bounds every allocation,
 //! so hostile bytes cannot make a reader allocate more than that. Decoding
 //! returns an error for anything else, and never panics.
+//!
+//! Versions: this build writes [`SCHEMA_VERSION`] (2) and reads
+//! [`OLDEST_SCHEMA_VERSION`] (1) too. A version-1 body is decoded into the
+//! family's [`Message::V1`] type (kept in [`crate::v1`]) and upcast; the
+//! families whose layout did not change decode it as they are.
 
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::commands::Command;
-use crate::envelope::{Envelope, SCHEMA_VERSION};
+use crate::envelope::{Envelope, OLDEST_SCHEMA_VERSION, SCHEMA_VERSION};
 use crate::events::Event;
 use crate::ops::{OpReply, OpRequest};
 use crate::status::{StatusReply, StatusRequest};
@@ -53,44 +58,56 @@ pub trait Message: Serialize + DeserializeOwned {
     const FAMILY: u8;
     /// A name for errors.
     const NAME: &'static str;
+    /// The family's schema-version-1 type, upcast on decoding (`Self` when
+    /// the layout did not change).
+    type V1: DeserializeOwned + Into<Self>;
 }
 
 impl Message for Event {
     const FAMILY: u8 = 1;
     const NAME: &'static str = "event";
+    type V1 = crate::v1::Event;
 }
 impl Message for Command {
     const FAMILY: u8 = 2;
     const NAME: &'static str = "command";
+    type V1 = crate::v1::Command;
 }
 impl Message for OpRequest {
     const FAMILY: u8 = 3;
     const NAME: &'static str = "operation request";
+    type V1 = crate::v1::OpRequest;
 }
 impl Message for OpReply {
     const FAMILY: u8 = 4;
     const NAME: &'static str = "operation reply";
+    type V1 = crate::v1::OpReply;
 }
 impl Message for StatusRequest {
     const FAMILY: u8 = 5;
     const NAME: &'static str = "status request";
+    type V1 = Self;
 }
 impl Message for StatusReply {
     const FAMILY: u8 = 6;
     const NAME: &'static str = "status reply";
+    type V1 = Self;
 }
 impl Message for crate::heartbeat::Heartbeat {
     const FAMILY: u8 = 7;
     const NAME: &'static str = "heartbeat";
+    type V1 = Self;
 }
 impl Message for crate::audit::AuditRecord {
     const FAMILY: u8 = 8;
     const NAME: &'static str = "audit record";
+    type V1 = Self;
 }
 
 impl Message for crate::dead_letter::DeadLetter {
     const FAMILY: u8 = 9;
     const NAME: &'static str = "dead letter";
+    type V1 = Self;
 }
 
 /// Why a payload was rejected. [`DecodeError::reason`] is the stable,
@@ -112,7 +129,7 @@ pub enum DecodeError {
     #[error("not a keysync message (bad magic)")]
     BadMagic,
     /// A schema version this build cannot read.
-    #[error("unknown schema version {found} (this build reads 1..={SCHEMA_VERSION})")]
+    #[error("unknown schema version {found} (this build reads {OLDEST_SCHEMA_VERSION}..={SCHEMA_VERSION})")]
     UnknownVersion {
         /// The version found.
         found: u16,
@@ -175,6 +192,16 @@ pub fn encode<T: Message>(msg: &Envelope<T>) -> Result<Vec<u8>, EncodeError> {
     Ok(out)
 }
 
+fn body_of<B: DeserializeOwned>(
+    body: &[u8],
+    what: &'static str,
+) -> Result<(B, usize), DecodeError> {
+    bincode::serde::decode_from_slice(body, config()).map_err(|e| DecodeError::Malformed {
+        what,
+        detail: e.to_string(),
+    })
+}
+
 /// A value that cannot be encoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot encode message: {0}")]
@@ -197,9 +224,7 @@ pub fn decode<T: Message>(bytes: &[u8]) -> Result<Envelope<T>, DecodeError> {
     }
     let version = u16::from_be_bytes([bytes[2], bytes[3]]);
     let family = bytes[4];
-    // Version 1 is the only version so far. When version 2 comes, version-1
-    // bodies are decoded into the v1 types kept here and upcast.
-    if version != SCHEMA_VERSION {
+    if !(OLDEST_SCHEMA_VERSION..=SCHEMA_VERSION).contains(&version) {
         return Err(DecodeError::UnknownVersion { found: version });
     }
     if family != T::FAMILY {
@@ -209,11 +234,13 @@ pub fn decode<T: Message>(bytes: &[u8]) -> Result<Envelope<T>, DecodeError> {
         });
     }
     let body = &bytes[HEADER_LEN..];
-    let (msg, used): (Envelope<T>, usize) = bincode::serde::decode_from_slice(body, config())
-        .map_err(|e| DecodeError::Malformed {
-            what: T::NAME,
-            detail: e.to_string(),
-        })?;
+    let (msg, used) = if version == SCHEMA_VERSION {
+        body_of::<Envelope<T>>(body, T::NAME)?
+    } else {
+        // Version 1: the kept v1 types, upcast (app_id: None).
+        let (old, used) = body_of::<Envelope<T::V1>>(body, T::NAME)?;
+        (old.map(Into::into), used)
+    };
     if used != body.len() {
         return Err(DecodeError::TrailingBytes(body.len() - used));
     }
@@ -241,7 +268,10 @@ mod tests {
                 fingerprint: Fingerprint([7; 32]),
                 hsm: hsm("hsm-1"),
                 origin: KeyOrigin::Generated,
-                attributes: KeyAttributes { label },
+                attributes: KeyAttributes {
+                    label,
+                    app_id: Some(vec![1, 2]),
+                },
                 durability: Durability::Replicas(2),
                 domain: DomainId([1; 8]),
                 wrapped,
@@ -285,7 +315,7 @@ mod tests {
     fn round_trips() {
         let msg = created(vec![1, 2, 3], Some("payments".into()));
         let bytes = encode(&msg).expect("encodes");
-        assert_eq!(&bytes[..5], b"KS\x00\x01\x01");
+        assert_eq!(&bytes[..5], b"KS\x00\x02\x01");
         assert_eq!(decode::<Event>(&bytes).expect("decodes"), msg);
     }
 
@@ -302,12 +332,16 @@ mod tests {
                 .reason(),
             crate::RejectReason::BadMagic
         );
-        let mut v2 = good.clone();
-        v2[3] = 2;
-        assert_eq!(
-            decode::<Event>(&v2).expect_err("rejected"),
-            DecodeError::UnknownVersion { found: 2 }
-        );
+        for unknown in [0, 3] {
+            let mut other = good.clone();
+            other[3] = unknown;
+            assert_eq!(
+                decode::<Event>(&other).expect_err("rejected"),
+                DecodeError::UnknownVersion {
+                    found: unknown.into()
+                }
+            );
+        }
         assert_eq!(
             decode::<Command>(&good).expect_err("rejected").reason(),
             crate::RejectReason::WrongFamily
@@ -384,10 +418,11 @@ mod tests {
 
         #[test]
         fn valid_header_with_arbitrary_body_never_panics(
+            version in 1u8..=2,
             family in 1u8..=6,
             body in proptest::collection::vec(any::<u8>(), 0..2048),
         ) {
-            let mut bytes = vec![b'K', b'S', 0, 1, family];
+            let mut bytes = vec![b'K', b'S', 0, version, family];
             bytes.extend_from_slice(&body);
             let _ = decode::<Event>(&bytes);
             let _ = decode::<Command>(&bytes);

@@ -14,9 +14,13 @@ use uuid::Uuid;
 
 use crate::keys::HsmId;
 
-/// The schema version this build writes. Older versions that can still be
-/// read are upcast in [`crate::codec`].
-pub const SCHEMA_VERSION: u16 = 1;
+/// The schema version this build writes. Version 2 added the application's
+/// key id to [`crate::KeyAttributes`].
+pub const SCHEMA_VERSION: u16 = 2;
+
+/// The oldest schema version this build reads: version-1 bodies are
+/// decoded into [`crate::v1`]'s types and upcast in [`crate::codec`].
+pub const OLDEST_SCHEMA_VERSION: u16 = 1;
 
 /// Wall-clock time as nanoseconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -81,6 +85,17 @@ impl<T> Envelope<T> {
             emitted_at: Timestamp::now(),
             source,
             body,
+        }
+    }
+
+    /// The same envelope around `f(body)` (an upcast keeps id, time and
+    /// source).
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Envelope<U> {
+        Envelope {
+            id: self.id,
+            emitted_at: self.emitted_at,
+            source: self.source,
+            body: f(self.body),
         }
     }
 

@@ -257,14 +257,68 @@ impl FromStr for Durability {
 }
 
 /// Attributes bound to a key and carried with it to every HSM.
+///
+/// Schema version 2 added `app_id`; version-1 messages carry
+/// [`crate::v1::KeyAttributes`] and are upcast with `app_id: None`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct KeyAttributes {
     /// A free-form label (CKA_LABEL), at most 128 bytes.
     pub label: Option<String>,
+    /// The application's own identifier for the key (PKCS#11 `CKA_ID`), at
+    /// most [`MAX_APP_ID_BYTES`]. keysync's [`KeyId`] stays the key's
+    /// identity; this is what applications search by, so it is carried to
+    /// every HSM like the label. Several keys may share one.
+    pub app_id: Option<Vec<u8>>,
 }
 
 /// Maximum length of a key label, in bytes.
 pub const MAX_LABEL_BYTES: usize = 128;
+
+/// Maximum length of an application's key id (`CKA_ID`), in bytes. Real
+/// ids are short (pkcs11-tool's are 1 to 20 bytes, a SHA-1 of the public
+/// key being the longest common one); the bound keeps events small.
+pub const MAX_APP_ID_BYTES: usize = 64;
+
+/// Key attributes a receiver refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttributeError {
+    /// The label is longer than [`MAX_LABEL_BYTES`].
+    #[error("label is {0} bytes; use at most {MAX_LABEL_BYTES}")]
+    LabelTooLong(usize),
+    /// The application id is longer than [`MAX_APP_ID_BYTES`].
+    #[error("application key id is {0} bytes; use at most {MAX_APP_ID_BYTES}")]
+    AppIdTooLong(usize),
+    /// An empty application id: leave it out instead (an empty `CKA_ID`
+    /// would match every search for an empty id, which means "none").
+    #[error("application key id is empty; leave it out instead")]
+    AppIdEmpty,
+}
+
+impl KeyAttributes {
+    /// Checks the bounds every creator and receiver applies.
+    pub fn check(&self) -> Result<(), AttributeError> {
+        if let Some(l) = &self.label {
+            if l.len() > MAX_LABEL_BYTES {
+                return Err(AttributeError::LabelTooLong(l.len()));
+            }
+        }
+        match &self.app_id {
+            Some(id) if id.len() > MAX_APP_ID_BYTES => Err(AttributeError::AppIdTooLong(id.len())),
+            Some(id) if id.is_empty() => Err(AttributeError::AppIdEmpty),
+            _ => Ok(()),
+        }
+    }
+
+    /// The application id as lower-case hex, as shown to people and in JSON.
+    pub fn app_id_hex(&self) -> Option<String> {
+        self.app_id.as_deref().map(hex_lower)
+    }
+}
+
+/// Lower-case hex of `bytes`.
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Secret bytes on the wire (plaintext key material for `Import`, decrypted
 /// data): zeroized on drop and never printed by `Debug`.
@@ -314,6 +368,34 @@ mod tests {
             assert_eq!(t.as_str().parse::<KeyType>().expect("parses"), t);
         }
         assert!("dsa".parse::<KeyType>().is_err());
+    }
+
+    #[test]
+    fn attributes_are_bounded() {
+        let ok = KeyAttributes {
+            label: Some("l".repeat(MAX_LABEL_BYTES)),
+            app_id: Some(vec![1; MAX_APP_ID_BYTES]),
+        };
+        assert_eq!(ok.check(), Ok(()));
+        assert_eq!(ok.app_id_hex().map(|h| h.len()), Some(2 * MAX_APP_ID_BYTES));
+        let long_id = KeyAttributes {
+            app_id: Some(vec![1; MAX_APP_ID_BYTES + 1]),
+            ..ok.clone()
+        };
+        assert_eq!(
+            long_id.check(),
+            Err(AttributeError::AppIdTooLong(MAX_APP_ID_BYTES + 1))
+        );
+        let empty_id = KeyAttributes {
+            app_id: Some(Vec::new()),
+            ..ok.clone()
+        };
+        assert_eq!(empty_id.check(), Err(AttributeError::AppIdEmpty));
+        let long_label = KeyAttributes {
+            label: Some("l".repeat(MAX_LABEL_BYTES + 1)),
+            app_id: None,
+        };
+        assert!(long_label.check().is_err());
     }
 
     #[test]

@@ -18,7 +18,9 @@
 //! - [`headers`]: NATS header names (dedup id, later signatures and trace
 //!   context, which travel beside the payload so adding them breaks nothing);
 //! - [`codec`]: the one place bytes become values, with a size limit and an
-//!   explicit version check.
+//!   explicit version check;
+//! - [`v1`]: schema version 1's shapes of the messages version 2 changed,
+//!   decoded and upcast by [`codec`] only.
 //!
 //! Decoding never panics, whatever the bytes (a property test checks it).
 #![warn(missing_docs)]
@@ -38,6 +40,7 @@ pub mod ops;
 pub mod rejection;
 pub mod status;
 pub mod subjects;
+pub mod v1;
 
 pub use audit::{record_hash, Actor, AuditFact, AuditRecord};
 pub use codec::{
@@ -45,7 +48,7 @@ pub use codec::{
 };
 pub use commands::{CloneBatch, CloneKey, Command, DeleteKey};
 pub use dead_letter::DeadLetter;
-pub use envelope::{Envelope, Source, Timestamp, SCHEMA_VERSION};
+pub use envelope::{Envelope, Source, Timestamp, OLDEST_SCHEMA_VERSION, SCHEMA_VERSION};
 pub use events::{
     join_proof_message, CloneApplied, CloneFailed, CloneFailure, EnrolledVia, Event,
     HsmCapabilities, HsmEnrolled, HsmFailed, HsmJoined, HsmRecovered, HsmRevoked, JoinRequested,
@@ -53,8 +56,8 @@ pub use events::{
 };
 pub use heartbeat::{Heartbeat, InventoryDigest};
 pub use keys::{
-    DomainId, Durability, Fingerprint, HsmId, IdError, KeyAttributes, KeyId, KeyType, SecretBytes,
-    MAX_LABEL_BYTES,
+    AttributeError, DomainId, Durability, Fingerprint, HsmId, IdError, KeyAttributes, KeyId,
+    KeyType, SecretBytes, MAX_APP_ID_BYTES, MAX_LABEL_BYTES,
 };
 pub use metrics::{HsmMetrics, LatencySummary, SyncMetrics, METRICS_VERSION};
 pub use ops::{

@@ -118,6 +118,11 @@ fn fingerprint_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"type": "string", "pattern": "^[0-9a-f]{64}$"})
 }
 
+/// An application's key id: 1 to 64 bytes as lower-case hex.
+fn app_id_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "pattern": "^([0-9a-f]{2}){1,64}$"})
+}
+
 /// A durability level as the CLI writes it.
 fn durability_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"type": "string", "pattern": "^(none|logged|all|replicas:[1-9][0-9]*)$"})
@@ -146,6 +151,11 @@ pub struct KeyCreatedData {
     /// Its label (`CKA_LABEL`), if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// The application's own key id (`CKA_ID`), lower-case hex, if it has
+    /// one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "app_id_schema")]
+    pub app_id: Option<String>,
 }
 
 /// `io.keysync.key.applied.v1`: one more HSM holds the key.

@@ -28,6 +28,11 @@ pub enum Command {
         /// A label (at most 128 bytes).
         #[arg(long)]
         label: Option<String>,
+        /// The application's own id for the key, in hex (PKCS#11 `CKA_ID`,
+        /// 1 to 64 bytes): carried to every HSM, found by the PKCS#11
+        /// module's searches.
+        #[arg(long, value_parser = parse_app_id)]
+        app_id: Option<AppId>,
         /// A session key: never synced, gone when its HSM restarts.
         #[arg(long)]
         session: bool,
@@ -237,6 +242,24 @@ fn route(hsm: &Option<HsmId>) -> Route {
     hsm.clone().map_or(Route::ReplicaAware, Route::Hsm)
 }
 
+/// An application's key id given as hex on the command line.
+#[derive(Debug, Clone)]
+pub struct AppId(Vec<u8>);
+
+fn parse_app_id(s: &str) -> Result<AppId, String> {
+    let bytes = hex::decode(s).map_err(|e| {
+        format!("--app-id {s:?} is not hex ({e}); give the bytes as hex digits, e.g. 0102")
+    })?;
+    if bytes.is_empty() || bytes.len() > keysync_schemas::MAX_APP_ID_BYTES {
+        return Err(format!(
+            "--app-id is {} bytes; give 1 to {} bytes",
+            bytes.len(),
+            keysync_schemas::MAX_APP_ID_BYTES
+        ));
+    }
+    Ok(AppId(bytes))
+}
+
 /// One key. `hsm_id` is the name every command's JSON uses for an HSM;
 /// `hsm` is kept, the same value, for the contract's first readers.
 fn key_json(k: &KeyInfo) -> serde_json::Value {
@@ -248,6 +271,7 @@ fn key_json(k: &KeyInfo) -> serde_json::Value {
         "hsm": k.hsm.as_str(),
         "session": k.session,
         "label": k.attributes.label,
+        "app_id": k.attributes.app_id_hex(),
     })
 }
 
@@ -259,6 +283,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
             hsm,
             durability,
             label,
+            app_id,
             session,
             durability_timeout,
             json,
@@ -274,6 +299,7 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                 );
             }
             spec.label = label.clone();
+            spec.app_id = app_id.as_ref().map(|a| a.0.clone());
             spec.session = *session;
             spec.durability_timeout = Duration::from_secs_f64(durability_timeout.max(0.0));
             let k = guarded(&client, hsm.as_ref(), None, client.create_key(spec)).await?;
@@ -286,6 +312,8 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     "hsm": k.info.hsm.as_str(),
                     "durability": k.durability.to_string(),
                     "session": k.info.session,
+                    "label": k.info.attributes.label,
+                    "app_id": k.info.attributes.app_id_hex(),
                     "holders": k.holders.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
                     "created_seq": k.created_seq,
                 }))

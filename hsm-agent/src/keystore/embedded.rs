@@ -41,7 +41,9 @@ const KEYS: TableDefinition<u128, &[u8]> = TableDefinition::new("keys");
 const OUTBOX: TableDefinition<u128, &[u8]> = TableDefinition::new("outbox");
 /// Deleted key ids, with when they were deleted (ns since the epoch).
 const TOMBSTONES: TableDefinition<u128, u64> = TableDefinition::new("tombstones");
-const RECORD_VERSION: u8 = 1;
+/// Version 2 added the application's key id to the attributes; version-1
+/// records are read and upcast ([`read_record`]), never rewritten.
+const RECORD_VERSION: u8 = 2;
 
 /// The on-disk record of one token key (the agent's private format).
 #[derive(Serialize, Deserialize)]
@@ -53,6 +55,40 @@ struct StoredRecord {
     stored_at: Timestamp,
     /// nonce ‖ AES-256-GCM(material) ‖ tag.
     sealed: Vec<u8>,
+}
+
+/// A version-1 record: attributes without the application's key id.
+#[derive(Serialize, Deserialize)]
+struct StoredRecordV1 {
+    version: u8,
+    key_type: KeyType,
+    fingerprint: Fingerprint,
+    attributes: keysync_schemas::v1::KeyAttributes,
+    stored_at: Timestamp,
+    sealed: Vec<u8>,
+}
+
+/// A stored record of either version (the version is its first byte: a
+/// `u8` is one byte in bincode), as the current one.
+fn read_record(bytes: &[u8]) -> Result<StoredRecord, KeystoreError> {
+    match bytes.first() {
+        Some(&RECORD_VERSION) => Ok(bincode::serde::decode_from_slice(bytes, bincode_config())
+            .map_err(storage)?
+            .0),
+        Some(1) => {
+            let (r, _): (StoredRecordV1, usize) =
+                bincode::serde::decode_from_slice(bytes, bincode_config()).map_err(storage)?;
+            Ok(StoredRecord {
+                version: RECORD_VERSION,
+                key_type: r.key_type,
+                fingerprint: r.fingerprint,
+                attributes: r.attributes.into(),
+                stored_at: r.stored_at,
+                sealed: r.sealed,
+            })
+        }
+        other => Err(storage(format!("unknown record version {other:?}"))),
+    }
 }
 
 struct Entry {
@@ -174,8 +210,7 @@ fn aad(id: &KeyId, key_type: KeyType, fp: &Fingerprint) -> Vec<u8> {
 /// The key type and fingerprint a stored record claims (not checked: the
 /// material is not decrypted).
 fn stored_fingerprint(bytes: &[u8]) -> Option<(KeyType, Fingerprint)> {
-    let (rec, _): (StoredRecord, usize) =
-        bincode::serde::decode_from_slice(bytes, bincode_config()).ok()?;
+    let rec = read_record(bytes).ok()?;
     Some((rec.key_type, rec.fingerprint))
 }
 
@@ -423,11 +458,7 @@ impl EmbeddedKeystore {
     }
 
     fn decode_record(&self, id: &KeyId, bytes: &[u8]) -> Result<Entry, KeystoreError> {
-        let (rec, _): (StoredRecord, usize) =
-            bincode::serde::decode_from_slice(bytes, bincode_config()).map_err(storage)?;
-        if rec.version != RECORD_VERSION {
-            return Err(storage(format!("unknown record version {}", rec.version)));
-        }
+        let rec = read_record(bytes)?;
         let plain = open(
             &self.at_rest,
             &rec.sealed,
@@ -943,6 +974,34 @@ impl Keystore for EmbeddedKeystore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_1_records_are_read_with_no_app_id() {
+        // The layout the last version-1 build wrote.
+        let v1 = StoredRecordV1 {
+            version: 1,
+            key_type: KeyType::P256,
+            fingerprint: Fingerprint([4; 32]),
+            attributes: keysync_schemas::v1::KeyAttributes {
+                label: Some("old".into()),
+            },
+            stored_at: Timestamp(7),
+            sealed: vec![9; 60],
+        };
+        let bytes = bincode::serde::encode_to_vec(&v1, bincode_config()).expect("encode");
+        let rec = read_record(&bytes).expect("a v1 record reads");
+        assert_eq!(rec.attributes.label.as_deref(), Some("old"));
+        assert_eq!(rec.attributes.app_id, None);
+        assert_eq!((rec.key_type, rec.stored_at), (KeyType::P256, Timestamp(7)));
+        assert_eq!(rec.sealed, vec![9; 60]);
+        assert_eq!(
+            stored_fingerprint(&bytes),
+            Some((KeyType::P256, Fingerprint([4; 32])))
+        );
+        let mut bad = bytes;
+        bad[0] = 9;
+        assert!(read_record(&bad).is_err());
+    }
     use keysync_schemas::{Durability, KeyCreated};
 
     fn hsm(s: &str) -> HsmId {

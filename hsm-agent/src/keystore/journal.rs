@@ -39,7 +39,9 @@ const OUTBOX: TableDefinition<u128, &[u8]> = TableDefinition::new("outbox");
 const TOMBSTONES: TableDefinition<u128, u64> = TableDefinition::new("tombstones");
 /// Ids whose token objects may not match the records.
 const INTENTS: TableDefinition<u128, ()> = TableDefinition::new("intents");
-const RECORD_VERSION: u8 = 1;
+/// Version 2 added the application's key id to the attributes; version-1
+/// records are read and upcast ([`read_record`]), never rewritten.
+const RECORD_VERSION: u8 = 2;
 
 /// What the journal keeps of one token key held by the HSM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +72,37 @@ impl Record {
             attributes,
             stored_at,
         }
+    }
+}
+
+/// A version-1 record: attributes without the application's key id.
+#[derive(Deserialize)]
+struct RecordV1 {
+    key_type: KeyType,
+    fingerprint: Fingerprint,
+    attributes: keysync_schemas::v1::KeyAttributes,
+    stored_at: Timestamp,
+}
+
+/// A record of either version (the version is its first byte: a `u8` is
+/// one byte in bincode), as the current one.
+fn read_record(bytes: &[u8]) -> Result<Record, String> {
+    match bytes.first() {
+        Some(&RECORD_VERSION) => bincode::serde::decode_from_slice(bytes, bincode_config())
+            .map(|(r, _)| r)
+            .map_err(|e| e.to_string()),
+        Some(1) => {
+            let ((_version, r), _): ((u8, RecordV1), usize) =
+                bincode::serde::decode_from_slice(bytes, bincode_config())
+                    .map_err(|e| e.to_string())?;
+            Ok(Record::new(
+                r.key_type,
+                r.fingerprint,
+                r.attributes.into(),
+                r.stored_at,
+            ))
+        }
+        other => Err(format!("unknown version {other:?}")),
     }
 }
 
@@ -271,15 +304,8 @@ fn read_all(db: &redb::Database) -> Result<Contents, KeystoreError> {
     {
         let (k, v) = row.map_err(storage)?;
         let id = id_of(k.value());
-        let (rec, _): (Record, usize) =
-            bincode::serde::decode_from_slice(v.value(), bincode_config())
-                .map_err(|e| KeystoreError::Open(format!("journal record of key {id}: {e}")))?;
-        if rec.version != RECORD_VERSION {
-            return Err(KeystoreError::Open(format!(
-                "journal record of key {id} has unknown version {}",
-                rec.version
-            )));
-        }
+        let rec = read_record(v.value())
+            .map_err(|e| KeystoreError::Open(format!("journal record of key {id}: {e}")))?;
         contents.records.insert(id, rec);
     }
     for row in txn
@@ -318,6 +344,39 @@ fn read_all(db: &redb::Database) -> Result<Contents, KeystoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_1_records_are_read_with_no_app_id() {
+        // The layout the last version-1 build wrote: version, type,
+        // fingerprint, attributes (label only), stored_at.
+        let at = Timestamp(1_700_000_000_000_000_000);
+        let v1 = (
+            1u8,
+            KeyType::Rsa2048,
+            Fingerprint([9; 32]),
+            keysync_schemas::v1::KeyAttributes {
+                label: Some("old".into()),
+            },
+            at,
+        );
+        let bytes = bincode::serde::encode_to_vec(&v1, bincode_config()).expect("encode");
+        let rec = read_record(&bytes).expect("a v1 record reads");
+        assert_eq!(rec.version, RECORD_VERSION);
+        assert_eq!(rec.key_type, KeyType::Rsa2048);
+        assert_eq!(rec.attributes.label.as_deref(), Some("old"));
+        assert_eq!(rec.attributes.app_id, None);
+        assert_eq!(rec.stored_at, at);
+        // A v2 record keeps its app id; an unknown version is refused.
+        let mut attributes = rec.attributes.clone();
+        attributes.app_id = Some(vec![1, 2]);
+        let v2 = Record::new(KeyType::P256, Fingerprint([1; 32]), attributes, at);
+        let bytes = bincode::serde::encode_to_vec(&v2, bincode_config()).expect("encode");
+        assert_eq!(bytes[0], 2);
+        assert_eq!(read_record(&bytes), Ok(v2));
+        let mut bad = bytes.clone();
+        bad[0] = 3;
+        assert!(read_record(&bad).is_err());
+    }
 
     #[test]
     fn changes_commit_together_and_read_back() {

@@ -114,7 +114,37 @@ pub fn read_pin_file(path: &Path) -> Result<AuthPin, Pkcs11Error> {
 }
 
 /// The slot holding the token labelled `label`: exactly one must.
+///
+/// Reading the other tokens' info can fail for a moment: SoftHSM's file
+/// store answers `CKR_GENERAL_ERROR` for a token whose files another
+/// process (the agent of that token, starting beside this one) is writing.
+/// So a failed `C_GetTokenInfo` is retried a few times, briefly, before it
+/// is reported; anything else is reported at once.
 fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot, Pkcs11Error> {
+    use backon::{BlockingRetryable as _, ExponentialBuilder};
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(20))
+        .with_max_delay(std::time::Duration::from_millis(500))
+        .with_max_times(5);
+    (|| find_slot_once(ctx, label))
+        .retry(backoff)
+        .sleep(std::thread::sleep)
+        .when(|e| {
+            matches!(
+                e,
+                Pkcs11Error::Token {
+                    op: "C_GetTokenInfo",
+                    ..
+                } | Pkcs11Error::Unavailable {
+                    op: "C_GetTokenInfo",
+                    ..
+                }
+            )
+        })
+        .call()
+}
+
+fn find_slot_once(ctx: &Pkcs11, label: &str) -> Result<Slot, Pkcs11Error> {
     let slots = ctx.get_slots_with_token().map_err(map("C_GetSlotList"))?;
     let mut found = Vec::new();
     let mut present = Vec::new();
