@@ -183,11 +183,14 @@ pub fn verify(public_key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
 /// so nothing anyone sends can fill it without a valid signature, and it
 /// is bounded (oldest forgotten first; a forgotten one is verified again).
 struct Verified {
-    seen: std::sync::Mutex<(
-        std::collections::HashSet<[u8; 32]>,
-        std::collections::VecDeque<[u8; 32]>,
-    )>,
+    seen: std::sync::Mutex<Remembered>,
 }
+
+/// The digests, and the order they came in (to forget the oldest).
+type Remembered = (
+    std::collections::HashSet<[u8; 32]>,
+    std::collections::VecDeque<[u8; 32]>,
+);
 
 impl Verified {
     /// Enough for the events a busy orchestrator's readers are apart
