@@ -500,6 +500,29 @@ impl DevStack {
         self.orchestrators.get_mut(name)
     }
 
+    /// Every process of the stack with a role name and its pid: each
+    /// nats-server node, orchestrator and agent (for accounting what the
+    /// stack costs, e.g. the bench's CPU per replicated key).
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        let nats = self.nats.iter().enumerate().map(|(i, n)| {
+            let name = if self.nats.len() > 1 {
+                format!("nats-server-{}", i + 1)
+            } else {
+                "nats-server".to_string()
+            };
+            (name, n.process.pid())
+        });
+        let orchestrators = self
+            .orchestrators
+            .iter()
+            .map(|(name, p)| (format!("orchestrator {name}"), p.pid()));
+        let agents = self
+            .agents
+            .iter()
+            .map(|(id, p)| (format!("agent {id}"), p.pid()));
+        nats.chain(orchestrators).chain(agents).collect()
+    }
+
     fn common_settings(&self) -> Settings {
         let mut s = Settings(Vec::new());
         s.push("nats", self.url())

@@ -50,6 +50,19 @@ pub struct Args {
     /// of the document is null): quick to repeat while working on a hop.
     #[arg(long)]
     hops_only: bool,
+    /// Only the throughput run with its CPU per replicated key, and the
+    /// durable-bus rows `--sync-interval` selects (the rest is null).
+    #[arg(long)]
+    throughput_only: bool,
+    /// Only the scaling rows (sync latency, ratio to the floor,
+    /// throughput and CPU per key at each cluster size, up to 32 HSMs).
+    #[arg(long)]
+    scaling_only: bool,
+    /// The durable-bus rows: floor, sync latency, throughput and CPU per
+    /// key on a stack whose nats-server runs JetStream's default
+    /// `sync_interval`, `always` (fsync before each ack), both, or none.
+    #[arg(long, value_enum, default_value = "both")]
+    sync_interval: super::bench_sync::SyncInterval,
 }
 
 /// Creates in flight for the keystore rows: a SoftHSM2 token takes one
@@ -263,7 +276,10 @@ async fn scaling(
         .await?;
         let client = stack.client().clone();
         let hsms = stack.hsm_ids();
+        // The floor at this size: one request/reply per other HSM.
+        let floor_h = pct(&floor(client.nats(), n - 1, sizes.scaling_latency).await?);
         let lat = pct(&sync_one_at_a_time(&client, &hsms, key_type, sizes.scaling_latency).await?);
+        let meter = super::bench_cpu::Meter::start(stack.processes()).await;
         let (_, replicated) = throughput(
             &client,
             &hsms,
@@ -272,10 +288,16 @@ async fn scaling(
             in_flight,
         )
         .await?;
+        let cpu = meter.finish(sizes.scaling_throughput).await;
         stack.shutdown().await;
-        rows.push(
-            json!({"hsms": n, "sync_latency": lat, "replicated_per_s": replicated.round() as u64}),
-        );
+        rows.push(json!({
+            "hsms": n,
+            "floor": floor_h,
+            "sync_latency": lat,
+            "ratio_to_floor": { "p50": ratio(&lat, &floor_h, "p50_ms"), "p99": ratio(&lat, &floor_h, "p99_ms") },
+            "replicated_per_s": replicated.round() as u64,
+            "cpu_us_per_key": cpu["total_us_per_key"],
+        }));
     }
     Ok(serde_json::Value::Array(rows))
 }
@@ -319,7 +341,7 @@ pub(super) fn pct(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
-fn ratio(a: &serde_json::Value, b: &serde_json::Value, field: &str) -> f64 {
+pub(super) fn ratio(a: &serde_json::Value, b: &serde_json::Value, field: &str) -> f64 {
     match (a[field].as_f64(), b[field].as_f64()) {
         (Some(x), Some(y)) if y > 0.0 => (x / y * 100.0).round() / 100.0,
         _ => 0.0,
@@ -335,7 +357,7 @@ fn stored_ns(msg: &jetstream::Message) -> anyhow::Result<u64> {
 /// request/reply per target, a final record published with PubAck; one at
 /// a time. Latency is event stored → final record stored, by the stream's
 /// timestamps, exactly as keysync's sync latency is measured.
-async fn floor(
+pub(super) async fn floor(
     nats: &async_nats::Client,
     targets: usize,
     n: usize,
@@ -440,7 +462,7 @@ async fn ceiling(nats: &async_nats::Client, n: usize) -> anyhow::Result<f64> {
 }
 
 /// Sync latency one key at a time, as the orchestrator measured it.
-async fn sync_one_at_a_time(
+pub(super) async fn sync_one_at_a_time(
     client: &Client,
     hsms: &[HsmId],
     key_type: KeyType,
@@ -587,7 +609,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             throughput: 10_000,
             routing: 1000,
             ceiling: 100_000,
-            scaling: vec![3, 5, 9, 17],
+            scaling: vec![3, 5, 9, 17, 32],
             scaling_latency: 200,
             scaling_throughput: 3000,
             bootstrap_keys: 100_000,
@@ -596,6 +618,14 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             lifecycle_throughput: 10_000,
         }
     };
+    if args.scaling_only {
+        let scale = scaling(cli, &sizes, args.key_type, args.in_flight).await?;
+        let doc = json!({ "quick": args.quick, "scaling": scale });
+        if args.json {
+            return print_json(&doc);
+        }
+        return print_scaling(&doc);
+    }
     let n = usize::from(args.hsms);
     let say = |s: &str| {
         if !args.json {
@@ -613,6 +643,57 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     .await?;
     let client = stack.client().clone();
     let hsms = stack.hsm_ids();
+    let bus_sizes = super::bench_sync::Sizes {
+        latency: sizes.latency,
+        throughput: sizes.throughput,
+        in_flight: args.in_flight,
+    };
+    if args.throughput_only {
+        say("measuring throughput and CPU per replicated key");
+        let meter = super::bench_cpu::Meter::start(stack.processes()).await;
+        let (created, replicated) = throughput(
+            &client,
+            &hsms,
+            KeyType::Ed25519,
+            sizes.throughput,
+            args.in_flight,
+        )
+        .await?;
+        let cpu = meter.finish(sizes.throughput).await;
+        stack.shutdown().await;
+        let subjects = cli.subjects()?;
+        let bus = super::bench_sync::rows(
+            &subjects,
+            n,
+            args.key_type,
+            args.sync_interval,
+            &bus_sizes,
+            &say,
+        )
+        .await?;
+        let doc = json!({
+            "hsms": n,
+            "quick": args.quick,
+            "throughput": {
+                "in_flight": args.in_flight,
+                "keys": sizes.throughput,
+                "created_per_s": created.round() as u64,
+                "replicated_per_s": replicated.round() as u64,
+            },
+            "cpu_per_key": cpu,
+            "sync_interval": bus,
+        });
+        if args.json {
+            return print_json(&doc);
+        }
+        outln!(
+            "keysync bench --throughput-only: {n} HSMs; {} keys, {} in flight: {} keys/s created, {} keys/s replicated",
+            sizes.throughput, args.in_flight, doc["throughput"]["created_per_s"], doc["throughput"]["replicated_per_s"]
+        );
+        super::bench_cpu::print(&doc["cpu_per_key"])?;
+        super::bench_sync::print(&doc["sync_interval"])?;
+        return Ok(());
+    }
 
     say("measuring the JetStream floor of the sync pattern");
     let floor_h = pct(&floor(client.nats(), n - 1, sizes.latency).await?);
@@ -656,6 +737,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         durability.insert(d.to_string(), pct(&h));
     }
     say("measuring throughput");
+    let meter = super::bench_cpu::Meter::start(stack.processes()).await;
     let (created_rate, replicated_rate) = throughput(
         &client,
         &hsms,
@@ -664,6 +746,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         args.in_flight,
     )
     .await?;
+    let cpu_per_key = meter.finish(sizes.throughput).await;
     let ceiling_rate = ceiling(client.nats(), sizes.ceiling).await?;
     // Stored per key: KeyCreated, n-1 commands, n-1 CloneApplied,
     // KeyReplicated, one audit record per event (n+1) and one lifecycle
@@ -709,6 +792,15 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         n,
         sizes.lifecycle_throughput,
         args.in_flight,
+    )
+    .await?;
+    let bus = super::bench_sync::rows(
+        &cli.subjects()?,
+        n,
+        args.key_type,
+        args.sync_interval,
+        &bus_sizes,
+        &say,
     )
     .await?;
     let keystores = if args.keystore == BenchKeystore::Pkcs11 {
@@ -760,6 +852,8 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         "pkcs11_module": module,
         "lifecycle": lifecycle,
         "hops": hops,
+        "cpu_per_key": cpu_per_key,
+        "sync_interval": bus,
     });
     if args.json {
         return print_json(&doc);
@@ -817,27 +911,14 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         t["messages_per_key"],
         t["bus_ceiling_keys_per_s"]
     );
+    super::bench_cpu::print(&doc["cpu_per_key"])?;
+    super::bench_sync::print(&doc["sync_interval"])?;
     let r = &doc["routing"];
     outln!(
         "\n  create (none) then sign at once, failures of {}: replica-aware {}, any HSM without retries {}, any HSM with retries {}",
         r["replica_aware"]["cycles"], r["replica_aware"]["failures"], r["any_without_retries"]["failures"], r["any_with_retries"]["failures"]
     );
-    outln!(
-        "\n  {:<6} {:>10} {:>10} {:>14}",
-        "HSMs",
-        "sync p50",
-        "sync p99",
-        "replicated/s"
-    );
-    for r in doc["scaling"].as_array().into_iter().flatten() {
-        outln!(
-            "  {:<6} {:>10} {:>10} {:>14}",
-            r["hsms"],
-            f(&r["sync_latency"]["p50_ms"]),
-            f(&r["sync_latency"]["p99_ms"]),
-            r["replicated_per_s"].to_string()
-        );
-    }
+    print_scaling(&doc)?;
     let l = &doc["lifecycle"];
     println!(
         "\n  lifecycle mirror ({} keys): replicated/s {} with it, {} without ({}x); created/s {} / {}; the mirror stored the last fact {} ms after the last key was replicated",
@@ -916,6 +997,34 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
                 v["replicated_per_s"].to_string()
             );
         }
+    }
+    Ok(())
+}
+
+/// The scaling table of a bench document.
+fn print_scaling(doc: &serde_json::Value) -> anyhow::Result<()> {
+    let f = |v: &serde_json::Value| format!("{:.2}", v.as_f64().unwrap_or(0.0));
+    outln!(
+        "\n  {:<6} {:>10} {:>10} {:>10} {:>10} {:>14} {:>12}",
+        "HSMs",
+        "sync p50",
+        "sync p99",
+        "floor x50",
+        "floor x99",
+        "replicated/s",
+        "CPU µs/key"
+    );
+    for r in doc["scaling"].as_array().into_iter().flatten() {
+        outln!(
+            "  {:<6} {:>10} {:>10} {:>9}x {:>9}x {:>14} {:>12}",
+            r["hsms"],
+            f(&r["sync_latency"]["p50_ms"]),
+            f(&r["sync_latency"]["p99_ms"]),
+            f(&r["ratio_to_floor"]["p50"]),
+            f(&r["ratio_to_floor"]["p99"]),
+            r["replicated_per_s"].to_string(),
+            r["cpu_us_per_key"].to_string()
+        );
     }
     Ok(())
 }

@@ -27,9 +27,11 @@ macro_rules! out {
 
 mod audit;
 mod bench;
+mod bench_cpu;
 mod bench_hops;
 mod bench_lifecycle;
 mod bench_module;
+mod bench_sync;
 mod cluster;
 mod completions;
 mod demo;
