@@ -29,6 +29,7 @@ mod audit;
 mod bench;
 mod bench_hops;
 mod bench_lifecycle;
+mod bench_memory;
 mod bench_module;
 mod cluster;
 mod completions;
