@@ -220,10 +220,11 @@ pub(super) async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::
     stack.start_orchestrator().await?;
     wait_folded(&client, last, Duration::from_secs(900)).await?;
     let full = t.elapsed().as_secs_f64();
-    let rss = stack
+    let pid = stack
         .orchestrator(keysync_harness::PRIMARY)
-        .map(|p| p.pid())
-        .and_then(rss_bytes);
+        .map(|p| p.pid());
+    let rss = pid.and_then(rss_bytes);
+    let cpu = pid.and_then(super::bench_memory::cpu_seconds);
 
     // The usual restart: from the latest (signed) snapshot plus the tail.
     // Let it snapshot, then restart it again.
@@ -253,6 +254,7 @@ pub(super) async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::
         "events_per_s": (n as f64 / full).round() as u64,
         "seconds_from_snapshot": (from_snapshot * 100.0).round() / 100.0,
         "orchestrator_rss_mb": rss.map(|b| b / (1024 * 1024)),
+        "orchestrator_cpu_us_per_event_full_replay": cpu.map(|c| (c * 1e6 / n as f64 * 10.0).round() / 10.0),
     }))
 }
 
