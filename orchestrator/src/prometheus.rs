@@ -86,6 +86,8 @@ pub struct Metrics {
     clone_latency: HistogramFamily,
     members: Family<StateLabel, Gauge>,
     keys: Gauge,
+    /// [`ClusterState::state_bytes`]: the fold's own memory.
+    fold_bytes: Gauge,
     pending_clones: Gauge,
     below_durability: Gauge,
     hsm_keys: Family<HsmLabel, Gauge>,
@@ -115,6 +117,7 @@ impl Metrics {
         let clone_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let members = Family::<StateLabel, Gauge>::default();
         let keys = Gauge::default();
+        let fold_bytes = Gauge::default();
         let pending_clones = Gauge::default();
         let below_durability = Gauge::default();
         let hsm_keys = Family::<HsmLabel, Gauge>::default();
@@ -173,6 +176,11 @@ impl Metrics {
         );
         r.register("keysync_members", "Member HSMs, by state", members.clone());
         r.register("keysync_keys", "Live keys", keys.clone());
+        r.register(
+            "keysync_fold_state_bytes",
+            "Bytes the fold's state holds on the heap (its per-key tables counted by their allocator)",
+            fold_bytes.clone(),
+        );
         r.register(
             "keysync_pending_clones",
             "Clones outstanding over every member",
@@ -236,6 +244,7 @@ impl Metrics {
             clone_latency,
             members,
             keys,
+            fold_bytes,
             pending_clones,
             below_durability,
             hsm_keys,
@@ -336,6 +345,7 @@ impl Metrics {
     pub fn levels(&self, state: &ClusterState) {
         let keys = state.key_count();
         self.keys.set(gauge(keys));
+        self.fold_bytes.set(gauge(state.state_bytes() as u64));
         self.pending_clones.set(gauge(state.pending_clones()));
         self.below_durability.set(gauge(state.below_durability()));
         let mut by_state = [0u64; 4];

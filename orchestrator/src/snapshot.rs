@@ -20,7 +20,8 @@ use tokio::io::AsyncReadExt;
 use crate::state::ClusterState;
 
 /// Bumped whenever [`ClusterState`]'s layout changes.
-pub const SNAPSHOT_VERSION: u16 = 4;
+/// 5: the key table is a sequence of (id, state) entries (decision 19).
+pub const SNAPSHOT_VERSION: u16 = 5;
 
 const OBJECT: &str = "cluster-state";
 

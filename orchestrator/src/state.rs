@@ -9,7 +9,7 @@
 //! durability, each member's expected inventory digest) are kept in step by
 //! `apply`, so status, metrics and anti-entropy checks cost O(members).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +17,80 @@ use keysync_schemas::{
     ClusterStatus, Durability, Event, Fingerprint, HsmId, InventoryDigest, KeyId, KeyType,
     MemberState, MemberStatus, RejectReason, Rejection,
 };
+
+/// The fold's per-key tables: std's hash table (hashbrown) used directly,
+/// so [`ClusterState::state_bytes`] counts their real allocation.
+type Table<K, V> = hashbrown::HashMap<K, V, std::hash::RandomState>;
+type Set<K> = hashbrown::HashSet<K, std::hash::RandomState>;
+
+/// Every key the fold tracks, tombstones included (none is ever removed):
+/// a dense array of entries in arrival order, grown by a quarter at a
+/// time, and a hash table from id to position. A hash table of whole
+/// entries would cost up to 2.3x an entry a key right after it doubles
+/// (258 B a key at worst, 129 at best); this costs at most 1.25x an entry
+/// plus 25 B a bucket of index (197 B at worst; decision 19).
+#[derive(Debug, Default, Clone)]
+struct KeyTable {
+    entries: Vec<(KeyId, KeyState)>,
+    at: Table<KeyId, usize>,
+}
+
+impl KeyTable {
+    fn get(&self, id: &KeyId) -> Option<&KeyState> {
+        self.at
+            .get(id)
+            .and_then(|&i| self.entries.get(i))
+            .map(|(_, k)| k)
+    }
+
+    fn get_mut(&mut self, id: &KeyId) -> Option<&mut KeyState> {
+        let i = *self.at.get(id)?;
+        self.entries.get_mut(i).map(|(_, k)| k)
+    }
+
+    fn insert(&mut self, id: KeyId, key: KeyState) {
+        if let Some(old) = self.get_mut(&id) {
+            *old = key;
+            return;
+        }
+        if self.entries.len() == self.entries.capacity() {
+            self.entries.reserve_exact((self.entries.len() / 4).max(16));
+        }
+        self.at.insert(id, self.entries.len());
+        self.entries.push((id, key));
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&KeyId, &KeyState)> {
+        self.entries.iter().map(|(id, k)| (id, k))
+    }
+
+    fn allocation_size(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<(KeyId, KeyState)>()
+            + self.at.allocation_size()
+    }
+}
+
+/// Snapshots hold the entries only; the index is rebuilt on reading.
+impl Serialize for KeyTable {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.entries.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyTable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let entries = Vec::<(KeyId, KeyState)>::deserialize(d)?;
+        let mut at = Table::with_capacity_and_hasher(entries.len(), Default::default());
+        for (i, (id, _)) in entries.iter().enumerate() {
+            if at.insert(*id, i).is_some() {
+                return Err(serde::de::Error::custom(format!(
+                    "key {id} appears twice in the snapshot"
+                )));
+            }
+        }
+        Ok(KeyTable { entries, at })
+    }
+}
 
 /// Most members one cluster can have (a [`MemberSet`] is a 64-bit set).
 pub const MAX_MEMBERS: usize = 64;
@@ -220,9 +294,9 @@ mod refuse {
 pub struct ClusterState {
     members: Vec<Member>,
     index: HashMap<HsmId, u8>,
-    keys: HashMap<KeyId, KeyState>,
+    keys: KeyTable,
     /// Live keys not yet on every live member.
-    incomplete: HashSet<KeyId>,
+    incomplete: Set<KeyId>,
     last_seq: u64,
     clone_failures: u64,
     rejected: BTreeMap<RejectReason, u64>,
@@ -676,6 +750,50 @@ impl ClusterState {
         self.keys.get(id)
     }
 
+    /// Bytes the fold's state holds on the heap: the per-key tables as
+    /// their allocator counts them, every per-member table by capacity,
+    /// and the small ordered maps (members, enrolments, tokens, rejection
+    /// counters) at their entries' size (their B-tree nodes are not
+    /// visible; they do not grow with keys). What the bench divides by the
+    /// keys tracked (decision 19).
+    pub fn state_bytes(&self) -> usize {
+        use std::mem::size_of;
+        fn vec<T>(v: &Vec<T>) -> usize {
+            v.capacity() * size_of::<T>()
+        }
+        fn btree<K, V>(m: &BTreeMap<K, V>) -> usize {
+            m.len() * (size_of::<K>() + size_of::<V>())
+        }
+        let hsm_ids = self
+            .members
+            .iter()
+            .map(|m| m.hsm.as_str().len())
+            .sum::<usize>()
+            + self.index.keys().map(|h| h.as_str().len()).sum::<usize>()
+            + self
+                .enrolled
+                .keys()
+                .map(|h| h.as_str().len())
+                .sum::<usize>()
+            + self
+                .tokens
+                .values()
+                .map(|(h, _)| h.as_str().len())
+                .sum::<usize>();
+        self.keys.allocation_size()
+            + self.incomplete.allocation_size()
+            + vec(&self.members)
+            + self.index.capacity() * (size_of::<(HsmId, u8)>() + 1)
+            + vec(&self.held)
+            + vec(&self.failed)
+            + vec(&self.digests)
+            + btree(&self.rejected)
+            + btree(&self.early_capabilities)
+            + btree(&self.enrolled)
+            + btree(&self.tokens)
+            + hsm_ids
+    }
+
     /// Every key, tombstones included.
     pub fn keys(&self) -> impl Iterator<Item = (&KeyId, &KeyState)> {
         self.keys.iter()
@@ -836,6 +954,32 @@ mod tests {
     //! Given a log, when one more event is folded, then the state is this.
     use super::*;
     use crate::testkit::*;
+
+    /// The fold's own state stays under 200 bytes a tracked key
+    /// (decision 19): N keys created on one of three members and applied
+    /// on the others (complete, the usual case), counted at sizes where
+    /// the key table is nearly full and just grown.
+    #[test]
+    fn the_fold_holds_under_200_bytes_a_tracked_key() {
+        let mut log = Log::given(&[joined("a"), joined("b"), joined("c")]);
+        let empty = log.state.state_bytes();
+        let mut worst = 0.0f64;
+        for n in 1..=30_000u32 {
+            let k = KeyId(uuid::Uuid::from_u128(u128::from(n) << 64 | 7));
+            let fp = n as u8;
+            log.when(&created(k, "a", fp)).expect("created");
+            log.when(&applied(k, "b", fp)).expect("applied on b");
+            log.when(&applied(k, "c", fp)).expect("applied on c");
+            if n >= 1000 {
+                let per_key = (log.state.state_bytes() - empty) as f64 / f64::from(n);
+                worst = worst.max(per_key);
+            }
+        }
+        assert_eq!(log.state.key_count(), 30_000);
+        let slot = std::mem::size_of::<(KeyId, KeyState)>();
+        assert!(log.state.state_bytes() >= 30_000 * (slot + 1));
+        assert!(worst <= 200.0, "{worst:.0} bytes a key at worst");
+    }
 
     #[test]
     fn a_first_join_adds_a_live_member_and_a_second_does_not() {

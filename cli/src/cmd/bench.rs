@@ -63,6 +63,11 @@ pub struct Args {
     /// `sync_interval`, `always` (fsync before each ack), both, or none.
     #[arg(long, value_enum, default_value = "both")]
     sync_interval: super::bench_sync::SyncInterval,
+    /// Only these rows, comma-separated (`recovery`, `bootstrap`,
+    /// `memory`): the rest of the document is absent. Quick to repeat
+    /// while working on one of them.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<super::bench_memory::Row>,
 }
 
 /// Creates in flight for the keystore rows: a SoftHSM2 token takes one
@@ -158,13 +163,16 @@ async fn wait_folded(client: &Client, seq: u64, timeout: Duration) -> anyhow::Re
 
 /// A new HSM joining a cluster of `n` keys: seconds to in-service, and the
 /// orchestrator's memory per tracked key.
-async fn bootstrap(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
+pub(super) async fn bootstrap(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
+    let metrics_port = keysync_harness::free_port()?;
     let mut stack = DevStack::start(StackOptions {
         hsms: 0,
         subjects: cli.subjects()?,
+        orchestrator_metrics_addr: Some(([127, 0, 0, 1], metrics_port).into()),
         ..Default::default()
     })
     .await?;
+    let fold_before = super::bench_memory::fold_state_bytes(metrics_port).await;
     let client = stack.client().clone();
     let pid = stack
         .orchestrator(keysync_harness::PRIMARY)
@@ -173,6 +181,7 @@ async fn bootstrap(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
     let last = keysync_harness::seed::seed_keys(&stack, n, true).await?;
     wait_folded(&client, last, Duration::from_secs(600)).await?;
     let rss_after = pid.and_then(rss_bytes);
+    let fold_after = super::bench_memory::fold_state_bytes(metrics_port).await;
     let joiner = HsmId::new("hsm-1")?;
     let t = Instant::now();
     stack.start_agents(std::slice::from_ref(&joiner)).await?;
@@ -202,12 +211,13 @@ async fn bootstrap(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
         "seconds_to_in_service": (secs * 100.0).round() / 100.0,
         "keys_per_s": (n as f64 / secs).round() as u64,
         "orchestrator_bytes_per_key": per_key,
+        "orchestrator": super::bench_memory::orchestrator_row(n, fold_before, fold_after, rss_before, rss_after),
     }))
 }
 
 /// Orchestrator restart over a log of `n` events: seconds until it has
 /// folded them all, from the full log and from a snapshot.
-async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
+pub(super) async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
     let mut stack = DevStack::start(StackOptions {
         hsms: 0,
         subjects: cli.subjects()?,
@@ -223,10 +233,11 @@ async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
     stack.start_orchestrator().await?;
     wait_folded(&client, last, Duration::from_secs(900)).await?;
     let full = t.elapsed().as_secs_f64();
-    let rss = stack
+    let pid = stack
         .orchestrator(keysync_harness::PRIMARY)
-        .map(|p| p.pid())
-        .and_then(rss_bytes);
+        .map(|p| p.pid());
+    let rss = pid.and_then(rss_bytes);
+    let cpu = pid.and_then(super::bench_memory::cpu_seconds);
 
     // The usual restart: from the latest (signed) snapshot plus the tail.
     // Let it snapshot, then restart it again.
@@ -256,6 +267,7 @@ async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::Value> {
         "events_per_s": (n as f64 / full).round() as u64,
         "seconds_from_snapshot": (from_snapshot * 100.0).round() / 100.0,
         "orchestrator_rss_mb": rss.map(|b| b / (1024 * 1024)),
+        "orchestrator_cpu_us_per_event_full_replay": cpu.map(|c| (c * 1e6 / n as f64 * 10.0).round() / 10.0),
     }))
 }
 
@@ -632,6 +644,15 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             eprintln!("{s}");
         }
     };
+    if !args.only.is_empty() {
+        let sizes = super::bench_memory::OnlySizes {
+            bootstrap_keys: sizes.bootstrap_keys,
+            recovery_events: sizes.recovery_events,
+            hsms: n,
+            in_flight: args.in_flight,
+        };
+        return super::bench_memory::only(cli, &args.only, &sizes, args.json).await;
+    }
     say(&format!(
         "starting a stack: nats-server (file storage), orchestrator, {n} HSMs"
     ));
@@ -803,6 +824,14 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         &say,
     )
     .await?;
+    say("measuring agent memory per key");
+    let memory = super::bench_memory::agents(
+        &cli.subjects()?,
+        n,
+        sizes.bootstrap_keys / 5,
+        args.in_flight,
+    )
+    .await?;
     let keystores = if args.keystore == BenchKeystore::Pkcs11 {
         // Ed25519 is not clonable on every token (SoftHSM 2.6.1): these
         // rows use the latency key type for throughput too, on both.
@@ -848,6 +877,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         "scaling": scale,
         "bootstrap": boot,
         "recovery": recov,
+        "memory": memory,
         "keystores": keystores,
         "pkcs11_module": module,
         "lifecycle": lifecycle,
@@ -933,8 +963,10 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     let b = &doc["bootstrap"];
     outln!(
         "\n  bootstrap: a new HSM joining {} keys is in service after {} s ({} keys/s); orchestrator memory {} bytes per tracked key",
-        b["keys"], b["seconds_to_in_service"], b["keys_per_s"], b["orchestrator_bytes_per_key"]
+        b["keys"], b["seconds_to_in_service"], b["keys_per_s"], b["orchestrator"]["fold_state_bytes_per_key"]
     );
+    super::bench_memory::print_orchestrator(b)?;
+    super::bench_memory::print(&doc["memory"])?;
     let r = &doc["recovery"];
     outln!(
         "  recovery: orchestrator restart over {} events folded in {} s from the log alone ({} events/s, {} MB resident); {} s from its snapshot",

@@ -30,6 +30,7 @@ mod bench;
 mod bench_cpu;
 mod bench_hops;
 mod bench_lifecycle;
+mod bench_memory;
 mod bench_module;
 mod bench_sync;
 mod cluster;

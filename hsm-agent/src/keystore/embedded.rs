@@ -91,26 +91,49 @@ fn read_record(bytes: &[u8]) -> Result<StoredRecord, KeystoreError> {
     }
 }
 
+/// A key with its material decrypted: a session key (memory only), or a
+/// token key read from its record for one operation and then dropped.
 struct Entry {
     info: KeyInfo,
     material: KeyMaterial,
-    /// A key created here whose `KeyCreated` is still in the outbox: the
-    /// log has not decided yet whether its id was free. Part of the entry,
-    /// so a clone sees the key and this flag in one read.
-    unlogged: AtomicBool,
 }
 
-impl Entry {
-    fn new(info: KeyInfo, material: KeyMaterial, unlogged: bool) -> Self {
-        Entry {
-            info,
-            material,
-            unlogged: AtomicBool::new(unlogged),
-        }
-    }
+/// What the resident index keeps of one token key: enough to say whether
+/// it is here, with which type and fingerprint, and whether its create is
+/// still unlogged (clones, creates, the inventory digest, routing), without
+/// reading redb. Everything else (attributes, when stored, the sealed
+/// material) stays in its record and is read on demand: the index is
+/// 34 bytes a key plus the hash table's slot (decision 19), where holding
+/// every record decrypted cost ~0.75 KB a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Indexed {
+    key_type: KeyType,
+    fingerprint: Fingerprint,
+    /// A key created here whose `KeyCreated` is still in the outbox: the
+    /// log has not decided yet whether its id was free. In the index, so a
+    /// clone sees the key and this flag in one read.
+    unlogged: bool,
+}
 
-    fn is_unlogged(&self) -> bool {
-        self.unlogged.load(Ordering::Acquire)
+/// What [`EmbeddedKeystore::lookup`] found under an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    Token(Indexed),
+    Session(Fingerprint),
+}
+
+/// The resident index of token keys: id → [`Indexed`]. A hash table, not
+/// a B-tree, so its heap size is known exactly ([`Self::heap_bytes`]);
+/// ordered pages (list, inventory) are range reads of the records table,
+/// whose keys sort like ids.
+#[derive(Default)]
+struct KeyIndex(hashbrown::HashMap<KeyId, Indexed, std::hash::RandomState>);
+
+impl KeyIndex {
+    /// Bytes this index holds on the heap (the table's one allocation, as
+    /// hashbrown counts it).
+    fn heap_bytes(&self) -> usize {
+        self.0.allocation_size()
     }
 }
 
@@ -134,8 +157,18 @@ pub struct EmbeddedKeystore {
     fault: Mutex<Fault>,
     /// [`REOPEN_PAUSE`], but for tests.
     reopen_pause: Duration,
-    /// Ordered by id, so list and inventory pages are range reads.
-    keys: RwLock<BTreeMap<KeyId, Arc<Entry>>>,
+    /// The token keys held (their records are in redb). Locked before
+    /// `sessions` where both are taken.
+    index: RwLock<KeyIndex>,
+    /// Session keys: memory only, never synced. Ordered by id, so list
+    /// pages are range reads.
+    sessions: RwLock<BTreeMap<KeyId, Arc<Entry>>>,
+    /// Token keys decrypted lately (created here, or used by an
+    /// operation), at most [`HOT_KEYS`]: a key signed with again and again
+    /// is not read and decrypted each time, and stays usable while a
+    /// full disk keeps the database closed. Bounded, so memory does not
+    /// grow with the keys held.
+    hot: Mutex<hashbrown::HashMap<KeyId, Arc<Entry>, std::hash::RandomState>>,
     tombstones: RwLock<HashSet<KeyId>>,
     digest: Mutex<InventoryDigest>,
 }
@@ -143,6 +176,14 @@ pub struct EmbeddedKeystore {
 fn storage(e: impl std::fmt::Display) -> KeystoreError {
     KeystoreError::Storage(e.to_string())
 }
+
+/// redb's page cache, in bytes. Its default (1 GiB) fills with every page
+/// written, so an agent's RSS grew with its keys however small the index;
+/// records read on demand come from the OS page cache past this.
+const REDB_CACHE: usize = 16 * 1024 * 1024;
+
+/// Most token keys kept decrypted in memory ([`EmbeddedKeystore::hot`]).
+const HOT_KEYS: usize = 1024;
 
 /// Least time between two attempts to reopen the database while the cause
 /// of its I/O error lasts: each one reloads the index (a scan of every
@@ -207,6 +248,11 @@ fn aad(id: &KeyId, key_type: KeyType, fp: &Fingerprint) -> Vec<u8> {
     a
 }
 
+/// A stored record, decoded (the material still sealed).
+fn decode_stored(bytes: &[u8]) -> Result<StoredRecord, KeystoreError> {
+    read_record(bytes)
+}
+
 /// The key type and fingerprint a stored record claims (not checked: the
 /// material is not decrypted).
 fn stored_fingerprint(bytes: &[u8]) -> Option<(KeyType, Fingerprint)> {
@@ -249,7 +295,12 @@ impl EmbeddedKeystore {
     /// Fails if any stored key cannot be decrypted: a wrong domain key or a
     /// corrupt store is not something to serve around.
     pub fn open(dir: &Path, hsm: HsmId, domain: DomainKey) -> Result<Self, KeystoreError> {
-        Self::open_with(dir, hsm, domain, Box::new(|p| redb::Database::create(p)))
+        Self::open_with(
+            dir,
+            hsm,
+            domain,
+            Box::new(|p| redb::Builder::new().set_cache_size(REDB_CACHE).create(p)),
+        )
     }
 
     fn open_with(
@@ -281,7 +332,9 @@ impl EmbeddedKeystore {
             poisoned: AtomicBool::new(false),
             fault: Mutex::new(Fault::default()),
             reopen_pause: REOPEN_PAUSE,
-            keys: RwLock::new(BTreeMap::new()),
+            index: RwLock::new(KeyIndex::default()),
+            sessions: RwLock::new(BTreeMap::new()),
+            hot: Mutex::new(hashbrown::HashMap::default()),
             tombstones: RwLock::new(HashSet::new()),
             digest: Mutex::new(InventoryDigest::default()),
         };
@@ -291,34 +344,38 @@ impl EmbeddedKeystore {
     }
 
     /// Makes the in-memory index what `db` holds: its token keys and
-    /// tombstones; session keys (memory only) are kept. A key already in
-    /// memory with the stored fingerprint is kept as it is (not decrypted
-    /// again), so reloading after a reopen is cheap.
+    /// tombstones; session keys (memory only) are kept. Every record not
+    /// already indexed with the same type and fingerprint is decrypted and
+    /// checked once (a wrong domain key or a corrupt store fails here, not
+    /// at some later operation), then only its index entry is kept; so
+    /// reloading after a reopen is cheap.
     fn load(&self, db: &redb::Database) -> Result<(), KeystoreError> {
         let txn = db.begin_read().map_err(storage)?;
         let table = txn.open_table(KEYS).map_err(storage)?;
-        let mut keys = self.keys.write().map_err(storage)?;
-        let mut loaded: BTreeMap<KeyId, Arc<Entry>> = keys
-            .iter()
-            .filter(|(_, e)| e.info.session)
-            .map(|(id, e)| (*id, e.clone()))
-            .collect();
+        let mut index = self.index.write().map_err(storage)?;
+        let mut loaded = KeyIndex::default();
         let mut bad = 0usize;
         for row in table.iter().map_err(storage)? {
             let (k, v) = row.map_err(storage)?;
             let id = KeyId(uuid::Uuid::from_u128(k.value()));
-            let held = keys.get(&id).filter(|e| {
-                !e.info.session
-                    && stored_fingerprint(v.value())
-                        .is_some_and(|(t, fp)| t == e.info.key_type && fp == e.info.fingerprint)
+            let held = index.0.get(&id).copied().filter(|e| {
+                stored_fingerprint(v.value())
+                    .is_some_and(|(t, fp)| t == e.key_type && fp == e.fingerprint)
             });
             if let Some(e) = held {
-                loaded.insert(id, e.clone());
+                loaded.0.insert(id, e);
                 continue;
             }
-            match self.decode_record(&id, v.value()) {
+            match self.decode_record(&id, v.value(), true) {
                 Ok(entry) => {
-                    loaded.insert(id, Arc::new(entry));
+                    loaded.0.insert(
+                        id,
+                        Indexed {
+                            key_type: entry.info.key_type,
+                            fingerprint: entry.info.fingerprint,
+                            unlogged: false,
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::error!(key_id = %id, error = %e, "stored key cannot be opened");
@@ -338,21 +395,22 @@ impl EmbeddedKeystore {
             set.insert(KeyId(uuid::Uuid::from_u128(k.value())));
         }
         let outbox = txn.open_table(OUTBOX).map_err(storage)?;
-        let mut in_outbox = HashSet::new();
         for row in outbox.iter().map_err(storage)? {
             let (k, _) = row.map_err(storage)?;
-            in_outbox.insert(KeyId(uuid::Uuid::from_u128(k.value())));
-        }
-        for (id, e) in loaded.iter().filter(|(_, e)| !e.info.session) {
-            e.unlogged.store(in_outbox.contains(id), Ordering::Release);
+            if let Some(e) = loaded.0.get_mut(&KeyId(uuid::Uuid::from_u128(k.value()))) {
+                e.unlogged = true;
+            }
         }
         let mut digest = InventoryDigest::default();
-        for (id, e) in loaded.iter().filter(|(_, e)| !e.info.session) {
-            digest.toggle(id, &e.info.fingerprint);
+        for (id, e) in &loaded.0 {
+            digest.toggle(id, &e.fingerprint);
         }
+        loaded.0.shrink_to_fit();
         *self.digest.lock().map_err(storage)? = digest;
         *self.tombstones.write().map_err(storage)? = set;
-        *keys = loaded;
+        // Whatever the disk holds now is what operations read.
+        self.hot.lock().map_err(storage)?.clear();
+        *index = loaded;
         Ok(())
     }
 
@@ -457,18 +515,37 @@ impl EmbeddedKeystore {
         self.tombstones.read().is_ok_and(|t| t.contains(id))
     }
 
-    fn decode_record(&self, id: &KeyId, bytes: &[u8]) -> Result<Entry, KeystoreError> {
-        let rec = read_record(bytes)?;
+    /// A stored record's key: its material decrypted (AES-256-GCM, with
+    /// its id, type and fingerprint as associated data, so the record is
+    /// the one sealed for this id). `check_fp` recomputes the fingerprint
+    /// from the material too: done once at open; an operation reading the
+    /// key on demand skips it (the seal already binds the fingerprint, and
+    /// deriving a P-256 or RSA public key again costs more than the read).
+    fn decode_record(
+        &self,
+        id: &KeyId,
+        bytes: &[u8],
+        check_fp: bool,
+    ) -> Result<Entry, KeystoreError> {
+        let rec = decode_stored(bytes)?;
         let plain = open(
             &self.at_rest,
             &rec.sealed,
             &aad(id, rec.key_type, &rec.fingerprint),
         )?;
         let material = KeyMaterial::from_bytes(rec.key_type, &plain)?;
-        if material.fingerprint()? != rec.fingerprint {
+        if check_fp && material.fingerprint()? != rec.fingerprint {
             return Err(storage("fingerprint of stored material does not match"));
         }
-        let info = KeyInfo {
+        Ok(Entry {
+            info: self.info_of(id, rec),
+            material,
+        })
+    }
+
+    /// What a record says of its key, without decrypting the material.
+    fn info_of(&self, id: &KeyId, rec: StoredRecord) -> KeyInfo {
+        KeyInfo {
             key_id: *id,
             key_type: rec.key_type,
             fingerprint: rec.fingerprint,
@@ -476,8 +553,62 @@ impl EmbeddedKeystore {
             attributes: rec.attributes,
             hsm: self.hsm.clone(),
             stored_at: rec.stored_at,
-        };
-        Ok(Entry::new(info, material, false))
+        }
+    }
+
+    /// The stored record of a token key, if there is one.
+    fn record(&self, id: &KeyId) -> Result<Option<Vec<u8>>, KeystoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| self.db_err(e))?;
+            let table = txn.open_table(KEYS).map_err(|e| self.db_err(e))?;
+            let row = table.get(id.0.as_u128()).map_err(|e| self.db_err(e))?;
+            Ok(row.map(|v| v.value().to_vec()))
+        })
+    }
+
+    /// Up to `limit` stored records with ids after `after`, in id order
+    /// (the table's `u128` keys sort like the ids' bytes).
+    fn records_after(
+        &self,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<(KeyId, Vec<u8>)>, KeystoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| self.db_err(e))?;
+            let table = txn.open_table(KEYS).map_err(|e| self.db_err(e))?;
+            let range = match after {
+                Some(a) => table.range((
+                    std::ops::Bound::Excluded(a.0.as_u128()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => table.range::<u128>(..),
+            }
+            .map_err(|e| self.db_err(e))?;
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for row in range.take(limit) {
+                let (k, v) = row.map_err(|e| self.db_err(e))?;
+                out.push((KeyId(uuid::Uuid::from_u128(k.value())), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Whether and how an id is held, from memory only.
+    fn lookup(&self, id: &KeyId) -> Option<Found> {
+        if let Some(e) = self.index.read().ok()?.0.get(id) {
+            return Some(Found::Token(*e));
+        }
+        self.sessions
+            .read()
+            .ok()?
+            .get(id)
+            .map(|e| Found::Session(e.info.fingerprint))
+    }
+
+    /// Bytes the resident index of token keys holds on the heap (the
+    /// bench divides it by the keys held).
+    pub fn index_heap_bytes(&self) -> usize {
+        self.index.read().map(|i| i.heap_bytes()).unwrap_or(0)
     }
 
     fn encode_record(
@@ -512,13 +643,44 @@ impl EmbeddedKeystore {
         bincode::serde::encode_to_vec(&rec, bincode_config()).map_err(storage)
     }
 
+    /// A key with its material: a session key from memory, a token key
+    /// read from its record (and dropped after the operation).
     fn entry(&self, id: &KeyId) -> Result<Arc<Entry>, KeystoreError> {
-        self.keys
-            .read()
-            .map_err(storage)?
-            .get(id)
-            .cloned()
-            .ok_or(KeystoreError::NotFound(*id))
+        if let Some(e) = self.sessions.read().map_err(storage)?.get(id) {
+            return Ok(e.clone());
+        }
+        if !self.index.read().map_err(storage)?.0.contains_key(id) {
+            return Err(KeystoreError::NotFound(*id));
+        }
+        if let Some(e) = self.hot.lock().map_err(storage)?.get(id) {
+            return Ok(e.clone());
+        }
+        // Deleted meanwhile: not found, as if the delete came first.
+        let bytes = self.record(id)?.ok_or(KeystoreError::NotFound(*id))?;
+        let entry = Arc::new(self.decode_record(id, &bytes, false)?);
+        self.keep_hot(entry.clone());
+        Ok(entry)
+    }
+
+    /// Keeps a decrypted token key for the next operations; when
+    /// [`HOT_KEYS`] are kept already, one of them (whichever the table
+    /// yields first) makes room.
+    fn keep_hot(&self, entry: Arc<Entry>) {
+        if let Ok(mut hot) = self.hot.lock() {
+            if hot.len() >= HOT_KEYS && !hot.contains_key(&entry.info.key_id) {
+                if let Some(evict) = hot.keys().next().copied() {
+                    hot.remove(&evict);
+                }
+            }
+            hot.insert(entry.info.key_id, entry);
+        }
+    }
+
+    /// Forgets a decrypted token key (deleted, discarded, replaced).
+    fn forget_hot(&self, id: &KeyId) {
+        if let Ok(mut hot) = self.hot.lock() {
+            hot.remove(id);
+        }
     }
 
     fn material_for(&self, key: &NewKey<'_>) -> Result<KeyMaterial, KeystoreError> {
@@ -544,10 +706,10 @@ impl EmbeddedKeystore {
         if k.domain != self.domain.id() {
             return Err(CloneFailure::WrongDomain);
         }
-        if let Ok(existing) = self.entry(&k.key_id) {
-            return if existing.info.fingerprint == k.fingerprint && !existing.info.session {
+        if let Some(found) = self.lookup(&k.key_id) {
+            return if matches!(found, Found::Token(e) if e.fingerprint == k.fingerprint) {
                 Ok(None)
-            } else if !existing.info.session && existing.is_unlogged() {
+            } else if matches!(found, Found::Token(e) if e.unlogged) {
                 // Two HSMs created this id at once and the log has not
                 // refused ours yet: once it does, ours goes and this applies.
                 Err(CloneFailure::Undecided)
@@ -606,7 +768,7 @@ impl Keystore for EmbeddedKeystore {
         if self.is_tombstoned(&key.id) {
             return Err(KeystoreError::Deleted(key.id));
         }
-        if self.entry(&key.id).is_ok() {
+        if self.lookup(&key.id).is_some() {
             return Err(KeystoreError::AlreadyExists(key.id));
         }
         let material = self.material_for(&key)?;
@@ -633,17 +795,22 @@ impl Keystore for EmbeddedKeystore {
             public_key,
             domain: self.domain.id(),
         };
-        let entry = Arc::new(Entry::new(info, material, !key.session));
         if key.session {
-            let mut keys = self.keys.write().map_err(storage)?;
-            if keys.contains_key(&key.id) {
+            let index = self.index.read().map_err(storage)?;
+            let mut sessions = self.sessions.write().map_err(storage)?;
+            if index.0.contains_key(&key.id) || sessions.contains_key(&key.id) {
                 // A concurrent create with the same id won.
                 return Err(KeystoreError::AlreadyExists(key.id));
             }
-            keys.insert(key.id, entry);
+            sessions.insert(key.id, Arc::new(Entry { info, material }));
             return Ok(created);
         }
-        let record = self.encode_record(&entry.info, &entry.material)?;
+        let record = self.encode_record(&info, &material)?;
+        let indexed = Indexed {
+            key_type: info.key_type,
+            fingerprint: info.fingerprint,
+            unlogged: true,
+        };
         let event = outbox(&created).map_err(storage)?;
         // The key and its outbox entry in one transaction, and into memory
         // under the same database guard (a reopen cannot come between).
@@ -666,13 +833,13 @@ impl Keystore for EmbeddedKeystore {
             }
             txn.commit().map_err(|e| self.db_err(e))?;
             self.written();
-            let mut keys = self.keys.write().map_err(storage)?;
-            if keys.contains_key(&key.id) {
+            let mut index = self.index.write().map_err(storage)?;
+            if self.sessions.read().map_err(storage)?.contains_key(&key.id) {
                 // A concurrent create of a session key with the same id won.
                 return Err(KeystoreError::AlreadyExists(key.id));
             }
-            self.toggle_digest(&key.id, &entry.info.fingerprint);
-            keys.insert(key.id, entry);
+            self.toggle_digest(&key.id, &indexed.fingerprint);
+            index.0.insert(key.id, indexed);
             Ok(())
         })
         .map_err(|e| match e {
@@ -681,12 +848,13 @@ impl Keystore for EmbeddedKeystore {
             }
             other => other,
         })?;
+        self.keep_hot(Arc::new(Entry { info, material }));
         Ok(created)
     }
 
     fn apply_clones(&self, clones: &[&CloneKey]) -> Vec<Result<CloneOutcome, CloneFailure>> {
         let mut results: Vec<Result<CloneOutcome, CloneFailure>> = Vec::with_capacity(clones.len());
-        let mut staged: Vec<(usize, KeyInfo, KeyMaterial, Vec<u8>)> = Vec::new();
+        let mut staged: Vec<(usize, KeyInfo, Vec<u8>)> = Vec::new();
         let mut staged_ids: HashMap<KeyId, Fingerprint> = HashMap::new();
         for (i, cmd) in clones.iter().enumerate() {
             if let Some(fp) = staged_ids.get(&cmd.key.key_id) {
@@ -703,10 +871,11 @@ impl Keystore for EmbeddedKeystore {
             }
             match self.check_clone(cmd) {
                 Ok(None) => results.push(Ok(CloneOutcome::AlreadyPresent)),
-                Ok(Some((info, material, plain))) => match self.seal_record(&info, &plain) {
+                // The parsed material is dropped: the record is what stays.
+                Ok(Some((info, _material, plain))) => match self.seal_record(&info, &plain) {
                     Ok(record) => {
                         staged_ids.insert(info.key_id, info.fingerprint);
-                        staged.push((i, info, material, record));
+                        staged.push((i, info, record));
                         results.push(Ok(CloneOutcome::Stored));
                     }
                     Err(e) => results.push(Err(CloneFailure::Storage(e.to_string()))),
@@ -722,22 +891,26 @@ impl Keystore for EmbeddedKeystore {
             let txn = db.begin_write().map_err(|e| self.db_err(e))?;
             {
                 let mut keys = txn.open_table(KEYS).map_err(|e| self.db_err(e))?;
-                for (_, info, _, record) in &staged {
+                for (_, info, record) in &staged {
                     keys.insert(info.key_id.0.as_u128(), record.as_slice())
                         .map_err(|e| self.db_err(e))?;
                 }
             }
             txn.commit().map_err(|e| self.db_err(e))?;
             self.written();
-            let mut keys = self.keys.write().map_err(storage)?;
-            for (_, info, material, _) in staged {
+            let mut index = self.index.write().map_err(storage)?;
+            for (_, info, _) in staged {
                 let (id, fp) = (info.key_id, info.fingerprint);
+                let indexed = Indexed {
+                    key_type: info.key_type,
+                    fingerprint: fp,
+                    unlogged: false,
+                };
                 // The digest stays right even if the key came into memory
                 // meanwhile (a reload after a reopen).
-                if let Some(old) = keys.insert(id, Arc::new(Entry::new(info, material, false))) {
-                    if !old.info.session {
-                        self.toggle_digest(&id, &old.info.fingerprint);
-                    }
+                if let Some(old) = index.0.insert(id, indexed) {
+                    self.toggle_digest(&id, &old.fingerprint);
+                    self.forget_hot(&id);
                 }
                 self.toggle_digest(&id, &fp);
             }
@@ -814,25 +987,45 @@ impl Keystore for EmbeddedKeystore {
     }
 
     fn info(&self, id: &KeyId) -> Result<KeyInfo, KeystoreError> {
-        Ok(self.entry(id)?.info.clone())
+        if let Some(e) = self.sessions.read().map_err(storage)?.get(id) {
+            return Ok(e.info.clone());
+        }
+        if !self.index.read().map_err(storage)?.0.contains_key(id) {
+            return Err(KeystoreError::NotFound(*id));
+        }
+        let bytes = self.record(id)?.ok_or(KeystoreError::NotFound(*id))?;
+        Ok(self.info_of(id, decode_stored(&bytes)?))
     }
 
+    /// Token keys' infos come from their records (a range read, the
+    /// material left sealed), merged in id order with the session keys.
     fn list_page(&self, after: Option<KeyId>, limit: usize) -> Vec<KeyInfo> {
-        let Ok(keys) = self.keys.read() else {
-            return Vec::new();
+        let mut infos: Vec<KeyInfo> = match self.records_after(after, limit) {
+            Ok(rows) => rows
+                .into_iter()
+                .filter_map(|(id, bytes)| decode_stored(&bytes).ok().map(|r| self.info_of(&id, r)))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing: the keystore could not be read");
+                return Vec::new();
+            }
         };
-        super::page(&keys, after, limit, |(_, e)| Some(e.info.clone()))
+        if let Ok(sessions) = self.sessions.read() {
+            infos.extend(super::page(&sessions, after, limit, |(_, e)| {
+                Some(e.info.clone())
+            }));
+        }
+        infos.sort_by_key(|i| i.key_id);
+        infos.truncate(limit);
+        infos
     }
 
     fn key_count(&self) -> u64 {
-        self.keys.read().map(|k| k.len() as u64).unwrap_or(0)
+        self.token_key_count() + self.sessions.read().map(|s| s.len() as u64).unwrap_or(0)
     }
 
     fn token_key_count(&self) -> u64 {
-        self.keys
-            .read()
-            .map(|k| k.values().filter(|e| !e.info.session).count() as u64)
-            .unwrap_or(0)
+        self.index.read().map(|i| i.0.len() as u64).unwrap_or(0)
     }
 
     fn delete(
@@ -840,19 +1033,21 @@ impl Keystore for EmbeddedKeystore {
         id: &KeyId,
         outbox: Option<OutboxEntry>,
     ) -> Result<Option<KeyInfo>, KeystoreError> {
-        let existing = self.entry(id).ok();
-        if existing.as_ref().is_some_and(|e| e.info.session) {
+        let session = self.sessions.write().map_err(storage)?.remove(id);
+        if let Some(e) = session {
             // Session keys are not cluster keys: just drop it here.
-            if let Ok(mut keys) = self.keys.write() {
-                keys.remove(id);
-            }
-            return Ok(existing.map(|e| e.info.clone()));
+            return Ok(Some(e.info.clone()));
         }
         self.with_db(|db| {
             let txn = db.begin_write().map_err(|e| self.db_err(e))?;
+            let info;
             {
                 let mut keys = txn.open_table(KEYS).map_err(|e| self.db_err(e))?;
-                keys.remove(id.0.as_u128()).map_err(|e| self.db_err(e))?;
+                info = keys
+                    .remove(id.0.as_u128())
+                    .map_err(|e| self.db_err(e))?
+                    .and_then(|old| decode_stored(old.value()).ok())
+                    .map(|rec| self.info_of(id, rec));
                 let mut tombs = txn.open_table(TOMBSTONES).map_err(|e| self.db_err(e))?;
                 tombs
                     .insert(id.0.as_u128(), Timestamp::now().as_nanos())
@@ -866,11 +1061,12 @@ impl Keystore for EmbeddedKeystore {
             txn.commit().map_err(|e| self.db_err(e))?;
             self.written();
             self.tombstones.write().map_err(storage)?.insert(*id);
-            let removed = self.keys.write().map_err(storage)?.remove(id);
+            let removed = self.index.write().map_err(storage)?.0.remove(id);
+            self.forget_hot(id);
             if let Some(e) = &removed {
-                self.toggle_digest(id, &e.info.fingerprint);
+                self.toggle_digest(id, &e.fingerprint);
             }
-            Ok(removed.map(|e| e.info.clone()))
+            Ok(removed.and(info))
         })
     }
 
@@ -878,13 +1074,18 @@ impl Keystore for EmbeddedKeystore {
         self.digest.lock().map(|d| *d).unwrap_or_default()
     }
 
+    /// A range read of the records (only their fingerprints decoded).
     fn inventory_page(&self, after: Option<KeyId>, limit: usize) -> Vec<(KeyId, Fingerprint)> {
-        let Ok(keys) = self.keys.read() else {
-            return Vec::new();
-        };
-        super::page(&keys, after, limit, |(id, e)| {
-            (!e.info.session).then_some((*id, e.info.fingerprint))
-        })
+        match self.records_after(after, limit) {
+            Ok(rows) => rows
+                .into_iter()
+                .filter_map(|(id, bytes)| stored_fingerprint(&bytes).map(|(_, fp)| (id, fp)))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "inventory: the keystore could not be read");
+                Vec::new()
+            }
+        }
     }
 
     fn outbox(&self) -> Result<Vec<(KeyId, OutboxEntry)>, KeystoreError> {
@@ -914,10 +1115,10 @@ impl Keystore for EmbeddedKeystore {
             }
             txn.commit().map_err(|e| self.db_err(e))?;
             self.written();
-            let keys = self.keys.read().map_err(storage)?;
+            let mut index = self.index.write().map_err(storage)?;
             for id in ids {
-                if let Some(e) = keys.get(id) {
-                    e.unlogged.store(false, Ordering::Release);
+                if let Some(e) = index.0.get_mut(id) {
+                    e.unlogged = false;
                 }
             }
             Ok(())
@@ -957,12 +1158,14 @@ impl Keystore for EmbeddedKeystore {
             txn.commit().map_err(|e| self.db_err(e))?;
             self.written();
             if removed_key {
-                let mut keys = self.keys.write().map_err(storage)?;
-                if keys
+                let mut index = self.index.write().map_err(storage)?;
+                if index
+                    .0
                     .get(id)
-                    .is_some_and(|e| !e.info.session && e.info.fingerprint == *fingerprint)
+                    .is_some_and(|e| e.fingerprint == *fingerprint)
                 {
-                    keys.remove(id);
+                    index.0.remove(id);
+                    self.forget_hot(id);
                     self.toggle_digest(id, fingerprint);
                 }
             }
@@ -1152,6 +1355,118 @@ mod tests {
             EmbeddedKeystore::open(dir.path(), hsm("a"), DomainKey::from_bytes([8u8; 32])),
             Err(KeystoreError::Open(_))
         ));
+    }
+
+    /// The resident index stays under 200 bytes a key (decision 19) at
+    /// every size from 1,000 to 200,000 keys, whatever the table's fill;
+    /// and its count is the table's real allocation.
+    #[test]
+    fn the_index_holds_under_200_bytes_a_key() {
+        let mut index = KeyIndex::default();
+        assert_eq!(index.heap_bytes(), 0);
+        let mut worst = 0.0f64;
+        for n in 1..=200_000u32 {
+            index.0.insert(
+                KeyId(uuid::Uuid::from_u128(u128::from(n) * 0x9e37_79b9_7f4a_7c15)),
+                Indexed {
+                    key_type: KeyType::Ed25519,
+                    fingerprint: Fingerprint([n as u8; 32]),
+                    unlogged: false,
+                },
+            );
+            if n >= 1000 {
+                worst = worst.max(index.heap_bytes() as f64 / f64::from(n));
+            }
+        }
+        let slot = std::mem::size_of::<(KeyId, Indexed)>();
+        assert_eq!(slot, 50, "id 16 + type 1 + fingerprint 32 + flag 1");
+        // At least a slot and a control byte a bucket for every key.
+        assert!(index.heap_bytes() >= 200_000 * (slot + 1));
+        assert!(worst <= 200.0, "{worst:.0} bytes a key at worst");
+    }
+
+    /// Token keys live in redb and the index only: a batch of clones is
+    /// indexed (fingerprints, the digest), and listing, info, inventory and
+    /// operations read the records on demand, also after a reopen.
+    #[test]
+    fn records_are_read_on_demand_and_the_index_counts_its_bytes() {
+        let dk = || DomainKey::from_bytes([3u8; 32]);
+        let (da, db) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let a = EmbeddedKeystore::open(da.path(), hsm("a"), dk()).expect("open a");
+        let b = EmbeddedKeystore::open(db.path(), hsm("b"), dk()).expect("open b");
+        let n = 300;
+        let created: Vec<CreatedKey> = (0..n)
+            .map(|i| {
+                let t = [KeyType::Ed25519, KeyType::Aes256][i % 2];
+                a.create(new_key(t, false), &mut no_outbox).expect("create")
+            })
+            .collect();
+        let cmds: Vec<CloneKey> = created.iter().map(|c| clone_of(c, "b")).collect();
+        let refs: Vec<&CloneKey> = cmds.iter().collect();
+        assert!(b
+            .apply_clones(&refs)
+            .iter()
+            .all(|r| *r == Ok(CloneOutcome::Stored)));
+        assert_eq!(b.token_key_count(), n as u64);
+        assert_eq!(b.inventory_digest(), a.inventory_digest());
+        let bytes = b.index_heap_bytes();
+        assert!(
+            bytes >= n * 50 && bytes <= n * 200,
+            "{bytes} bytes for {n} keys"
+        );
+
+        let session = b
+            .create(new_key(KeyType::Ed25519, true), &mut no_outbox)
+            .expect("session key");
+        let mut listed = Vec::new();
+        let mut after = None;
+        loop {
+            let page = b.list_page(after, 64);
+            let Some(last) = page.last() else { break };
+            after = Some(last.key_id);
+            listed.extend(page);
+        }
+        assert_eq!(listed.len(), n + 1, "every token key and the session key");
+        assert!(listed.windows(2).all(|w| w[0].key_id < w[1].key_id));
+        assert!(listed
+            .iter()
+            .any(|i| i.key_id == session.info.key_id && i.session));
+        let inventory = b.inventory_page(None, 10_000);
+        assert_eq!(inventory.len(), n);
+        for c in &created {
+            assert!(inventory.contains(&(c.info.key_id, c.info.fingerprint)));
+            let info = b.info(&c.info.key_id).expect("info from the record");
+            assert_eq!(
+                (info.fingerprint, info.hsm.as_str()),
+                (c.info.fingerprint, "b")
+            );
+        }
+        let signer = &created[0];
+        let sig = b
+            .sign(&signer.info.key_id, b"data")
+            .expect("sign, material read on demand");
+        assert!(a
+            .verify(&signer.info.key_id, b"data", &sig)
+            .expect("verify"));
+
+        let gone = b.delete(&created[1].info.key_id, None).expect("delete");
+        assert_eq!(
+            gone.map(|i| i.fingerprint),
+            Some(created[1].info.fingerprint)
+        );
+        assert!(matches!(
+            b.info(&created[1].info.key_id),
+            Err(KeystoreError::NotFound(_))
+        ));
+        let digest = b.inventory_digest();
+        drop(b);
+        let b = EmbeddedKeystore::open(db.path(), hsm("b"), dk()).expect("reopen b");
+        assert_eq!(b.token_key_count(), n as u64 - 1);
+        assert_eq!(b.inventory_digest(), digest);
+        assert!(b.sign(&signer.info.key_id, b"data").is_ok());
     }
 
     #[test]
@@ -1411,7 +1726,7 @@ mod tests {
         }
         assert!(store.delete(&first.info.key_id, None).is_err());
         assert_eq!(store.token_key_count(), 1);
-        // What is in memory keeps working.
+        // A key kept decrypted (created here lately) keeps working.
         let sig = store.sign(&first.info.key_id, b"m").expect("sign");
 
         // Space returns: the store reopens by itself and catches up.
