@@ -291,16 +291,9 @@ async fn scaling(
         // The floor at this size: one request/reply per other HSM.
         let floor_h = pct(&floor(client.nats(), n - 1, sizes.scaling_latency).await?);
         let lat = pct(&sync_one_at_a_time(&client, &hsms, key_type, sizes.scaling_latency).await?);
-        let meter = super::bench_cpu::Meter::start(stack.processes()).await;
-        let (_, replicated) = throughput(
-            &client,
-            &hsms,
-            KeyType::Ed25519,
-            sizes.scaling_throughput,
-            in_flight,
-        )
-        .await?;
-        let cpu = meter.finish(sizes.scaling_throughput).await;
+        let (_, replicated, cpu) =
+            super::bench_cpu::metered_throughput(&stack, sizes.scaling_throughput, in_flight)
+                .await?;
         stack.shutdown().await;
         rows.push(json!({
             "hsms": n,
@@ -671,16 +664,8 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     };
     if args.throughput_only {
         say("measuring throughput and CPU per replicated key");
-        let meter = super::bench_cpu::Meter::start(stack.processes()).await;
-        let (created, replicated) = throughput(
-            &client,
-            &hsms,
-            KeyType::Ed25519,
-            sizes.throughput,
-            args.in_flight,
-        )
-        .await?;
-        let cpu = meter.finish(sizes.throughput).await;
+        let (created, replicated, cpu) =
+            super::bench_cpu::metered_throughput(&stack, sizes.throughput, args.in_flight).await?;
         stack.shutdown().await;
         let subjects = cli.subjects()?;
         let bus = super::bench_sync::rows(
@@ -758,16 +743,8 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         durability.insert(d.to_string(), pct(&h));
     }
     say("measuring throughput");
-    let meter = super::bench_cpu::Meter::start(stack.processes()).await;
-    let (created_rate, replicated_rate) = throughput(
-        &client,
-        &hsms,
-        KeyType::Ed25519,
-        sizes.throughput,
-        args.in_flight,
-    )
-    .await?;
-    let cpu_per_key = meter.finish(sizes.throughput).await;
+    let (created_rate, replicated_rate, cpu_per_key) =
+        super::bench_cpu::metered_throughput(&stack, sizes.throughput, args.in_flight).await?;
     let ceiling_rate = ceiling(client.nats(), sizes.ceiling).await?;
     // Stored per key: KeyCreated, n-1 commands, n-1 CloneApplied,
     // KeyReplicated, one audit record per event (n+1) and one lifecycle

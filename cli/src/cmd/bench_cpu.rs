@@ -159,6 +159,25 @@ impl Meter {
         })
     }
 }
+/// The throughput run (Ed25519 keys, `in_flight` creates at a time) on
+/// `stack`, metered: keys/s created and replicated, and the CPU per
+/// replicated key of every process of the stack ([`Meter`]).
+pub(super) async fn metered_throughput(
+    stack: &keysync_harness::DevStack,
+    keys: usize,
+    in_flight: usize,
+) -> anyhow::Result<(f64, f64, serde_json::Value)> {
+    let meter = Meter::start(stack.processes()).await;
+    let (created, replicated) = super::bench::throughput(
+        stack.client(),
+        &stack.hsm_ids(),
+        keysync_schemas::KeyType::Ed25519,
+        keys,
+        in_flight,
+    )
+    .await?;
+    Ok((created, replicated, meter.finish(keys).await))
+}
 
 /// The table of a [`Meter::finish`] document (nothing if it is null).
 pub(super) fn print(v: &serde_json::Value) -> std::io::Result<()> {

@@ -16,7 +16,7 @@ use keysync_harness::{DevStack, StackOptions};
 use keysync_schemas::{KeyType, Subjects};
 use serde_json::json;
 
-use super::bench::{floor, pct, ratio, sync_one_at_a_time, throughput};
+use super::bench::{floor, pct, ratio, sync_one_at_a_time};
 
 /// `--sync-interval`: which server settings the durable-bus rows run under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -91,16 +91,8 @@ pub(super) async fn rows(
         let ids = stack.hsm_ids();
         let floor_h = pct(&floor(client.nats(), hsms - 1, sizes.latency).await?);
         let sync_h = pct(&sync_one_at_a_time(&client, &ids, key_type, sizes.latency).await?);
-        let meter = super::bench_cpu::Meter::start(stack.processes()).await;
-        let (created, replicated) = throughput(
-            &client,
-            &ids,
-            KeyType::Ed25519,
-            sizes.throughput,
-            sizes.in_flight,
-        )
-        .await?;
-        let cpu = meter.finish(sizes.throughput).await;
+        let (created, replicated, cpu) =
+            super::bench_cpu::metered_throughput(&stack, sizes.throughput, sizes.in_flight).await?;
         stack.shutdown().await;
         out.insert(
             (*setting).to_string(),
