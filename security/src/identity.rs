@@ -174,27 +174,22 @@ pub fn verify(public_key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
 }
 
 /// Successful verifications of this process, by SHA-256 of the public key,
-/// the signature and the message, the most recent [`Verified::CAPACITY`].
+/// the signature and the message, the most recently used [`Verified::CAPACITY`].
 ///
 /// Sound because verification is a pure function of those three inputs:
 /// a digest found here stands for exactly the bytes that verified before
 /// (finding a second input with the same SHA-256 is out of reach), so the
 /// answer is the one verifying again would give. Only successes are kept,
 /// so nothing anyone sends can fill it without a valid signature, and it
-/// is bounded (oldest forgotten first; a forgotten one is verified again).
+/// is bounded (least recently used forgotten first; a forgotten one is
+/// verified again).
 struct Verified {
-    seen: std::sync::Mutex<Remembered>,
+    seen: std::sync::Mutex<lru::LruCache<[u8; 32], ()>>,
 }
-
-/// The digests, and the order they came in (to forget the oldest).
-type Remembered = (
-    std::collections::HashSet<[u8; 32]>,
-    std::collections::VecDeque<[u8; 32]>,
-);
 
 impl Verified {
     /// Enough for the events a busy orchestrator's readers are apart
-    /// (64 bytes each with its queue entry: ~1 MiB at most).
+    /// (tens of bytes each in the cache: about 1 MiB at most).
     const CAPACITY: usize = 16_384;
 
     fn digest(public_key: &[u8; 32], message: &[u8], signature: &[u8]) -> [u8; 32] {
@@ -209,28 +204,27 @@ impl Verified {
         h.finalize().into()
     }
 
+    fn new() -> Self {
+        let capacity =
+            std::num::NonZeroUsize::new(Self::CAPACITY).unwrap_or(std::num::NonZeroUsize::MIN);
+        Verified {
+            seen: std::sync::Mutex::new(lru::LruCache::new(capacity)),
+        }
+    }
+
+    /// Whether `d` verified before (and keep it fresh if so).
     fn contains(&self, d: &[u8; 32]) -> bool {
-        self.seen.lock().map(|s| s.0.contains(d)).unwrap_or(false)
+        self.seen.lock().is_ok_and(|mut s| s.get(d).is_some())
     }
 
     fn insert(&self, d: [u8; 32]) {
-        let Ok(mut s) = self.seen.lock() else { return };
-        let (set, order) = &mut *s;
-        if !set.insert(d) {
-            return;
-        }
-        order.push_back(d);
-        while order.len() > Self::CAPACITY {
-            if let Some(old) = order.pop_front() {
-                set.remove(&old);
-            }
+        if let Ok(mut s) = self.seen.lock() {
+            s.put(d, ());
         }
     }
 }
 
-static VERIFIED: std::sync::LazyLock<Verified> = std::sync::LazyLock::new(|| Verified {
-    seen: std::sync::Mutex::new(Default::default()),
-});
+static VERIFIED: std::sync::LazyLock<Verified> = std::sync::LazyLock::new(Verified::new);
 
 /// Parses a public key given as 64 hex digits (refusing a weak one).
 pub fn parse_public_key(text: &str) -> Result<[u8; 32], String> {
@@ -307,14 +301,12 @@ mod tests {
 
     #[test]
     fn remembered_verifications_are_bounded() {
-        let v = Verified {
-            seen: std::sync::Mutex::new(Default::default()),
-        };
+        let v = Verified::new();
         for i in 0..Verified::CAPACITY as u64 + 10 {
             v.insert(Verified::digest(&[0; 32], &i.to_be_bytes(), b"s"));
         }
-        let len = v.seen.lock().map(|s| (s.0.len(), s.1.len())).expect("lock");
-        assert_eq!(len, (Verified::CAPACITY, Verified::CAPACITY));
+        let len = v.seen.lock().map(|s| s.len()).expect("lock");
+        assert_eq!(len, Verified::CAPACITY);
         // The oldest went first.
         assert!(!v.contains(&Verified::digest(&[0; 32], &0u64.to_be_bytes(), b"s")));
         let last = Verified::CAPACITY as u64 + 9;

@@ -168,7 +168,7 @@ pub struct EmbeddedKeystore {
     /// is not read and decrypted each time, and stays usable while a
     /// full disk keeps the database closed. Bounded, so memory does not
     /// grow with the keys held.
-    hot: Mutex<hashbrown::HashMap<KeyId, Arc<Entry>, std::hash::RandomState>>,
+    hot: Mutex<lru::LruCache<KeyId, Arc<Entry>>>,
     tombstones: RwLock<HashSet<KeyId>>,
     digest: Mutex<InventoryDigest>,
 }
@@ -183,7 +183,10 @@ fn storage(e: impl std::fmt::Display) -> KeystoreError {
 const REDB_CACHE: usize = 16 * 1024 * 1024;
 
 /// Most token keys kept decrypted in memory ([`EmbeddedKeystore::hot`]).
-const HOT_KEYS: usize = 1024;
+const HOT_KEYS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(1024) {
+    Some(n) => n,
+    None => std::num::NonZeroUsize::MIN,
+};
 
 /// Least time between two attempts to reopen the database while the cause
 /// of its I/O error lasts: each one reloads the index (a scan of every
@@ -334,7 +337,7 @@ impl EmbeddedKeystore {
             reopen_pause: REOPEN_PAUSE,
             index: RwLock::new(KeyIndex::default()),
             sessions: RwLock::new(BTreeMap::new()),
-            hot: Mutex::new(hashbrown::HashMap::default()),
+            hot: Mutex::new(lru::LruCache::new(HOT_KEYS)),
             tombstones: RwLock::new(HashSet::new()),
             digest: Mutex::new(InventoryDigest::default()),
         };
@@ -663,23 +666,17 @@ impl EmbeddedKeystore {
     }
 
     /// Keeps a decrypted token key for the next operations; when
-    /// [`HOT_KEYS`] are kept already, one of them (whichever the table
-    /// yields first) makes room.
+    /// [`HOT_KEYS`] are kept already, the least recently used makes room.
     fn keep_hot(&self, entry: Arc<Entry>) {
         if let Ok(mut hot) = self.hot.lock() {
-            if hot.len() >= HOT_KEYS && !hot.contains_key(&entry.info.key_id) {
-                if let Some(evict) = hot.keys().next().copied() {
-                    hot.remove(&evict);
-                }
-            }
-            hot.insert(entry.info.key_id, entry);
+            hot.put(entry.info.key_id, entry);
         }
     }
 
     /// Forgets a decrypted token key (deleted, discarded, replaced).
     fn forget_hot(&self, id: &KeyId) {
         if let Ok(mut hot) = self.hot.lock() {
-            hot.remove(id);
+            hot.pop(id);
         }
     }
 
