@@ -25,6 +25,21 @@ pub use nats_server::{free_port, NatsServer};
 pub use process::Process;
 pub use stack::{DevStack, StackAuth, StackOptions, PRIMARY};
 
+/// `GET /metrics` on 127.0.0.1:`port` (a stack process's `--metrics-addr`):
+/// the whole HTTP response, if any.
+pub async fn scrape_metrics(port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    Some(body)
+}
+
 /// Errors of the local stack.
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {

@@ -224,19 +224,7 @@ pub async fn start_stack_with_metrics(hsms: usize) -> (DevStack, u16) {
     (stack, port)
 }
 
-/// `GET /metrics` on 127.0.0.1:`port`: the whole HTTP response, if any.
-pub async fn scrape_metrics(port: u16) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.ok()?;
-    Some(body)
-}
+pub use keysync_harness::scrape_metrics;
 
 /// `GET path` on 127.0.0.1:`port`: the status code and the body, if
 /// anything answered.

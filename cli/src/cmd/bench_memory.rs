@@ -138,15 +138,7 @@ fn index_bytes(dir: &Path, id: &HsmId) -> anyhow::Result<Option<(usize, u64)>> {
 /// The orchestrator's `keysync_fold_state_bytes` gauge, scraped from its
 /// metrics address (`GET /metrics`, the text format).
 pub(super) async fn fold_state_bytes(port: u16) -> Option<u64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.ok()?;
+    let text = keysync_harness::scrape_metrics(port).await?;
     gauge(&text, "keysync_fold_state_bytes")
 }
 
