@@ -770,18 +770,35 @@ impl Orchestrator {
     /// Anti-entropy's I/O: reads the member's inventory and sends what
     /// [`anti_entropy::repairs`] computes from it. A member that does not
     /// answer is left for a later heartbeat to try again.
+    ///
+    /// A completed round (inventory read, compared, repairs handed to the
+    /// publisher) is timed into `keysync_anti_entropy_round_seconds` and
+    /// logged with its duration; a postponed one is not counted.
     async fn repair_member(&mut self, hsm: &HsmId) -> anyhow::Result<()> {
+        let started = Instant::now();
         let source = self.executor.publisher.source();
         let Some(inventory) =
             inventory::read_inventory(&self.nats, &self.config.subjects, source, hsm).await?
         else {
             return Ok(());
         };
+        let read_ms = started.elapsed().as_millis() as u64;
         let actions = anti_entropy::repairs(&self.state, hsm, &inventory);
-        tracing::info!(%hsm, held = inventory.len(), repairs = actions.len(), "anti-entropy repair");
-        self.stats.repairs += actions.len() as u64;
-        self.prom.repairs(actions.len() as u64);
-        self.executor.execute(&self.state, actions, None).await
+        let repairs = actions.len();
+        self.stats.repairs += repairs as u64;
+        self.prom.repairs(repairs as u64);
+        self.executor.execute(&self.state, actions, None).await?;
+        let elapsed = started.elapsed();
+        self.prom.anti_entropy_round(elapsed.as_secs_f64());
+        tracing::info!(
+            %hsm,
+            held = inventory.len(),
+            repairs,
+            read_ms,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "anti-entropy repair"
+        );
+        Ok(())
     }
 
     /// Counts and files what the publisher found holding one of our
