@@ -155,6 +155,29 @@ async fn stream_last_seq(client: &Client) -> anyhow::Result<u64> {
     Ok(s.info().await?.state.last_sequence)
 }
 
+/// `HsmFailed` events in the log, per member, the seed member aside (it
+/// never runs, so it is rightly declared failed): a member declared failed
+/// while it was only busy would be a fault of the run, not a measurement.
+async fn failures_declared(
+    client: &Client,
+    subjects: &Subjects,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let js = jetstream::new(client.nats().clone());
+    let stream = js.get_stream(subjects.events_stream()).await?;
+    let mut counts = stream
+        .info_with_subjects(format!("{}.evt.hsm.*.failed", subjects.prefix()))
+        .await?;
+    let mut out = serde_json::Map::new();
+    let seed = format!(".{}.", keysync_harness::seed::SEED_HSM);
+    while let Some(c) = counts.next().await {
+        let (subject, n) = c?;
+        if !subject.contains(&seed) {
+            out.insert(subject, json!(n));
+        }
+    }
+    Ok(out)
+}
+
 /// Removes `n` token keys from a stopped agent's store, behind its back
 /// (as a disk losing records would): returns how many it removed.
 fn drop_keys(store: &std::path::Path, n: usize) -> anyhow::Result<usize> {
@@ -311,6 +334,8 @@ pub(super) async fn rows(
 
     say("cluster: keysync cluster status");
     let status = status_row(&client, &stack.url(), subjects).await?;
+    // Before the anti-entropy row stops a member on purpose.
+    let failures = failures_declared(&client, subjects).await?;
 
     // Memory and disk at N keys on every member, before anything restarts.
     let rss: serde_json::Map<String, serde_json::Value> = stack
@@ -416,6 +441,7 @@ pub(super) async fn rows(
             "restart_cpu_seconds": orch_cpu.map(round2),
         },
         "rss_mb": rss,
+        "members_declared_failed": failures,
         "disk_mb": {
             "events_stream": mb(Some(events_bytes)),
             "agent_stores": store_bytes,
@@ -485,6 +511,11 @@ pub(super) fn print(c: &serde_json::Value) -> std::io::Result<()> {
         sn["restart_cpu_seconds"]
     );
     outln!("  {:<34} {}", "RSS, MB", c["rss_mb"]);
+    outln!(
+        "  {:<34} {}",
+        "members declared failed (HsmFailed)",
+        c["members_declared_failed"]
+    );
     outln!("  {:<34} {}", "disk, MB", c["disk_mb"]);
     Ok(())
 }
