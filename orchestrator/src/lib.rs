@@ -19,6 +19,7 @@
 //! - [`liveness`]: failure timeout and recovery debounce, over heartbeats;
 //! - [`anti_entropy`]: when a member's drift calls for a repair, and which;
 //! - [`plan`]: which messages carry out the actions, under which ids;
+//! - [`backlog`]: a large fan-out, a window per turn of the loop;
 //! - [`progress`]: when the fold has caught up, a snapshot is due, the feed stalled.
 //!
 //! [`run`] is the thin loop around them: intake ([`intake`],
@@ -30,6 +31,7 @@
 
 pub mod anti_entropy;
 pub mod audit;
+pub mod backlog;
 pub mod decide;
 pub mod duplicates;
 pub mod executor;
@@ -448,6 +450,11 @@ pub async fn run(
                         let identity = orch.config.identity.clone();
                         saving = Some(tokio::spawn(async move { snapshot::save(&store, state, identity).await }));
                     }
+                }
+                // A large fan-out, one window a turn: the branches above
+                // are served between windows (module `backlog`).
+                _ = std::future::ready(()), if orch.active && orch.executor.has_backlog() => {
+                    orch.executor.next_window(&orch.state).await?;
                 }
                 acked = orch.executor.publisher.next_ack(), if !orch.executor.publisher.is_idle() => {
                     orch.executor.publisher.settle(acked).await?;
