@@ -58,7 +58,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use keysync_schemas::{Event, HsmId, KeyCreated, Rejection, Subjects};
 use keysync_security::{DeadLetters, Filing, Identity, Keep};
 use tracing::Instrument as _;
@@ -148,6 +148,9 @@ struct Orchestrator {
     liveness: Liveness,
     /// Heartbeats in a row showing one inventory difference, per member.
     anti_entropy: AntiEntropy,
+    /// Events in the log after the last one folded (its consumer's
+    /// `pending`): how far the fold trails the log, for anti-entropy.
+    unfolded: u64,
     /// The cluster's public key.
     cluster_key: [u8; 32],
     /// What the fold accepted and rejected, for the auditor.
@@ -290,6 +293,7 @@ pub async fn run(
         snapshots: snapshots.clone(),
         liveness: Liveness::new(config.failure_timeout),
         anti_entropy: AntiEntropy::new(config.repair_after),
+        unfolded: 0,
         config,
     };
     orch.verdicts.start(orch.state.last_seq() + 1);
@@ -411,6 +415,13 @@ pub async fn run(
                 }
                 _ = failure_tick.tick() => {
                     if orch.active {
+                        // Heartbeats already received are heard before
+                        // anyone is judged silent: a loop busy with a large
+                        // fan-out must not take its own lag for their
+                        // silence (decision 23).
+                        while let Some(Some(hb)) = heartbeat_feed.next().now_or_never() {
+                            orch.on_heartbeat(hb).await?;
+                        }
                         orch.detect_failures().await?;
                     }
                 }
@@ -624,6 +635,7 @@ impl Orchestrator {
         };
         for (msg, verified) in msgs.iter().zip(verified) {
             let (meta, pending) = intake::meta_of(msg)?;
+            self.unfolded = pending;
             self.on_event(msg, meta, verified).await?;
             if self.progress.folded(meta.seq, pending) {
                 tracing::info!(
@@ -768,7 +780,10 @@ impl Orchestrator {
             keys: hb.token_keys,
             digest: hb.digest,
         };
-        if self.anti_entropy.check(&self.state, idx, &hb.hsm, reported) == Verdict::Repair {
+        let verdict = self
+            .anti_entropy
+            .check(&self.state, idx, &hb.hsm, reported, self.unfolded);
+        if verdict == Verdict::Repair {
             self.repair_member(&hb.hsm).await?;
         }
         Ok(())
