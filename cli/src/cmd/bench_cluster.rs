@@ -289,6 +289,7 @@ pub(super) async fn rows(
         "events_per_s": (n as f64 / published).round() as u64,
         "seconds_folded": round2(folded),
     });
+    say(&format!("cluster: seeded: {seed}"));
 
     say(&format!(
         "cluster: {MEMBERS} HSMs join and are each sent the {keys} keys"
@@ -313,6 +314,7 @@ pub(super) async fn rows(
         "cpu_us_per_key_copy": cpu["us_per_unit"],
         "cpu": cpu,
     });
+    say(&format!("cluster: built: {build}"));
 
     say(&format!("cluster: a new HSM joins the {keys}-key cluster"));
     let joiner = HsmId::new(format!("hsm-{}", MEMBERS + 1))?;
@@ -331,6 +333,7 @@ pub(super) async fn rows(
         "cpu_us_per_key": cpu["us_per_unit"],
         "cpu": cpu,
     });
+    say(&format!("cluster: joined: {join}"));
 
     say("cluster: keysync cluster status");
     let status = status_row(&client, &stack.url(), subjects).await?;
@@ -361,6 +364,12 @@ pub(super) async fn rows(
             (id.to_string(), json!(mb(len)))
         })
         .collect();
+
+    say(&format!(
+        "cluster: status: {status}; RSS (MB): {}; declared failed: {}",
+        serde_json::Value::Object(rss.clone()),
+        serde_json::Value::Object(failures.clone())
+    ));
 
     let victim = members[1].clone();
     let drift = (keys / 100).clamp(1, 10_000);
@@ -406,6 +415,7 @@ pub(super) async fn rows(
         "seconds_restart_to_round_done": round2(round_wall),
         "seconds_restart_to_repaired": round2(repaired),
     });
+    say(&format!("cluster: anti-entropy: {anti_entropy}"));
 
     say("cluster: the snapshot, and an orchestrator restart from it");
     let store = js.get_object_store(subjects.snapshot_bucket()).await?;
