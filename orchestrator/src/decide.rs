@@ -75,6 +75,7 @@ pub fn subject_matches(subject: Option<KeySubject>, event: &Event) -> bool {
         (Some(KeySubject::HsmRevoked(h)), Event::HsmRevoked(r)) => h == r.hsm,
         (Some(KeySubject::JoinToken(h)), Event::JoinTokenIssued(t)) => h == t.hsm,
         (Some(KeySubject::JoinRequested(h)), Event::JoinRequested(j)) => h == j.hsm,
+        (Some(KeySubject::Checkpoint), Event::Checkpoint(_)) => true,
         _ => false,
     }
 }

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use keysync_schemas::subjects::KeySubject;
 use keysync_schemas::{Event, RejectReason, Rejection, Subjects};
-use keysync_security::{Claim, DeadLetters, Filing, Keep, MessageIdKey, Signer};
+use keysync_security::{Claim, DeadLetters, Filing, Keep, MessageIdKey, Signer, Verified};
 use tokio::sync::mpsc;
 
 use crate::audit::Verdicts;
@@ -237,7 +237,7 @@ impl Intake {
     pub async fn preverify(
         &self,
         state: &ClusterState,
-        msgs: &[jetstream::Message],
+        msgs: &[&jetstream::Message],
     ) -> Vec<Option<[u8; 32]>> {
         let mut out = vec![None; msgs.len()];
         if msgs.len() < PREVERIFY_MIN {
@@ -277,27 +277,32 @@ impl Intake {
     }
 
     /// The event in `msg`, if it is signed by whom it must be, fresh, and
-    /// on the subject its body names. `preverified` is the key its
-    /// signature already verified with, if any; an event that came back
-    /// from `own` needs no check either.
+    /// on the subject its body names. `verified` says how much of its
+    /// signature check is done (the key it verified with, or a checkpoint
+    /// vouching for it); an event that came back from `own` needs no
+    /// check either.
     pub fn check(
         &self,
         state: &ClusterState,
         own: &mut OwnEvents,
         msg: &jetstream::Message,
         meta: EventMeta,
-        preverified: Option<[u8; 32]>,
+        verified: Verified,
     ) -> Result<Event, Rejection> {
-        let preverified = preverified.or_else(|| own.came_back(msg).then_some(self.cluster_key));
+        let came_back = own.came_back(msg);
+        let verified = match verified {
+            Verified::No if came_back => Verified::With(self.cluster_key),
+            v => v,
+        };
         let subject = msg.subject.as_str();
-        keysync_security::check_event_preverified(
+        keysync_security::check_event_verified(
             msg.headers.as_ref(),
             subject,
             &msg.payload,
             meta.stored_at_ns,
             &self.cluster_key,
             |h| state.enrolled_key(h),
-            preverified,
+            verified,
         )
         .and_then(|env| {
             if subject_matches(self.subjects.parse_event(subject), &env.body) {

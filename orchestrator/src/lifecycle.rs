@@ -179,9 +179,10 @@ pub fn data_of(event: &Event, was_failed: bool) -> Option<LifecycleData> {
         Event::HsmRevoked(r) => LifecycleData::HsmRemoved(HsmRemovedData {
             hsm: r.hsm.to_string(),
         }),
-        Event::JoinTokenIssued(_) | Event::JoinRequested(_) | Event::HsmCapabilities(_) => {
-            return None
-        }
+        Event::JoinTokenIssued(_)
+        | Event::JoinRequested(_)
+        | Event::HsmCapabilities(_)
+        | Event::Checkpoint(_) => return None,
     })
 }
 

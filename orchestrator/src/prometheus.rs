@@ -61,6 +61,14 @@ pub struct StateLabel {
     pub state: String,
 }
 
+/// Labels naming how an event's signature was established.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByLabel {
+    /// `signature` (checked one by one, or known as signed by this
+    /// process) or `checkpoint` (a signed checkpoint vouched for it).
+    pub by: String,
+}
+
 /// Labels naming a command kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLabel {
@@ -82,6 +90,9 @@ pub struct Metrics {
     rejected: Family<ReasonLabel, Counter>,
     repairs: Counter,
     commands: Family<CommandLabel, Counter>,
+    /// Events whose signature was checked one by one, and vouched for by
+    /// a checkpoint.
+    verified: [Counter; 2],
     sync_latency: Histogram,
     clone_latency: HistogramFamily,
     members: Family<StateLabel, Gauge>,
@@ -113,6 +124,10 @@ impl Metrics {
         let rejected = Family::<ReasonLabel, Counter>::default();
         let repairs = Counter::default();
         let commands = Family::<CommandLabel, Counter>::default();
+        let verified_by = Family::<ByLabel, Counter>::default();
+        let verified = ["signature", "checkpoint"].map(|by| {
+            verified_by.get_or_create_owned(&ByLabel { by: by.to_string() })
+        });
         let sync_latency = latency_histogram();
         let clone_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let members = Family::<StateLabel, Gauge>::default();
@@ -163,6 +178,11 @@ impl Metrics {
             "keysync_commands_sent",
             "Commands published to HSM queues, by kind",
             commands.clone(),
+        );
+        r.register(
+            "keysync_events_verified",
+            "Events folded, by how their signature was established: checked one by one, or vouched for by a signed checkpoint (a replay's runs)",
+            verified_by,
         );
         r.register(
             "keysync_sync_latency_seconds",
@@ -240,6 +260,7 @@ impl Metrics {
             rejected,
             repairs,
             commands,
+            verified,
             sync_latency,
             clone_latency,
             members,
@@ -315,6 +336,14 @@ impl Metrics {
                 reason: reason.as_str().to_string(),
             })
             .inc();
+    }
+
+    /// Counts an event folded, by how its signature was established.
+    pub fn verified(&self, how: keysync_security::Verified) {
+        let i = usize::from(how == keysync_security::Verified::Vouched);
+        if let Some(c) = self.verified.get(i) {
+            c.inc();
+        }
     }
 
     /// Counts anti-entropy repair commands.

@@ -481,6 +481,8 @@ impl ClusterState {
                 self.enrolled.insert(e.hsm.clone(), e.public_key);
                 Ok(Change::Other)
             }
+            // Judged by the loop (`checkpoint::Judge`); nothing to fold.
+            Event::Checkpoint(_) => Ok(Change::Other),
             Event::JoinTokenIssued(t) => {
                 self.tokens
                     .insert(t.token_key, (t.hsm.clone(), t.expires_at_ns));

@@ -140,6 +140,15 @@ pub enum AuditFact {
         /// The types.
         holds: Vec<crate::KeyType>,
     },
+    /// The active orchestrator vouched for a run of events (decision 22).
+    Checkpoint {
+        /// The run starts after this stream sequence.
+        after_seq: u64,
+        /// Its last stream sequence.
+        through_seq: u64,
+        /// The chain over its accepted events.
+        chain: [u8; 32],
+    },
 }
 
 /// Who caused an audited fact: the signer the log's policy requires for
@@ -182,7 +191,8 @@ impl AuditFact {
             | AuditFact::HsmCapabilities { hsm, .. } => Actor::Hsm(hsm.clone()),
             AuditFact::KeyReplicated { .. }
             | AuditFact::HsmFailed { .. }
-            | AuditFact::HsmRecovered { .. } => Actor::Orchestrator,
+            | AuditFact::HsmRecovered { .. }
+            | AuditFact::Checkpoint { .. } => Actor::Orchestrator,
             AuditFact::HsmEnrolled { .. }
             | AuditFact::HsmRevoked { .. }
             | AuditFact::JoinTokenIssued { .. } => Actor::Operator,
@@ -242,6 +252,11 @@ impl AuditFact {
             Event::HsmCapabilities(c) => AuditFact::HsmCapabilities {
                 hsm: c.hsm.clone(),
                 holds: c.holds.clone(),
+            },
+            Event::Checkpoint(c) => AuditFact::Checkpoint {
+                after_seq: c.after_seq,
+                through_seq: c.through_seq,
+                chain: c.chain,
             },
         }
     }

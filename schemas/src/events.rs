@@ -39,6 +39,10 @@ pub enum Event {
     JoinRequested(JoinRequested),
     /// An HSM announces the key types it can hold (sent at agent start).
     HsmCapabilities(HsmCapabilities),
+    /// The active orchestrator vouches for a run of events it checked
+    /// (signed with the cluster identity): a replay checks this one
+    /// signature instead of one per event of the run.
+    Checkpoint(Checkpoint),
 }
 
 impl Event {
@@ -58,7 +62,8 @@ impl Event {
             | Event::HsmRevoked(_)
             | Event::JoinTokenIssued(_)
             | Event::JoinRequested(_)
-            | Event::HsmCapabilities(_) => None,
+            | Event::HsmCapabilities(_)
+            | Event::Checkpoint(_) => None,
         }
     }
 
@@ -79,6 +84,7 @@ impl Event {
             Event::JoinTokenIssued(_) => "join_token_issued",
             Event::JoinRequested(_) => "join_requested",
             Event::HsmCapabilities(_) => "hsm_capabilities",
+            Event::Checkpoint(_) => "checkpoint",
         }
     }
 }
@@ -380,4 +386,26 @@ pub fn join_proof_message(hsm: &HsmId, public_key: &PublicKeyBytes) -> Vec<u8> {
     m.push(0);
     m.extend_from_slice(public_key);
     m
+}
+
+/// A signed checkpoint: the active orchestrator checked every event
+/// stored in `(after_seq, through_seq]` as it folded it, accepted
+/// `accepted` of them, whose exact stored bytes (stream sequence,
+/// subject, message id, signer and signature headers, payload) chain to
+/// `chain` (SHA-256, see the orchestrator's `checkpoint` module), and
+/// rejected the ones in `rejected`, for the reasons given. A replay that
+/// finds the same chain over the same run folds it without checking each
+/// event's signature again (decision 22).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The run starts after this stream sequence.
+    pub after_seq: u64,
+    /// The run's last stream sequence (before the checkpoint's own).
+    pub through_seq: u64,
+    /// Events accepted in the run.
+    pub accepted: u64,
+    /// SHA-256 chain over the accepted events' stored bytes.
+    pub chain: [u8; 32],
+    /// Events rejected in the run: stream sequence and reason.
+    pub rejected: Vec<(u64, crate::RejectReason)>,
 }

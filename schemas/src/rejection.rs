@@ -105,11 +105,18 @@ pub enum RejectReason {
     /// retry after the delete): never applied, and removed from the log at
     /// once, since it carries the wrapped material the delete purged.
     CreateOfDeletedKey,
+    /// A checkpoint whose run, as stored now, is not the run it vouches
+    /// for (an event altered, inserted or removed since): the run is
+    /// checked event by event instead.
+    CheckpointMismatch,
+    /// A checkpoint for an empty run, a run that does not end before it,
+    /// or a run another checkpoint covers already (a replayed one).
+    CheckpointOutOfPlace,
 }
 
 impl RejectReason {
     /// Every reason, in wire order.
-    pub const ALL: [RejectReason; 31] = [
+    pub const ALL: [RejectReason; 33] = [
         RejectReason::Oversized,
         RejectReason::Truncated,
         RejectReason::BadMagic,
@@ -141,6 +148,8 @@ impl RejectReason {
         RejectReason::ForeignRecord,
         RejectReason::ForeignDuplicate,
         RejectReason::CreateOfDeletedKey,
+        RejectReason::CheckpointMismatch,
+        RejectReason::CheckpointOutOfPlace,
     ];
 
     /// The snake_case name, for people, JSON and metric labels.
@@ -177,6 +186,8 @@ impl RejectReason {
             RejectReason::ForeignRecord => "foreign_record",
             RejectReason::ForeignDuplicate => "foreign_duplicate",
             RejectReason::CreateOfDeletedKey => "create_of_deleted_key",
+            RejectReason::CheckpointMismatch => "checkpoint_mismatch",
+            RejectReason::CheckpointOutOfPlace => "checkpoint_out_of_place",
         }
     }
 }

@@ -56,6 +56,8 @@ pub enum KeySubject {
     JoinToken(HsmId),
     /// `...hsm.<hsm>.join`
     JoinRequested(HsmId),
+    /// `...log.checkpoint`
+    Checkpoint,
 }
 
 impl Subjects {
@@ -175,6 +177,12 @@ impl Subjects {
     /// `<p>.evt.hsm.<hsm>.failed`
     pub fn hsm_failed(&self, hsm: &HsmId) -> String {
         format!("{}.evt.hsm.{hsm}.failed", self.prefix)
+    }
+
+    /// `<p>.evt.log.checkpoint`: the orchestrator's signed checkpoints
+    /// (decision 22).
+    pub fn checkpoint(&self) -> String {
+        format!("{}.evt.log.checkpoint", self.prefix)
     }
 
     /// `<p>.evt.hsm.<hsm>.recovered`
@@ -335,6 +343,7 @@ impl Subjects {
             ["hsm", hsm, "token"] => Some(KeySubject::JoinToken(hsm.parse().ok()?)),
             ["hsm", hsm, "join"] => Some(KeySubject::JoinRequested(hsm.parse().ok()?)),
             ["key", id, "deleted"] => Some(KeySubject::Deleted(id.parse().ok()?)),
+            ["log", "checkpoint"] => Some(KeySubject::Checkpoint),
             ["key", id, "erased", hsm] => {
                 Some(KeySubject::Erased(id.parse().ok()?, hsm.parse().ok()?))
             }

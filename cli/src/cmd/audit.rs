@@ -226,6 +226,13 @@ fn fact_json(f: &AuditFact) -> serde_json::Value {
         AuditFact::HsmCapabilities { hsm, holds } => {
             json!({"kind": "hsm_capabilities", "hsm": hsm.as_str(), "holds": holds.iter().map(|t| t.as_str()).collect::<Vec<_>>()})
         }
+        AuditFact::Checkpoint {
+            after_seq,
+            through_seq,
+            chain,
+        } => {
+            json!({"kind": "checkpoint", "after_seq": after_seq, "through_seq": through_seq, "chain": hex::encode(chain)})
+        }
         AuditFact::JoinTokenIssued { hsm, expires_at_ns } => {
             json!({"kind": "join_token_issued", "hsm": hsm.as_str(), "expires_at": rfc3339(*expires_at_ns)})
         }
@@ -510,7 +517,8 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     | AuditFact::HsmEnrolled { .. }
                     | AuditFact::JoinTokenIssued { .. }
                     | AuditFact::JoinRequested { .. }
-                    | AuditFact::HsmCapabilities { .. } => {}
+                    | AuditFact::HsmCapabilities { .. }
+                    | AuditFact::Checkpoint { .. } => {}
                 }
             }
             let doc = json!({

@@ -68,6 +68,10 @@ pub struct Args {
     /// while working on one of them.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<super::bench_memory::Row>,
+    /// Events the recovery row replays (default: 20,000 with `--quick`,
+    /// 1,000,000 otherwise): smaller to iterate on the replay.
+    #[arg(long)]
+    recovery_events: Option<usize>,
 }
 
 /// Creates in flight for the keystore rows: a SoftHSM2 token takes one
@@ -640,7 +644,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     if !args.only.is_empty() {
         let sizes = super::bench_memory::OnlySizes {
             bootstrap_keys: sizes.bootstrap_keys,
-            recovery_events: sizes.recovery_events,
+            recovery_events: args.recovery_events.unwrap_or(sizes.recovery_events),
             hsms: n,
             in_flight: args.in_flight,
         };
