@@ -80,6 +80,9 @@ impl OwnEvents {
     /// Whether `msg` is an event signed here, come back with the same
     /// subject, payload and signature (and forgets it either way).
     pub fn came_back(&mut self, msg: &jetstream::Message) -> bool {
+        if self.signed.is_empty() {
+            return false; // a replay's, a standby's: none signed here
+        }
         let Some(h) = msg.headers.as_ref() else {
             return false;
         };

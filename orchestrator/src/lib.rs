@@ -97,6 +97,9 @@ pub struct Config {
     pub repair_after: u32,
     /// Events folded between snapshots (0: never snapshot).
     pub snapshot_every: u64,
+    /// When the active orchestrator appends a signed checkpoint
+    /// (`every` 0: never).
+    pub checkpoints: checkpoint::Rule,
     /// The cluster identity: signs commands and the orchestrator's events,
     /// and verifies operators' enrollments.
     pub identity: Arc<Identity>,
@@ -157,7 +160,7 @@ struct Orchestrator {
     /// by the loop (it owns the counters).
     side_rejections: audit::Report,
     /// The replay's runs vouched for by checkpoints read ahead.
-    replay: checkpoint::Replay<jetstream::Message>,
+    replay: checkpoint::Replay<(jetstream::Message, EventMeta, u64)>,
     /// Places checkpoints in the log (and refuses mismatched ones).
     judge: checkpoint::Judge,
     /// The run this process chains, checkpointed while it is active.
@@ -282,7 +285,7 @@ pub async fn run(
         replay,
         judge: checkpoint::Judge::default(),
         chain,
-        checkpoint_rule: checkpoint::Rule::default(),
+        checkpoint_rule: config.checkpoints,
         last_event_at: Instant::now(),
         intake: Intake::new(
             config.subjects.clone(),
@@ -710,19 +713,25 @@ impl Orchestrator {
         // their signatures vouched for (or checked, if the chain differs).
         let mut ready = Vec::with_capacity(msgs.len());
         if self.replay.is_done() {
-            ready.extend(msgs.into_iter().map(|m| (m, checkpoint::Tag::Check)));
+            for msg in msgs {
+                let (meta, pending) = intake::meta_of(&msg)?;
+                ready.push(((msg, meta, pending), checkpoint::Tag::Check));
+            }
         } else {
             for msg in msgs {
                 let (meta, pending) = intake::meta_of(&msg)?;
-                self.replay
-                    .push(meta.seq, pending, msg, &mut ready, |seq, m| {
-                        checkpoint::Stored {
-                            seq,
-                            subject: m.subject.as_str(),
-                            headers: m.headers.as_ref(),
-                            payload: &m.payload,
-                        }
-                    });
+                self.replay.push(
+                    meta.seq,
+                    pending,
+                    (msg, meta, pending),
+                    &mut ready,
+                    |seq, (m, _, _)| checkpoint::Stored {
+                        seq,
+                        subject: m.subject.as_str(),
+                        headers: m.headers.as_ref(),
+                        payload: &m.payload,
+                    },
+                );
             }
             for at in self.replay.take_mismatched() {
                 self.judge.mismatched(at);
@@ -733,7 +742,7 @@ impl Orchestrator {
         let to_check: Vec<&jetstream::Message> = ready
             .iter()
             .filter(|(_, t)| *t == checkpoint::Tag::Check)
-            .map(|(m, _)| m)
+            .map(|((m, _, _), _)| m)
             .collect();
         let mut verified = if self.progress.caught_up() {
             Vec::new()
@@ -742,7 +751,7 @@ impl Orchestrator {
         }
         .into_iter();
         drop(to_check);
-        for (msg, tag) in ready {
+        for ((msg, meta, pending), tag) in ready {
             let verified = match tag {
                 checkpoint::Tag::Vouched => keysync_security::Verified::Vouched,
                 checkpoint::Tag::Check => verified
@@ -750,7 +759,6 @@ impl Orchestrator {
                     .flatten()
                     .map_or(keysync_security::Verified::No, keysync_security::Verified::With),
             };
-            let (meta, pending) = intake::meta_of(&msg)?;
             self.on_event(&msg, meta, verified).await?;
             if self.progress.folded(meta.seq, pending) {
                 tracing::info!(
@@ -768,7 +776,7 @@ impl Orchestrator {
     /// Appends a checkpoint for the run chained so far, if this process
     /// acts and the rule says it is due.
     async fn checkpoint_if_due(&mut self) -> anyhow::Result<()> {
-        if !(self.active && self.progress.caught_up()) {
+        if !(self.active && self.progress.caught_up()) || self.checkpoint_rule.every == 0 {
             return Ok(());
         }
         if !self
