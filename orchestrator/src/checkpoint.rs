@@ -64,8 +64,7 @@ impl Rule {
     pub fn due(&self, now: Instant, chain: &Chain, last_event: Instant) -> bool {
         let weight = chain.weight();
         weight >= self.every
-            || (weight >= self.idle_min
-                && now.saturating_duration_since(last_event) >= self.idle)
+            || (weight >= self.idle_min && now.saturating_duration_since(last_event) >= self.idle)
     }
 }
 
@@ -197,8 +196,8 @@ pub fn vouches<'a>(
         }
     }
     let got = chain.seal();
-    let matches = got.as_ref().is_some_and(|g| g.chain == cp.chain)
-        && chain.accepted == cp.accepted;
+    let matches =
+        got.as_ref().is_some_and(|g| g.chain == cp.chain) && chain.accepted == cp.accepted;
     if matches {
         Ok(())
     } else {
@@ -546,19 +545,31 @@ mod tests {
         // Altered payload.
         let mut altered = sealed(0, 20, &[]).0;
         altered[4].payload[0] ^= 1;
-        assert_eq!(mismatch(&cp, &altered), Some(RejectReason::CheckpointMismatch));
+        assert_eq!(
+            mismatch(&cp, &altered),
+            Some(RejectReason::CheckpointMismatch)
+        );
         // Altered signature header (same payload).
         let mut resigned = sealed(0, 20, &[]).0;
         resigned[7].headers.insert(headers::SIGNATURE, "forged");
-        assert_eq!(mismatch(&cp, &resigned), Some(RejectReason::CheckpointMismatch));
+        assert_eq!(
+            mismatch(&cp, &resigned),
+            Some(RejectReason::CheckpointMismatch)
+        );
         // Moved to another subject.
         let mut moved = sealed(0, 20, &[]).0;
         moved[3].subject = "keysync.evt.key.other.created".into();
-        assert_eq!(mismatch(&cp, &moved), Some(RejectReason::CheckpointMismatch));
+        assert_eq!(
+            mismatch(&cp, &moved),
+            Some(RejectReason::CheckpointMismatch)
+        );
         // Removed.
         let mut removed = sealed(0, 20, &[]).0;
         removed.remove(10);
-        assert_eq!(mismatch(&cp, &removed), Some(RejectReason::CheckpointMismatch));
+        assert_eq!(
+            mismatch(&cp, &removed),
+            Some(RejectReason::CheckpointMismatch)
+        );
         // Inserted (a sequence the run did not hold: as if the store had
         // been edited).
         let mut inserted = sealed(0, 20, &[]).0;
@@ -566,7 +577,10 @@ mod tests {
         let mut forged = ev(11);
         forged.payload = vec![0xee; 40];
         inserted.insert(10, forged);
-        assert_eq!(mismatch(&cp, &inserted), Some(RejectReason::CheckpointMismatch));
+        assert_eq!(
+            mismatch(&cp, &inserted),
+            Some(RejectReason::CheckpointMismatch)
+        );
         // An event the checkpoint lists as rejected, swapped for another:
         // not vouched for either way (it is checked one by one).
         let (evs2, cp2) = sealed(0, 20, &[5]);
@@ -577,11 +591,17 @@ mod tests {
         // A checkpoint for another run than the one it names.
         let mut shifted = cp.clone();
         shifted.after_seq = 1;
-        assert_eq!(mismatch(&shifted, &evs), Some(RejectReason::CheckpointMismatch));
+        assert_eq!(
+            mismatch(&shifted, &evs),
+            Some(RejectReason::CheckpointMismatch)
+        );
         // The chain claimed over the run with one event fewer.
         let mut fewer = cp.clone();
         fewer.accepted -= 1;
-        assert_eq!(mismatch(&fewer, &evs), Some(RejectReason::CheckpointMismatch));
+        assert_eq!(
+            mismatch(&fewer, &evs),
+            Some(RejectReason::CheckpointMismatch)
+        );
     }
 
     #[test]
@@ -651,7 +671,10 @@ mod tests {
         let evs: Vec<Ev> = (1..=30).map(ev).collect();
         let (tags, mismatched) = run_replay(vec![Voucher { at: 25, cp }], &evs);
         // Then they come out in log order; 6..=20 but 9 vouched for.
-        assert_eq!(tags.iter().map(|t| t.0).collect::<Vec<_>>(), (1..=30).collect::<Vec<_>>());
+        assert_eq!(
+            tags.iter().map(|t| t.0).collect::<Vec<_>>(),
+            (1..=30).collect::<Vec<_>>()
+        );
         for (seq, tag) in tags {
             let vouched = (6..=20).contains(&seq) && seq != 9;
             assert_eq!(tag == Tag::Vouched, vouched, "seq {seq}");
@@ -688,7 +711,10 @@ mod tests {
             chain: [0; 32],
             rejected: Vec::new(),
         };
-        let r: Replay<()> = Replay::new(vec![Voucher { at: MAX_RUN + 5, cp }]);
+        let r: Replay<()> = Replay::new(vec![Voucher {
+            at: MAX_RUN + 5,
+            cp,
+        }]);
         assert!(r.is_done());
     }
 }

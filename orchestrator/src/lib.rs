@@ -604,10 +604,15 @@ async fn read_vouchers(
             |_| None,
         );
         let cp = match checked {
-            Ok(env) if subjects.parse_event(&msg.subject) == Some(keysync_schemas::subjects::KeySubject::Checkpoint) => match env.body {
-                Event::Checkpoint(cp) => cp,
-                _ => continue,
-            },
+            Ok(env)
+                if subjects.parse_event(&msg.subject)
+                    == Some(keysync_schemas::subjects::KeySubject::Checkpoint) =>
+            {
+                match env.body {
+                    Event::Checkpoint(cp) => cp,
+                    _ => continue,
+                }
+            }
             Ok(_) => continue,
             Err(r) => {
                 tracing::debug!(seq, reason = %r.reason, "a checkpoint not used");
@@ -618,7 +623,10 @@ async fn read_vouchers(
             out.push(checkpoint::Voucher { at: seq, cp });
         }
     }
-    tracing::info!(checkpoints = out.len(), "checkpoints read ahead of the replay");
+    tracing::info!(
+        checkpoints = out.len(),
+        "checkpoints read ahead of the replay"
+    );
     out
 }
 
@@ -754,10 +762,10 @@ impl Orchestrator {
         for ((msg, meta, pending), tag) in ready {
             let verified = match tag {
                 checkpoint::Tag::Vouched => keysync_security::Verified::Vouched,
-                checkpoint::Tag::Check => verified
-                    .next()
-                    .flatten()
-                    .map_or(keysync_security::Verified::No, keysync_security::Verified::With),
+                checkpoint::Tag::Check => verified.next().flatten().map_or(
+                    keysync_security::Verified::No,
+                    keysync_security::Verified::With,
+                ),
             };
             self.on_event(&msg, meta, verified).await?;
             if self.progress.folded(meta.seq, pending) {
@@ -789,7 +797,13 @@ impl Orchestrator {
             return Ok(());
         };
         let through = cp.through_seq;
-        tracing::debug!(after = cp.after_seq, through, accepted = cp.accepted, rejected = cp.rejected.len(), "checkpoint");
+        tracing::debug!(
+            after = cp.after_seq,
+            through,
+            accepted = cp.accepted,
+            rejected = cp.rejected.len(),
+            "checkpoint"
+        );
         self.executor
             .publisher
             .announce(self.config.subjects.checkpoint(), Event::Checkpoint(cp))

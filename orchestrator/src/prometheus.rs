@@ -125,9 +125,8 @@ impl Metrics {
         let repairs = Counter::default();
         let commands = Family::<CommandLabel, Counter>::default();
         let verified_by = Family::<ByLabel, Counter>::default();
-        let verified = ["signature", "checkpoint"].map(|by| {
-            verified_by.get_or_create_owned(&ByLabel { by: by.to_string() })
-        });
+        let verified = ["signature", "checkpoint"]
+            .map(|by| verified_by.get_or_create_owned(&ByLabel { by: by.to_string() }));
         let sync_latency = latency_histogram();
         let clone_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let members = Family::<StateLabel, Gauge>::default();

@@ -50,8 +50,7 @@ pub use commands::{CloneBatch, CloneKey, Command, DeleteKey};
 pub use dead_letter::DeadLetter;
 pub use envelope::{Envelope, Source, Timestamp, OLDEST_SCHEMA_VERSION, SCHEMA_VERSION};
 pub use events::{
-    Checkpoint,
-    join_proof_message, CloneApplied, CloneFailed, CloneFailure, EnrolledVia, Event,
+    join_proof_message, Checkpoint, CloneApplied, CloneFailed, CloneFailure, EnrolledVia, Event,
     HsmCapabilities, HsmEnrolled, HsmFailed, HsmJoined, HsmRecovered, HsmRevoked, JoinRequested,
     JoinTokenIssued, KeyCreated, KeyDeleted, KeyErased, KeyOrigin, KeyReplicated, PublicKeyBytes,
 };

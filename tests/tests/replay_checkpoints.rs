@@ -131,7 +131,11 @@ async fn verified(port: u16) -> (f64, f64) {
         .await
         .unwrap_or_else(|| panic!("no metrics on port {port}"));
     let get = |by: &str| {
-        sample(&text, &format!("keysync_events_verified_total{{by=\"{by}\"}}")).unwrap_or(-1.0)
+        sample(
+            &text,
+            &format!("keysync_events_verified_total{{by=\"{by}\"}}"),
+        )
+        .unwrap_or(-1.0)
     };
     (get("signature"), get("checkpoint"))
 }
@@ -159,7 +163,10 @@ async fn checkpointed_stack() -> (DevStack, u16, ClusterStatus) {
     .await;
     assert!(settled, "the cluster did not settle");
     let quiet = wait_until(Duration::from_secs(30), || last_is_checkpoint(&client)).await;
-    assert!(quiet, "the log does not end with a checkpoint after a quiet time");
+    assert!(
+        quiet,
+        "the log does not end with a checkpoint after a quiet time"
+    );
     let before = folded(&client).await;
     (stack, port, before)
 }
@@ -173,10 +180,16 @@ async fn a_restart_with_no_snapshot_folds_checkpointed_runs_without_their_signat
     // joins: more than 120 events, so several runs of 20 and a tail.
     assert!(cps.len() >= 5, "checkpoints: {}", cps.len());
     for w in cps.windows(2) {
-        assert_eq!(w[1].1.after_seq, w[0].1.through_seq, "runs follow each other");
+        assert_eq!(
+            w[1].1.after_seq, w[0].1.through_seq,
+            "runs follow each other"
+        );
     }
     let (_, first) = &cps[0];
-    assert_eq!(first.after_seq, 0, "the first run starts at the log's start");
+    assert_eq!(
+        first.after_seq, 0,
+        "the first run starts at the log's start"
+    );
     let total = before.last_seq;
 
     let after = restart_and_fold(&mut stack).await;
@@ -185,7 +198,10 @@ async fn a_restart_with_no_snapshot_folds_checkpointed_runs_without_their_signat
     // Everything the checkpoints cover was vouched for; what is checked
     // one by one is the checkpoints' own tail: the last checkpoint.
     let covered: u64 = cps.iter().map(|(_, c)| c.accepted).sum();
-    assert_eq!(by_checkpoint, covered as f64, "vouched for: {by_checkpoint}");
+    assert_eq!(
+        by_checkpoint, covered as f64,
+        "vouched for: {by_checkpoint}"
+    );
     assert_eq!(by_signature + by_checkpoint, total as f64);
     assert!(by_signature <= 2.0, "checked one by one: {by_signature}");
     stack.shutdown().await;
@@ -248,7 +264,10 @@ async fn forged_and_replayed_checkpoints_are_refused_and_counted() {
         .unwrap_or_else(|e| panic!("the attacker connects: {e}"));
     let ajs = jetstream::new(attacker);
     let cps = checkpoints(&client).await;
-    let (captured_at, _) = cps.last().cloned().unwrap_or_else(|| panic!("no checkpoint"));
+    let (captured_at, _) = cps
+        .last()
+        .cloned()
+        .unwrap_or_else(|| panic!("no checkpoint"));
     let captured = events_stream(&client)
         .await
         .direct_get(captured_at)
@@ -306,7 +325,13 @@ async fn forged_and_replayed_checkpoints_are_refused_and_counted() {
     //    (its id is signed, and within the duplicate window). Under a new
     //    id, its signature no longer verifies.
     let mut again = captured.headers.clone();
-    let ack = publish(&ajs, cp_subject.clone(), again.clone(), captured.payload.to_vec()).await;
+    let ack = publish(
+        &ajs,
+        cp_subject.clone(),
+        again.clone(),
+        captured.payload.to_vec(),
+    )
+    .await;
     assert!(ack.duplicate, "a replayed checkpoint was stored again");
     again.insert("Nats-Msg-Id", uuid::Uuid::new_v4().to_string().as_str());
     publish(&ajs, cp_subject.clone(), again, captured.payload.to_vec()).await;
@@ -325,7 +350,12 @@ async fn forged_and_replayed_checkpoints_are_refused_and_counted() {
     // checkpoint signed by hsm-2, the one with a stranger's signature and
     // the captured one under a new id.
     let more = |r| rejected(&after, r) - rejected(&before, r);
-    assert_eq!(more(RejectReason::SignerMismatch), 1, "{:?}", after.rejected);
+    assert_eq!(
+        more(RejectReason::SignerMismatch),
+        1,
+        "{:?}",
+        after.rejected
+    );
     assert_eq!(more(RejectReason::BadSignature), 3, "{:?}", after.rejected);
     stack.shutdown().await;
 }
@@ -365,7 +395,12 @@ async fn an_event_removed_from_a_checkpointed_run_is_found_and_the_run_checked_o
         .unwrap_or_else(|e| panic!("orchestrator restart: {e}"));
     let after = folded(&client).await;
     let more = |r| rejected(&after, r) - rejected(&before, r);
-    assert_eq!(more(RejectReason::CheckpointMismatch), 1, "{:?}", after.rejected);
+    assert_eq!(
+        more(RejectReason::CheckpointMismatch),
+        1,
+        "{:?}",
+        after.rejected
+    );
     // The run was checked one by one: everything but it was vouched for.
     let (by_signature, by_checkpoint) = verified(port).await;
     let covered: u64 = cps.iter().map(|(_, c)| c.accepted).sum();

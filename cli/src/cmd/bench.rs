@@ -72,6 +72,10 @@ pub struct Args {
     /// 1,000,000 otherwise): smaller to iterate on the replay.
     #[arg(long)]
     recovery_events: Option<usize>,
+    /// Keys the bootstrap row seeds (default: 2,000 with `--quick`,
+    /// 100,000 otherwise).
+    #[arg(long)]
+    bootstrap_keys: Option<usize>,
 }
 
 /// Creates in flight for the keystore rows: a SoftHSM2 token takes one
@@ -643,7 +647,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     };
     if !args.only.is_empty() {
         let sizes = super::bench_memory::OnlySizes {
-            bootstrap_keys: sizes.bootstrap_keys,
+            bootstrap_keys: args.bootstrap_keys.unwrap_or(sizes.bootstrap_keys),
             recovery_events: args.recovery_events.unwrap_or(sizes.recovery_events),
             hsms: n,
             in_flight: args.in_flight,
