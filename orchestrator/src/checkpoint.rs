@@ -342,6 +342,13 @@ impl<T> Replay<T> {
         std::mem::take(&mut self.mismatched)
     }
 
+    /// The last message held (delivered, not folded yet): progress for
+    /// the stall check, which would otherwise take a run being held for
+    /// a consumer that stopped delivering.
+    pub fn last_held(&self) -> Option<u64> {
+        self.held.last().map(|(s, _)| *s)
+    }
+
     /// Events folded vouched for so far.
     pub fn vouched(&self) -> u64 {
         self.vouched
@@ -669,6 +676,17 @@ mod tests {
         // stored at 25.
         let (_, cp) = sealed(5, 20, &[9]);
         let evs: Vec<Ev> = (1..=30).map(ev).collect();
+        let mut r: Replay<&Ev> = Replay::new(vec![Voucher {
+            at: 25,
+            cp: cp.clone(),
+        }]);
+        let mut out = Vec::new();
+        for e in &evs[..10] {
+            r.push(e.seq, 20, e, &mut out, |_, e| stored(e));
+        }
+        // While a run is held, its last message is the replay's progress.
+        assert_eq!(r.last_held(), Some(10));
+        assert_eq!(out.len(), 5);
         let (tags, mismatched) = run_replay(vec![Voucher { at: 25, cp }], &evs);
         // Then they come out in log order; 6..=20 but 9 vouched for.
         assert_eq!(

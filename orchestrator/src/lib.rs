@@ -448,7 +448,8 @@ pub async fn run(
                     }
                 }
                 _ = stall_tick.tick() => {
-                    let folded = orch.state.last_seq();
+                    // A run held whole for its checkpoint is progress too.
+                    let folded = orch.state.last_seq().max(orch.replay.last_held().unwrap_or(0));
                     if orch.progress.idle_since_last_check(folded) {
                         let stream_last = orch.events.info().await.map(|i| i.state.last_sequence).unwrap_or(0);
                         if stream_last > folded {
