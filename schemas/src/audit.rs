@@ -140,6 +140,15 @@ pub enum AuditFact {
         /// The types.
         holds: Vec<crate::KeyType>,
     },
+    /// An HSM holds each of these keys: the facts of one `CloneApplied`
+    /// per entry, audited as the one signed batch event they came in
+    /// (`ClonesApplied`, decision 21).
+    ClonesApplied {
+        /// The HSM.
+        hsm: HsmId,
+        /// Each key and the fingerprint it computed.
+        applied: Vec<(KeyId, Fingerprint)>,
+    },
 }
 
 /// Who caused an audited fact: the signer the log's policy requires for
@@ -179,7 +188,8 @@ impl AuditFact {
             | AuditFact::KeyErased { hsm, .. }
             | AuditFact::HsmJoined { hsm }
             | AuditFact::JoinRequested { hsm, .. }
-            | AuditFact::HsmCapabilities { hsm, .. } => Actor::Hsm(hsm.clone()),
+            | AuditFact::HsmCapabilities { hsm, .. }
+            | AuditFact::ClonesApplied { hsm, .. } => Actor::Hsm(hsm.clone()),
             AuditFact::KeyReplicated { .. }
             | AuditFact::HsmFailed { .. }
             | AuditFact::HsmRecovered { .. } => Actor::Orchestrator,
@@ -242,6 +252,14 @@ impl AuditFact {
             Event::HsmCapabilities(c) => AuditFact::HsmCapabilities {
                 hsm: c.hsm.clone(),
                 holds: c.holds.clone(),
+            },
+            Event::ClonesApplied(b) => AuditFact::ClonesApplied {
+                hsm: b.hsm.clone(),
+                applied: b
+                    .applied
+                    .iter()
+                    .map(|a| (a.key_id, a.fingerprint))
+                    .collect(),
             },
         }
     }

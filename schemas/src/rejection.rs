@@ -105,11 +105,16 @@ pub enum RejectReason {
     /// retry after the delete): never applied, and removed from the log at
     /// once, since it carries the wrapped material the delete purged.
     CreateOfDeletedKey,
+    /// A batch event (`ClonesApplied`) that is empty or names more keys
+    /// than [`crate::MAX_APPLIED_PER_EVENT`]: an agent never sends one.
+    BatchSize,
+    /// A batch event naming the same key twice: an agent never sends one.
+    BatchDuplicate,
 }
 
 impl RejectReason {
     /// Every reason, in wire order.
-    pub const ALL: [RejectReason; 31] = [
+    pub const ALL: [RejectReason; 33] = [
         RejectReason::Oversized,
         RejectReason::Truncated,
         RejectReason::BadMagic,
@@ -141,6 +146,8 @@ impl RejectReason {
         RejectReason::ForeignRecord,
         RejectReason::ForeignDuplicate,
         RejectReason::CreateOfDeletedKey,
+        RejectReason::BatchSize,
+        RejectReason::BatchDuplicate,
     ];
 
     /// The snake_case name, for people, JSON and metric labels.
@@ -177,6 +184,8 @@ impl RejectReason {
             RejectReason::ForeignRecord => "foreign_record",
             RejectReason::ForeignDuplicate => "foreign_duplicate",
             RejectReason::CreateOfDeletedKey => "create_of_deleted_key",
+            RejectReason::BatchSize => "batch_size",
+            RejectReason::BatchDuplicate => "batch_duplicate",
         }
     }
 }

@@ -56,6 +56,8 @@ pub enum KeySubject {
     JoinToken(HsmId),
     /// `...hsm.<hsm>.join`
     JoinRequested(HsmId),
+    /// `...hsm.<hsm>.applied` (a `ClonesApplied` batch)
+    HsmApplied(HsmId),
 }
 
 impl Subjects {
@@ -145,6 +147,18 @@ impl Subjects {
     /// Every `applied` event of every key: `<p>.evt.key.*.applied.*`.
     pub fn all_applied(&self) -> String {
         format!("{}.evt.key.*.applied.*", self.prefix)
+    }
+
+    /// A batch of applied clones (`ClonesApplied`) by one HSM:
+    /// `<p>.evt.hsm.<hsm>.applied`. Per HSM, not per key: it names many
+    /// keys, none of which has material on it to purge.
+    pub fn clones_applied(&self, hsm: &HsmId) -> String {
+        format!("{}.evt.hsm.{hsm}.applied", self.prefix)
+    }
+
+    /// Every batch of applied clones: `<p>.evt.hsm.*.applied`.
+    pub fn all_clones_applied(&self) -> String {
+        format!("{}.evt.hsm.*.applied", self.prefix)
     }
 
     /// `<p>.evt.key.<id>.failed.<hsm>`
@@ -334,6 +348,7 @@ impl Subjects {
             ["hsm", hsm, "revoked"] => Some(KeySubject::HsmRevoked(hsm.parse().ok()?)),
             ["hsm", hsm, "token"] => Some(KeySubject::JoinToken(hsm.parse().ok()?)),
             ["hsm", hsm, "join"] => Some(KeySubject::JoinRequested(hsm.parse().ok()?)),
+            ["hsm", hsm, "applied"] => Some(KeySubject::HsmApplied(hsm.parse().ok()?)),
             ["key", id, "deleted"] => Some(KeySubject::Deleted(id.parse().ok()?)),
             ["key", id, "erased", hsm] => {
                 Some(KeySubject::Erased(id.parse().ok()?, hsm.parse().ok()?))
