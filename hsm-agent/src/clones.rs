@@ -372,10 +372,7 @@ async fn apply_batch(
 
         // Per published result: the (message, unit)s it answers, and its
         // PubAck to come (none: nothing to announce).
-        let mut results: Vec<(
-            Vec<(usize, usize)>,
-            Option<anyhow::Result<jetstream::context::PublishAckFuture>>,
-        )> = Vec::with_capacity(window.len());
+        let mut results: Vec<Published> = Vec::with_capacity(window.len());
         // Clones applied in this window: announced together after the
         // loop, one `ClonesApplied` per chunk (decision 21).
         let mut applied: Vec<(usize, usize, AppliedKey)> = Vec::new();
@@ -656,6 +653,13 @@ impl RetryLog {
         };
     }
 }
+
+/// One result published (or none needed): the (message, unit)s it
+/// answers, and its PubAck to come.
+type Published = (
+    Vec<(usize, usize)>,
+    Option<anyhow::Result<jetstream::context::PublishAckFuture>>,
+);
 
 /// One command message of a batch, and what became of it.
 struct Delivery {
