@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream;
 use futures::StreamExt;
 use keysync::{Client, CreateKey, Route};
 use keysync_schemas::{
@@ -18,34 +18,9 @@ use keysync_schemas::{
     Fingerprint, HsmId, KeyId, KeyType, RejectReason, Source, MAX_APPLIED_PER_EVENT,
 };
 use keysync_security::{signed_headers, Identity, Signer};
-use keysync_testkit::{assert_converges, hsm, keysync_cli, start_stack, wait_until};
-
-/// Every message of `stream` under `filter`, in order (an ordered
-/// consumer read to the end).
-async fn messages(js: &jetstream::Context, stream: &str, filter: &str) -> Vec<jetstream::Message> {
-    let s = js.get_stream(stream).await.expect("stream");
-    let consumer = s
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: filter.to_string(),
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let mut out = Vec::new();
-    if consumer.cached_info().num_pending == 0 {
-        return out;
-    }
-    let mut msgs = consumer.messages().await.expect("messages");
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await {
-        let m = m.expect("message");
-        let pending = m.info().expect("info").pending;
-        out.push(m);
-        if pending == 0 {
-            break;
-        }
-    }
-    out
-}
+use keysync_testkit::{
+    assert_converges, hsm, keysync_cli, start_stack, stored_messages, wait_until,
+};
 
 async fn create_burst(client: &Client, on: &[HsmId], n: usize, in_flight: usize) -> Vec<KeyId> {
     futures::stream::iter(0..n)
@@ -76,7 +51,6 @@ async fn a_burst_of_creates_is_announced_in_batches_and_every_key_reaches_every_
     let stack = start_stack(3).await;
     let client = stack.client().clone();
     let hsms = stack.hsm_ids();
-    let js = jetstream::new(client.nats().clone());
     let subjects = client.subjects().clone();
 
     // Given a burst of creates, 64 in flight, each waiting for replicas:3
@@ -107,7 +81,7 @@ async fn a_burst_of_creates_is_announced_in_batches_and_every_key_reaches_every_
     // and the agents really announced clones in batches: signed, well
     // formed, each naming keys of this burst, on their HSM's subject.
     let events = subjects.events_stream();
-    let batches = messages(&js, &events, &subjects.all_clones_applied()).await;
+    let batches = stored_messages(&client, &events, &subjects.all_clones_applied()).await;
     let mut batched: BTreeSet<(KeyId, HsmId)> = BTreeSet::new();
     for m in &batches {
         let env = decode::<Event>(&m.payload).expect("a batch decodes");
@@ -125,7 +99,9 @@ async fn a_burst_of_creates_is_announced_in_batches_and_every_key_reaches_every_
             batched.insert((a.key_id, b.hsm.clone()));
         }
     }
-    let singles = messages(&js, &events, &subjects.all_applied()).await.len();
+    let singles = stored_messages(&client, &events, &subjects.all_applied())
+        .await
+        .len();
     eprintln!(
         "{} ClonesApplied batches named {} clones; {singles} clones announced alone",
         batches.len(),
@@ -143,8 +119,8 @@ async fn a_burst_of_creates_is_announced_in_batches_and_every_key_reaches_every_
     // The lifecycle stream has one key.applied per key and cloning HSM,
     // under distinct ids (events-<seq>-<i> for a batch's i-th key).
     let lifecycle = wait_until(Duration::from_secs(30), || async {
-        messages(
-            &js,
+        stored_messages(
+            &client,
             &subjects.lifecycle_stream(),
             &subjects.lifecycle_key("*", "applied"),
         )
@@ -154,8 +130,8 @@ async fn a_burst_of_creates_is_announced_in_batches_and_every_key_reaches_every_
     })
     .await;
     assert!(lifecycle, "the lifecycle mirror did not catch up");
-    let mirrored = messages(
-        &js,
+    let mirrored = stored_messages(
+        &client,
         &subjects.lifecycle_stream(),
         &subjects.lifecycle_key("*", "applied"),
     )
@@ -189,7 +165,7 @@ async fn a_burst_of_creates_is_announced_in_batches_and_every_key_reaches_every_
     // verifies.
     let url = stack.url();
     let audited = wait_until(Duration::from_secs(30), || async {
-        let records = messages(&js, &subjects.audit_stream(), "").await;
+        let records = stored_messages(&client, &subjects.audit_stream(), "").await;
         let facts: usize = records
             .iter()
             .filter_map(|m| decode::<AuditRecord>(&m.payload).ok())
