@@ -458,6 +458,29 @@ pub async fn count_clones_applied(client: &Client) -> u64 {
     singles + batched as u64
 }
 
+/// How many times `hsm` announced that it applied `key`: its
+/// `CloneApplied`s, and the `ClonesApplied` batches naming the key
+/// (decision 21).
+pub async fn count_applied(client: &Client, key: &KeyId, hsm: &HsmId) -> u64 {
+    let subjects = client.subjects();
+    let singles = count_events(client, &subjects.clone_applied(key, hsm)).await;
+    let batched = stored_messages(
+        client,
+        &subjects.events_stream(),
+        &subjects.clones_applied(hsm),
+    )
+    .await
+    .iter()
+    .filter(|m| {
+        matches!(
+            keysync_schemas::decode::<keysync_schemas::Event>(&m.payload).map(|e| e.body),
+            Ok(keysync_schemas::Event::ClonesApplied(b)) if b.applied.iter().any(|a| a.key_id == *key)
+        )
+    })
+    .count();
+    singles + batched as u64
+}
+
 /// Runs the `keysync` CLI with `args` and returns its output.
 pub fn keysync_cli(args: &[&str]) -> Output {
     let bin: PathBuf = find_binary("keysync").unwrap_or_else(|e| panic!("{e}"));
