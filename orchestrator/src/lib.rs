@@ -53,6 +53,7 @@ pub mod streams;
 #[cfg(test)]
 mod testkit;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,7 +64,7 @@ use keysync_security::{DeadLetters, Filing, Identity, Keep};
 use tracing::Instrument as _;
 
 use crate::anti_entropy::{AntiEntropy, Inventory, Verdict};
-use crate::decide::{decide, reconcile};
+use crate::decide::{decide, reconcile, Action};
 use crate::executor::Executor;
 use crate::heartbeats::Heartbeats;
 use crate::intake::Intake;
@@ -169,6 +170,26 @@ struct Orchestrator {
     checkpoint_rule: checkpoint::Rule,
     /// When the last event was folded (the rule's idle time).
     last_event_at: Instant,
+    /// Clones decided in this feed batch, not sent yet (decision 21).
+    deferred: Deferred,
+}
+
+/// Clones the events of one feed batch decided, sent together when the
+/// batch is folded ([`Orchestrator::flush_clones`]): several keys for one
+/// member become one `CloneBatch` (one message, one signature) instead of
+/// one `CloneKey` each. A batch of one event (one key at a time) is sent
+/// at the end of that event, as before: no timer, no wait. Sent earlier
+/// when an event of the batch decides a delete, purge or withdrawal, so
+/// nothing is reordered against them.
+#[derive(Default)]
+struct Deferred {
+    clones: Vec<Action>,
+    /// The `KeyCreated`s of the batch the clones come from, by sequence
+    /// (not read back from the stream).
+    created: HashMap<u64, KeyCreated>,
+    /// The span of the last event that added clones: the commands carry
+    /// its trace.
+    span: Option<tracing::Span>,
 }
 
 /// Runs the orchestrator until `shutdown` resolves or a fatal error occurs.
@@ -321,6 +342,7 @@ pub async fn run(
         snapshots: snapshots.clone(),
         liveness: Liveness::new(config.failure_timeout),
         anti_entropy: AntiEntropy::new(config.repair_after),
+        deferred: Deferred::default(),
         config,
     };
     orch.verdicts.start(orch.state.last_seq() + 1);
@@ -671,7 +693,9 @@ impl Orchestrator {
             since_start_ms = started.elapsed().as_millis() as u64,
             "holding the lease; active"
         );
-        self.executor.execute(&self.state, actions, None).await?;
+        self.executor
+            .execute(&self.state, actions, &HashMap::new())
+            .await?;
         self.intake.remove_pending().await;
         Ok(())
     }
@@ -768,7 +792,10 @@ impl Orchestrator {
                     keysync_security::Verified::With,
                 ),
             };
-            self.on_event(&msg, meta, verified).await?;
+            if let Err(e) = self.on_event(&msg, meta, verified).await {
+                self.deferred = Deferred::default();
+                return Err(e);
+            }
             if self.progress.folded(meta.seq, pending) {
                 tracing::info!(
                     events = self.state.last_seq(),
@@ -779,7 +806,31 @@ impl Orchestrator {
                 );
             }
         }
-        Ok(())
+        self.flush_clones().await
+    }
+
+    /// Sends the clones deferred in this feed batch ([`Deferred`]): planned
+    /// per member into `CloneBatch`es by [`plan`], in the trace of the
+    /// last event that added some.
+    async fn flush_clones(&mut self) -> anyhow::Result<()> {
+        let Deferred {
+            clones,
+            created,
+            span,
+        } = std::mem::take(&mut self.deferred);
+        if clones.is_empty() {
+            return Ok(());
+        }
+        let span = span.unwrap_or_else(tracing::Span::none);
+        let result = self
+            .executor
+            .execute(&self.state, clones, &created)
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &result {
+            keysync_telemetry::fail(&span, "execute", &format!("{e:#}"));
+        }
+        result
     }
 
     /// Appends a checkpoint for the run chained so far, if this process
@@ -892,10 +943,19 @@ impl Orchestrator {
             return Ok(());
         }
         let actions = decide(&self.state, meta, &event, &change);
-        let current: Option<(u64, &KeyCreated)> = match &event {
-            Event::KeyCreated(c) => Some((meta.seq, c)),
-            _ => None,
-        };
+        // Anything that must not overtake a clone decided earlier in this
+        // batch (a delete, a purge, a withdrawal) sends those clones first.
+        if actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::SendDelete { .. } | Action::Purge { .. } | Action::Withdraw { .. }
+            )
+        }) {
+            self.flush_clones().await?;
+        }
+        let (clones, actions): (Vec<Action>, Vec<Action>) = actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::SendClone { .. }));
         // The event's trace continues through what it causes.
         // A CONSUMER span: the event consumed, child of its publish.
         let span = tracing::info_span!(
@@ -919,11 +979,20 @@ impl Orchestrator {
         if let Some(key_id) = event.key_id() {
             span.record("keysync.key_id", key_id.to_string().as_str());
         }
+        if !clones.is_empty() {
+            // The clones this event decided wait for the end of the feed
+            // batch, with what they need.
+            self.deferred.clones.extend(clones);
+            if let Event::KeyCreated(c) = &event {
+                self.deferred.created.insert(meta.seq, c.clone());
+            }
+            self.deferred.span = Some(span.clone());
+        }
         let handling = Instant::now();
         let n = actions.len();
         if let Err(e) = self
             .executor
-            .execute(&self.state, actions, current)
+            .execute(&self.state, actions, &HashMap::new())
             .instrument(span.clone())
             .await
         {
@@ -991,7 +1060,9 @@ impl Orchestrator {
         tracing::info!(%hsm, held = inventory.len(), repairs = actions.len(), "anti-entropy repair");
         self.stats.repairs += actions.len() as u64;
         self.prom.repairs(actions.len() as u64);
-        self.executor.execute(&self.state, actions, None).await
+        self.executor
+            .execute(&self.state, actions, &HashMap::new())
+            .await
     }
 
     /// Counts and files what the publisher found holding one of our

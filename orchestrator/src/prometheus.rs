@@ -281,6 +281,17 @@ impl Metrics {
     /// Counts what folding `event` changed (`state` is the state after it).
     pub fn folded(&self, state: &ClusterState, event: &Event, change: &Change) {
         self.events_folded.inc();
+        if let (Event::ClonesApplied(b), Change::Batch(changes)) = (event, change) {
+            for (a, c) in b.units().zip(changes) {
+                self.fact(state, &Event::CloneApplied(a), c);
+            }
+        } else {
+            self.fact(state, event, change);
+        }
+    }
+
+    /// [`Self::folded`] for one fact (a batch's, one at a time).
+    fn fact(&self, state: &ClusterState, event: &Event, change: &Change) {
         let seconds = |ns: u64| ns as f64 / 1e9;
         match change {
             Change::Held {
@@ -315,7 +326,7 @@ impl Metrics {
             Change::Deleted => {
                 self.keys_deleted.inc();
             }
-            Change::NewMember(_) | Change::Other => {}
+            Change::NewMember(_) | Change::Other | Change::Batch(_) => {}
         }
         if let Event::CloneFailed(f) = event {
             if f.reason.is_permanent() {

@@ -149,6 +149,15 @@ pub enum AuditFact {
         /// The chain over its accepted events.
         chain: [u8; 32],
     },
+    /// An HSM holds each of these keys: the facts of one `CloneApplied`
+    /// per entry, audited as the one signed batch event they came in
+    /// (`ClonesApplied`, decision 21).
+    ClonesApplied {
+        /// The HSM.
+        hsm: HsmId,
+        /// Each key and the fingerprint it computed.
+        applied: Vec<(KeyId, Fingerprint)>,
+    },
 }
 
 /// Who caused an audited fact: the signer the log's policy requires for
@@ -188,7 +197,8 @@ impl AuditFact {
             | AuditFact::KeyErased { hsm, .. }
             | AuditFact::HsmJoined { hsm }
             | AuditFact::JoinRequested { hsm, .. }
-            | AuditFact::HsmCapabilities { hsm, .. } => Actor::Hsm(hsm.clone()),
+            | AuditFact::HsmCapabilities { hsm, .. }
+            | AuditFact::ClonesApplied { hsm, .. } => Actor::Hsm(hsm.clone()),
             AuditFact::KeyReplicated { .. }
             | AuditFact::HsmFailed { .. }
             | AuditFact::HsmRecovered { .. }
@@ -257,6 +267,14 @@ impl AuditFact {
                 after_seq: c.after_seq,
                 through_seq: c.through_seq,
                 chain: c.chain,
+            },
+            Event::ClonesApplied(b) => AuditFact::ClonesApplied {
+                hsm: b.hsm.clone(),
+                applied: b
+                    .applied
+                    .iter()
+                    .map(|a| (a.key_id, a.fingerprint))
+                    .collect(),
             },
         }
     }

@@ -43,6 +43,12 @@ pub enum Event {
     /// (signed with the cluster identity): a replay checks this one
     /// signature instead of one per event of the run.
     Checkpoint(Checkpoint),
+    /// An HSM applied several clone commands together (one keystore
+    /// transaction): one signed event standing for one [`CloneApplied`]
+    /// per key, so a burst costs one message and one signature per window
+    /// instead of one per key (decision 21). A window of one is sent as a
+    /// plain `CloneApplied`.
+    ClonesApplied(ClonesApplied),
 }
 
 impl Event {
@@ -63,7 +69,8 @@ impl Event {
             | Event::JoinTokenIssued(_)
             | Event::JoinRequested(_)
             | Event::HsmCapabilities(_)
-            | Event::Checkpoint(_) => None,
+            | Event::Checkpoint(_)
+            | Event::ClonesApplied(_) => None,
         }
     }
 
@@ -85,6 +92,7 @@ impl Event {
             Event::JoinRequested(_) => "join_requested",
             Event::HsmCapabilities(_) => "hsm_capabilities",
             Event::Checkpoint(_) => "checkpoint",
+            Event::ClonesApplied(_) => "clones_applied",
         }
     }
 }
@@ -139,6 +147,69 @@ pub struct CloneApplied {
     pub fingerprint: Fingerprint,
     /// True when the HSM already held the key (an idempotent no-op).
     pub already_present: bool,
+}
+
+/// Most keys one [`ClonesApplied`] names. An entry is ~52 bytes, so 128
+/// keep the event under half of [`crate::MAX_EVENT_BYTES`] with its
+/// headers, and its audit record likewise.
+pub const MAX_APPLIED_PER_EVENT: usize = 128;
+
+/// One key of a [`ClonesApplied`]: what a [`CloneApplied`] says besides
+/// the HSM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedKey {
+    /// The key.
+    pub key_id: KeyId,
+    /// The fingerprint the HSM computed from the unwrapped material.
+    pub fingerprint: Fingerprint,
+    /// True when the HSM already held the key (an idempotent no-op).
+    pub already_present: bool,
+}
+
+/// `hsm` holds every key of `applied`: exactly the facts of one
+/// [`CloneApplied`] per entry, in order, signed once. Valid only with 1 to
+/// [`MAX_APPLIED_PER_EVENT`] entries naming distinct keys
+/// ([`ClonesApplied::check`], run by every reader with the signature).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClonesApplied {
+    /// The HSM that applied the clones (the signer; the subject names it).
+    pub hsm: HsmId,
+    /// The keys it holds now.
+    pub applied: Vec<AppliedKey>,
+}
+
+impl ClonesApplied {
+    /// Whether the batch has a shape an agent sends: 1 to
+    /// [`MAX_APPLIED_PER_EVENT`] entries, no key twice. Anything else is
+    /// refused whole, before any of it is folded.
+    pub fn check(&self) -> Result<(), crate::Rejection> {
+        use crate::RejectReason;
+        let n = self.applied.len();
+        if n == 0 || n > MAX_APPLIED_PER_EVENT {
+            return Err(crate::Rejection::new(
+                RejectReason::BatchSize,
+                format!("a batch of {n} applied clones (1 to {MAX_APPLIED_PER_EVENT} allowed)"),
+            ));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(n);
+        if let Some(dup) = self.applied.iter().find(|a| !seen.insert(a.key_id)) {
+            return Err(crate::Rejection::new(
+                RejectReason::BatchDuplicate,
+                format!("a batch naming key {} twice", dup.key_id),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The [`CloneApplied`] facts this batch stands for, in order.
+    pub fn units(&self) -> impl Iterator<Item = CloneApplied> + '_ {
+        self.applied.iter().map(|a| CloneApplied {
+            key_id: a.key_id,
+            hsm: self.hsm.clone(),
+            fingerprint: a.fingerprint,
+            already_present: a.already_present,
+        })
+    }
 }
 
 /// Why a clone could not be applied.

@@ -112,11 +112,16 @@ pub enum RejectReason {
     /// A checkpoint for an empty run, a run that does not end before it,
     /// or a run another checkpoint covers already (a replayed one).
     CheckpointOutOfPlace,
+    /// A batch event (`ClonesApplied`) that is empty or names more keys
+    /// than [`crate::MAX_APPLIED_PER_EVENT`]: an agent never sends one.
+    BatchSize,
+    /// A batch event naming the same key twice: an agent never sends one.
+    BatchDuplicate,
 }
 
 impl RejectReason {
     /// Every reason, in wire order.
-    pub const ALL: [RejectReason; 33] = [
+    pub const ALL: [RejectReason; 35] = [
         RejectReason::Oversized,
         RejectReason::Truncated,
         RejectReason::BadMagic,
@@ -150,6 +155,8 @@ impl RejectReason {
         RejectReason::CreateOfDeletedKey,
         RejectReason::CheckpointMismatch,
         RejectReason::CheckpointOutOfPlace,
+        RejectReason::BatchSize,
+        RejectReason::BatchDuplicate,
     ];
 
     /// The snake_case name, for people, JSON and metric labels.
@@ -188,6 +195,8 @@ impl RejectReason {
             RejectReason::CreateOfDeletedKey => "create_of_deleted_key",
             RejectReason::CheckpointMismatch => "checkpoint_mismatch",
             RejectReason::CheckpointOutOfPlace => "checkpoint_out_of_place",
+            RejectReason::BatchSize => "batch_size",
+            RejectReason::BatchDuplicate => "batch_duplicate",
         }
     }
 }

@@ -58,6 +58,8 @@ pub enum KeySubject {
     JoinRequested(HsmId),
     /// `...log.checkpoint`
     Checkpoint,
+    /// `...hsm.<hsm>.applied` (a `ClonesApplied` batch)
+    HsmApplied(HsmId),
 }
 
 impl Subjects {
@@ -147,6 +149,18 @@ impl Subjects {
     /// Every `applied` event of every key: `<p>.evt.key.*.applied.*`.
     pub fn all_applied(&self) -> String {
         format!("{}.evt.key.*.applied.*", self.prefix)
+    }
+
+    /// A batch of applied clones (`ClonesApplied`) by one HSM:
+    /// `<p>.evt.hsm.<hsm>.applied`. Per HSM, not per key: it names many
+    /// keys, none of which has material on it to purge.
+    pub fn clones_applied(&self, hsm: &HsmId) -> String {
+        format!("{}.evt.hsm.{hsm}.applied", self.prefix)
+    }
+
+    /// Every batch of applied clones: `<p>.evt.hsm.*.applied`.
+    pub fn all_clones_applied(&self) -> String {
+        format!("{}.evt.hsm.*.applied", self.prefix)
     }
 
     /// `<p>.evt.key.<id>.failed.<hsm>`
@@ -342,6 +356,7 @@ impl Subjects {
             ["hsm", hsm, "revoked"] => Some(KeySubject::HsmRevoked(hsm.parse().ok()?)),
             ["hsm", hsm, "token"] => Some(KeySubject::JoinToken(hsm.parse().ok()?)),
             ["hsm", hsm, "join"] => Some(KeySubject::JoinRequested(hsm.parse().ok()?)),
+            ["hsm", hsm, "applied"] => Some(KeySubject::HsmApplied(hsm.parse().ok()?)),
             ["key", id, "deleted"] => Some(KeySubject::Deleted(id.parse().ok()?)),
             ["log", "checkpoint"] => Some(KeySubject::Checkpoint),
             ["key", id, "erased", hsm] => {

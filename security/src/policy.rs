@@ -43,6 +43,7 @@ pub fn event_signer(event: &Event) -> Signer {
         Event::KeyErased(e) => Signer::Hsm(e.hsm.clone()),
         Event::JoinRequested(e) => Signer::Hsm(e.hsm.clone()),
         Event::HsmCapabilities(e) => Signer::Hsm(e.hsm.clone()),
+        Event::ClonesApplied(e) => Signer::Hsm(e.hsm.clone()),
         Event::KeyReplicated(_)
         | Event::HsmFailed(_)
         | Event::HsmRecovered(_)
@@ -152,6 +153,11 @@ pub fn check_event_verified(
             &claim.signer,
             expected.header_value(),
         )));
+    }
+    // A batch's shape is part of decoding it: every reader (fold, audit,
+    // lifecycle, SDK) refuses the same ones, before checking a signature.
+    if let Event::ClonesApplied(b) = &env.body {
+        b.check().map_err(refuse)?;
     }
     let key = match (&expected, &env.body) {
         (Signer::Cluster, _) => *cluster_key,

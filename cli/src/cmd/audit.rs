@@ -233,6 +233,10 @@ fn fact_json(f: &AuditFact) -> serde_json::Value {
         } => {
             json!({"kind": "checkpoint", "after_seq": after_seq, "through_seq": through_seq, "chain": hex::encode(chain)})
         }
+        AuditFact::ClonesApplied { hsm, applied } => {
+            json!({"kind": "clones_applied", "hsm": hsm.as_str(),
+            "applied": applied.iter().map(|(k, f)| json!({"key_id": k.to_string(), "fingerprint": f.to_hex()})).collect::<Vec<_>>()})
+        }
         AuditFact::JoinTokenIssued { hsm, expires_at_ns } => {
             json!({"kind": "join_token_issued", "hsm": hsm.as_str(), "expires_at": rfc3339(*expires_at_ns)})
         }
@@ -491,6 +495,13 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     AuditFact::CloneApplied { key_id, hsm, .. } => {
                         if let Some(k) = keys.get_mut(key_id).filter(|k| !k.deleted) {
                             k.hsms.insert(hsm.clone());
+                        }
+                    }
+                    AuditFact::ClonesApplied { hsm, applied } => {
+                        for (key_id, _) in applied {
+                            if let Some(k) = keys.get_mut(key_id).filter(|k| !k.deleted) {
+                                k.hsms.insert(hsm.clone());
+                            }
                         }
                     }
                     AuditFact::KeyDeleted { key_id, hsm } => {
