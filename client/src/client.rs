@@ -616,19 +616,30 @@ impl Client {
                 "session keys never leave their HSM: use durability none or logged".into(),
             ));
         }
-        // Subscribe before asking, so no acknowledgement can be missed.
+        // Subscribe before asking, so no acknowledgement can be missed:
+        // the key's own subjects, and for `replicas:N` the agents' batches
+        // of applied clones (`ClonesApplied`, decision 21), which name many
+        // keys on one per-HSM subject.
+        let subscribe = |subject: String| async move {
+            self.inner
+                .nats
+                .subscribe(subject)
+                .await
+                .map_err(|e| Error::HsmUnavailable {
+                    route: spec.route.to_string(),
+                    detail: e.to_string(),
+                    no_responders: false,
+                })
+        };
         let mut key_events = if wait {
-            Some(
-                self.inner
-                    .nats
-                    .subscribe(self.inner.options.subjects.key_events(&key_id))
-                    .await
-                    .map_err(|e| Error::HsmUnavailable {
-                        route: spec.route.to_string(),
-                        detail: e.to_string(),
-                        no_responders: false,
-                    })?,
-            )
+            let subjects = &self.inner.options.subjects;
+            let own = subscribe(subjects.key_events(&key_id)).await?;
+            if matches!(spec.durability, Durability::Replicas(_)) {
+                let batches = subscribe(subjects.all_clones_applied()).await?;
+                Some(futures::stream::select(own, batches).boxed())
+            } else {
+                Some(own.boxed())
+            }
         } else {
             None
         };
@@ -683,6 +694,13 @@ impl Client {
                     if a.key_id == key_id && a.fingerprint == info.fingerprint =>
                 {
                     holders.insert(a.hsm);
+                }
+                Event::ClonesApplied(b)
+                    if b.applied
+                        .iter()
+                        .any(|a| a.key_id == key_id && a.fingerprint == info.fingerprint) =>
+                {
+                    holders.insert(b.hsm);
                 }
                 Event::KeyReplicated(r)
                     if r.key_id == key_id && r.fingerprint == info.fingerprint =>

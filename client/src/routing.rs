@@ -60,6 +60,15 @@ impl ReplicaMap {
     pub fn observe(&self, subjects: &Subjects, subject: &str, payload: &[u8]) {
         match subjects.parse_event(subject) {
             Some(KeySubject::Applied(key, hsm)) => self.learn(key, hsm),
+            Some(KeySubject::HsmApplied(hsm)) => {
+                if let Ok(Event::ClonesApplied(b)) = decode::<Event>(payload).map(|e| e.body) {
+                    if b.hsm == hsm {
+                        for a in b.applied {
+                            self.learn(a.key_id, hsm.clone());
+                        }
+                    }
+                }
+            }
             Some(KeySubject::Created(key)) | Some(KeySubject::Replicated(key)) => {
                 match decode::<Event>(payload).map(|e| e.body) {
                     Ok(Event::KeyCreated(c)) if c.key_id == key => self.learn(key, c.hsm),
@@ -83,14 +92,18 @@ pub async fn watch(
     map: std::sync::Arc<ReplicaMap>,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
-    let filter = subjects.key_events_all();
-    let mut sub = match nats.subscribe(filter).await {
-        Ok(s) => s,
-        Err(e) => {
+    // Key events, and the agents' batches of applied clones (decision 21).
+    let (keys, batches) = match (
+        nats.subscribe(subjects.key_events_all()).await,
+        nats.subscribe(subjects.all_clones_applied()).await,
+    ) {
+        (Ok(k), Ok(b)) => (k, b),
+        (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(error = %e, "cannot watch key events; replica-aware routing falls back to any HSM");
             return;
         }
     };
+    let mut sub = futures::stream::select(keys, batches);
     let _ = nats.flush().await;
     let _ = ready.send(());
     while let Some(msg) = sub.next().await {

@@ -29,8 +29,8 @@ use backon::{BackoffBuilder as _, ExponentialBuilder};
 use futures::StreamExt;
 use keysync_schemas::headers::{HopTimes, HOP_TIMES};
 use keysync_schemas::{
-    CloneApplied, CloneFailed, CloneFailure, CloneKey, Command, Envelope, Event, KeyErased,
-    RejectReason, Rejection, Source,
+    AppliedKey, CloneApplied, CloneFailed, CloneFailure, CloneKey, ClonesApplied, Command,
+    Envelope, Event, KeyErased, RejectReason, Rejection, Source, MAX_APPLIED_PER_EVENT,
 };
 use keysync_security::{Filing, Keep};
 use tracing::Instrument as _;
@@ -370,33 +370,34 @@ async fn apply_batch(
             }
         };
 
-        let mut results: Vec<(
-            usize,
-            usize,
-            Option<anyhow::Result<jetstream::context::PublishAckFuture>>,
-        )> = Vec::with_capacity(window.len());
+        // Per published result: the (message, unit)s it answers, and its
+        // PubAck to come (none: nothing to announce).
+        let mut results: Vec<Published> = Vec::with_capacity(window.len());
+        // Clones applied in this window: announced together after the
+        // loop, one `ClonesApplied` per chunk (decision 21).
+        let mut applied: Vec<(usize, usize, AppliedKey)> = Vec::new();
         for ((at, unit, cmd), outcome) in window.into_iter().zip(outcomes) {
             let delivery = &mut msgs[at];
             delivery.seen = true;
             let msg = &delivery.msg;
             let (subject, event) = match (cmd, outcome) {
                 (_, Outcome::Silent) => {
-                    results.push((at, unit, None));
+                    results.push((vec![(at, unit)], None));
                     continue;
                 }
                 (Command::CloneKey(clone), Outcome::Clone(Ok(outcome))) => {
                     agent.clones_applied.fetch_add(1, Ordering::Relaxed);
                     agent.metrics.command("applied");
-                    let key_id = clone.key.key_id;
-                    (
-                        agent.subjects.clone_applied(&key_id, &agent.hsm),
-                        Event::CloneApplied(CloneApplied {
-                            key_id,
-                            hsm: agent.hsm.clone(),
+                    applied.push((
+                        at,
+                        unit,
+                        AppliedKey {
+                            key_id: clone.key.key_id,
                             fingerprint: clone.key.fingerprint,
                             already_present: outcome == CloneOutcome::AlreadyPresent,
-                        }),
-                    )
+                        },
+                    ));
+                    continue;
                 }
                 (Command::CloneKey(clone), Outcome::Clone(Err(reason)))
                     if !reason.is_permanent() =>
@@ -457,68 +458,63 @@ async fn apply_batch(
                 }
                 _ => continue,
             };
-            // The command's trace continues here: this apply, then its result.
-            // A CONSUMER span: the command consumed, child of the
-            // orchestrator's publish of it.
-            let span = tracing::info_span!(
-                "keysync.apply",
-                otel.kind = "consumer",
-                messaging.system = "nats",
-                messaging.destination.name = %msg.subject,
-                messaging.operation.type = "process",
-                messaging.message.id = tracing::field::Empty,
-                messaging.nats.stream_sequence = tracing::field::Empty,
-                keysync.key_id = tracing::field::Empty,
-                error.type = tracing::field::Empty,
-                otel.status_code = tracing::field::Empty,
-                otel.status_description = tracing::field::Empty,
-                hsm = %agent.hsm,
-                kind = event.kind(),
-            );
-            keysync_telemetry::follow(&span, msg.headers.as_ref());
-            if let Some(id) = keysync_telemetry::message_id(msg.headers.as_ref()) {
-                span.record("messaging.message.id", id);
-            }
-            if let Ok(info) = msg.info() {
-                span.record("messaging.nats.stream_sequence", info.stream_sequence);
-            }
-            if let Some(key_id) = event.key_id() {
-                span.record("keysync.key_id", key_id.to_string().as_str());
-            }
-            if let Event::CloneFailed(f) = &event {
-                keysync_telemetry::fail(&span, f.reason.label(), &f.reason.reason());
-            }
-            let env = Envelope::new(Source::Hsm(agent.hsm.clone()), event);
-            let published = match keysync_schemas::encode(&env) {
-                Ok(bytes) => {
-                    agent
-                        .publish_result(subject, env.id, bytes, &delivery.hops)
-                        .instrument(span)
-                        .await
-                }
-                Err(e) => Err(anyhow::anyhow!(e)),
+            let published = announce(agent, subject, event, msg, &delivery.hops).await;
+            results.push((vec![(at, unit)], Some(published)));
+        }
+        // The clones applied: one signed event per chunk of up to
+        // MAX_APPLIED_PER_EVENT, a lone one as a plain `CloneApplied` (so
+        // one key at a time looks as it always did).
+        for chunk in applied.chunks(MAX_APPLIED_PER_EVENT) {
+            let (at, _, first) = &chunk[0];
+            let (subject, event) = if chunk.len() == 1 {
+                (
+                    agent.subjects.clone_applied(&first.key_id, &agent.hsm),
+                    Event::CloneApplied(CloneApplied {
+                        key_id: first.key_id,
+                        hsm: agent.hsm.clone(),
+                        fingerprint: first.fingerprint,
+                        already_present: first.already_present,
+                    }),
+                )
+            } else {
+                agent.metrics.clones_batched(chunk.len());
+                (
+                    agent.subjects.clones_applied(&agent.hsm),
+                    Event::ClonesApplied(ClonesApplied {
+                        hsm: agent.hsm.clone(),
+                        applied: chunk.iter().map(|(_, _, a)| a.clone()).collect(),
+                    }),
+                )
             };
-            results.push((at, unit, Some(published)));
+            // A batch carries the trace and hop times of its first command
+            // (a message has one parent and one header).
+            let delivery = &msgs[*at];
+            let published = announce(agent, subject, event, &delivery.msg, &delivery.hops).await;
+            results.push((
+                chunk.iter().map(|(at, unit, _)| (*at, *unit)).collect(),
+                Some(published),
+            ));
         }
         // Every PubAck is awaited at once: each one's timeout starts when it is
         // awaited, so awaiting them in turn would let a batch published into a
         // NATS outage (acks lost) stall for its length times the timeout.
-        let confirmations = futures::future::join_all(results.into_iter().map(
-            |(at, unit, published)| async move {
+        let confirmations =
+            futures::future::join_all(results.into_iter().map(|(answers, published)| async move {
                 let confirmed = match published {
                     None => Ok(()),
-                    Some(Ok(fut)) => fut.await.map(drop).map_err(anyhow::Error::from),
-                    Some(Err(e)) => Err(e),
+                    Some(Ok(fut)) => fut.await.map(drop).map_err(|e| e.to_string()),
+                    Some(Err(e)) => Err(format!("{e:#}")),
                 };
-                (at, unit, confirmed)
-            },
-        ))
-        .await;
-        for (at, unit, confirmed) in confirmations {
-            let delivery = &mut msgs[at];
-            match confirmed {
-                Ok(()) => delivery.decided.push(unit),
-                Err(e) => delivery.unlogged = Some(e),
+                (answers, confirmed)
+            }))
+            .await;
+        for (answers, confirmed) in confirmations {
+            for (at, unit) in answers {
+                let delivery = &mut msgs[at];
+                match &confirmed {
+                    Ok(()) => delivery.decided.push(unit),
+                    Err(e) => delivery.unlogged = Some(anyhow::anyhow!("{e}")),
+                }
             }
         }
     }
@@ -554,6 +550,59 @@ async fn apply_batch(
     }
     if handed_back > 0 {
         retry_log.note(agent, handed_back, retried, longest, passing);
+    }
+}
+
+/// Signs and publishes one result `event` of the command in `msg` (its
+/// trace continues in a span for this apply), with the command's hop
+/// times; returns its PubAck to come.
+async fn announce(
+    agent: &Arc<Agent>,
+    subject: String,
+    event: Event,
+    msg: &jetstream::Message,
+    hops: &HopTimes,
+) -> anyhow::Result<jetstream::context::PublishAckFuture> {
+    // The command's trace continues here: this apply, then its result.
+    // A CONSUMER span: the command consumed, child of the
+    // orchestrator's publish of it.
+    let span = tracing::info_span!(
+        "keysync.apply",
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.destination.name = %msg.subject,
+        messaging.operation.type = "process",
+        messaging.message.id = tracing::field::Empty,
+        messaging.nats.stream_sequence = tracing::field::Empty,
+        keysync.key_id = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        hsm = %agent.hsm,
+        kind = event.kind(),
+    );
+    keysync_telemetry::follow(&span, msg.headers.as_ref());
+    if let Some(id) = keysync_telemetry::message_id(msg.headers.as_ref()) {
+        span.record("messaging.message.id", id);
+    }
+    if let Ok(info) = msg.info() {
+        span.record("messaging.nats.stream_sequence", info.stream_sequence);
+    }
+    if let Some(key_id) = event.key_id() {
+        span.record("keysync.key_id", key_id.to_string().as_str());
+    }
+    if let Event::CloneFailed(f) = &event {
+        keysync_telemetry::fail(&span, f.reason.label(), &f.reason.reason());
+    }
+    let env = Envelope::new(Source::Hsm(agent.hsm.clone()), event);
+    match keysync_schemas::encode(&env) {
+        Ok(bytes) => {
+            agent
+                .publish_result(subject, env.id, bytes, hops)
+                .instrument(span)
+                .await
+        }
+        Err(e) => Err(anyhow::anyhow!(e)),
     }
 }
 
@@ -604,6 +653,13 @@ impl RetryLog {
         };
     }
 }
+
+/// One result published (or none needed): the (message, unit)s it
+/// answers, and its PubAck to come.
+type Published = (
+    Vec<(usize, usize)>,
+    Option<anyhow::Result<jetstream::context::PublishAckFuture>>,
+);
 
 /// One command message of a batch, and what became of it.
 struct Delivery {

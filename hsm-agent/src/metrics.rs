@@ -81,6 +81,8 @@ pub struct AgentMetrics {
     keystore_errors: Family<KindLabels, Counter>,
     outbox: Gauge,
     queue_pending: Gauge,
+    batches: Counter,
+    batched: Counter,
     ready: Arc<Readiness>,
 }
 
@@ -108,6 +110,18 @@ impl AgentMetrics {
         let keystore_errors = Family::<KindLabels, Counter>::default();
         let outbox = Gauge::default();
         let queue_pending = Gauge::default();
+        let batches = Counter::default();
+        let batched = Counter::default();
+        r.register(
+            "keysync_agent_clones_applied_batches",
+            "ClonesApplied events published (one signed event for a window of applied clones)",
+            batches.clone(),
+        );
+        r.register(
+            "keysync_agent_clones_applied_batched",
+            "Applied clones announced inside ClonesApplied batches rather than alone",
+            batched.clone(),
+        );
         r.register(
             "keysync_agent_operation_seconds",
             "Key operations served, request received to reply ready, by op and outcome",
@@ -155,6 +169,8 @@ impl AgentMetrics {
             keystore_errors,
             outbox,
             queue_pending,
+            batches,
+            batched,
             ready: Arc::default(),
         }
     }
@@ -176,6 +192,12 @@ impl AgentMetrics {
     /// Records one keystore transaction of commands.
     pub fn clone_batch_applied(&self, took: Duration) {
         self.clone_apply.observe(took.as_secs_f64());
+    }
+
+    /// Counts a `ClonesApplied` published for `clones` applied clones.
+    pub fn clones_batched(&self, clones: usize) {
+        self.batches.inc();
+        self.batched.inc_by(clones as u64);
     }
 
     /// Counts a command's outcome (`applied`, `failed`, `retried`).

@@ -26,9 +26,10 @@ use std::collections::VecDeque;
 use crate::plan::CloneWindow;
 use crate::state::ClusterState;
 
-/// Clones carried out inline; more in one go go to the backlog. A key's
-/// fan-out to 32 HSMs (31 clones) stays inline; a bootstrap does not.
-pub const INLINE_CLONES: usize = 1024;
+/// Clones carried out inline; more in one go go to the backlog. The live
+/// fan-out of a whole feed batch (128 `KeyCreated`s, decision 21) to 32
+/// HSMs (3,968 clones) stays inline; a bootstrap of more keys does not.
+pub const INLINE_CLONES: usize = 4096;
 
 /// Windows of clones waiting for the loop's turns, in the order planned.
 #[derive(Debug, Default, Clone)]
@@ -118,15 +119,15 @@ mod tests {
 
     #[test]
     fn a_bootstrap_is_deferred_and_a_keys_fan_out_is_not() {
-        let keys: Vec<(u64, KeyId)> = (1..=600).map(|i| (i, KeyId::new())).collect();
-        let big = vec![
-            window("b", false, keys[..512].to_vec()),
-            window("b", false, keys[512..].to_vec()),
-            window("c", false, keys[..512].to_vec()),
-        ];
+        let keys: Vec<(u64, KeyId)> = (1..=4097).map(|i| (i, KeyId::new())).collect();
+        let big: Vec<CloneWindow> = keys
+            .chunks(512)
+            .map(|c| window("b", false, c.to_vec()))
+            .collect();
         assert!(Backlog::defers(&big));
+        // A feed batch of 128 keys to 31 other members.
         let fan_out: Vec<CloneWindow> = (0..31)
-            .map(|i| window(&format!("h{i}"), false, keys[..1].to_vec()))
+            .map(|i| window(&format!("h{i}"), false, keys[..128].to_vec()))
             .collect();
         assert!(!Backlog::defers(&fan_out));
     }

@@ -75,6 +75,8 @@ pub fn subject_matches(subject: Option<KeySubject>, event: &Event) -> bool {
         (Some(KeySubject::HsmRevoked(h)), Event::HsmRevoked(r)) => h == r.hsm,
         (Some(KeySubject::JoinToken(h)), Event::JoinTokenIssued(t)) => h == t.hsm,
         (Some(KeySubject::JoinRequested(h)), Event::JoinRequested(j)) => h == j.hsm,
+        (Some(KeySubject::Checkpoint), Event::Checkpoint(_)) => true,
+        (Some(KeySubject::HsmApplied(h)), Event::ClonesApplied(b)) => h == b.hsm,
         _ => false,
     }
 }
@@ -139,6 +141,12 @@ pub fn decide(
         ) => {
             if let Some(key) = state.key(&a.key_id) {
                 out.extend(announcement(a.key_id, key));
+            }
+        }
+        (Event::ClonesApplied(b), Change::Batch(changes)) => {
+            // Decided as the `CloneApplied`s it stands for, in order.
+            for (a, change) in b.units().zip(changes) {
+                out.extend(decide(state, meta, &Event::CloneApplied(a), change));
             }
         }
         (Event::HsmJoined(j), Change::NewMember(idx)) => {
@@ -452,6 +460,105 @@ mod tests {
                 (keysync_schemas::RejectReason::UnknownMember, 1),
                 (keysync_schemas::RejectReason::UnknownKey, 1),
                 (keysync_schemas::RejectReason::FingerprintMismatch, 1)
+            ]
+        );
+    }
+
+    /// Announcements of `actions`, by key.
+    fn announced(actions: &[Action]) -> Vec<KeyId> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::AnnounceReplicated { key_id, .. } => Some(*key_id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_of_applied_clones_folds_and_decides_as_its_clones_one_by_one() {
+        // Given three members and three keys created on a, one of which b
+        // already applied alone,
+        let (k1, k2, k3) = (KeyId::new(), KeyId::new(), KeyId::new());
+        let given = [
+            joined("a"),
+            joined("b"),
+            joined("c"),
+            created_with(k1, "a", 1, Durability::Replicas(2)),
+            created(k2, "a", 2),
+            created(k3, "a", 3),
+            applied(k1, "c", 1),
+        ];
+        let mut batched = Log::given(&given);
+        let mut single = Log::given(&given);
+        // when b applies all three in one batch event,
+        let from_batch = batched.when(&crate::testkit::batch_applied(
+            "b",
+            &[(k1, 1), (k2, 2), (k3, 3)],
+        ));
+        let mut from_singles = Vec::new();
+        for (k, fp) in [(k1, 1), (k2, 2), (k3, 3)] {
+            from_singles.extend(single.when(&applied(k, "b", fp)));
+        }
+        // then the state and the actions are those of the three
+        // CloneApplied: k1 is complete (on a, b, c) and announced, k2 and
+        // k3 still miss c,
+        assert_eq!(announced(&from_batch), vec![k1]);
+        assert_eq!(announced(&from_batch), announced(&from_singles));
+        let (b, s) = (batched.state.status(), single.state.status());
+        assert_eq!(b.members, s.members);
+        assert_eq!(b.pending_clones, s.pending_clones);
+        assert_eq!(b.below_durability, 0);
+        for k in [k1, k2, k3] {
+            let key = batched.state.key(&k).expect("known");
+            assert!(key.holders.contains(1), "b holds {k}");
+        }
+        assert!(batched.state.key(&k1).expect("k1").completed.is_some());
+        assert!(batched.state.key(&k2).expect("k2").completed.is_none());
+        // and a batch again (a redelivery) changes nothing and decides
+        // nothing.
+        let again = batched.when(&crate::testkit::batch_applied("b", &[(k2, 2), (k3, 3)]));
+        assert!(again.is_empty());
+        assert_eq!(batched.state.status().members, b.members);
+    }
+
+    #[test]
+    fn a_batch_with_one_bad_entry_is_refused_whole_and_changes_nothing() {
+        let (k1, k2) = (KeyId::new(), KeyId::new());
+        let mut log = Log::given(&[
+            joined("a"),
+            joined("b"),
+            created(k1, "a", 1),
+            created(k2, "a", 2),
+        ]);
+        let before = log.state.status();
+        // A wrong fingerprint, an unknown key, a stranger, a key twice, no
+        // key, and one key too many:
+        let too_many: Vec<(KeyId, u8)> = (0..=keysync_schemas::MAX_APPLIED_PER_EVENT)
+            .map(|_| (k1, 1))
+            .collect();
+        for bad in [
+            crate::testkit::batch_applied("b", &[(k1, 1), (k2, 9)]),
+            crate::testkit::batch_applied("b", &[(k1, 1), (KeyId::new(), 1)]),
+            crate::testkit::batch_applied("zz", &[(k1, 1)]),
+            crate::testkit::batch_applied("b", &[(k1, 1), (k2, 2), (k1, 1)]),
+            crate::testkit::batch_applied("b", &[]),
+            crate::testkit::batch_applied("b", &too_many),
+        ] {
+            assert!(log.when(&bad).is_empty());
+        }
+        let after = log.state.status();
+        assert_eq!(after.members, before.members, "no entry was folded");
+        assert_eq!(after.pending_clones, before.pending_clones);
+        use keysync_schemas::RejectReason as R;
+        assert_eq!(
+            after.rejected,
+            vec![
+                (R::UnknownMember, 1),
+                (R::UnknownKey, 1),
+                (R::FingerprintMismatch, 1),
+                (R::BatchSize, 2),
+                (R::BatchDuplicate, 1),
             ]
         );
     }

@@ -58,14 +58,14 @@ impl Executor {
     /// Carries out `actions` as [`plan::plan`] lays them out: the steps
     /// other than clones, in order, then the clones window by window, each
     /// window's `KeyCreated`s fetched (pipelined) just before its commands
-    /// are planned, so at most a window of them is held. `current` is the
-    /// `KeyCreated` being handled, if any, so its clones need not fetch it
-    /// back from the stream.
+    /// are planned, so at most a window of them is held. `known` are the
+    /// `KeyCreated`s at hand (the feed batch's), by sequence, so their
+    /// clones need not fetch them back from the stream.
     pub async fn execute(
         &mut self,
         state: &ClusterState,
         actions: Vec<Action>,
-        current: Option<(u64, &KeyCreated)>,
+        known: &HashMap<u64, KeyCreated>,
     ) -> anyhow::Result<()> {
         let work = plan::sort(actions);
         for action in &work.others {
@@ -83,7 +83,7 @@ impl Executor {
             return Ok(());
         }
         for window in &work.windows {
-            self.carry_out_window(window, current, at_seq).await?;
+            self.carry_out_window(window, known, at_seq).await?;
         }
         Ok(())
     }
@@ -96,7 +96,8 @@ impl Executor {
     /// Carries out the backlog's next window still wanted by `state`.
     pub async fn next_window(&mut self, state: &ClusterState) -> anyhow::Result<()> {
         if let Some((window, at_seq)) = self.backlog.next(state) {
-            self.carry_out_window(&window, None, at_seq).await?;
+            self.carry_out_window(&window, &HashMap::new(), at_seq)
+                .await?;
             if self.backlog.is_empty() {
                 tracing::info!("fan-out backlog done");
             }
@@ -108,10 +109,10 @@ impl Executor {
     async fn carry_out_window(
         &mut self,
         window: &CloneWindow,
-        current: Option<(u64, &KeyCreated)>,
+        known: &HashMap<u64, KeyCreated>,
         at_seq: u64,
     ) -> anyhow::Result<()> {
-        let created = self.fetch_window(window, current).await;
+        let created = self.fetch_window(window, known).await;
         let steps = plan::clone_commands(self.publisher.ids(), window, &created, at_seq);
         for step in steps {
             self.carry_out(step).await?;
@@ -120,21 +121,21 @@ impl Executor {
     }
 
     /// The `KeyCreated`s a window of clones comes from, by sequence: read
-    /// back from the stream, [`FETCH_AHEAD`] at a time, except the one
-    /// being handled.
+    /// back from the stream, [`FETCH_AHEAD`] at a time, except those
+    /// `known`.
     async fn fetch_window(
         &self,
         window: &CloneWindow,
-        current: Option<(u64, &KeyCreated)>,
+        known: &HashMap<u64, KeyCreated>,
     ) -> HashMap<u64, KeyCreated> {
         let mut found = HashMap::with_capacity(window.clones.len());
         let mut needed = Vec::with_capacity(window.clones.len());
         for (seq, key_id) in &window.clones {
-            match current {
-                Some((s, c)) if s == *seq => {
-                    found.insert(s, c.clone());
+            match known.get(seq).filter(|c| c.key_id == *key_id) {
+                Some(c) => {
+                    found.insert(*seq, c.clone());
                 }
-                _ => needed.push((*seq, *key_id)),
+                None => needed.push((*seq, *key_id)),
             }
         }
         let fetched: Vec<(u64, KeyCreated)> = futures::stream::iter(needed)

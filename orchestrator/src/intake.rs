@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use keysync_schemas::subjects::KeySubject;
 use keysync_schemas::{Event, RejectReason, Rejection, Subjects};
-use keysync_security::{Claim, DeadLetters, Filing, Keep, MessageIdKey, Signer};
+use keysync_security::{Claim, DeadLetters, Filing, Keep, MessageIdKey, Signer, Verified};
 use tokio::sync::mpsc;
 
 use crate::audit::Verdicts;
@@ -49,17 +49,34 @@ const PREVERIFY_MIN: usize = 16;
 /// saves work, forgetting costs a signature check).
 const OWN_MAX: usize = 100_000;
 
-/// Events this process signed and has not folded back yet: message id →
-/// (digest of subject and payload, signature). One that comes back with
-/// the same subject, payload and signature needs no signature check.
+/// Events this process signed and has not folded back yet. One that comes
+/// back with the same message id, subject, payload and signature needs no
+/// signature check.
+///
+/// An entry is two digests, 48 bytes (it was the id and the base64
+/// signature as strings, ~250 bytes with the table's slot): during a
+/// burst the fold can lag tens of thousands of own events behind, and
+/// the memo then held more memory per tracked key than the fold itself
+/// (decision 22). The id is kept as the first 16 bytes of its SHA-256 (a
+/// collision only costs a signature check: the content digest must match
+/// too); the content as the SHA-256 of subject, payload and signature.
 #[derive(Debug, Default)]
 pub struct OwnEvents {
-    signed: HashMap<String, ([u8; 32], String)>,
+    signed: HashMap<[u8; 16], [u8; 32]>,
 }
 
-fn own_digest(subject: &str, payload: &[u8]) -> [u8; 32] {
-    let mut bytes = Vec::with_capacity(subject.len() + 1 + payload.len());
+fn id_digest(msg_id: &str) -> [u8; 16] {
+    let d = keysync_schemas::record_hash(msg_id.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d[..16]);
+    out
+}
+
+fn own_digest(subject: &str, payload: &[u8], signature: &str) -> [u8; 32] {
+    let mut bytes = Vec::with_capacity(subject.len() + payload.len() + signature.len() + 2);
     bytes.extend_from_slice(subject.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(signature.as_bytes());
     bytes.push(0);
     bytes.extend_from_slice(payload);
     keysync_schemas::record_hash(&bytes)
@@ -71,15 +88,26 @@ impl OwnEvents {
         if self.signed.len() >= OWN_MAX {
             self.signed.clear();
         }
-        self.signed.insert(
-            msg_id.to_string(),
-            (own_digest(subject, payload), signature),
-        );
+        self.signed
+            .insert(id_digest(msg_id), own_digest(subject, payload, &signature));
+    }
+
+    /// Entries held (for tests and the memory figures).
+    pub fn len(&self) -> usize {
+        self.signed.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.signed.is_empty()
     }
 
     /// Whether `msg` is an event signed here, come back with the same
     /// subject, payload and signature (and forgets it either way).
     pub fn came_back(&mut self, msg: &jetstream::Message) -> bool {
+        if self.signed.is_empty() {
+            return false; // a replay's, a standby's: none signed here
+        }
         let Some(h) = msg.headers.as_ref() else {
             return false;
         };
@@ -88,19 +116,20 @@ impl OwnEvents {
         {
             return false;
         }
-        let Some(id) = h.get(keysync_schemas::headers::MSG_ID) else {
+        let (Some(id), Some(sig)) = (
+            h.get(keysync_schemas::headers::MSG_ID),
+            h.get(keysync_schemas::headers::SIGNATURE),
+        ) else {
             return false;
         };
-        let Some((digest, sig)) = self.signed.remove(id.as_str()) else {
+        let Some(digest) = self.signed.remove(&id_digest(id.as_str())) else {
             return false;
         };
         // Drained after a burst: give the memory back.
         if self.signed.is_empty() && self.signed.capacity() > 4096 {
             self.signed.shrink_to(1024);
         }
-        digest == own_digest(&msg.subject, &msg.payload)
-            && h.get(keysync_schemas::headers::SIGNATURE)
-                .is_some_and(|s| s.as_str() == sig)
+        digest == own_digest(&msg.subject, &msg.payload, sig.as_str())
     }
 }
 
@@ -237,7 +266,7 @@ impl Intake {
     pub async fn preverify(
         &self,
         state: &ClusterState,
-        msgs: &[jetstream::Message],
+        msgs: &[&jetstream::Message],
     ) -> Vec<Option<[u8; 32]>> {
         let mut out = vec![None; msgs.len()];
         if msgs.len() < PREVERIFY_MIN {
@@ -277,27 +306,32 @@ impl Intake {
     }
 
     /// The event in `msg`, if it is signed by whom it must be, fresh, and
-    /// on the subject its body names. `preverified` is the key its
-    /// signature already verified with, if any; an event that came back
-    /// from `own` needs no check either.
+    /// on the subject its body names. `verified` says how much of its
+    /// signature check is done (the key it verified with, or a checkpoint
+    /// vouching for it); an event that came back from `own` needs no
+    /// check either.
     pub fn check(
         &self,
         state: &ClusterState,
         own: &mut OwnEvents,
         msg: &jetstream::Message,
         meta: EventMeta,
-        preverified: Option<[u8; 32]>,
+        verified: Verified,
     ) -> Result<Event, Rejection> {
-        let preverified = preverified.or_else(|| own.came_back(msg).then_some(self.cluster_key));
+        let came_back = own.came_back(msg);
+        let verified = match verified {
+            Verified::No if came_back => Verified::With(self.cluster_key),
+            v => v,
+        };
         let subject = msg.subject.as_str();
-        keysync_security::check_event_preverified(
+        keysync_security::check_event_verified(
             msg.headers.as_ref(),
             subject,
             &msg.payload,
             meta.stored_at_ns,
             &self.cluster_key,
             |h| state.enrolled_key(h),
-            preverified,
+            verified,
         )
         .and_then(|env| {
             if subject_matches(self.subjects.parse_event(subject), &env.body) {

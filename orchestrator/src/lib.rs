@@ -32,6 +32,7 @@
 pub mod anti_entropy;
 pub mod audit;
 pub mod backlog;
+pub mod checkpoint;
 pub mod decide;
 pub mod duplicates;
 pub mod executor;
@@ -54,6 +55,7 @@ pub mod streams;
 #[cfg(test)]
 mod testkit;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,7 +66,7 @@ use keysync_security::{DeadLetters, Filing, Identity, Keep};
 use tracing::Instrument as _;
 
 use crate::anti_entropy::{AntiEntropy, Inventory, Verdict};
-use crate::decide::{decide, reconcile};
+use crate::decide::{decide, reconcile, Action};
 use crate::executor::Executor;
 use crate::heartbeats::Heartbeats;
 use crate::intake::Intake;
@@ -98,6 +100,9 @@ pub struct Config {
     pub repair_after: u32,
     /// Events folded between snapshots (0: never snapshot).
     pub snapshot_every: u64,
+    /// When the active orchestrator appends a signed checkpoint
+    /// (`every` 0: never).
+    pub checkpoints: checkpoint::Rule,
     /// The cluster identity: signs commands and the orchestrator's events,
     /// and verifies operators' enrollments.
     pub identity: Arc<Identity>,
@@ -160,6 +165,36 @@ struct Orchestrator {
     /// Foreign messages the auditor and the lease skipped, to be counted
     /// by the loop (it owns the counters).
     side_rejections: audit::Report,
+    /// The replay's runs vouched for by checkpoints read ahead.
+    replay: checkpoint::Replay<(jetstream::Message, EventMeta, u64)>,
+    /// Places checkpoints in the log (and refuses mismatched ones).
+    judge: checkpoint::Judge,
+    /// The run this process chains, checkpointed while it is active.
+    chain: checkpoint::Chain,
+    /// When a checkpoint is due.
+    checkpoint_rule: checkpoint::Rule,
+    /// When the last event was folded (the rule's idle time).
+    last_event_at: Instant,
+    /// Clones decided in this feed batch, not sent yet (decision 21).
+    deferred: Deferred,
+}
+
+/// Clones the events of one feed batch decided, sent together when the
+/// batch is folded ([`Orchestrator::flush_clones`]): several keys for one
+/// member become one `CloneBatch` (one message, one signature) instead of
+/// one `CloneKey` each. A batch of one event (one key at a time) is sent
+/// at the end of that event, as before: no timer, no wait. Sent earlier
+/// when an event of the batch decides a delete, purge or withdrawal, so
+/// nothing is reordered against them.
+#[derive(Default)]
+struct Deferred {
+    clones: Vec<Action>,
+    /// The `KeyCreated`s of the batch the clones come from, by sequence
+    /// (not read back from the stream).
+    created: HashMap<u64, KeyCreated>,
+    /// The span of the last event that added clones: the commands carry
+    /// its trace.
+    span: Option<tracing::Span>,
 }
 
 /// Runs the orchestrator until `shutdown` resolves or a fatal error occurs.
@@ -258,7 +293,26 @@ pub async fn run(
         &config.name,
         config.max_in_flight,
     );
+    // Checkpoints stored before the replay's end: runs it checks with one
+    // signature each (decision 22).
+    let vouchers = read_vouchers(
+        &events,
+        &config.subjects,
+        &config.identity.public_key(),
+        state.last_seq(),
+        replay_until,
+    )
+    .await;
+    let replay = checkpoint::Replay::new(vouchers);
+    // This process chains what comes after the last run vouched for (or
+    // after its snapshot), so that once active it checkpoints the rest.
+    let chain = checkpoint::Chain::new(replay.last_through().unwrap_or(0).max(state.last_seq()));
     let mut orch = Orchestrator {
+        replay,
+        judge: checkpoint::Judge::default(),
+        chain,
+        checkpoint_rule: config.checkpoints,
+        last_event_at: Instant::now(),
         intake: Intake::new(
             config.subjects.clone(),
             cluster_key,
@@ -294,6 +348,7 @@ pub async fn run(
         liveness: Liveness::new(config.failure_timeout),
         anti_entropy: AntiEntropy::new(config.repair_after),
         unfolded: 0,
+        deferred: Deferred::default(),
         config,
     };
     orch.verdicts.start(orch.state.last_seq() + 1);
@@ -359,9 +414,10 @@ pub async fn run(
                         msgs.push(msg.map_err(|e| anyhow::anyhow!("event consumer failed: {e}"))?);
                     }
                     orch.executor.publisher.handling(Some(received));
-                    let folded = orch.on_events(&msgs, started).await;
+                    let folded = orch.on_events(msgs, started).await;
                     orch.executor.publisher.handling(None);
                     folded?;
+                    orch.checkpoint_if_due().await?;
                 }
                 // A subscription that ends (its connection closed for good)
                 // ends the run, so the restart subscribes again; it is
@@ -381,6 +437,7 @@ pub async fn run(
                     }
                 }
                 _ = metrics_tick.tick() => {
+                    orch.checkpoint_if_due().await?;
                     if orch.active {
                         status::publish_metrics(
                             &orch.nats,
@@ -426,7 +483,8 @@ pub async fn run(
                     }
                 }
                 _ = stall_tick.tick() => {
-                    let folded = orch.state.last_seq();
+                    // A run held whole for its checkpoint is progress too.
+                    let folded = orch.state.last_seq().max(orch.replay.last_held().unwrap_or(0));
                     if orch.progress.idle_since_last_check(folded) {
                         let stream_last = orch.events.info().await.map(|i| i.state.last_sequence).unwrap_or(0);
                         if stream_last > folded {
@@ -544,6 +602,75 @@ async fn next_stored_after(
     }
 }
 
+/// The checkpoints stored in `(from, until]`, each checked as the fold
+/// checks any event (signed by the cluster, fresh, on its subject) and
+/// placed by a [`checkpoint::Judge`]; those whose runs start at or after
+/// `from` (what a replay from `from` reads whole). A checkpoint that
+/// cannot be read is left out: its run is checked one by one, and the
+/// fold judges the checkpoint itself when it reaches it.
+async fn read_vouchers(
+    events: &jetstream::stream::Stream,
+    subjects: &Subjects,
+    cluster_key: &[u8; 32],
+    from: u64,
+    until: u64,
+) -> Vec<checkpoint::Voucher> {
+    let subject = subjects.checkpoint();
+    let mut judge = checkpoint::Judge::default();
+    let mut out = Vec::new();
+    let mut seq = from;
+    loop {
+        let msg = match events
+            .direct_get_next_for_subject(&subject, Some(seq + 1))
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the checkpoints ahead; replaying without the rest");
+                break;
+            }
+        };
+        seq = msg.sequence;
+        if seq > until {
+            break;
+        }
+        let stored_at_ns = u64::try_from(msg.time.unix_timestamp_nanos()).unwrap_or(0);
+        let checked = keysync_security::check_event(
+            Some(&msg.headers),
+            &msg.subject,
+            &msg.payload,
+            stored_at_ns,
+            cluster_key,
+            |_| None,
+        );
+        let cp = match checked {
+            Ok(env)
+                if subjects.parse_event(&msg.subject)
+                    == Some(keysync_schemas::subjects::KeySubject::Checkpoint) =>
+            {
+                match env.body {
+                    Event::Checkpoint(cp) => cp,
+                    _ => continue,
+                }
+            }
+            Ok(_) => continue,
+            Err(r) => {
+                tracing::debug!(seq, reason = %r.reason, "a checkpoint not used");
+                continue;
+            }
+        };
+        if judge.judge(seq, &cp).is_ok() && cp.after_seq >= from {
+            out.push(checkpoint::Voucher { at: seq, cp });
+        }
+    }
+    tracing::info!(
+        checkpoints = out.len(),
+        "checkpoints read ahead of the replay"
+    );
+    out
+}
+
 impl Orchestrator {
     /// Took the lease: start the auditor, start measuring silence, and
     /// finish whatever the log says is outstanding.
@@ -570,6 +697,11 @@ impl Orchestrator {
                 self.snapshots.clone(),
             )));
         }
+        if self.chain.weight() > self.checkpoint_rule.every {
+            // Chained through a long replay with no checkpoint: that run
+            // stays checked one by one; checkpoints start here.
+            self.chain = checkpoint::Chain::new(self.state.last_seq());
+        }
         self.liveness
             .start(Instant::now(), self.state.members().map(|m| &m.hsm));
         let actions = reconcile(&self.state);
@@ -579,7 +711,9 @@ impl Orchestrator {
             since_start_ms = started.elapsed().as_millis() as u64,
             "holding the lease; active"
         );
-        self.executor.execute(&self.state, actions, None).await?;
+        self.executor
+            .execute(&self.state, actions, &HashMap::new())
+            .await?;
         self.intake.remove_pending().await;
         Ok(())
     }
@@ -613,7 +747,7 @@ impl Orchestrator {
     /// A batch from the event feed, folded in order.
     async fn on_events(
         &mut self,
-        msgs: &[jetstream::Message],
+        msgs: Vec<jetstream::Message>,
         started: Instant,
     ) -> anyhow::Result<()> {
         let result = self.fold_batch(msgs, started).await;
@@ -623,29 +757,129 @@ impl Orchestrator {
 
     async fn fold_batch(
         &mut self,
-        msgs: &[jetstream::Message],
+        msgs: Vec<jetstream::Message>,
         started: Instant,
     ) -> anyhow::Result<()> {
+        // Runs a checkpoint covers are held until whole, then folded with
+        // their signatures vouched for (or checked, if the chain differs).
+        let mut ready = Vec::with_capacity(msgs.len());
+        if self.replay.is_done() {
+            for msg in msgs {
+                let (meta, pending) = intake::meta_of(&msg)?;
+                ready.push(((msg, meta, pending), checkpoint::Tag::Check));
+            }
+        } else {
+            for msg in msgs {
+                let (meta, pending) = intake::meta_of(&msg)?;
+                self.replay.push(
+                    meta.seq,
+                    pending,
+                    (msg, meta, pending),
+                    &mut ready,
+                    |seq, (m, _, _)| checkpoint::Stored {
+                        seq,
+                        subject: m.subject.as_str(),
+                        headers: m.headers.as_ref(),
+                        payload: &m.payload,
+                    },
+                );
+            }
+            for at in self.replay.take_mismatched() {
+                self.judge.mismatched(at);
+            }
+        }
         // Only a replay's backlog is worth both cores: once caught up, the
         // other processes need them.
-        let verified = if self.progress.caught_up() {
-            vec![None; msgs.len()]
+        let to_check: Vec<&jetstream::Message> = ready
+            .iter()
+            .filter(|(_, t)| *t == checkpoint::Tag::Check)
+            .map(|((m, _, _), _)| m)
+            .collect();
+        let mut verified = if self.progress.caught_up() {
+            Vec::new()
         } else {
-            self.intake.preverify(&self.state, msgs).await
-        };
-        for (msg, verified) in msgs.iter().zip(verified) {
-            let (meta, pending) = intake::meta_of(msg)?;
+            self.intake.preverify(&self.state, &to_check).await
+        }
+        .into_iter();
+        drop(to_check);
+        for ((msg, meta, pending), tag) in ready {
             self.unfolded = pending;
-            self.on_event(msg, meta, verified).await?;
+            let verified = match tag {
+                checkpoint::Tag::Vouched => keysync_security::Verified::Vouched,
+                checkpoint::Tag::Check => verified.next().flatten().map_or(
+                    keysync_security::Verified::No,
+                    keysync_security::Verified::With,
+                ),
+            };
+            if let Err(e) = self.on_event(&msg, meta, verified).await {
+                self.deferred = Deferred::default();
+                return Err(e);
+            }
             if self.progress.folded(meta.seq, pending) {
                 tracing::info!(
                     events = self.state.last_seq(),
                     keys = self.state.key_count(),
+                    vouched_by_checkpoints = self.replay.vouched(),
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "replay done"
                 );
             }
         }
+        self.flush_clones().await
+    }
+
+    /// Sends the clones deferred in this feed batch ([`Deferred`]): planned
+    /// per member into `CloneBatch`es by [`plan`], in the trace of the
+    /// last event that added some.
+    async fn flush_clones(&mut self) -> anyhow::Result<()> {
+        let Deferred {
+            clones,
+            created,
+            span,
+        } = std::mem::take(&mut self.deferred);
+        if clones.is_empty() {
+            return Ok(());
+        }
+        let span = span.unwrap_or_else(tracing::Span::none);
+        let result = self
+            .executor
+            .execute(&self.state, clones, &created)
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &result {
+            keysync_telemetry::fail(&span, "execute", &format!("{e:#}"));
+        }
+        result
+    }
+
+    /// Appends a checkpoint for the run chained so far, if this process
+    /// acts and the rule says it is due.
+    async fn checkpoint_if_due(&mut self) -> anyhow::Result<()> {
+        if !(self.active && self.progress.caught_up()) || self.checkpoint_rule.every == 0 {
+            return Ok(());
+        }
+        if !self
+            .checkpoint_rule
+            .due(Instant::now(), &self.chain, self.last_event_at)
+        {
+            return Ok(());
+        }
+        let Some(cp) = self.chain.seal() else {
+            return Ok(());
+        };
+        let through = cp.through_seq;
+        tracing::debug!(
+            after = cp.after_seq,
+            through,
+            accepted = cp.accepted,
+            rejected = cp.rejected.len(),
+            "checkpoint"
+        );
+        self.executor
+            .publisher
+            .announce(self.config.subjects.checkpoint(), Event::Checkpoint(cp))
+            .await?;
+        self.chain = checkpoint::Chain::new(through);
         Ok(())
     }
 
@@ -654,14 +888,24 @@ impl Orchestrator {
         &mut self,
         msg: &jetstream::Message,
         meta: EventMeta,
-        preverified: Option<[u8; 32]>,
+        verified: keysync_security::Verified,
     ) -> anyhow::Result<()> {
         let caught_up = self.progress.caught_up();
+        self.last_event_at = Instant::now();
+        self.prom.verified(verified);
         let subject = msg.subject.as_str();
         let own = self.executor.publisher.own_events();
-        let event = match self.intake.check(&self.state, own, msg, meta, preverified) {
+        let checked = self
+            .intake
+            .check(&self.state, own, msg, meta, verified)
+            .and_then(|event| match &event {
+                Event::Checkpoint(cp) => self.judge.judge(meta.seq, cp).map(|()| event),
+                _ => Ok(event),
+            });
+        let event = match checked {
             Ok(event) => event,
             Err(rejection) => {
+                self.chain.rejected(meta.seq, rejection.reason);
                 tracing::warn!(seq = meta.seq, subject, reason = %rejection.reason, detail = %rejection.detail, "rejected event");
                 self.state.reject_at(meta.seq, rejection.reason);
                 self.prom.rejected(rejection.reason);
@@ -674,6 +918,7 @@ impl Orchestrator {
         let change = match self.state.apply(meta, &event) {
             Ok(change) => change,
             Err(rejection) => {
+                self.chain.rejected(meta.seq, rejection.reason);
                 tracing::warn!(seq = meta.seq, subject, reason = %rejection.reason, detail = %rejection.detail, "rejected event");
                 // The fold counted it in its own totals.
                 self.prom.rejected(rejection.reason);
@@ -684,6 +929,22 @@ impl Orchestrator {
             }
         };
         self.intake.accepted(meta.seq);
+        if let Event::Checkpoint(cp) = &event {
+            // Another orchestrator's checkpoint past this process's chain
+            // (this one is a standby): its own run starts after it.
+            if cp.through_seq > self.chain.after() {
+                self.chain = checkpoint::Chain::new(meta.seq);
+            }
+        }
+        self.chain.accepted(
+            &checkpoint::Stored {
+                seq: meta.seq,
+                subject,
+                headers: msg.headers.as_ref(),
+                payload: &msg.payload,
+            },
+            matches!(event, Event::Checkpoint(_)),
+        );
         // Acted on now: caught up with the log (not replaying history)
         // and holding the lease.
         let acting = caught_up && self.active;
@@ -701,10 +962,19 @@ impl Orchestrator {
             return Ok(());
         }
         let actions = decide(&self.state, meta, &event, &change);
-        let current: Option<(u64, &KeyCreated)> = match &event {
-            Event::KeyCreated(c) => Some((meta.seq, c)),
-            _ => None,
-        };
+        // Anything that must not overtake a clone decided earlier in this
+        // batch (a delete, a purge, a withdrawal) sends those clones first.
+        if actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::SendDelete { .. } | Action::Purge { .. } | Action::Withdraw { .. }
+            )
+        }) {
+            self.flush_clones().await?;
+        }
+        let (clones, actions): (Vec<Action>, Vec<Action>) = actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::SendClone { .. }));
         // The event's trace continues through what it causes.
         // A CONSUMER span: the event consumed, child of its publish.
         let span = tracing::info_span!(
@@ -728,11 +998,20 @@ impl Orchestrator {
         if let Some(key_id) = event.key_id() {
             span.record("keysync.key_id", key_id.to_string().as_str());
         }
+        if !clones.is_empty() {
+            // The clones this event decided wait for the end of the feed
+            // batch, with what they need.
+            self.deferred.clones.extend(clones);
+            if let Event::KeyCreated(c) = &event {
+                self.deferred.created.insert(meta.seq, c.clone());
+            }
+            self.deferred.span = Some(span.clone());
+        }
         let handling = Instant::now();
         let n = actions.len();
         if let Err(e) = self
             .executor
-            .execute(&self.state, actions, current)
+            .execute(&self.state, actions, &HashMap::new())
             .instrument(span.clone())
             .await
         {
@@ -809,7 +1088,9 @@ impl Orchestrator {
         let repairs = actions.len();
         self.stats.repairs += repairs as u64;
         self.prom.repairs(repairs as u64);
-        self.executor.execute(&self.state, actions, None).await?;
+        self.executor
+            .execute(&self.state, actions, &HashMap::new())
+            .await?;
         let elapsed = started.elapsed();
         self.prom.anti_entropy_round(elapsed.as_secs_f64());
         tracing::info!(

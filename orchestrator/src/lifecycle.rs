@@ -94,6 +94,25 @@ pub fn event_id(seq: u64) -> String {
     format!("events-{seq}")
 }
 
+/// The lifecycle id of the `index`-th fact of the batch event at
+/// events-stream sequence `seq` (a `ClonesApplied`: one `key.applied`
+/// per key, decision 21): `events-<seq>-<index>`. Unique (one event per
+/// sequence, one index per entry; the single-fact form has no second
+/// dash) and the same on every replay, since a batch's entries are in the
+/// signed event in a fixed order.
+pub fn batch_event_id(seq: u64, index: usize) -> String {
+    format!("events-{seq}-{index}")
+}
+
+/// The lifecycle id of a fact: [`event_id`], or [`batch_event_id`] for
+/// the `index`-th fact of a batch.
+fn fact_id(seq: u64, index: Option<usize>) -> String {
+    match index {
+        None => event_id(seq),
+        Some(i) => batch_event_id(seq, i),
+    }
+}
+
 /// The CloudEvents `source` of a cluster.
 pub fn source(subjects: &Subjects) -> String {
     format!("urn:keysync:{}", subjects.prefix())
@@ -179,9 +198,12 @@ pub fn data_of(event: &Event, was_failed: bool) -> Option<LifecycleData> {
         Event::HsmRevoked(r) => LifecycleData::HsmRemoved(HsmRemovedData {
             hsm: r.hsm.to_string(),
         }),
-        Event::JoinTokenIssued(_) | Event::JoinRequested(_) | Event::HsmCapabilities(_) => {
-            return None
-        }
+        Event::JoinTokenIssued(_)
+        | Event::JoinRequested(_)
+        | Event::HsmCapabilities(_)
+        | Event::Checkpoint(_) => return None,
+        // Many facts: mirrored one per key by [`mirrored_all`].
+        Event::ClonesApplied(_) => return None,
     })
 }
 
@@ -234,9 +256,21 @@ pub fn cloud_event(
     data: LifecycleData,
     trace: Trace,
 ) -> CloudEvent<LifecycleData> {
+    batch_cloud_event(subjects, meta, None, data, trace)
+}
+
+/// [`cloud_event`] for the `index`-th fact of a batch event (`None`: a
+/// single fact).
+fn batch_cloud_event(
+    subjects: &Subjects,
+    meta: EventMeta,
+    index: Option<usize>,
+    data: LifecycleData,
+    trace: Trace,
+) -> CloudEvent<LifecycleData> {
     CloudEvent {
         specversion: lifecycle::SPEC_VERSION.into(),
-        id: event_id(meta.seq),
+        id: fact_id(meta.seq, index),
         source: source(subjects),
         event_type: data.event_type(),
         subject: about_id(&data).to_string(),
@@ -270,13 +304,47 @@ pub fn mirrored(
     was_failed: bool,
     trace: Trace,
 ) -> Option<Mirrored> {
-    let data = data_of(event, was_failed)?;
+    mirrored_fact(subjects, meta, None, data_of(event, was_failed)?, trace)
+}
+
+/// Every lifecycle message of the accepted fact `event`: [`mirrored`], or
+/// for a batch event one per fact it stands for (a `ClonesApplied` of N
+/// keys: N `key.applied`, with ids [`batch_event_id`]), in order.
+pub fn mirrored_all(
+    subjects: &Subjects,
+    meta: EventMeta,
+    event: &Event,
+    was_failed: bool,
+    trace: Trace,
+) -> Vec<Mirrored> {
+    match event {
+        Event::ClonesApplied(b) => b
+            .units()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                let data = data_of(&Event::CloneApplied(a), was_failed)?;
+                mirrored_fact(subjects, meta, Some(i), data, trace.clone())
+            })
+            .collect(),
+        _ => mirrored(subjects, meta, event, was_failed, trace)
+            .into_iter()
+            .collect(),
+    }
+}
+
+fn mirrored_fact(
+    subjects: &Subjects,
+    meta: EventMeta,
+    index: Option<usize>,
+    data: LifecycleData,
+    trace: Trace,
+) -> Option<Mirrored> {
     let (about, name) = data.name();
     let subject = match about {
         About::Key => subjects.lifecycle_key(about_id(&data), name),
         About::Hsm => subjects.lifecycle_hsm(about_id(&data), name),
     };
-    let ce = cloud_event(subjects, meta, data, trace);
+    let ce = batch_cloud_event(subjects, meta, index, data, trace);
     let payload = serde_json::to_vec(&ce).ok()?;
     Some(Mirrored {
         subject,
@@ -295,13 +363,36 @@ pub fn cursor_of(
     payload: &[u8],
     cluster_key: &[u8; 32],
 ) -> Option<u64> {
+    position_of(subject, h, payload, cluster_key).map(|(seq, _)| seq)
+}
+
+/// [`cursor_of`], with the index of the fact within a batch event (`None`
+/// for a single fact): the mirror resumes after exactly that fact, so a
+/// batch cut short by a crash is finished, not skipped nor repeated.
+pub fn position_of(
+    subject: &str,
+    h: &async_nats::HeaderMap,
+    payload: &[u8],
+    cluster_key: &[u8; 32],
+) -> Option<(u64, Option<usize>)> {
     let claim = Claim::read(Some(h)).ok()?;
     if claim.signer != Signer::Cluster || claim.verify(cluster_key, subject, payload).is_err() {
         return None;
     }
     let ce: CloudEvent<serde_json::Value> = serde_json::from_slice(payload).ok()?;
     let seq: u64 = ce.keysyncseq.parse().ok()?;
-    (ce.id == claim.msg_id && ce.id == event_id(seq)).then_some(seq)
+    if ce.id != claim.msg_id {
+        return None;
+    }
+    if ce.id == event_id(seq) {
+        return Some((seq, None));
+    }
+    let index: usize = ce
+        .id
+        .strip_prefix(&format!("events-{seq}-"))?
+        .parse()
+        .ok()?;
+    (ce.id == batch_event_id(seq, index)).then_some((seq, Some(index)))
 }
 
 /// The last fact mirrored: the cursor of the stream's last message that is
@@ -309,7 +400,7 @@ pub fn cursor_of(
 async fn read_cursor(
     stream: &jetstream::stream::Stream,
     cluster_key: &[u8; 32],
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, Option<usize>)> {
     let state = stream.get_info().await?.state;
     let first = state.first_sequence.max(1);
     let mut seq = state.last_sequence;
@@ -317,7 +408,7 @@ async fn read_cursor(
     while seq >= first && seq > 0 {
         match stream.direct_get(seq).await {
             Ok(m) => {
-                if let Some(cursor) = cursor_of(&m.subject, &m.headers, &m.payload, cluster_key) {
+                if let Some(cursor) = position_of(&m.subject, &m.headers, &m.payload, cluster_key) {
                     return Ok(cursor);
                 }
                 tracing::warn!(
@@ -339,7 +430,7 @@ async fn read_cursor(
         }
         seq -= 1;
     }
-    Ok(0)
+    Ok((0, None))
 }
 
 /// A publish in flight: what it was, and its PubAck.
@@ -359,7 +450,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let cluster_key = identity.public_key();
     let lifecycle = crate::streams::ensure_one(&js, stream_config(&subjects, replicas)).await?;
-    let mut cursor = read_cursor(&lifecycle, &cluster_key).await?;
+    let (mut cursor, mut cursor_index) = read_cursor(&lifecycle, &cluster_key).await?;
     let mut events = events;
     let events_last = events.info().await?.state.last_sequence;
     if cursor > events_last {
@@ -369,6 +460,7 @@ pub async fn run(
             "the lifecycle stream is ahead of the events stream (was the events stream recreated?): mirroring it from its start"
         );
         cursor = 0;
+        cursor_index = None;
     }
     // The fold that judges facts, from a snapshot not past the cursor.
     let mut state = crate::snapshot::load(&snapshots, cluster_key)
@@ -406,17 +498,23 @@ pub async fn run(
                 let Some((event, was_failed)) = judge(&mut state, &subjects, &cluster_key, &msg, meta) else {
                     continue;
                 };
-                if meta.seq <= cursor {
-                    continue; // mirrored already
-                }
-                let trace = Trace::of(msg.headers.as_ref());
-                let Some(m) = mirrored(&subjects, meta, &event, was_failed, trace) else {
-                    continue;
+                // Mirrored already: facts before the cursor, and at the
+                // cursor a single fact or a batch's facts up to its index.
+                let skip = match meta.seq.cmp(&cursor) {
+                    std::cmp::Ordering::Less => continue,
+                    std::cmp::Ordering::Equal => match cursor_index {
+                        None => continue,
+                        Some(i) => i + 1,
+                    },
+                    std::cmp::Ordering::Greater => 0,
                 };
-                acks.push_back(send(&js, &identity, m).await?);
-                while acks.len() >= IN_FLIGHT {
-                    if let Some(done) = acks.next().await {
-                        settle(&js, &lifecycle, &identity, &mut acks, done).await?;
+                let trace = Trace::of(msg.headers.as_ref());
+                for m in mirrored_all(&subjects, meta, &event, was_failed, trace).into_iter().skip(skip) {
+                    acks.push_back(send(&js, &identity, m).await?);
+                    while acks.len() >= IN_FLIGHT {
+                        if let Some(done) = acks.next().await {
+                            settle(&js, &lifecycle, &identity, &mut acks, done).await?;
+                        }
                     }
                 }
             }
@@ -666,6 +764,69 @@ mod tests {
         assert_eq!(v["type"], "io.keysync.hsm.recovered.v1");
         assert_eq!(v["data"]["rejoined"], true);
         assert_eq!(v["data"]["token_keys"], 12);
+    }
+
+    #[test]
+    fn a_batch_of_applied_clones_is_one_key_applied_per_key_with_ids_of_its_own() {
+        // Given a batch event at sequence 7 naming three keys,
+        let s = Subjects::default();
+        let keys = [KeyId::new(), KeyId::new(), KeyId::new()];
+        let batch = Event::ClonesApplied(keysync_schemas::ClonesApplied {
+            hsm: HsmId::new("hsm-2").expect("id"),
+            applied: keys
+                .iter()
+                .map(|k| keysync_schemas::AppliedKey {
+                    key_id: *k,
+                    fingerprint: Fingerprint([0xab; 32]),
+                    already_present: false,
+                })
+                .collect(),
+        });
+        // when it is mirrored,
+        let all = mirrored_all(&s, meta(7), &batch, false, Trace::default());
+        // then each key gets the key.applied a CloneApplied would give it,
+        // under id events-7-<i>, in the batch's order,
+        assert_eq!(all.len(), 3);
+        for (i, (m, k)) in all.iter().zip(keys).enumerate() {
+            let single = Event::CloneApplied(keysync_schemas::CloneApplied {
+                key_id: k,
+                hsm: HsmId::new("hsm-2").expect("id"),
+                fingerprint: Fingerprint([0xab; 32]),
+                already_present: false,
+            });
+            let alone = mirrored(&s, meta(7), &single, false, Trace::default()).expect("m");
+            assert_eq!(m.subject, alone.subject);
+            assert_eq!(m.msg_id, format!("events-7-{i}"));
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
+            let w: serde_json::Value = serde_json::from_slice(&alone.payload).expect("json");
+            assert_eq!(v["id"], m.msg_id.as_str());
+            assert_eq!(v["data"], w["data"]);
+            assert_eq!(v["type"], w["type"]);
+            assert_eq!(v["keysyncseq"], "7");
+        }
+        // and the same again on a replay (ids are deterministic);
+        assert_eq!(
+            all,
+            mirrored_all(&s, meta(7), &batch, false, Trace::default())
+        );
+        // and a mirrored one is a cursor at its place in the batch.
+        let id = Identity::generate().expect("rng");
+        let m = &all[1];
+        let h = keysync_security::signed_headers(
+            &id,
+            &Signer::Cluster,
+            &m.subject,
+            &m.msg_id,
+            &m.payload,
+        );
+        assert_eq!(
+            position_of(&m.subject, &h, &m.payload, &id.public_key()),
+            Some((7, Some(1)))
+        );
+        assert_eq!(
+            cursor_of(&m.subject, &h, &m.payload, &id.public_key()),
+            Some(7)
+        );
     }
 
     #[test]

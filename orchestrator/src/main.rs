@@ -57,6 +57,20 @@ struct Args {
     /// Events folded between state snapshots (0: never).
     #[arg(long, default_value_t = 10_000)]
     snapshot_every: u64,
+    /// Events folded between signed checkpoints in the events log: a
+    /// replay checks one signature per checkpointed run instead of one per
+    /// event (0: never checkpoint).
+    #[arg(long, default_value_t = 10_000)]
+    checkpoint_every: u64,
+    /// Seconds of quiet after a burst before the events folded since the
+    /// last checkpoint are checkpointed, if there are at least
+    /// `--checkpoint-idle-min`.
+    #[arg(long, default_value_t = 2.0)]
+    checkpoint_idle: f64,
+    /// Fewest events a quiet time checkpoints (a smaller tail costs a
+    /// replay little to check one by one).
+    #[arg(long, default_value_t = 256)]
+    checkpoint_idle_min: u64,
     /// The cluster identity (Ed25519, mode 0600; made at first start).
     /// Every orchestrator of a cluster uses the same one; agents verify
     /// commands with its public key. Default: a fixed system path, never
@@ -120,6 +134,11 @@ async fn main() -> anyhow::Result<()> {
         lease_ttl: secs(args.lease_ttl, 0.3),
         repair_after: args.repair_after.max(1),
         snapshot_every: args.snapshot_every,
+        checkpoints: orchestrator::checkpoint::Rule {
+            every: args.checkpoint_every,
+            idle: secs(args.checkpoint_idle, 0.05),
+            idle_min: args.checkpoint_idle_min.max(1),
+        },
         lifecycle: args.lifecycle_stream == OnOff::On,
     };
     let nats = args

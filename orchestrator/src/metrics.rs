@@ -73,6 +73,12 @@ impl SyncStats {
     /// Records what an applied event changed. Events `acting` on (caught
     /// up with the log, holding the lease) also count in the current window.
     pub fn observe(&mut self, change: &Change, acting: bool) {
+        if let Change::Batch(changes) = change {
+            for c in changes {
+                self.observe(c, acting);
+            }
+            return;
+        }
         if let Change::Completed(done) = change {
             for (_, latency_ns) in done {
                 record(&mut self.sync_total, *latency_ns);

@@ -68,6 +68,14 @@ pub struct StateLabel {
     pub state: String,
 }
 
+/// Labels naming how an event's signature was established.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByLabel {
+    /// `signature` (checked one by one, or known as signed by this
+    /// process) or `checkpoint` (a signed checkpoint vouched for it).
+    pub by: String,
+}
+
 /// Labels naming a command kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLabel {
@@ -91,6 +99,9 @@ pub struct Metrics {
     /// Anti-entropy rounds completed and how long each took.
     anti_entropy_rounds: Histogram,
     commands: Family<CommandLabel, Counter>,
+    /// Events whose signature was checked one by one, and vouched for by
+    /// a checkpoint.
+    verified: [Counter; 2],
     sync_latency: Histogram,
     clone_latency: HistogramFamily,
     members: Family<StateLabel, Gauge>,
@@ -123,6 +134,9 @@ impl Metrics {
         let repairs = Counter::default();
         let anti_entropy_rounds = Histogram::new(ROUND_BUCKETS);
         let commands = Family::<CommandLabel, Counter>::default();
+        let verified_by = Family::<ByLabel, Counter>::default();
+        let verified = ["signature", "checkpoint"]
+            .map(|by| verified_by.get_or_create_owned(&ByLabel { by: by.to_string() }));
         let sync_latency = latency_histogram();
         let clone_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let members = Family::<StateLabel, Gauge>::default();
@@ -178,6 +192,11 @@ impl Metrics {
             "keysync_commands_sent",
             "Commands published to HSM queues, by kind",
             commands.clone(),
+        );
+        r.register(
+            "keysync_events_verified",
+            "Events folded, by how their signature was established: checked one by one, or vouched for by a signed checkpoint (a replay's runs)",
+            verified_by,
         );
         r.register(
             "keysync_sync_latency_seconds",
@@ -256,6 +275,7 @@ impl Metrics {
             repairs,
             anti_entropy_rounds,
             commands,
+            verified,
             sync_latency,
             clone_latency,
             members,
@@ -277,6 +297,17 @@ impl Metrics {
     /// Counts what folding `event` changed (`state` is the state after it).
     pub fn folded(&self, state: &ClusterState, event: &Event, change: &Change) {
         self.events_folded.inc();
+        if let (Event::ClonesApplied(b), Change::Batch(changes)) = (event, change) {
+            for (a, c) in b.units().zip(changes) {
+                self.fact(state, &Event::CloneApplied(a), c);
+            }
+        } else {
+            self.fact(state, event, change);
+        }
+    }
+
+    /// [`Self::folded`] for one fact (a batch's, one at a time).
+    fn fact(&self, state: &ClusterState, event: &Event, change: &Change) {
         let seconds = |ns: u64| ns as f64 / 1e9;
         match change {
             Change::Held {
@@ -311,7 +342,7 @@ impl Metrics {
             Change::Deleted => {
                 self.keys_deleted.inc();
             }
-            Change::NewMember(_) | Change::Other => {}
+            Change::NewMember(_) | Change::Other | Change::Batch(_) => {}
         }
         if let Event::CloneFailed(f) = event {
             if f.reason.is_permanent() {
@@ -331,6 +362,14 @@ impl Metrics {
                 reason: reason.as_str().to_string(),
             })
             .inc();
+    }
+
+    /// Counts an event folded, by how its signature was established.
+    pub fn verified(&self, how: keysync_security::Verified) {
+        let i = usize::from(how == keysync_security::Verified::Vouched);
+        if let Some(c) = self.verified.get(i) {
+            c.inc();
+        }
     }
 
     /// Counts anti-entropy repair commands.

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use keysync_schemas::{
-    ClusterStatus, Durability, Event, Fingerprint, HsmId, InventoryDigest, KeyId, KeyType,
-    MemberState, MemberStatus, RejectReason, Rejection,
+    CloneApplied, ClusterStatus, Durability, Event, Fingerprint, HsmId, InventoryDigest, KeyId,
+    KeyType, MemberState, MemberStatus, RejectReason, Rejection,
 };
 
 /// The fold's per-key tables: std's hash table (hashbrown) used directly,
@@ -221,6 +221,9 @@ pub enum Change {
     },
     /// A key was deleted.
     Deleted,
+    /// A batch of facts (`ClonesApplied`): what each of its
+    /// `CloneApplied`s changed, in order.
+    Batch(Vec<Change>),
     /// Anything else (or nothing).
     Other,
 }
@@ -371,6 +374,66 @@ impl ClusterState {
             .ok_or_else(|| refuse::unknown_member(hsm))
     }
 
+    /// Whether [`Self::hold`] would take `a` (a known member, a known key,
+    /// its fingerprint), without changing anything.
+    fn check_hold(&self, a: &CloneApplied) -> Result<(), Rejection> {
+        self.member(&a.hsm)?;
+        let key = self
+            .keys
+            .get(&a.key_id)
+            .ok_or_else(|| refuse::unknown_key(a.key_id))?;
+        if key.fingerprint != a.fingerprint {
+            return Err(refuse::fingerprint_mismatch(a.key_id));
+        }
+        Ok(())
+    }
+
+    /// A member holds a key: one `CloneApplied`, alone or in a batch.
+    fn hold(&mut self, meta: EventMeta, a: &CloneApplied) -> Result<Change, Rejection> {
+        let m = self.member(&a.hsm)?;
+        let key_type = self
+            .keys
+            .get(&a.key_id)
+            .map(|k| k.key_type)
+            .ok_or_else(|| refuse::unknown_key(a.key_id))?;
+        let live = self.needed(key_type);
+        let key = self
+            .keys
+            .get_mut(&a.key_id)
+            .ok_or_else(|| refuse::unknown_key(a.key_id))?;
+        if key.fingerprint != a.fingerprint {
+            return Err(refuse::fingerprint_mismatch(a.key_id));
+        }
+        // Already known, or a clone that raced the key's deletion
+        // (the member is told to erase it anyway).
+        if key.holders.contains(m) || key.deleted {
+            return Ok(Change::Other);
+        }
+        let was_met = durability_met(key);
+        key.holders.insert(m);
+        self.held[m as usize] += 1;
+        self.digests[m as usize].toggle(&a.key_id, &key.fingerprint);
+        if key.failed.contains(m) {
+            key.failed.remove(m);
+            self.failed[m as usize] -= 1;
+        }
+        let latency_ns = meta.stored_at_ns.saturating_sub(key.created_ns);
+        let completed = key.completed.is_none() && key.holders.covers(live);
+        if completed {
+            key.completed = Some((meta.seq, latency_ns));
+            self.completed += 1;
+            self.incomplete.remove(&a.key_id);
+        }
+        if !was_met && durability_met(key) {
+            self.below_durability -= 1;
+        }
+        Ok(Change::Held {
+            member: m,
+            latency_ns,
+            completed,
+        })
+    }
+
     fn set_live(&mut self, m: u8, live: bool) {
         if let Some(member) = self.members.get_mut(m as usize) {
             member.live = live;
@@ -481,6 +544,8 @@ impl ClusterState {
                 self.enrolled.insert(e.hsm.clone(), e.public_key);
                 Ok(Change::Other)
             }
+            // Judged by the loop (`checkpoint::Judge`); nothing to fold.
+            Event::Checkpoint(_) => Ok(Change::Other),
             Event::JoinTokenIssued(t) => {
                 self.tokens
                     .insert(t.token_key, (t.hsm.clone(), t.expires_at_ns));
@@ -564,49 +629,21 @@ impl ClusterState {
                     completed,
                 })
             }
-            Event::CloneApplied(a) => {
-                let m = self.member(&a.hsm)?;
-                let key_type = self
-                    .keys
-                    .get(&a.key_id)
-                    .map(|k| k.key_type)
-                    .ok_or_else(|| refuse::unknown_key(a.key_id))?;
-                let live = self.needed(key_type);
-                let key = self
-                    .keys
-                    .get_mut(&a.key_id)
-                    .ok_or_else(|| refuse::unknown_key(a.key_id))?;
-                if key.fingerprint != a.fingerprint {
-                    return Err(refuse::fingerprint_mismatch(a.key_id));
+            Event::CloneApplied(a) => self.hold(meta, a),
+            Event::ClonesApplied(b) => {
+                // All or nothing: every entry is checked before any is
+                // folded, so a refused batch changes no state. (The shape,
+                // 1..=MAX entries and no key twice, was checked with the
+                // signature; checked again here, since the fold is pure.)
+                b.check()?;
+                for a in b.units() {
+                    self.check_hold(&a)?;
                 }
-                // Already known, or a clone that raced the key's deletion
-                // (the member is told to erase it anyway).
-                if key.holders.contains(m) || key.deleted {
-                    return Ok(Change::Other);
-                }
-                let was_met = durability_met(key);
-                key.holders.insert(m);
-                self.held[m as usize] += 1;
-                self.digests[m as usize].toggle(&a.key_id, &key.fingerprint);
-                if key.failed.contains(m) {
-                    key.failed.remove(m);
-                    self.failed[m as usize] -= 1;
-                }
-                let latency_ns = meta.stored_at_ns.saturating_sub(key.created_ns);
-                let completed = key.completed.is_none() && key.holders.covers(live);
-                if completed {
-                    key.completed = Some((meta.seq, latency_ns));
-                    self.completed += 1;
-                    self.incomplete.remove(&a.key_id);
-                }
-                if !was_met && durability_met(key) {
-                    self.below_durability -= 1;
-                }
-                Ok(Change::Held {
-                    member: m,
-                    latency_ns,
-                    completed,
-                })
+                let changes = b
+                    .units()
+                    .map(|a| self.hold(meta, &a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Change::Batch(changes))
             }
             Event::CloneFailed(f) => {
                 let m = self.member(&f.hsm)?;

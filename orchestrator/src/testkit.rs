@@ -64,6 +64,21 @@ pub fn applied(k: KeyId, h: &str, fp: u8) -> Event {
     })
 }
 
+/// A batch: `h` applied each `(key, fingerprint byte)`.
+pub fn batch_applied(h: &str, keys: &[(KeyId, u8)]) -> Event {
+    Event::ClonesApplied(keysync_schemas::ClonesApplied {
+        hsm: hsm(h),
+        applied: keys
+            .iter()
+            .map(|(k, fp)| keysync_schemas::AppliedKey {
+                key_id: *k,
+                fingerprint: Fingerprint([*fp; 32]),
+                already_present: false,
+            })
+            .collect(),
+    })
+}
+
 pub fn clone_failed(k: KeyId, h: &str) -> Event {
     Event::CloneFailed(CloneFailed {
         key_id: k,

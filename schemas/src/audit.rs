@@ -140,6 +140,24 @@ pub enum AuditFact {
         /// The types.
         holds: Vec<crate::KeyType>,
     },
+    /// The active orchestrator vouched for a run of events (decision 22).
+    Checkpoint {
+        /// The run starts after this stream sequence.
+        after_seq: u64,
+        /// Its last stream sequence.
+        through_seq: u64,
+        /// The chain over its accepted events.
+        chain: [u8; 32],
+    },
+    /// An HSM holds each of these keys: the facts of one `CloneApplied`
+    /// per entry, audited as the one signed batch event they came in
+    /// (`ClonesApplied`, decision 21).
+    ClonesApplied {
+        /// The HSM.
+        hsm: HsmId,
+        /// Each key and the fingerprint it computed.
+        applied: Vec<(KeyId, Fingerprint)>,
+    },
 }
 
 /// Who caused an audited fact: the signer the log's policy requires for
@@ -179,10 +197,12 @@ impl AuditFact {
             | AuditFact::KeyErased { hsm, .. }
             | AuditFact::HsmJoined { hsm }
             | AuditFact::JoinRequested { hsm, .. }
-            | AuditFact::HsmCapabilities { hsm, .. } => Actor::Hsm(hsm.clone()),
+            | AuditFact::HsmCapabilities { hsm, .. }
+            | AuditFact::ClonesApplied { hsm, .. } => Actor::Hsm(hsm.clone()),
             AuditFact::KeyReplicated { .. }
             | AuditFact::HsmFailed { .. }
-            | AuditFact::HsmRecovered { .. } => Actor::Orchestrator,
+            | AuditFact::HsmRecovered { .. }
+            | AuditFact::Checkpoint { .. } => Actor::Orchestrator,
             AuditFact::HsmEnrolled { .. }
             | AuditFact::HsmRevoked { .. }
             | AuditFact::JoinTokenIssued { .. } => Actor::Operator,
@@ -242,6 +262,19 @@ impl AuditFact {
             Event::HsmCapabilities(c) => AuditFact::HsmCapabilities {
                 hsm: c.hsm.clone(),
                 holds: c.holds.clone(),
+            },
+            Event::Checkpoint(c) => AuditFact::Checkpoint {
+                after_seq: c.after_seq,
+                through_seq: c.through_seq,
+                chain: c.chain,
+            },
+            Event::ClonesApplied(b) => AuditFact::ClonesApplied {
+                hsm: b.hsm.clone(),
+                applied: b
+                    .applied
+                    .iter()
+                    .map(|a| (a.key_id, a.fingerprint))
+                    .collect(),
             },
         }
     }

@@ -312,6 +312,40 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_batch_of_applied_clones_and_its_audit_record_fit_the_event_limit() {
+        use crate::events::{AppliedKey, ClonesApplied, MAX_APPLIED_PER_EVENT};
+        let id64 = "h".repeat(64);
+        let batch = ClonesApplied {
+            hsm: hsm(&id64),
+            applied: (0..MAX_APPLIED_PER_EVENT)
+                .map(|_| AppliedKey {
+                    key_id: KeyId::new(),
+                    fingerprint: Fingerprint([0xff; 32]),
+                    already_present: true,
+                })
+                .collect(),
+        };
+        assert!(batch.check().is_ok());
+        let record = crate::AuditRecord {
+            chain_seq: u64::MAX,
+            prev_hash: [0xff; 32],
+            event_seq: u64::MAX,
+            event_time_ns: u64::MAX,
+            fact: crate::AuditFact::of(&Event::ClonesApplied(batch.clone())),
+        };
+        let env = Envelope::new(Source::Hsm(hsm(&id64)), Event::ClonesApplied(batch));
+        const HEADERS: usize = 1024;
+        let n = encode(&env).expect("encodes").len();
+        assert!(n + HEADERS <= MAX_EVENT_BYTES / 2, "{n} bytes");
+        let r = bincode::serde::encode_to_vec(&record, config()).expect("encodes");
+        assert!(
+            r.len() + HEADERS <= MAX_EVENT_BYTES / 2,
+            "{} bytes",
+            r.len()
+        );
+    }
+
+    #[test]
     fn round_trips() {
         let msg = created(vec![1, 2, 3], Some("payments".into()));
         let bytes = encode(&msg).expect("encodes");

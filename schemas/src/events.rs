@@ -39,6 +39,16 @@ pub enum Event {
     JoinRequested(JoinRequested),
     /// An HSM announces the key types it can hold (sent at agent start).
     HsmCapabilities(HsmCapabilities),
+    /// The active orchestrator vouches for a run of events it checked
+    /// (signed with the cluster identity): a replay checks this one
+    /// signature instead of one per event of the run.
+    Checkpoint(Checkpoint),
+    /// An HSM applied several clone commands together (one keystore
+    /// transaction): one signed event standing for one [`CloneApplied`]
+    /// per key, so a burst costs one message and one signature per window
+    /// instead of one per key (decision 21). A window of one is sent as a
+    /// plain `CloneApplied`.
+    ClonesApplied(ClonesApplied),
 }
 
 impl Event {
@@ -58,7 +68,9 @@ impl Event {
             | Event::HsmRevoked(_)
             | Event::JoinTokenIssued(_)
             | Event::JoinRequested(_)
-            | Event::HsmCapabilities(_) => None,
+            | Event::HsmCapabilities(_)
+            | Event::Checkpoint(_)
+            | Event::ClonesApplied(_) => None,
         }
     }
 
@@ -79,6 +91,8 @@ impl Event {
             Event::JoinTokenIssued(_) => "join_token_issued",
             Event::JoinRequested(_) => "join_requested",
             Event::HsmCapabilities(_) => "hsm_capabilities",
+            Event::Checkpoint(_) => "checkpoint",
+            Event::ClonesApplied(_) => "clones_applied",
         }
     }
 }
@@ -133,6 +147,69 @@ pub struct CloneApplied {
     pub fingerprint: Fingerprint,
     /// True when the HSM already held the key (an idempotent no-op).
     pub already_present: bool,
+}
+
+/// Most keys one [`ClonesApplied`] names. An entry is ~52 bytes, so 128
+/// keep the event under half of [`crate::MAX_EVENT_BYTES`] with its
+/// headers, and its audit record likewise.
+pub const MAX_APPLIED_PER_EVENT: usize = 128;
+
+/// One key of a [`ClonesApplied`]: what a [`CloneApplied`] says besides
+/// the HSM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedKey {
+    /// The key.
+    pub key_id: KeyId,
+    /// The fingerprint the HSM computed from the unwrapped material.
+    pub fingerprint: Fingerprint,
+    /// True when the HSM already held the key (an idempotent no-op).
+    pub already_present: bool,
+}
+
+/// `hsm` holds every key of `applied`: exactly the facts of one
+/// [`CloneApplied`] per entry, in order, signed once. Valid only with 1 to
+/// [`MAX_APPLIED_PER_EVENT`] entries naming distinct keys
+/// ([`ClonesApplied::check`], run by every reader with the signature).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClonesApplied {
+    /// The HSM that applied the clones (the signer; the subject names it).
+    pub hsm: HsmId,
+    /// The keys it holds now.
+    pub applied: Vec<AppliedKey>,
+}
+
+impl ClonesApplied {
+    /// Whether the batch has a shape an agent sends: 1 to
+    /// [`MAX_APPLIED_PER_EVENT`] entries, no key twice. Anything else is
+    /// refused whole, before any of it is folded.
+    pub fn check(&self) -> Result<(), crate::Rejection> {
+        use crate::RejectReason;
+        let n = self.applied.len();
+        if n == 0 || n > MAX_APPLIED_PER_EVENT {
+            return Err(crate::Rejection::new(
+                RejectReason::BatchSize,
+                format!("a batch of {n} applied clones (1 to {MAX_APPLIED_PER_EVENT} allowed)"),
+            ));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(n);
+        if let Some(dup) = self.applied.iter().find(|a| !seen.insert(a.key_id)) {
+            return Err(crate::Rejection::new(
+                RejectReason::BatchDuplicate,
+                format!("a batch naming key {} twice", dup.key_id),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The [`CloneApplied`] facts this batch stands for, in order.
+    pub fn units(&self) -> impl Iterator<Item = CloneApplied> + '_ {
+        self.applied.iter().map(|a| CloneApplied {
+            key_id: a.key_id,
+            hsm: self.hsm.clone(),
+            fingerprint: a.fingerprint,
+            already_present: a.already_present,
+        })
+    }
 }
 
 /// Why a clone could not be applied.
@@ -380,4 +457,26 @@ pub fn join_proof_message(hsm: &HsmId, public_key: &PublicKeyBytes) -> Vec<u8> {
     m.push(0);
     m.extend_from_slice(public_key);
     m
+}
+
+/// A signed checkpoint: the active orchestrator checked every event
+/// stored in `(after_seq, through_seq]` as it folded it, accepted
+/// `accepted` of them, whose exact stored bytes (stream sequence,
+/// subject, message id, signer and signature headers, payload) chain to
+/// `chain` (SHA-256, see the orchestrator's `checkpoint` module), and
+/// rejected the ones in `rejected`, for the reasons given. A replay that
+/// finds the same chain over the same run folds it without checking each
+/// event's signature again (decision 22).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The run starts after this stream sequence.
+    pub after_seq: u64,
+    /// The run's last stream sequence (before the checkpoint's own).
+    pub through_seq: u64,
+    /// Events accepted in the run.
+    pub accepted: u64,
+    /// SHA-256 chain over the accepted events' stored bytes.
+    pub chain: [u8; 32],
+    /// Events rejected in the run: stream sequence and reason.
+    pub rejected: Vec<(u64, crate::RejectReason)>,
 }

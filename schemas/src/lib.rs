@@ -50,9 +50,10 @@ pub use commands::{CloneBatch, CloneKey, Command, DeleteKey};
 pub use dead_letter::DeadLetter;
 pub use envelope::{Envelope, Source, Timestamp, OLDEST_SCHEMA_VERSION, SCHEMA_VERSION};
 pub use events::{
-    join_proof_message, CloneApplied, CloneFailed, CloneFailure, EnrolledVia, Event,
-    HsmCapabilities, HsmEnrolled, HsmFailed, HsmJoined, HsmRecovered, HsmRevoked, JoinRequested,
-    JoinTokenIssued, KeyCreated, KeyDeleted, KeyErased, KeyOrigin, KeyReplicated, PublicKeyBytes,
+    join_proof_message, AppliedKey, Checkpoint, CloneApplied, CloneFailed, CloneFailure,
+    ClonesApplied, EnrolledVia, Event, HsmCapabilities, HsmEnrolled, HsmFailed, HsmJoined,
+    HsmRecovered, HsmRevoked, JoinRequested, JoinTokenIssued, KeyCreated, KeyDeleted, KeyErased,
+    KeyOrigin, KeyReplicated, PublicKeyBytes, MAX_APPLIED_PER_EVENT,
 };
 pub use heartbeat::{Heartbeat, InventoryDigest};
 pub use keys::{

@@ -105,11 +105,23 @@ pub enum RejectReason {
     /// retry after the delete): never applied, and removed from the log at
     /// once, since it carries the wrapped material the delete purged.
     CreateOfDeletedKey,
+    /// A checkpoint whose run, as stored now, is not the run it vouches
+    /// for (an event altered, inserted or removed since): the run is
+    /// checked event by event instead.
+    CheckpointMismatch,
+    /// A checkpoint for an empty run, a run that does not end before it,
+    /// or a run another checkpoint covers already (a replayed one).
+    CheckpointOutOfPlace,
+    /// A batch event (`ClonesApplied`) that is empty or names more keys
+    /// than [`crate::MAX_APPLIED_PER_EVENT`]: an agent never sends one.
+    BatchSize,
+    /// A batch event naming the same key twice: an agent never sends one.
+    BatchDuplicate,
 }
 
 impl RejectReason {
     /// Every reason, in wire order.
-    pub const ALL: [RejectReason; 31] = [
+    pub const ALL: [RejectReason; 35] = [
         RejectReason::Oversized,
         RejectReason::Truncated,
         RejectReason::BadMagic,
@@ -141,6 +153,10 @@ impl RejectReason {
         RejectReason::ForeignRecord,
         RejectReason::ForeignDuplicate,
         RejectReason::CreateOfDeletedKey,
+        RejectReason::CheckpointMismatch,
+        RejectReason::CheckpointOutOfPlace,
+        RejectReason::BatchSize,
+        RejectReason::BatchDuplicate,
     ];
 
     /// The snake_case name, for people, JSON and metric labels.
@@ -177,6 +193,10 @@ impl RejectReason {
             RejectReason::ForeignRecord => "foreign_record",
             RejectReason::ForeignDuplicate => "foreign_duplicate",
             RejectReason::CreateOfDeletedKey => "create_of_deleted_key",
+            RejectReason::CheckpointMismatch => "checkpoint_mismatch",
+            RejectReason::CheckpointOutOfPlace => "checkpoint_out_of_place",
+            RejectReason::BatchSize => "batch_size",
+            RejectReason::BatchDuplicate => "batch_duplicate",
         }
     }
 }

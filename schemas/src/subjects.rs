@@ -56,6 +56,10 @@ pub enum KeySubject {
     JoinToken(HsmId),
     /// `...hsm.<hsm>.join`
     JoinRequested(HsmId),
+    /// `...log.checkpoint`
+    Checkpoint,
+    /// `...hsm.<hsm>.applied` (a `ClonesApplied` batch)
+    HsmApplied(HsmId),
 }
 
 impl Subjects {
@@ -147,6 +151,18 @@ impl Subjects {
         format!("{}.evt.key.*.applied.*", self.prefix)
     }
 
+    /// A batch of applied clones (`ClonesApplied`) by one HSM:
+    /// `<p>.evt.hsm.<hsm>.applied`. Per HSM, not per key: it names many
+    /// keys, none of which has material on it to purge.
+    pub fn clones_applied(&self, hsm: &HsmId) -> String {
+        format!("{}.evt.hsm.{hsm}.applied", self.prefix)
+    }
+
+    /// Every batch of applied clones: `<p>.evt.hsm.*.applied`.
+    pub fn all_clones_applied(&self) -> String {
+        format!("{}.evt.hsm.*.applied", self.prefix)
+    }
+
     /// `<p>.evt.key.<id>.failed.<hsm>`
     pub fn clone_failed(&self, key: &KeyId, hsm: &HsmId) -> String {
         format!("{}.evt.key.{key}.failed.{hsm}", self.prefix)
@@ -175,6 +191,12 @@ impl Subjects {
     /// `<p>.evt.hsm.<hsm>.failed`
     pub fn hsm_failed(&self, hsm: &HsmId) -> String {
         format!("{}.evt.hsm.{hsm}.failed", self.prefix)
+    }
+
+    /// `<p>.evt.log.checkpoint`: the orchestrator's signed checkpoints
+    /// (decision 22).
+    pub fn checkpoint(&self) -> String {
+        format!("{}.evt.log.checkpoint", self.prefix)
     }
 
     /// `<p>.evt.hsm.<hsm>.recovered`
@@ -334,7 +356,9 @@ impl Subjects {
             ["hsm", hsm, "revoked"] => Some(KeySubject::HsmRevoked(hsm.parse().ok()?)),
             ["hsm", hsm, "token"] => Some(KeySubject::JoinToken(hsm.parse().ok()?)),
             ["hsm", hsm, "join"] => Some(KeySubject::JoinRequested(hsm.parse().ok()?)),
+            ["hsm", hsm, "applied"] => Some(KeySubject::HsmApplied(hsm.parse().ok()?)),
             ["key", id, "deleted"] => Some(KeySubject::Deleted(id.parse().ok()?)),
+            ["log", "checkpoint"] => Some(KeySubject::Checkpoint),
             ["key", id, "erased", hsm] => {
                 Some(KeySubject::Erased(id.parse().ok()?, hsm.parse().ok()?))
             }

@@ -393,6 +393,94 @@ pub async fn count_events(client: &Client, filter: &str) -> u64 {
     total
 }
 
+/// Every message of stream `stream` under `filter` ("" for all), in
+/// order: an ordered consumer read to the end.
+pub async fn stored_messages(
+    client: &Client,
+    stream: &str,
+    filter: &str,
+) -> Vec<async_nats::jetstream::Message> {
+    use async_nats::jetstream::consumer::pull;
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let s = js
+        .get_stream(stream)
+        .await
+        .unwrap_or_else(|e| panic!("stream {stream}: {e}"));
+    let consumer = s
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("consumer on {stream}: {e}"));
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return out;
+    }
+    let mut msgs = consumer
+        .messages()
+        .await
+        .unwrap_or_else(|e| panic!("reading {stream}: {e}"));
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await {
+        let m = m.unwrap_or_else(|e| panic!("reading {stream}: {e}"));
+        let pending = m.info().map(|i| i.pending).unwrap_or(0);
+        out.push(m);
+        if pending == 0 {
+            break;
+        }
+    }
+    out
+}
+
+/// Clones announced applied in the events stream: each `CloneApplied`,
+/// and each key of each `ClonesApplied` batch (decision 21).
+pub async fn count_clones_applied(client: &Client) -> u64 {
+    let subjects = client.subjects();
+    let singles = count_events(client, &subjects.all_applied()).await;
+    let batched: usize = stored_messages(
+        client,
+        &subjects.events_stream(),
+        &subjects.all_clones_applied(),
+    )
+    .await
+    .iter()
+    .map(
+        |m| match keysync_schemas::decode::<keysync_schemas::Event>(&m.payload) {
+            Ok(env) => match env.body {
+                keysync_schemas::Event::ClonesApplied(b) => b.applied.len(),
+                other => panic!("a {} on {}", other.kind(), m.subject),
+            },
+            Err(e) => panic!("an undecodable batch on {}: {e}", m.subject),
+        },
+    )
+    .sum();
+    singles + batched as u64
+}
+
+/// How many times `hsm` announced that it applied `key`: its
+/// `CloneApplied`s, and the `ClonesApplied` batches naming the key
+/// (decision 21).
+pub async fn count_applied(client: &Client, key: &KeyId, hsm: &HsmId) -> u64 {
+    let subjects = client.subjects();
+    let singles = count_events(client, &subjects.clone_applied(key, hsm)).await;
+    let batched = stored_messages(
+        client,
+        &subjects.events_stream(),
+        &subjects.clones_applied(hsm),
+    )
+    .await
+    .iter()
+    .filter(|m| {
+        matches!(
+            keysync_schemas::decode::<keysync_schemas::Event>(&m.payload).map(|e| e.body),
+            Ok(keysync_schemas::Event::ClonesApplied(b)) if b.applied.iter().any(|a| a.key_id == *key)
+        )
+    })
+    .count();
+    singles + batched as u64
+}
+
 /// Runs the `keysync` CLI with `args` and returns its output.
 pub fn keysync_cli(args: &[&str]) -> Output {
     let bin: PathBuf = find_binary("keysync").unwrap_or_else(|e| panic!("{e}"));

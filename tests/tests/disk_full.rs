@@ -434,7 +434,6 @@ async fn a_batch_on_a_full_disk_announces_each_decided_clone_once_and_retries_th
         .expect("stored");
 
     let failed_subject = format!("keysync.evt.key.{tampered_id}.failed.{FULL}");
-    let applied_subject = format!("keysync.evt.key.{held}.applied.{FULL}");
     // (The tampered key was never created, so the orchestrator refuses
     // its CloneFailed and removes it from the log once filed: count what
     // was stored, in the log or in the dead-letter stream.)
@@ -452,7 +451,7 @@ async fn a_batch_on_a_full_disk_announces_each_decided_clone_once_and_retries_th
     );
     assert!(lacking > 0, "{h3} stored every key on a full disk");
     // Fan-out, then the batch.
-    assert_eq!(count_events(&client, &applied_subject).await, 2);
+    assert_eq!(keysync_testkit::count_applied(&client, &held, &h3).await, 2);
 
     std::fs::remove_file(&filler).expect("removing the filler");
     expected.extend(missing);
@@ -476,5 +475,5 @@ async fn a_batch_on_a_full_disk_announces_each_decided_clone_once_and_retries_th
     // Redelivered at least once after space was freed, yet each decided
     // clone was announced once.
     assert_eq!(stored_on(&client, &failed_subject).await, 1);
-    assert_eq!(count_events(&client, &applied_subject).await, 2);
+    assert_eq!(keysync_testkit::count_applied(&client, &held, &h3).await, 2);
 }

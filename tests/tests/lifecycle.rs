@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use keysync::{CreateKey, Route};
-use keysync_schemas::{Durability, KeyId, KeyType};
+use keysync_schemas::{decode, Durability, Event, KeyId, KeyType};
 use keysync_testkit::{
     fast_options, hsm, next_metrics, on_secure_config, wait_for_state, wait_until, DevStack,
     StackOptions,
@@ -179,10 +179,23 @@ async fn python_follows_lifecycle_events_across_a_failover_and_replays_them() {
     let ids: Vec<&str> = events.iter().map(|e| field(e, "id")).collect();
     let unique: BTreeSet<&str> = ids.iter().copied().collect();
     assert_eq!(unique.len(), ids.len(), "duplicate ids: {ids:?}");
-    // In the signed log's order.
-    let seqs: Vec<u64> = events
+    // In the signed log's order: by events-stream sequence, and within a
+    // batch event (`ClonesApplied`, ids `events-<seq>-<i>`, decision 21)
+    // by its index.
+    let seqs: Vec<(u64, Option<u64>)> = events
         .iter()
-        .map(|e| field(e, "keysyncseq").parse().expect("keysyncseq"))
+        .map(|e| {
+            let seq: u64 = field(e, "keysyncseq").parse().expect("keysyncseq");
+            let id = field(e, "id");
+            let index = id
+                .strip_prefix(&format!("events-{seq}-"))
+                .map(|i| i.parse().expect("a batch index"));
+            assert!(
+                index.is_some() || id == format!("events-{seq}"),
+                "id {id} is not of seq {seq}"
+            );
+            (seq, index)
+        })
         .collect();
     assert!(
         seqs.windows(2).all(|w| w[0] < w[1]),
@@ -225,13 +238,25 @@ async fn python_follows_lifecycle_events_across_a_failover_and_replays_them() {
             .and_then(|t| t.strip_suffix(".v1"))
             .and_then(|t| t.split_once('.'))
             .expect("type");
-        let fact_subject = match log.direct_get(seq).await {
-            Ok(m) => m.subject.to_string(),
+        let fact = match log.direct_get(seq).await {
+            Ok(m) => m,
             // A deleted key's KeyCreated is purged from the log
             // (crypto-shredding): the only fact the log no longer holds.
             Err(_) if field(e, "subject") == doomed && name == "created" => continue,
             Err(err) => panic!("fact {seq} of {e}: {err}"),
         };
+        let fact_subject = fact.subject.to_string();
+        if let Some(i) = field(e, "id").strip_prefix(&format!("events-{seq}-")) {
+            // The i-th key of a batch of applied clones (decision 21).
+            let i: usize = i.parse().expect("index");
+            let Ok(Event::ClonesApplied(b)) = decode::<Event>(&fact.payload).map(|e| e.body) else {
+                panic!("{e} does not name a batch");
+            };
+            assert_eq!(name, "applied", "{e}");
+            assert_eq!(fact_subject, format!("keysync.evt.hsm.{}.applied", b.hsm));
+            assert_eq!(b.applied[i].key_id.to_string(), field(e, "subject"), "{e}");
+            continue;
+        }
         let want = format!("keysync.evt.{about}.{}.", field(e, "subject"));
         assert!(fact_subject.starts_with(&want), "{fact_subject} vs {e}");
     }

@@ -226,6 +226,17 @@ fn fact_json(f: &AuditFact) -> serde_json::Value {
         AuditFact::HsmCapabilities { hsm, holds } => {
             json!({"kind": "hsm_capabilities", "hsm": hsm.as_str(), "holds": holds.iter().map(|t| t.as_str()).collect::<Vec<_>>()})
         }
+        AuditFact::Checkpoint {
+            after_seq,
+            through_seq,
+            chain,
+        } => {
+            json!({"kind": "checkpoint", "after_seq": after_seq, "through_seq": through_seq, "chain": hex::encode(chain)})
+        }
+        AuditFact::ClonesApplied { hsm, applied } => {
+            json!({"kind": "clones_applied", "hsm": hsm.as_str(),
+            "applied": applied.iter().map(|(k, f)| json!({"key_id": k.to_string(), "fingerprint": f.to_hex()})).collect::<Vec<_>>()})
+        }
         AuditFact::JoinTokenIssued { hsm, expires_at_ns } => {
             json!({"kind": "join_token_issued", "hsm": hsm.as_str(), "expires_at": rfc3339(*expires_at_ns)})
         }
@@ -486,6 +497,13 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                             k.hsms.insert(hsm.clone());
                         }
                     }
+                    AuditFact::ClonesApplied { hsm, applied } => {
+                        for (key_id, _) in applied {
+                            if let Some(k) = keys.get_mut(key_id).filter(|k| !k.deleted) {
+                                k.hsms.insert(hsm.clone());
+                            }
+                        }
+                    }
                     AuditFact::KeyDeleted { key_id, hsm } => {
                         let k = keys.entry(*key_id).or_default();
                         k.deleted = true;
@@ -510,7 +528,8 @@ pub async fn run(cli: &Cli, cmd: &Command) -> anyhow::Result<()> {
                     | AuditFact::HsmEnrolled { .. }
                     | AuditFact::JoinTokenIssued { .. }
                     | AuditFact::JoinRequested { .. }
-                    | AuditFact::HsmCapabilities { .. } => {}
+                    | AuditFact::HsmCapabilities { .. }
+                    | AuditFact::Checkpoint { .. } => {}
                 }
             }
             let doc = json!({

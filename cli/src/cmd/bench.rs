@@ -68,6 +68,14 @@ pub struct Args {
     /// while working on one of them.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<super::bench_memory::Row>,
+    /// Events the recovery row replays (default: 20,000 with `--quick`,
+    /// 1,000,000 otherwise): smaller to iterate on the replay.
+    #[arg(long)]
+    recovery_events: Option<usize>,
+    /// Keys the bootstrap row seeds (default: 2,000 with `--quick`,
+    /// 100,000 otherwise).
+    #[arg(long)]
+    bootstrap_keys: Option<usize>,
     /// Keys in the large-cluster rows (`cluster`): default 1,000,000, or
     /// 2,000 with `--quick`.
     #[arg(long)]
@@ -650,8 +658,8 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     };
     if !args.only.is_empty() {
         let sizes = super::bench_memory::OnlySizes {
-            bootstrap_keys: sizes.bootstrap_keys,
-            recovery_events: sizes.recovery_events,
+            bootstrap_keys: args.bootstrap_keys.unwrap_or(sizes.bootstrap_keys),
+            recovery_events: args.recovery_events.unwrap_or(sizes.recovery_events),
             hsms: n,
             in_flight: args.in_flight,
             cluster_keys,

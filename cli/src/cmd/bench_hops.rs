@@ -119,6 +119,38 @@ fn hop_times(m: &jetstream::message::StreamMessage) -> HopTimes {
         .unwrap_or_default()
 }
 
+/// The event that says `target` applied `key_id`: its `CloneApplied`, or
+/// the `ClonesApplied` batch naming it (decision 21; one key at a time an
+/// agent sends no batch, but one may still come: say a repair was queued
+/// with it). A batch carries the hop times of its first command.
+async fn applied_on(
+    stream: &stream::Stream,
+    subjects: &keysync_schemas::Subjects,
+    key_id: &keysync_schemas::KeyId,
+    target: &HsmId,
+) -> anyhow::Result<jetstream::message::StreamMessage> {
+    let single = subjects.clone_applied(key_id, target);
+    let batch = subjects.clones_applied(target);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(m) = stream.direct_get_last_for_subject(&single).await {
+            return Ok(m);
+        }
+        if let Ok(m) = stream.direct_get_last_for_subject(&batch).await {
+            let names_it = decode::<Event>(&m.payload).is_ok_and(|e| {
+                matches!(&e.body, Event::ClonesApplied(b) if b.applied.iter().any(|a| a.key_id == *key_id))
+            });
+            if names_it {
+                return Ok(m);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("neither {single} nor a batch on {batch} naming the key is readable from the events stream");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// keysync's hops, one key at a time (a `logged` create on each HSM in
 /// turn, then its clones to the others), `n` keys after a tenth as many
 /// to warm up. Keyed as [`HOPS`], plus `sync` (`KeyCreated` stored →
@@ -162,7 +194,7 @@ pub(super) async fn keysync_hops(
         let mut last_applied = 0u64;
         let mut orchestrator_seen = false;
         for target in hsms.iter().filter(|t| *t != origin) {
-            let applied = last_on(&events, &subjects.clone_applied(&key_id, target)).await?;
+            let applied = applied_on(&events, subjects, &key_id, target).await?;
             let t_stored = stored_at(&applied);
             last_applied = last_applied.max(t_stored);
             let t_applied = decode::<Event>(&applied.payload)
