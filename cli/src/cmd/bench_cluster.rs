@@ -419,12 +419,29 @@ pub(super) async fn rows(
 
     say("cluster: the snapshot, and an orchestrator restart from it");
     let store = js.get_object_store(subjects.snapshot_bucket()).await?;
+    let last = stream_last_seq(&client).await?;
+    if store.info("cluster-state").await.is_err() {
+        // Fewer events than `--snapshot-every` (a small --quick run with
+        // batched clone results): restart it once snapshotting at every
+        // tick, so that the timed restart below has a snapshot to start from.
+        stack.set_orchestrator_args(vec!["--snapshot-every".into(), "1".into()]);
+        stack.kill_orchestrator();
+        stack.start_orchestrator().await?;
+        super::bench::wait_folded(&client, last, PHASE_TIMEOUT).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while store.info("cluster-state").await.is_err() {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no snapshot was written"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let snapshot_bytes = store
         .info("cluster-state")
         .await
         .map(|i| i.size as u64)
         .ok();
-    let last = stream_last_seq(&client).await?;
     stack.kill_orchestrator();
     let t = Instant::now();
     stack.start_orchestrator().await?;
