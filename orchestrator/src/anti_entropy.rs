@@ -46,7 +46,20 @@ pub enum Verdict {
     },
     /// Repair it now: read its inventory and send [`repairs`].
     Repair,
+    /// Not judged: the fold is more than [`MAX_UNFOLDED`] events behind
+    /// the log, so what the member reports may already be in the log
+    /// unfolded (its `CloneApplied`s of a bootstrap) and a difference
+    /// means nothing yet. The count in a row is left as it was.
+    Behind,
 }
+
+/// Events the fold may be behind the log for a heartbeat to be judged.
+/// While a member bootstraps 100,000 keys on a busy machine the fold can
+/// trail the log by tens of seconds; a member that had applied all of
+/// them was then "repaired" with all of them again (every key it held,
+/// unknown to the lagging fold), which queued more work and slowed the
+/// fold further (decision 23).
+pub const MAX_UNFOLDED: u64 = 1000;
 
 /// One difference: (what the agent reported, the digest the log expected).
 /// The same difference again means no progress was made.
@@ -112,14 +125,20 @@ impl AntiEntropy {
     }
 
     /// [`AntiEntropy::observe`] for member `idx` of `state`: the expected
-    /// inventory and the outstanding clones come from the fold.
+    /// inventory and the outstanding clones come from the fold, which has
+    /// `unfolded` events of the log still to fold ([`Verdict::Behind`]
+    /// past [`MAX_UNFOLDED`]).
     pub fn check(
         &mut self,
         state: &ClusterState,
         idx: u8,
         hsm: &HsmId,
         reported: Inventory,
+        unfolded: u64,
     ) -> Verdict {
+        if unfolded > MAX_UNFOLDED {
+            return Verdict::Behind;
+        }
         let expected = Inventory {
             keys: state.held_by(idx),
             digest: state.digest_of(idx),
@@ -191,6 +210,38 @@ mod tests {
     }
 
     const REPAIR_AFTER: u32 = 3;
+
+    #[test]
+    fn a_fold_behind_the_log_judges_nobody_and_keeps_the_count() {
+        let mut log = Log::given(&[joined("a"), joined("b")]);
+        let k = KeyId::new();
+        log.when(&created(k, "a", 1)).expect("created");
+        let mut ae = AntiEntropy::new(REPAIR_AFTER);
+        let b = hsm("b");
+        let idx = log.state.member_index(&b).expect("b");
+        // b reports the key the fold does not know it holds yet.
+        let mut digest = InventoryDigest::default();
+        digest.toggle(&k, &Fingerprint([1; 32]));
+        let reported = Inventory { keys: 1, digest };
+        for _ in 0..29 {
+            assert!(matches!(
+                ae.check(&log.state, idx, &b, reported, 0),
+                Verdict::Differs { .. }
+            ));
+        }
+        // The fold falls far behind: no verdict, however long.
+        for _ in 0..100 {
+            assert_eq!(
+                ae.check(&log.state, idx, &b, reported, MAX_UNFOLDED + 1),
+                Verdict::Behind
+            );
+        }
+        // Caught up again (and still differing): the count resumes.
+        assert_eq!(
+            ae.check(&log.state, idx, &b, reported, MAX_UNFOLDED),
+            Verdict::Repair
+        );
+    }
 
     #[test]
     fn a_member_that_matches_is_in_sync() {
@@ -309,16 +360,16 @@ mod tests {
         let mut ae = AntiEntropy::new(1);
         // a holds k, as the log says.
         let a = Inventory { keys: 1, digest };
-        assert_eq!(ae.check(&log.state, 0, &hsm("a"), a), Verdict::InSync);
+        assert_eq!(ae.check(&log.state, 0, &hsm("a"), a, 0), Verdict::InSync);
         // b lost nothing but lacks k: outstanding, so patient.
         let b = Inventory {
             keys: 0,
             digest: InventoryDigest::default(),
         };
-        assert_eq!(ae.check(&log.state, 1, &hsm("b"), b), Verdict::InSync);
+        assert_eq!(ae.check(&log.state, 1, &hsm("b"), b, 0), Verdict::InSync);
         // b claims k although no apply was folded: it differs, patiently.
         assert_eq!(
-            ae.check(&log.state, 1, &hsm("b"), a),
+            ae.check(&log.state, 1, &hsm("b"), a, 0),
             Verdict::Differs {
                 in_a_row: 1,
                 patience: 10

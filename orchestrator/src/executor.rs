@@ -13,6 +13,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use keysync_schemas::{decode, encode, Envelope, Event, KeyCreated, KeyId, Subjects};
 
+use crate::backlog::Backlog;
 use crate::decide::Action;
 use crate::plan::{self, CloneWindow, Step};
 use crate::prometheus::Metrics;
@@ -30,6 +31,8 @@ pub struct Executor {
     events: jetstream::stream::Stream,
     subjects: Subjects,
     metrics: Metrics,
+    /// Large fan-outs, carried out a window per turn of the loop.
+    backlog: Backlog,
 }
 
 impl Executor {
@@ -48,6 +51,7 @@ impl Executor {
             events,
             subjects,
             metrics,
+            backlog: Backlog::default(),
         }
     }
 
@@ -70,12 +74,48 @@ impl Executor {
             }
         }
         let at_seq = state.last_seq();
+        if Backlog::defers(&work.windows) {
+            self.backlog.push(work.windows, at_seq);
+            tracing::info!(
+                backlog = self.backlog.clones(),
+                "large fan-out queued: carried out a window at a time"
+            );
+            return Ok(());
+        }
         for window in &work.windows {
-            let created = self.fetch_window(window, known).await;
-            let steps = plan::clone_commands(self.publisher.ids(), window, &created, at_seq);
-            for step in steps {
-                self.carry_out(step).await?;
+            self.carry_out_window(window, known, at_seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether clone windows wait in the backlog ([`Executor::next_window`]).
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Carries out the backlog's next window still wanted by `state`.
+    pub async fn next_window(&mut self, state: &ClusterState) -> anyhow::Result<()> {
+        if let Some((window, at_seq)) = self.backlog.next(state) {
+            self.carry_out_window(&window, &HashMap::new(), at_seq)
+                .await?;
+            if self.backlog.is_empty() {
+                tracing::info!("fan-out backlog done");
             }
+        }
+        Ok(())
+    }
+
+    /// Fetches a window's `KeyCreated`s and publishes its commands.
+    async fn carry_out_window(
+        &mut self,
+        window: &CloneWindow,
+        known: &HashMap<u64, KeyCreated>,
+        at_seq: u64,
+    ) -> anyhow::Result<()> {
+        let created = self.fetch_window(window, known).await;
+        let steps = plan::clone_commands(self.publisher.ids(), window, &created, at_seq);
+        for step in steps {
+            self.carry_out(step).await?;
         }
         Ok(())
     }

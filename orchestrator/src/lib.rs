@@ -19,6 +19,7 @@
 //! - [`liveness`]: failure timeout and recovery debounce, over heartbeats;
 //! - [`anti_entropy`]: when a member's drift calls for a repair, and which;
 //! - [`plan`]: which messages carry out the actions, under which ids;
+//! - [`backlog`]: a large fan-out, a window per turn of the loop;
 //! - [`progress`]: when the fold has caught up, a snapshot is due, the feed stalled.
 //!
 //! [`run`] is the thin loop around them: intake ([`intake`],
@@ -30,6 +31,7 @@
 
 pub mod anti_entropy;
 pub mod audit;
+pub mod backlog;
 pub mod checkpoint;
 pub mod decide;
 pub mod duplicates;
@@ -58,7 +60,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use keysync_schemas::{Event, HsmId, KeyCreated, Rejection, Subjects};
 use keysync_security::{DeadLetters, Filing, Identity, Keep};
 use tracing::Instrument as _;
@@ -151,6 +153,9 @@ struct Orchestrator {
     liveness: Liveness,
     /// Heartbeats in a row showing one inventory difference, per member.
     anti_entropy: AntiEntropy,
+    /// Events in the log after the last one folded (its consumer's
+    /// `pending`): how far the fold trails the log, for anti-entropy.
+    unfolded: u64,
     /// The cluster's public key.
     cluster_key: [u8; 32],
     /// What the fold accepted and rejected, for the auditor.
@@ -342,6 +347,7 @@ pub async fn run(
         snapshots: snapshots.clone(),
         liveness: Liveness::new(config.failure_timeout),
         anti_entropy: AntiEntropy::new(config.repair_after),
+        unfolded: 0,
         deferred: Deferred::default(),
         config,
     };
@@ -466,6 +472,13 @@ pub async fn run(
                 }
                 _ = failure_tick.tick() => {
                     if orch.active {
+                        // Heartbeats already received are heard before
+                        // anyone is judged silent: a loop busy with a large
+                        // fan-out must not take its own lag for their
+                        // silence (decision 23).
+                        while let Some(Some(hb)) = heartbeat_feed.next().now_or_never() {
+                            orch.on_heartbeat(hb).await?;
+                        }
                         orch.detect_failures().await?;
                     }
                 }
@@ -506,6 +519,11 @@ pub async fn run(
                         let identity = orch.config.identity.clone();
                         saving = Some(tokio::spawn(async move { snapshot::save(&store, state, identity).await }));
                     }
+                }
+                // A large fan-out, one window a turn: the branches above
+                // are served between windows (module `backlog`).
+                _ = std::future::ready(()), if orch.active && orch.executor.has_backlog() => {
+                    orch.executor.next_window(&orch.state).await?;
                 }
                 acked = orch.executor.publisher.next_ack(), if !orch.executor.publisher.is_idle() => {
                     orch.executor.publisher.settle(acked).await?;
@@ -785,6 +803,7 @@ impl Orchestrator {
         .into_iter();
         drop(to_check);
         for ((msg, meta, pending), tag) in ready {
+            self.unfolded = pending;
             let verified = match tag {
                 checkpoint::Tag::Vouched => keysync_security::Verified::Vouched,
                 checkpoint::Tag::Check => verified.next().flatten().map_or(
@@ -1040,7 +1059,10 @@ impl Orchestrator {
             keys: hb.token_keys,
             digest: hb.digest,
         };
-        if self.anti_entropy.check(&self.state, idx, &hb.hsm, reported) == Verdict::Repair {
+        let verdict = self
+            .anti_entropy
+            .check(&self.state, idx, &hb.hsm, reported, self.unfolded);
+        if verdict == Verdict::Repair {
             self.repair_member(&hb.hsm).await?;
         }
         Ok(())
@@ -1049,20 +1071,37 @@ impl Orchestrator {
     /// Anti-entropy's I/O: reads the member's inventory and sends what
     /// [`anti_entropy::repairs`] computes from it. A member that does not
     /// answer is left for a later heartbeat to try again.
+    ///
+    /// A completed round (inventory read, compared, repairs handed to the
+    /// publisher) is timed into `keysync_anti_entropy_round_seconds` and
+    /// logged with its duration; a postponed one is not counted.
     async fn repair_member(&mut self, hsm: &HsmId) -> anyhow::Result<()> {
+        let started = Instant::now();
         let source = self.executor.publisher.source();
         let Some(inventory) =
             inventory::read_inventory(&self.nats, &self.config.subjects, source, hsm).await?
         else {
             return Ok(());
         };
+        let read_ms = started.elapsed().as_millis() as u64;
         let actions = anti_entropy::repairs(&self.state, hsm, &inventory);
-        tracing::info!(%hsm, held = inventory.len(), repairs = actions.len(), "anti-entropy repair");
-        self.stats.repairs += actions.len() as u64;
-        self.prom.repairs(actions.len() as u64);
+        let repairs = actions.len();
+        self.stats.repairs += repairs as u64;
+        self.prom.repairs(repairs as u64);
         self.executor
             .execute(&self.state, actions, &HashMap::new())
-            .await
+            .await?;
+        let elapsed = started.elapsed();
+        self.prom.anti_entropy_round(elapsed.as_secs_f64());
+        tracing::info!(
+            %hsm,
+            held = inventory.len(),
+            repairs,
+            read_ms,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "anti-entropy repair"
+        );
+        Ok(())
     }
 
     /// Counts and files what the publisher found holding one of our

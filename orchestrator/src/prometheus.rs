@@ -40,6 +40,13 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
+/// Anti-entropy round buckets, in seconds: 10 ms to 10 min. A round reads
+/// a member's whole inventory (2,000 keys a request), so it grows with the
+/// keys held: milliseconds for thousands, tens of seconds for a million.
+pub const ROUND_BUCKETS: [f64; 12] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 100.0, 600.0,
+];
+
 /// Labels naming an HSM.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HsmLabel {
@@ -89,6 +96,8 @@ pub struct Metrics {
     clone_failures: Family<ReasonLabel, Counter>,
     rejected: Family<ReasonLabel, Counter>,
     repairs: Counter,
+    /// Anti-entropy rounds completed and how long each took.
+    anti_entropy_rounds: Histogram,
     commands: Family<CommandLabel, Counter>,
     /// Events whose signature was checked one by one, and vouched for by
     /// a checkpoint.
@@ -123,6 +132,7 @@ impl Metrics {
         let clone_failures = Family::<ReasonLabel, Counter>::default();
         let rejected = Family::<ReasonLabel, Counter>::default();
         let repairs = Counter::default();
+        let anti_entropy_rounds = Histogram::new(ROUND_BUCKETS);
         let commands = Family::<CommandLabel, Counter>::default();
         let verified_by = Family::<ByLabel, Counter>::default();
         let verified = ["signature", "checkpoint"]
@@ -172,6 +182,11 @@ impl Metrics {
             "keysync_repairs",
             "Anti-entropy repair commands sent",
             repairs.clone(),
+        );
+        r.register(
+            "keysync_anti_entropy_round_seconds",
+            "Anti-entropy rounds completed (a member's whole inventory read, compared with the log, its repairs sent), by duration",
+            anti_entropy_rounds.clone(),
         );
         r.register(
             "keysync_commands_sent",
@@ -258,6 +273,7 @@ impl Metrics {
             clone_failures,
             rejected,
             repairs,
+            anti_entropy_rounds,
             commands,
             verified,
             sync_latency,
@@ -359,6 +375,11 @@ impl Metrics {
     /// Counts anti-entropy repair commands.
     pub fn repairs(&self, n: u64) {
         self.repairs.inc_by(n);
+    }
+
+    /// Records an anti-entropy round completed in `seconds`.
+    pub fn anti_entropy_round(&self, seconds: f64) {
+        self.anti_entropy_rounds.observe(seconds);
     }
 
     /// Counts a command published.

@@ -64,7 +64,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "both")]
     sync_interval: super::bench_sync::SyncInterval,
     /// Only these rows, comma-separated (`recovery`, `bootstrap`,
-    /// `memory`): the rest of the document is absent. Quick to repeat
+    /// `memory`, `cluster`): the rest of the document is absent. Quick to repeat
     /// while working on one of them.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<super::bench_memory::Row>,
@@ -76,6 +76,10 @@ pub struct Args {
     /// 100,000 otherwise).
     #[arg(long)]
     bootstrap_keys: Option<usize>,
+    /// Keys in the large-cluster rows (`cluster`): default 1,000,000, or
+    /// 2,000 with `--quick`.
+    #[arg(long)]
+    cluster_keys: Option<usize>,
 }
 
 /// Creates in flight for the keystore rows: a SoftHSM2 token takes one
@@ -152,7 +156,11 @@ fn rss_bytes(pid: u32) -> Option<u64> {
 }
 
 /// Waits until the orchestrator has folded the log up to `seq`.
-async fn wait_folded(client: &Client, seq: u64, timeout: Duration) -> anyhow::Result<()> {
+pub(super) async fn wait_folded(
+    client: &Client,
+    seq: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if client
@@ -640,6 +648,9 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         return print_scaling(&doc);
     }
     let n = usize::from(args.hsms);
+    let cluster_keys = args
+        .cluster_keys
+        .unwrap_or(if args.quick { 2000 } else { 1_000_000 });
     let say = |s: &str| {
         if !args.json {
             eprintln!("{s}");
@@ -651,6 +662,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
             recovery_events: args.recovery_events.unwrap_or(sizes.recovery_events),
             hsms: n,
             in_flight: args.in_flight,
+            cluster_keys,
         };
         return super::bench_memory::only(cli, &args.only, &sizes, args.json).await;
     }
@@ -817,6 +829,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         args.in_flight,
     )
     .await?;
+    let cluster = super::bench_cluster::rows(&cli.subjects()?, cluster_keys, &say).await?;
     let keystores = if args.keystore == BenchKeystore::Pkcs11 {
         // Ed25519 is not clonable on every token (SoftHSM 2.6.1): these
         // rows use the latency key type for throughput too, on both.
@@ -869,6 +882,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
         "hops": hops,
         "cpu_per_key": cpu_per_key,
         "sync_interval": bus,
+        "cluster": cluster,
     });
     if args.json {
         return print_json(&doc);
@@ -952,6 +966,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     );
     super::bench_memory::print_orchestrator(b)?;
     super::bench_memory::print(&doc["memory"])?;
+    super::bench_cluster::print(&doc["cluster"])?;
     let r = &doc["recovery"];
     outln!(
         "  recovery: orchestrator restart over {} events folded in {} s from the log alone ({} events/s, {} MB resident); {} s from its snapshot",

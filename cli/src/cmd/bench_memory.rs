@@ -188,6 +188,9 @@ pub enum Row {
     Bootstrap,
     /// Agent RSS and key-index bytes per key.
     Memory,
+    /// The large cluster (`--cluster-keys`): its build, a new member,
+    /// status, an anti-entropy round, snapshot and restart, memory.
+    Cluster,
 }
 
 /// Sizes of the rows `--only` runs.
@@ -196,6 +199,7 @@ pub(super) struct OnlySizes {
     pub recovery_events: usize,
     pub hsms: usize,
     pub in_flight: usize,
+    pub cluster_keys: usize,
 }
 
 /// `keysync bench --only ROWS`: those rows alone, each on its own stack,
@@ -244,6 +248,12 @@ pub(super) async fn only(
             agents(&cli.subjects()?, sizes.hsms, keys, sizes.in_flight).await?,
         );
     }
+    if rows.contains(&Row::Cluster) {
+        doc.insert(
+            "cluster".into(),
+            super::bench_cluster::rows(&cli.subjects()?, sizes.cluster_keys, &say).await?,
+        );
+    }
     let doc = serde_json::Value::Object(doc);
     if as_json {
         return super::print_json(&doc);
@@ -272,6 +282,7 @@ pub(super) async fn only(
         );
     }
     print(&doc["memory"])?;
+    super::bench_cluster::print(&doc["cluster"])?;
     Ok(())
 }
 

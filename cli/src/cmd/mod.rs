@@ -27,6 +27,7 @@ macro_rules! out {
 
 mod audit;
 mod bench;
+mod bench_cluster;
 mod bench_cpu;
 mod bench_hops;
 mod bench_lifecycle;
