@@ -363,6 +363,18 @@ where
     }
 }
 
+/// Waits until the orchestrator reports `replicated` keys replicated and no
+/// clone pending (it has folded every key's last result), or `timeout`.
+pub async fn wait_settled(client: &Client, replicated: u64, timeout: Duration) -> bool {
+    wait_until(timeout, || async {
+        client
+            .cluster_status()
+            .await
+            .is_ok_and(|s| s.replicated == replicated && s.pending_clones == 0)
+    })
+    .await
+}
+
 /// Creates a key, panicking on failure.
 pub async fn create(client: &Client, key_type: KeyType, on: &HsmId) -> CreatedKey {
     client

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use keysync_schemas::KeyId;
 use keysync_testkit::{
     assert_converges, count_events, create, create_many, delete_with_cli, hsm, inventory,
-    start_stack, wait_for_heartbeats, wait_until,
+    start_stack, wait_for_heartbeats, wait_settled, wait_until,
 };
 
 /// The events stream's message count and bytes.
@@ -55,13 +55,7 @@ async fn junk_and_oversized_messages_on_event_subjects_do_not_stay_in_the_log() 
     let hsms = stack.hsm_ids();
     let keys = create_many(&client, &hsms, 6, 3).await;
     assert_converges(&client, &hsms, &keys, Duration::from_secs(20)).await;
-    let settled = wait_until(Duration::from_secs(20), || async {
-        client
-            .cluster_status()
-            .await
-            .is_ok_and(|s| s.replicated == keys.len() as u64 && s.pending_clones == 0)
-    })
-    .await;
+    let settled = wait_settled(&client, keys.len() as u64, Duration::from_secs(20)).await;
     assert!(settled, "the cluster did not settle");
     let js = jetstream::new(client.nats().clone());
     let events = subjects.events_stream();

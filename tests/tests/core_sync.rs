@@ -49,13 +49,7 @@ async fn five_hundred_keys_of_every_type_reach_every_hsm_with_equal_fingerprints
     assert_converges(&client, &hsms, &expected, Duration::from_secs(60)).await;
 
     // The orchestrator agrees: everything replicated, nothing pending.
-    let ok = keysync_testkit::wait_until(Duration::from_secs(10), || async {
-        client
-            .cluster_status()
-            .await
-            .is_ok_and(|s| s.replicated == 500 && s.pending_clones == 0)
-    })
-    .await;
+    let ok = keysync_testkit::wait_settled(&client, 500, Duration::from_secs(10)).await;
     let status = client.cluster_status().await.expect("status");
     assert!(
         ok,

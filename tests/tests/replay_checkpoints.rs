@@ -16,7 +16,9 @@ use keysync_schemas::{
     KeyId, KeyOrigin, KeyType, RejectReason, Source,
 };
 use keysync_security::{Identity, Signer};
-use keysync_testkit::{assert_converges, create_many, hsm, sample, scrape_metrics, wait_until};
+use keysync_testkit::{
+    assert_converges, create_many, hsm, sample, scrape_metrics, wait_settled, wait_until,
+};
 use orchestrator::checkpoint::{Chain, Stored};
 
 /// A stack of `hsms` HSMs whose orchestrator checkpoints every 20 events
@@ -154,13 +156,7 @@ async fn checkpointed_stack() -> (DevStack, u16, ClusterStatus) {
     let hsms = stack.hsm_ids();
     let keys = create_many(&client, &hsms, 40, 4).await;
     assert_converges(&client, &hsms, &keys, Duration::from_secs(30)).await;
-    let settled = wait_until(Duration::from_secs(30), || async {
-        client
-            .cluster_status()
-            .await
-            .is_ok_and(|s| s.replicated == keys.len() as u64 && s.pending_clones == 0)
-    })
-    .await;
+    let settled = wait_settled(&client, keys.len() as u64, Duration::from_secs(30)).await;
     assert!(settled, "the cluster did not settle");
     let quiet = wait_until(Duration::from_secs(30), || last_is_checkpoint(&client)).await;
     assert!(
