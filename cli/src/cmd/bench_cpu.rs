@@ -167,6 +167,7 @@ pub(super) async fn metered_throughput(
     keys: usize,
     in_flight: usize,
 ) -> anyhow::Result<(f64, f64, serde_json::Value)> {
+    let streams = StoredMessages::start(stack.client()).await;
     let meter = Meter::start(stack.processes()).await;
     let (created, replicated) = super::bench::throughput(
         stack.client(),
@@ -176,7 +177,62 @@ pub(super) async fn metered_throughput(
         in_flight,
     )
     .await?;
-    Ok((created, replicated, meter.finish(keys).await))
+    let mut doc = meter.finish(keys).await;
+    // Read once the stack is quiet: the audit chain and the lifecycle
+    // mirror trail the last key.
+    doc["stored_messages_per_key"] = streams.finish(keys).await;
+    Ok((created, replicated, doc))
+}
+
+/// The messages the stack stored in each of its streams over a run, per
+/// key: what batching saves, measured rather than counted by hand (the
+/// commands stream is a work queue, so sequences are compared, not sizes).
+struct StoredMessages {
+    js: async_nats::jetstream::Context,
+    streams: Vec<(&'static str, String, u64)>,
+}
+
+impl StoredMessages {
+    async fn start(client: &keysync::Client) -> Self {
+        let s = client.subjects();
+        let js = async_nats::jetstream::new(client.nats().clone());
+        let mut streams = Vec::new();
+        for (label, name) in [
+            ("events", s.events_stream()),
+            ("commands", s.commands_stream()),
+            ("audit", s.audit_stream()),
+            ("lifecycle", s.lifecycle_stream()),
+        ] {
+            let seq = last_seq(&js, &name).await;
+            streams.push((label, name, seq));
+        }
+        StoredMessages { js, streams }
+    }
+
+    async fn finish(self, keys: usize) -> serde_json::Value {
+        let mut per = serde_json::Map::new();
+        let mut total = 0u64;
+        for (label, name, before) in &self.streams {
+            let n = last_seq(&self.js, name).await.saturating_sub(*before);
+            total += n;
+            per.insert((*label).into(), json!(per_key(n, keys)));
+        }
+        per.insert("total".into(), json!(per_key(total, keys)));
+        serde_json::Value::Object(per)
+    }
+}
+
+/// A stream's last sequence (0 when it is missing, as the lifecycle
+/// stream is with the mirror off).
+async fn last_seq(js: &async_nats::jetstream::Context, name: &str) -> u64 {
+    match js.get_stream(name).await {
+        Ok(mut st) => st.info().await.map(|i| i.state.last_sequence).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+fn per_key(n: u64, keys: usize) -> f64 {
+    (n as f64 / keys.max(1) as f64 * 100.0).round() / 100.0
 }
 
 /// The table of a [`Meter::finish`] document (nothing if it is null).
@@ -215,6 +271,17 @@ pub(super) fn print(v: &serde_json::Value) -> std::io::Result<()> {
         f(&v["sys_us_per_key"]),
         f(&v["total_us_per_key"])
     );
+    let m = &v["stored_messages_per_key"];
+    if m.is_object() {
+        outln!(
+            "  stored messages per key: {} (events {}, commands {}, audit {}, lifecycle {})",
+            m["total"],
+            m["events"],
+            m["commands"],
+            m["audit"],
+            m["lifecycle"]
+        );
+    }
     Ok(())
 }
 
