@@ -172,9 +172,17 @@ async fn a_restart_with_no_snapshot_folds_checkpointed_runs_without_their_signat
     let (mut stack, port, before) = checkpointed_stack().await;
     let client = stack.client().clone();
     let cps = checkpoints(&client).await;
-    // 40 keys on 2 HSMs: KeyCreated, CloneApplied, KeyReplicated each, plus
-    // joins: more than 120 events, so several runs of 20 and a tail.
-    assert!(cps.len() >= 5, "checkpoints: {}", cps.len());
+    // 40 keys on 2 HSMs: KeyCreated and KeyReplicated each, their clones'
+    // results (one event each, or fewer when batched: decision 21), plus
+    // joins: at least 80 events. A checkpoint follows the feed batch that
+    // brings its run to 20 events (a run may be longer when a batch is),
+    // and the tail is checkpointed when the log goes quiet: several runs.
+    let events = before.last_seq;
+    assert!(
+        cps.len() >= 2,
+        "{} checkpoints for {events} events",
+        cps.len()
+    );
     for w in cps.windows(2) {
         assert_eq!(
             w[1].1.after_seq, w[0].1.through_seq,
