@@ -200,14 +200,20 @@ async fn a_restart_with_no_snapshot_folds_checkpointed_runs_without_their_signat
     assert_eq!(after, before, "the replay reached another state");
     let (by_signature, by_checkpoint) = verified(port).await;
     // Everything the checkpoints cover was vouched for; what is checked
-    // one by one is the checkpoints' own tail: the last checkpoint.
+    // one by one is the checkpoints' own tail (the last checkpoint) and the
+    // events they list as rejected (a busy machine makes some: a clone
+    // result repeated after a redelivery, say).
     let covered: u64 = cps.iter().map(|(_, c)| c.accepted).sum();
+    let rejected: usize = cps.iter().map(|(_, c)| c.rejected.len()).sum();
     assert_eq!(
         by_checkpoint, covered as f64,
         "vouched for: {by_checkpoint}"
     );
     assert_eq!(by_signature + by_checkpoint, total as f64);
-    assert!(by_signature <= 2.0, "checked one by one: {by_signature}");
+    assert!(
+        by_signature <= 2.0 + rejected as f64,
+        "checked one by one: {by_signature}, of which {rejected} listed as rejected"
+    );
     stack.shutdown().await;
 }
 
