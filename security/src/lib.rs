@@ -46,7 +46,7 @@ pub use dead_letter::{DeadLetterError, DeadLetters, Filing, Keep};
 pub use identity::{parse_public_key, Identity, IdentityError};
 pub use message_id::MessageIdKey;
 pub use policy::{
-    check_command, check_dead_letter, check_event, check_event_preverified, check_event_verified,
-    check_heartbeat, event_signer, preverify, signed_headers, Pending, Verified,
+    check_command, check_dead_letter, check_event, check_event_verified, check_heartbeat,
+    event_signer, preverify, signed_headers, Pending, Verified,
 };
 pub use signature::{Claim, Signer};

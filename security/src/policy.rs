@@ -85,14 +85,14 @@ pub fn check_event(
     cluster_key: &[u8; 32],
     enrolled: impl Fn(&HsmId) -> Option<[u8; 32]>,
 ) -> Result<Envelope<Event>, Rejection> {
-    check_event_preverified(
+    check_event_verified(
         headers,
         subject,
         payload,
         stored_at_ns,
         cluster_key,
         enrolled,
-        None,
+        Verified::No,
     )
 }
 
@@ -108,29 +108,6 @@ pub enum Verified {
     /// (the orchestrator's `checkpoint` module): the signature was checked
     /// when it was first folded. Every other check still runs.
     Vouched,
-}
-
-/// [`check_event`], where the signature may already have been checked
-/// against `preverified` (see [`preverify`]): if that is the key the
-/// event must be signed with, it is not checked again.
-pub fn check_event_preverified(
-    headers: Option<&async_nats::HeaderMap>,
-    subject: &str,
-    payload: &[u8],
-    stored_at_ns: u64,
-    cluster_key: &[u8; 32],
-    enrolled: impl Fn(&HsmId) -> Option<[u8; 32]>,
-    preverified: Option<[u8; 32]>,
-) -> Result<Envelope<Event>, Rejection> {
-    check_event_verified(
-        headers,
-        subject,
-        payload,
-        stored_at_ns,
-        cluster_key,
-        enrolled,
-        preverified.map_or(Verified::No, Verified::With),
-    )
 }
 
 /// [`check_event`], with as much of the signature check done as
