@@ -149,14 +149,14 @@ fn verifying_key(public_key: &[u8; 32]) -> Option<ed25519_dalek::VerifyingKey> {
 /// signature to be unique; keysync binds what it needs, the message id,
 /// inside the signed bytes, and verification is 30 % cheaper without it.)
 ///
-/// A verification that succeeded is remembered (see [`Verified`]): one
+/// A verification that succeeded is remembered (see [`VerifiedMemo`]): one
 /// process often checks the same message more than once (the
 /// orchestrator's fold, its audit appender and its lifecycle mirror each
 /// read every event), and Ed25519 verification was 40 % of the
 /// orchestrator's CPU under load, three times per event (decision 20).
 pub fn verify(public_key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
     use ed25519_dalek::Verifier as _;
-    let digest = Verified::digest(public_key, message, signature);
+    let digest = VerifiedMemo::digest(public_key, message, signature);
     if VERIFIED.contains(&digest) {
         return true;
     }
@@ -174,7 +174,7 @@ pub fn verify(public_key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
 }
 
 /// Successful verifications of this process, by SHA-256 of the public key,
-/// the signature and the message, the most recently used [`Verified::CAPACITY`].
+/// the signature and the message, the most recently used [`VerifiedMemo::CAPACITY`].
 ///
 /// Sound because verification is a pure function of those three inputs:
 /// a digest found here stands for exactly the bytes that verified before
@@ -183,11 +183,11 @@ pub fn verify(public_key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
 /// so nothing anyone sends can fill it without a valid signature, and it
 /// is bounded (least recently used forgotten first; a forgotten one is
 /// verified again).
-struct Verified {
+struct VerifiedMemo {
     seen: std::sync::Mutex<lru::LruCache<[u8; 32], ()>>,
 }
 
-impl Verified {
+impl VerifiedMemo {
     /// Enough for the events a busy orchestrator's readers are apart
     /// (tens of bytes each in the cache: about 1 MiB at most).
     const CAPACITY: usize = 16_384;
@@ -207,7 +207,7 @@ impl Verified {
     fn new() -> Self {
         let capacity =
             std::num::NonZeroUsize::new(Self::CAPACITY).unwrap_or(std::num::NonZeroUsize::MIN);
-        Verified {
+        VerifiedMemo {
             seen: std::sync::Mutex::new(lru::LruCache::new(capacity)),
         }
     }
@@ -224,7 +224,7 @@ impl Verified {
     }
 }
 
-static VERIFIED: std::sync::LazyLock<Verified> = std::sync::LazyLock::new(Verified::new);
+static VERIFIED: std::sync::LazyLock<VerifiedMemo> = std::sync::LazyLock::new(VerifiedMemo::new);
 
 /// Parses a public key given as 64 hex digits (refusing a weak one).
 pub fn parse_public_key(text: &str) -> Result<[u8; 32], String> {
@@ -287,7 +287,7 @@ mod tests {
         let sig = id.sign(msg);
         assert!(verify(&id.public_key(), msg, &sig));
         // Remembered now: the same check answers the same...
-        assert!(VERIFIED.contains(&Verified::digest(&id.public_key(), msg, &sig)));
+        assert!(VERIFIED.contains(&VerifiedMemo::digest(&id.public_key(), msg, &sig)));
         assert!(verify(&id.public_key(), msg, &sig));
         // ...and nothing else rides on it: another message, key or signature.
         assert!(!verify(&id.public_key(), b"an event's signed bytes!", &sig));
@@ -296,21 +296,21 @@ mod tests {
         bad[0] ^= 1;
         assert!(!verify(&id.public_key(), msg, &bad));
         // Failures are not remembered.
-        assert!(!VERIFIED.contains(&Verified::digest(&id.public_key(), msg, &bad)));
+        assert!(!VERIFIED.contains(&VerifiedMemo::digest(&id.public_key(), msg, &bad)));
     }
 
     #[test]
     fn remembered_verifications_are_bounded() {
-        let v = Verified::new();
-        for i in 0..Verified::CAPACITY as u64 + 10 {
-            v.insert(Verified::digest(&[0; 32], &i.to_be_bytes(), b"s"));
+        let v = VerifiedMemo::new();
+        for i in 0..VerifiedMemo::CAPACITY as u64 + 10 {
+            v.insert(VerifiedMemo::digest(&[0; 32], &i.to_be_bytes(), b"s"));
         }
         let len = v.seen.lock().map(|s| s.len()).expect("lock");
-        assert_eq!(len, Verified::CAPACITY);
+        assert_eq!(len, VerifiedMemo::CAPACITY);
         // The oldest went first.
-        assert!(!v.contains(&Verified::digest(&[0; 32], &0u64.to_be_bytes(), b"s")));
-        let last = Verified::CAPACITY as u64 + 9;
-        assert!(v.contains(&Verified::digest(&[0; 32], &last.to_be_bytes(), b"s")));
+        assert!(!v.contains(&VerifiedMemo::digest(&[0; 32], &0u64.to_be_bytes(), b"s")));
+        let last = VerifiedMemo::CAPACITY as u64 + 9;
+        assert!(v.contains(&VerifiedMemo::digest(&[0; 32], &last.to_be_bytes(), b"s")));
     }
 
     #[test]
