@@ -633,14 +633,6 @@ impl EmbeddedKeystore {
         self.index.read().map(|i| i.heap_bytes()).unwrap_or(0)
     }
 
-    fn encode_record(
-        &self,
-        info: &KeyInfo,
-        material: &KeyMaterial,
-    ) -> Result<Vec<u8>, KeystoreError> {
-        self.seal_record(info, &material.to_bytes()?)
-    }
-
     /// A record of `plain`, the key's bytes as [`KeyMaterial::from_bytes`]
     /// reads them back (a clone stores the bytes it unwrapped and parsed,
     /// not a re-encoding: re-encoding a P-256 key derives its public key
@@ -806,8 +798,8 @@ impl EmbeddedKeystore {
     }
 
     /// Checks one clone and returns what to store, without storing it: its
-    /// info, material and the unwrapped bytes it was parsed from (what its
-    /// record keeps); `None` if it is here already.
+    /// info and the unwrapped bytes it was checked from (what its record
+    /// keeps); `None` if it is here already.
     fn check_clone(&self, cmd: &CloneKey) -> Result<Option<CheckedClone>, CloneFailure> {
         let k = &cmd.key;
         if k.domain != self.domain.id() {
@@ -828,10 +820,9 @@ impl EmbeddedKeystore {
             .domain
             .unwrap(&k.wrapped)
             .map_err(|_| CloneFailure::Integrity)?;
-        let material = KeyMaterial::from_bytes(k.key_type, &plain)
-            .map_err(|_| CloneFailure::InvalidMaterial)?;
-        let fp = material
-            .fingerprint()
+        // Checked as `KeyMaterial::from_bytes` checks it, without building
+        // a key to use: the record keeps these bytes (decision 18).
+        let fp = KeyMaterial::checked_fingerprint(k.key_type, &plain)
             .map_err(|_| CloneFailure::InvalidMaterial)?;
         if fp != k.fingerprint {
             return Err(CloneFailure::FingerprintMismatch);
@@ -851,12 +842,13 @@ impl EmbeddedKeystore {
         } else {
             plain
         };
-        Ok(Some((info, material, plain)))
+        Ok(Some((info, plain)))
     }
 }
 
-/// What [`EmbeddedKeystore::check_clone`] found good to store.
-type CheckedClone = (KeyInfo, KeyMaterial, Zeroizing<Vec<u8>>);
+/// What [`EmbeddedKeystore::check_clone`] found good to store: the key's
+/// info and the unwrapped bytes its record keeps.
+type CheckedClone = (KeyInfo, Zeroizing<Vec<u8>>);
 
 impl Keystore for EmbeddedKeystore {
     fn hsm_id(&self) -> &HsmId {
@@ -889,10 +881,16 @@ impl Keystore for EmbeddedKeystore {
             stored_at: Timestamp::now(),
         };
         let public_key = material.public_key_der()?;
+        // A token key is encoded once: wrapped for the event and sealed
+        // into its record (a session key is neither).
+        let plain: Zeroizing<Vec<u8>> = if key.session {
+            Zeroizing::new(Vec::new())
+        } else {
+            material.to_bytes()?
+        };
         let wrapped = if key.session {
             Vec::new()
         } else {
-            let plain: Zeroizing<Vec<u8>> = material.to_bytes()?;
             self.domain.wrap(&plain).map_err(storage)?
         };
         let created = CreatedKey {
@@ -912,7 +910,8 @@ impl Keystore for EmbeddedKeystore {
             sessions.insert(key.id, Arc::new(Entry { info, material }));
             return Ok(created);
         }
-        let record = self.encode_record(&info, &material)?;
+        let record = self.seal_record(&info, &plain)?;
+        drop(plain);
         let indexed = Indexed {
             key_type: info.key_type,
             fingerprint: info.fingerprint,
@@ -955,8 +954,7 @@ impl Keystore for EmbeddedKeystore {
             }
             match self.check_clone(cmd) {
                 Ok(None) => results.push(Ok(CloneOutcome::AlreadyPresent)),
-                // The parsed material is dropped: the record is what stays.
-                Ok(Some((info, _material, plain))) => match self.seal_record(&info, &plain) {
+                Ok(Some((info, plain))) => match self.seal_record(&info, &plain) {
                     Ok(record) => {
                         staged_ids.insert(info.key_id, info.fingerprint);
                         staged.push((i, info, record));
