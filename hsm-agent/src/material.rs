@@ -642,12 +642,15 @@ mod tests {
     fn p256_encoding_is_the_librarys_pkcs8() {
         use p256::pkcs8::EncodePrivateKey as _;
         for _ in 0..20 {
-            let m = KeyMaterial::generate(KeyType::P256).unwrap();
+            let m = KeyMaterial::generate(KeyType::P256).expect("generate");
             let KeyMaterial::P256(k) = &m else {
-                unreachable!()
+                panic!("a P-256 key was generated as another type")
             };
-            let ours = m.to_bytes().unwrap();
-            assert_eq!(ours.as_slice(), k.to_pkcs8_der().unwrap().as_bytes());
+            let ours = m.to_bytes().expect("encode");
+            assert_eq!(
+                ours.as_slice(),
+                k.to_pkcs8_der().expect("library encoding").as_bytes()
+            );
         }
     }
 
@@ -657,14 +660,20 @@ mod tests {
     #[test]
     fn checked_fingerprint_is_that_of_the_parsed_key() {
         for t in [KeyType::P256, KeyType::Ed25519, KeyType::Aes256] {
-            let m = KeyMaterial::generate(t).unwrap();
-            let mut bytes = m.to_bytes().unwrap().to_vec();
-            let fp = m.fingerprint().unwrap();
-            assert_eq!(KeyMaterial::checked_fingerprint(t, &bytes).unwrap(), fp);
+            let m = KeyMaterial::generate(t).expect("generate");
+            let mut bytes = m.to_bytes().expect("encode").to_vec();
+            let fp = m.fingerprint().expect("fp");
+            assert_eq!(
+                KeyMaterial::checked_fingerprint(t, &bytes).expect("checked"),
+                fp
+            );
             if t.is_asymmetric() {
                 // A token's padding: zeros up to the next multiple of 8.
                 bytes.resize(bytes.len().div_ceil(8) * 8, 0);
-                assert_eq!(KeyMaterial::checked_fingerprint(t, &bytes).unwrap(), fp);
+                assert_eq!(
+                    KeyMaterial::checked_fingerprint(t, &bytes).expect("checked"),
+                    fp
+                );
             }
         }
     }
@@ -675,11 +684,14 @@ mod tests {
     /// refused too.
     #[test]
     fn checked_fingerprint_refuses_what_from_bytes_refuses() {
-        let der = KeyMaterial::generate(KeyType::P256)
-            .unwrap()
-            .to_bytes()
-            .unwrap()
-            .to_vec();
+        let p256 = || {
+            KeyMaterial::generate(KeyType::P256)
+                .expect("generate")
+                .to_bytes()
+                .expect("encode")
+                .to_vec()
+        };
+        let der = p256();
         let refused = |b: &[u8]| {
             assert!(KeyMaterial::from_bytes(KeyType::P256, b).is_err());
             assert!(matches!(
@@ -687,22 +699,32 @@ mod tests {
                 Err(MaterialError::Invalid(KeyType::P256))
             ));
         };
-        // The carried public key's last byte changed.
+        // Another key's (valid) public key carried: the uncompressed point
+        // is the last 65 bytes of both.
         let mut other_public = der.clone();
-        *other_public.last_mut().unwrap() ^= 1;
+        let n = der.len();
+        other_public[n - 65..].copy_from_slice(&p256()[n - 65..]);
         refused(&other_public);
+        // A point off the curve carried.
+        let mut off_curve = der.clone();
+        *off_curve.last_mut().expect("not empty") ^= 1;
+        refused(&off_curve);
         // The scalar (the 32 bytes after the OCTET STRING 04 20 inside the
         // ECPrivateKey) zeroed.
-        let at = der.windows(2).position(|w| w == [0x04, 0x20]).unwrap() + 2;
+        let at = der
+            .windows(2)
+            .position(|w| w == [0x04, 0x20])
+            .expect("the scalar")
+            + 2;
         let mut zero = der.clone();
         zero[at..at + 32].fill(0);
         refused(&zero);
         // Another key type's PKCS#8, garbage, a truncation, trailing bytes.
         refused(
             &KeyMaterial::generate(KeyType::Ed25519)
-                .unwrap()
+                .expect("generate")
                 .to_bytes()
-                .unwrap(),
+                .expect("encode"),
         );
         refused(b"not a key");
         refused(&der[..der.len() - 3]);
