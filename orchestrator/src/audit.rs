@@ -36,52 +36,183 @@ use keysync_schemas::{
 use crate::decide::subject_matches;
 use crate::state::{ClusterState, EventMeta};
 
-/// The fold's verdicts, shared with the auditor in the same process, so an
-/// event's signature is checked once: the auditor takes the fold's word for
-/// every event the fold has judged, and checks only those it has not (below
-/// the fold's start, or ahead of it).
-#[derive(Debug, Default)]
+/// The fold's verdicts, shared with the auditor and the lifecycle mirror
+/// in the same process, so an event's signature is checked (and the event
+/// folded) once: both take the fold's word for every event the fold has
+/// judged. The auditor checks the events the fold has not judged (below
+/// its start, or ahead of it); the mirror waits for the fold's verdict
+/// instead ([`Verdicts::judged_upto`]), since it needs the fold's state
+/// checks too, not only the signature.
+#[derive(Debug)]
 pub struct Verdicts {
     /// The first sequence this process's fold judged.
     from: AtomicU64,
-    /// The last sequence it judged.
-    upto: AtomicU64,
-    /// Judged and rejected, above the auditor's position.
-    rejected: Mutex<BTreeSet<u64>>,
+    /// The last sequence it judged (watched by the mirror).
+    upto: tokio::sync::watch::Sender<u64>,
+    /// What is kept about the judged events until both readers passed.
+    kept: Mutex<Kept>,
+}
+
+/// Verdicts kept until the auditor and the mirror (when it runs) have read
+/// past them: only the exceptions, so a handful of entries.
+#[derive(Debug, Default)]
+struct Kept {
+    /// Judged and rejected.
+    rejected: BTreeSet<u64>,
+    /// Accepted `HsmJoined` events of an HSM the log said was failed
+    /// before them (the mirror calls those `hsm.recovered`).
+    rejoined: BTreeSet<u64>,
+    /// The auditor's position.
+    audited: u64,
+    /// The mirror's position, while it runs.
+    mirrored: Option<u64>,
+    /// Everything at or below this was forgotten.
+    forgotten: u64,
+}
+
+impl Kept {
+    fn prune(&mut self) {
+        let to = self.mirrored.map_or(self.audited, |m| m.min(self.audited));
+        if to > self.forgotten {
+            self.rejected = self.rejected.split_off(&(to + 1));
+            self.rejoined = self.rejoined.split_off(&(to + 1));
+            self.forgotten = to;
+        }
+    }
+}
+
+impl Default for Verdicts {
+    fn default() -> Self {
+        Verdicts {
+            from: AtomicU64::new(0),
+            upto: tokio::sync::watch::Sender::new(0),
+            kept: Mutex::new(Kept::default()),
+        }
+    }
+}
+
+/// What the fold said of one event it judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Refused (by a check or by the fold's state).
+    Rejected,
+    /// Accepted; `rejoined`: an `HsmJoined` of an HSM the log said was
+    /// failed.
+    Accepted {
+        /// See [`Kept::rejoined`].
+        rejoined: bool,
+    },
 }
 
 impl Verdicts {
     /// The fold starts judging at `seq`.
     pub fn start(&self, seq: u64) {
         self.from.store(seq, Ordering::Release);
-        self.upto.store(seq.saturating_sub(1), Ordering::Release);
+        self.upto.send_replace(seq.saturating_sub(1));
     }
 
     /// The fold judged `seq` (rejected or not).
     pub fn judged(&self, seq: u64, rejected: bool) {
-        if rejected {
-            if let Ok(mut r) = self.rejected.lock() {
-                r.insert(seq);
+        self.judged_as(
+            seq,
+            if rejected {
+                Verdict::Rejected
+            } else {
+                Verdict::Accepted { rejoined: false }
+            },
+        );
+    }
+
+    /// The fold judged `seq` as `verdict`.
+    pub fn judged_as(&self, seq: u64, verdict: Verdict) {
+        let exception = match verdict {
+            Verdict::Rejected => Some(true),
+            Verdict::Accepted { rejoined: true } => Some(false),
+            Verdict::Accepted { rejoined: false } => None,
+        };
+        if let Some(rejected) = exception {
+            if let Ok(mut k) = self.kept.lock() {
+                if rejected {
+                    k.rejected.insert(seq);
+                } else {
+                    k.rejoined.insert(seq);
+                }
             }
         }
-        self.upto.fetch_max(seq, Ordering::AcqRel);
+        self.upto.send_if_modified(|u| {
+            let later = seq > *u;
+            if later {
+                *u = seq;
+            }
+            later
+        });
+    }
+
+    /// What the fold said of `seq`, if it judged it.
+    pub fn verdict(&self, seq: u64) -> Option<Verdict> {
+        let judged = seq >= self.from.load(Ordering::Acquire) && seq <= *self.upto.borrow();
+        if !judged {
+            return None;
+        }
+        let k = self.kept.lock().ok()?;
+        if seq <= k.forgotten {
+            return None;
+        }
+        Some(if k.rejected.contains(&seq) {
+            Verdict::Rejected
+        } else {
+            Verdict::Accepted {
+                rejoined: k.rejoined.contains(&seq),
+            }
+        })
     }
 
     /// Whether the fold accepted `seq`, if it judged it.
     fn accepted(&self, seq: u64) -> Option<bool> {
-        let judged =
-            seq >= self.from.load(Ordering::Acquire) && seq <= self.upto.load(Ordering::Acquire);
-        if !judged {
-            return None;
-        }
-        self.rejected.lock().ok().map(|r| !r.contains(&seq))
+        self.verdict(seq).map(|v| v != Verdict::Rejected)
     }
 
-    /// Forgets rejections at or below `seq` (audited already).
+    /// Forgets rejections at or below `seq` (audited already), unless the
+    /// mirror still needs them.
     fn forget_upto(&self, seq: u64) {
-        if let Ok(mut r) = self.rejected.lock() {
-            *r = r.split_off(&(seq + 1));
+        if let Ok(mut k) = self.kept.lock() {
+            k.audited = k.audited.max(seq);
+            k.prune();
         }
+    }
+
+    /// The mirror starts reading after `seq`: verdicts after it are kept
+    /// for it. Returns the first sequence from which the fold's verdicts
+    /// are (or will be) complete: the mirror judges what is below it
+    /// itself.
+    pub fn hold_for_mirror(&self, seq: u64) -> u64 {
+        let Ok(mut k) = self.kept.lock() else {
+            return u64::MAX;
+        };
+        k.mirrored = Some(seq);
+        self.from.load(Ordering::Acquire).max(k.forgotten + 1)
+    }
+
+    /// The mirror has read up to `seq`.
+    pub fn mirrored_upto(&self, seq: u64) {
+        if let Ok(mut k) = self.kept.lock() {
+            k.mirrored = Some(k.mirrored.unwrap_or(0).max(seq));
+            k.prune();
+        }
+    }
+
+    /// The mirror stopped: nothing is kept for it any more.
+    pub fn release_mirror(&self) {
+        if let Ok(mut k) = self.kept.lock() {
+            k.mirrored = None;
+            k.prune();
+        }
+    }
+
+    /// The last sequence the fold judged, watched: the mirror waits on it
+    /// for the fold's verdict on an event it read first.
+    pub fn judged_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.upto.subscribe()
     }
 }
 
