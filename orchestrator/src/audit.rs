@@ -181,7 +181,7 @@ impl Verdicts {
         }
     }
 
-    /// The mirror starts reading after `seq`: verdicts after it are kept
+    /// The mirror starts reading at `seq`: verdicts from it on are kept
     /// for it. Returns the first sequence from which the fold's verdicts
     /// are (or will be) complete: the mirror judges what is below it
     /// itself.
@@ -189,7 +189,7 @@ impl Verdicts {
         let Ok(mut k) = self.kept.lock() else {
             return u64::MAX;
         };
-        k.mirrored = Some(seq);
+        k.mirrored = Some(seq.saturating_sub(1));
         self.from.load(Ordering::Acquire).max(k.forgotten + 1)
     }
 
@@ -640,6 +640,69 @@ impl Session<'_> {
 mod tests {
     use super::*;
     use keysync_schemas::{HsmId, StatusRequest};
+
+    #[test]
+    fn the_fold_verdicts_are_kept_until_the_mirror_and_the_auditor_passed_them() {
+        // Given a fold that started at 10 and judged 10..=14,
+        let v = Verdicts::default();
+        v.start(10);
+        v.judged(10, false);
+        v.judged(11, true);
+        v.judged_as(12, Verdict::Accepted { rejoined: true });
+        v.judged(13, false);
+        // and a mirror reading from 11,
+        assert_eq!(v.hold_for_mirror(11), 10, "complete from the fold's start");
+        // when the auditor has read past all of them,
+        v.forget_upto(14);
+        // then the mirror still gets each verdict,
+        assert_eq!(v.verdict(11), Some(Verdict::Rejected));
+        assert_eq!(v.verdict(12), Some(Verdict::Accepted { rejoined: true }));
+        assert_eq!(v.verdict(13), Some(Verdict::Accepted { rejoined: false }));
+        // none for what the fold has not judged (ahead of it, or before it),
+        assert_eq!(v.verdict(14), None);
+        assert_eq!(v.verdict(9), None);
+        // and once the mirror passed them too, they are forgotten: a mirror
+        // starting again there is told to judge them itself.
+        v.mirrored_upto(13);
+        assert_eq!(v.verdict(12), None);
+        assert_eq!(v.accepted(11), None);
+        assert_eq!(v.hold_for_mirror(11), 14);
+    }
+
+    #[test]
+    fn a_stopped_mirror_holds_nothing_back() {
+        // Given a mirror that held verdicts from 5 and stopped,
+        let v = Verdicts::default();
+        v.start(1);
+        v.judged(6, true);
+        v.hold_for_mirror(5);
+        v.forget_upto(8);
+        assert_eq!(v.verdict(6), Some(Verdict::Rejected));
+        // when it lets go,
+        v.release_mirror();
+        // then the auditor's position alone decides what is kept.
+        assert_eq!(v.verdict(6), None);
+    }
+
+    #[tokio::test]
+    async fn the_mirror_waits_for_the_folds_verdict() {
+        // Given an event the fold has not judged yet,
+        let v = Arc::new(Verdicts::default());
+        v.start(1);
+        let mut judged = v.judged_watch();
+        let waiting = {
+            let v = v.clone();
+            tokio::spawn(async move {
+                judged.wait_for(|u| *u >= 3).await.map(|_| ()).ok();
+                v.verdict(3)
+            })
+        };
+        // when the fold judges it,
+        v.judged(2, false);
+        v.judged(3, true);
+        // then the waiting reader gets the verdict.
+        assert_eq!(waiting.await.expect("task"), Some(Verdict::Rejected));
+    }
 
     fn record(chain_seq: u64) -> Vec<u8> {
         encode(&Envelope::new(
