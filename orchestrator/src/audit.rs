@@ -36,52 +36,183 @@ use keysync_schemas::{
 use crate::decide::subject_matches;
 use crate::state::{ClusterState, EventMeta};
 
-/// The fold's verdicts, shared with the auditor in the same process, so an
-/// event's signature is checked once: the auditor takes the fold's word for
-/// every event the fold has judged, and checks only those it has not (below
-/// the fold's start, or ahead of it).
-#[derive(Debug, Default)]
+/// The fold's verdicts, shared with the auditor and the lifecycle mirror
+/// in the same process, so an event's signature is checked (and the event
+/// folded) once: both take the fold's word for every event the fold has
+/// judged. The auditor checks the events the fold has not judged (below
+/// its start, or ahead of it); the mirror waits for the fold's verdict
+/// instead ([`Verdicts::judged_upto`]), since it needs the fold's state
+/// checks too, not only the signature.
+#[derive(Debug)]
 pub struct Verdicts {
     /// The first sequence this process's fold judged.
     from: AtomicU64,
-    /// The last sequence it judged.
-    upto: AtomicU64,
-    /// Judged and rejected, above the auditor's position.
-    rejected: Mutex<BTreeSet<u64>>,
+    /// The last sequence it judged (watched by the mirror).
+    upto: tokio::sync::watch::Sender<u64>,
+    /// What is kept about the judged events until both readers passed.
+    kept: Mutex<Kept>,
+}
+
+/// Verdicts kept until the auditor and the mirror (when it runs) have read
+/// past them: only the exceptions, so a handful of entries.
+#[derive(Debug, Default)]
+struct Kept {
+    /// Judged and rejected.
+    rejected: BTreeSet<u64>,
+    /// Accepted `HsmJoined` events of an HSM the log said was failed
+    /// before them (the mirror calls those `hsm.recovered`).
+    rejoined: BTreeSet<u64>,
+    /// The auditor's position.
+    audited: u64,
+    /// The mirror's position, while it runs.
+    mirrored: Option<u64>,
+    /// Everything at or below this was forgotten.
+    forgotten: u64,
+}
+
+impl Kept {
+    fn prune(&mut self) {
+        let to = self.mirrored.map_or(self.audited, |m| m.min(self.audited));
+        if to > self.forgotten {
+            self.rejected = self.rejected.split_off(&(to + 1));
+            self.rejoined = self.rejoined.split_off(&(to + 1));
+            self.forgotten = to;
+        }
+    }
+}
+
+impl Default for Verdicts {
+    fn default() -> Self {
+        Verdicts {
+            from: AtomicU64::new(0),
+            upto: tokio::sync::watch::Sender::new(0),
+            kept: Mutex::new(Kept::default()),
+        }
+    }
+}
+
+/// What the fold said of one event it judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Refused (by a check or by the fold's state).
+    Rejected,
+    /// Accepted; `rejoined`: an `HsmJoined` of an HSM the log said was
+    /// failed.
+    Accepted {
+        /// See [`Kept::rejoined`].
+        rejoined: bool,
+    },
 }
 
 impl Verdicts {
     /// The fold starts judging at `seq`.
     pub fn start(&self, seq: u64) {
         self.from.store(seq, Ordering::Release);
-        self.upto.store(seq.saturating_sub(1), Ordering::Release);
+        self.upto.send_replace(seq.saturating_sub(1));
     }
 
     /// The fold judged `seq` (rejected or not).
     pub fn judged(&self, seq: u64, rejected: bool) {
-        if rejected {
-            if let Ok(mut r) = self.rejected.lock() {
-                r.insert(seq);
+        self.judged_as(
+            seq,
+            if rejected {
+                Verdict::Rejected
+            } else {
+                Verdict::Accepted { rejoined: false }
+            },
+        );
+    }
+
+    /// The fold judged `seq` as `verdict`.
+    pub fn judged_as(&self, seq: u64, verdict: Verdict) {
+        let exception = match verdict {
+            Verdict::Rejected => Some(true),
+            Verdict::Accepted { rejoined: true } => Some(false),
+            Verdict::Accepted { rejoined: false } => None,
+        };
+        if let Some(rejected) = exception {
+            if let Ok(mut k) = self.kept.lock() {
+                if rejected {
+                    k.rejected.insert(seq);
+                } else {
+                    k.rejoined.insert(seq);
+                }
             }
         }
-        self.upto.fetch_max(seq, Ordering::AcqRel);
+        self.upto.send_if_modified(|u| {
+            let later = seq > *u;
+            if later {
+                *u = seq;
+            }
+            later
+        });
+    }
+
+    /// What the fold said of `seq`, if it judged it.
+    pub fn verdict(&self, seq: u64) -> Option<Verdict> {
+        let judged = seq >= self.from.load(Ordering::Acquire) && seq <= *self.upto.borrow();
+        if !judged {
+            return None;
+        }
+        let k = self.kept.lock().ok()?;
+        if seq <= k.forgotten {
+            return None;
+        }
+        Some(if k.rejected.contains(&seq) {
+            Verdict::Rejected
+        } else {
+            Verdict::Accepted {
+                rejoined: k.rejoined.contains(&seq),
+            }
+        })
     }
 
     /// Whether the fold accepted `seq`, if it judged it.
     fn accepted(&self, seq: u64) -> Option<bool> {
-        let judged =
-            seq >= self.from.load(Ordering::Acquire) && seq <= self.upto.load(Ordering::Acquire);
-        if !judged {
-            return None;
-        }
-        self.rejected.lock().ok().map(|r| !r.contains(&seq))
+        self.verdict(seq).map(|v| v != Verdict::Rejected)
     }
 
-    /// Forgets rejections at or below `seq` (audited already).
+    /// Forgets rejections at or below `seq` (audited already), unless the
+    /// mirror still needs them.
     fn forget_upto(&self, seq: u64) {
-        if let Ok(mut r) = self.rejected.lock() {
-            *r = r.split_off(&(seq + 1));
+        if let Ok(mut k) = self.kept.lock() {
+            k.audited = k.audited.max(seq);
+            k.prune();
         }
+    }
+
+    /// The mirror starts reading at `seq`: verdicts from it on are kept
+    /// for it. Returns the first sequence from which the fold's verdicts
+    /// are (or will be) complete: the mirror judges what is below it
+    /// itself.
+    pub fn hold_for_mirror(&self, seq: u64) -> u64 {
+        let Ok(mut k) = self.kept.lock() else {
+            return u64::MAX;
+        };
+        k.mirrored = Some(seq.saturating_sub(1));
+        self.from.load(Ordering::Acquire).max(k.forgotten + 1)
+    }
+
+    /// The mirror has read up to `seq`.
+    pub fn mirrored_upto(&self, seq: u64) {
+        if let Ok(mut k) = self.kept.lock() {
+            k.mirrored = Some(k.mirrored.unwrap_or(0).max(seq));
+            k.prune();
+        }
+    }
+
+    /// The mirror stopped: nothing is kept for it any more.
+    pub fn release_mirror(&self) {
+        if let Ok(mut k) = self.kept.lock() {
+            k.mirrored = None;
+            k.prune();
+        }
+    }
+
+    /// The last sequence the fold judged, watched: the mirror waits on it
+    /// for the fold's verdict on an event it read first.
+    pub fn judged_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.upto.subscribe()
     }
 }
 
@@ -509,6 +640,69 @@ impl Session<'_> {
 mod tests {
     use super::*;
     use keysync_schemas::{HsmId, StatusRequest};
+
+    #[test]
+    fn the_fold_verdicts_are_kept_until_the_mirror_and_the_auditor_passed_them() {
+        // Given a fold that started at 10 and judged 10..=14,
+        let v = Verdicts::default();
+        v.start(10);
+        v.judged(10, false);
+        v.judged(11, true);
+        v.judged_as(12, Verdict::Accepted { rejoined: true });
+        v.judged(13, false);
+        // and a mirror reading from 11,
+        assert_eq!(v.hold_for_mirror(11), 10, "complete from the fold's start");
+        // when the auditor has read past all of them,
+        v.forget_upto(14);
+        // then the mirror still gets each verdict,
+        assert_eq!(v.verdict(11), Some(Verdict::Rejected));
+        assert_eq!(v.verdict(12), Some(Verdict::Accepted { rejoined: true }));
+        assert_eq!(v.verdict(13), Some(Verdict::Accepted { rejoined: false }));
+        // none for what the fold has not judged (ahead of it, or before it),
+        assert_eq!(v.verdict(14), None);
+        assert_eq!(v.verdict(9), None);
+        // and once the mirror passed them too, they are forgotten: a mirror
+        // starting again there is told to judge them itself.
+        v.mirrored_upto(13);
+        assert_eq!(v.verdict(12), None);
+        assert_eq!(v.accepted(11), None);
+        assert_eq!(v.hold_for_mirror(11), 14);
+    }
+
+    #[test]
+    fn a_stopped_mirror_holds_nothing_back() {
+        // Given a mirror that held verdicts from 5 and stopped,
+        let v = Verdicts::default();
+        v.start(1);
+        v.judged(6, true);
+        v.hold_for_mirror(5);
+        v.forget_upto(8);
+        assert_eq!(v.verdict(6), Some(Verdict::Rejected));
+        // when it lets go,
+        v.release_mirror();
+        // then the auditor's position alone decides what is kept.
+        assert_eq!(v.verdict(6), None);
+    }
+
+    #[tokio::test]
+    async fn the_mirror_waits_for_the_folds_verdict() {
+        // Given an event the fold has not judged yet,
+        let v = Arc::new(Verdicts::default());
+        v.start(1);
+        let mut judged = v.judged_watch();
+        let waiting = {
+            let v = v.clone();
+            tokio::spawn(async move {
+                judged.wait_for(|u| *u >= 3).await.map(|_| ()).ok();
+                v.verdict(3)
+            })
+        };
+        // when the fold judges it,
+        v.judged(2, false);
+        v.judged(3, true);
+        // then the waiting reader gets the verdict.
+        assert_eq!(waiting.await.expect("task"), Some(Verdict::Rejected));
+    }
 
     fn record(chain_seq: u64) -> Vec<u8> {
         encode(&Envelope::new(

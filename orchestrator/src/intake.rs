@@ -345,9 +345,12 @@ impl Intake {
         })
     }
 
-    /// The fold accepted the event at `seq` (for the auditor).
-    pub fn accepted(&self, seq: u64) {
-        self.verdicts.judged(seq, false);
+    /// The fold accepted the event at `seq` (for the auditor and the
+    /// lifecycle mirror); `rejoined`: it is an `HsmJoined` of an HSM the
+    /// log said was failed before it.
+    pub fn accepted(&self, seq: u64, rejoined: bool) {
+        self.verdicts
+            .judged_as(seq, crate::audit::Verdict::Accepted { rejoined });
     }
 
     /// Files a message that held one of our message ids and was not ours

@@ -695,6 +695,7 @@ impl Orchestrator {
                 self.config.replicas,
                 self.config.identity.clone(),
                 self.snapshots.clone(),
+                self.verdicts.clone(),
             )));
         }
         if self.chain.weight() > self.checkpoint_rule.every {
@@ -915,6 +916,14 @@ impl Orchestrator {
                 return Ok(());
             }
         };
+        let rejoined = match &event {
+            Event::HsmJoined(j) => self
+                .state
+                .member_index(&j.hsm)
+                .and_then(|i| self.state.member_at(i))
+                .is_some_and(|m| !m.live),
+            _ => false,
+        };
         let change = match self.state.apply(meta, &event) {
             Ok(change) => change,
             Err(rejection) => {
@@ -928,7 +937,7 @@ impl Orchestrator {
                 return Ok(());
             }
         };
-        self.intake.accepted(meta.seq);
+        self.intake.accepted(meta.seq, rejoined);
         if let Event::Checkpoint(cp) = &event {
             // Another orchestrator's checkpoint past this process's chain
             // (this one is a standby): its own run starts after it.

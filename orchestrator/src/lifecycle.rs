@@ -40,6 +40,7 @@ use keysync_security::{Claim, Identity, Signer};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::audit::{Verdict, Verdicts};
 use crate::decide::subject_matches;
 use crate::state::{ClusterState, EventMeta};
 
@@ -58,6 +59,21 @@ const IN_FLIGHT: usize = 256;
 /// Most messages looked at, walking back over foreign ones, to find the
 /// cursor.
 const MAX_WALK_BACK: u64 = 100_000;
+
+/// One lifecycle message in this many carries the cluster's signature
+/// (the others only their `Nats-Msg-Id`). The signature is what makes a
+/// message a cursor; signing each one was a fifth of the orchestrator's
+/// CPU under load (an Ed25519 signature per CloudEvent, four per key).
+/// Resuming from a signed message, the mirror finds the unsigned ones
+/// stored after it (at most this many less one of its own) and does not
+/// store them again ([`Tail`]), so the cursor stays exactly-once.
+/// Consumers check an event against the signed events stream
+/// (decision 14), not by the lifecycle message's own signature.
+pub const SIGN_EVERY: u64 = 16;
+
+/// Most unsigned messages remembered after the cursor (ours are fewer
+/// than [`SIGN_EVERY`]; the rest would be a flood of foreign ones).
+const MAX_TAIL: usize = 4 * 1024;
 
 /// The lifecycle stream: CloudEvents, kept (limits retention), file
 /// storage, bounded in message size.
@@ -395,27 +411,62 @@ pub fn position_of(
     (ce.id == batch_event_id(seq, index)).then_some((seq, Some(index)))
 }
 
+/// The messages stored after the cursor that are not signed (ours among
+/// them: the mirror signs one in [`SIGN_EVERY`]), by `Nats-Msg-Id`. A
+/// fact the mirror would publish again is skipped when its exact subject
+/// and bytes are here: it is stored already, whoever put it there.
+#[derive(Debug, Default)]
+pub struct Tail(std::collections::HashMap<String, Vec<(String, Bytes)>>);
+
+impl Tail {
+    /// Remembers a stored message.
+    fn keep(&mut self, msg_id: String, subject: String, payload: Bytes) {
+        if self.0.len() < MAX_TAIL {
+            self.0.entry(msg_id).or_default().push((subject, payload));
+        }
+    }
+
+    /// Whether `m` is stored already, byte for byte (and forgets it).
+    pub fn holds(&mut self, m: &Mirrored) -> bool {
+        let stored = self.0.get(&m.msg_id).is_some_and(|held| {
+            held.iter()
+                .any(|(subject, payload)| *subject == m.subject && payload[..] == m.payload[..])
+        });
+        if stored {
+            self.0.remove(&m.msg_id);
+        }
+        stored
+    }
+}
+
 /// The last fact mirrored: the cursor of the stream's last message that is
-/// ours, walking back over foreign ones (0: none).
+/// ours and signed, walking back over unsigned ones (0: none), and those
+/// unsigned ones ([`Tail`]).
 async fn read_cursor(
     stream: &jetstream::stream::Stream,
     cluster_key: &[u8; 32],
-) -> anyhow::Result<(u64, Option<usize>)> {
+) -> anyhow::Result<((u64, Option<usize>), Tail)> {
     let state = stream.get_info().await?.state;
     let first = state.first_sequence.max(1);
     let mut seq = state.last_sequence;
     let mut walked = 0u64;
+    let mut tail = Tail::default();
     while seq >= first && seq > 0 {
         match stream.direct_get(seq).await {
             Ok(m) => {
                 if let Some(cursor) = position_of(&m.subject, &m.headers, &m.payload, cluster_key) {
-                    return Ok(cursor);
+                    return Ok((cursor, tail));
                 }
-                tracing::warn!(
-                    seq,
-                    subject = %m.subject,
-                    "a foreign message in the lifecycle stream (not signed by the cluster): skipped"
-                );
+                match m.headers.get(headers::MSG_ID) {
+                    Some(id) => {
+                        tail.keep(id.as_str().to_string(), m.subject.to_string(), m.payload)
+                    }
+                    None => tracing::warn!(
+                        seq,
+                        subject = %m.subject,
+                        "a foreign message in the lifecycle stream (no message id): skipped"
+                    ),
+                }
             }
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {}
             Err(e) => return Err(e.into()),
@@ -430,7 +481,7 @@ async fn read_cursor(
         }
         seq -= 1;
     }
-    Ok((0, None))
+    Ok(((0, None), tail))
 }
 
 /// A publish in flight: what it was, and its PubAck.
@@ -447,10 +498,11 @@ pub async fn run(
     replicas: usize,
     identity: Arc<Identity>,
     snapshots: jetstream::object_store::ObjectStore,
+    verdicts: Arc<Verdicts>,
 ) -> anyhow::Result<()> {
     let cluster_key = identity.public_key();
     let lifecycle = crate::streams::ensure_one(&js, stream_config(&subjects, replicas)).await?;
-    let (mut cursor, mut cursor_index) = read_cursor(&lifecycle, &cluster_key).await?;
+    let ((mut cursor, mut cursor_index), mut tail) = read_cursor(&lifecycle, &cluster_key).await?;
     let mut events = events;
     let events_last = events.info().await?.state.last_sequence;
     if cursor > events_last {
@@ -461,31 +513,48 @@ pub async fn run(
         );
         cursor = 0;
         cursor_index = None;
+        tail = Tail::default();
     }
-    // The fold that judges facts, from a snapshot not past the cursor.
-    let mut state = crate::snapshot::load(&snapshots, cluster_key)
-        .await
-        .filter(|s| s.last_seq() <= cursor)
-        .unwrap_or_default();
+    let mut published = 0u64;
+    // Where reading resumes: at the cursor's fact when a batch there is
+    // unfinished, after it otherwise.
+    let resume = match cursor_index {
+        Some(_) => cursor.max(1),
+        None => cursor + 1,
+    };
+    // The fold's verdicts are kept for the mirror from here on; below
+    // `complete_from` (a cursor older than this process's fold) the
+    // mirror judges facts itself, with a fold of its own that it drops
+    // once it reaches the fold's verdicts.
+    let complete_from = verdicts.hold_for_mirror(resume);
+    let _hold = MirrorHold(verdicts.clone());
+    let mut own: Option<ClusterState> = if resume < complete_from {
+        Some(
+            crate::snapshot::load(&snapshots, cluster_key)
+                .await
+                .filter(|s| s.last_seq() < resume)
+                .unwrap_or_default(),
+        )
+    } else {
+        None
+    };
+    let start = own.as_ref().map_or(resume, |s| s.last_seq() + 1);
     tracing::info!(
         cursor,
-        from = state.last_seq() + 1,
+        from = start,
+        judged_by_the_fold_from = complete_from,
         "lifecycle mirror: resuming after the last fact mirrored"
     );
-    let deliver_policy = if state.last_seq() > 0 {
-        jetstream::consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: state.last_seq() + 1,
-        }
-    } else {
-        jetstream::consumer::DeliverPolicy::All
-    };
     let consumer = events
         .create_consumer(pull::OrderedConfig {
             filter_subject: subjects.events_all(),
-            deliver_policy,
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start.max(1),
+            },
             ..Default::default()
         })
         .await?;
+    let mut judged = verdicts.judged_watch();
     let mut messages = consumer.messages().await?;
     let mut acks: InFlight = FuturesOrdered::new();
     loop {
@@ -495,7 +564,18 @@ pub async fn run(
                     .ok_or_else(|| anyhow::anyhow!("lifecycle reader ended"))?
                     .map_err(|e| anyhow::anyhow!("lifecycle reader failed: {e}"))?;
                 let (meta, _) = crate::intake::meta_of(&msg)?;
-                let Some((event, was_failed)) = judge(&mut state, &subjects, &cluster_key, &msg, meta) else {
+                let accepted = if meta.seq < complete_from {
+                    let state = own.get_or_insert_with(ClusterState::default);
+                    judge(state, &subjects, &cluster_key, &msg, meta)
+                } else {
+                    // Past the fold's start: its verdict, not a fold of
+                    // our own (the memory and the signature check once
+                    // more per event).
+                    own = None;
+                    by_the_fold(&verdicts, &mut judged, &msg, meta).await?
+                };
+                verdicts.mirrored_upto(meta.seq);
+                let Some((event, was_failed)) = accepted else {
                     continue;
                 };
                 // Mirrored already: facts before the cursor, and at the
@@ -510,7 +590,12 @@ pub async fn run(
                 };
                 let trace = Trace::of(msg.headers.as_ref());
                 for m in mirrored_all(&subjects, meta, &event, was_failed, trace).into_iter().skip(skip) {
-                    acks.push_back(send(&js, &identity, m).await?);
+                    if tail.holds(&m) {
+                        continue;
+                    }
+                    published += 1;
+                    let sign = published.is_multiple_of(SIGN_EVERY);
+                    acks.push_back(send(&js, &identity, m, sign).await?);
                     while acks.len() >= IN_FLIGHT {
                         if let Some(done) = acks.next().await {
                             settle(&js, &lifecycle, &identity, &mut acks, done).await?;
@@ -522,6 +607,45 @@ pub async fn run(
                 settle(&js, &lifecycle, &identity, &mut acks, done).await?;
             }
         }
+    }
+}
+
+/// Keeps the fold's verdicts for the mirror while it runs; lets them go
+/// when it stops (returns, fails or is aborted).
+struct MirrorHold(Arc<Verdicts>);
+
+impl Drop for MirrorHold {
+    fn drop(&mut self) {
+        self.0.release_mirror();
+    }
+}
+
+/// The fold's verdict on the event in `msg` (waiting for it if the mirror
+/// read the event first): the event if the fold accepted it, with whether
+/// it is an `HsmJoined` of an HSM the log said was failed.
+async fn by_the_fold(
+    verdicts: &Verdicts,
+    judged: &mut tokio::sync::watch::Receiver<u64>,
+    msg: &jetstream::Message,
+    meta: EventMeta,
+) -> anyhow::Result<Option<(Event, bool)>> {
+    judged
+        .wait_for(|upto| *upto >= meta.seq)
+        .await
+        .map_err(|_| anyhow::anyhow!("the fold's verdicts are gone"))?;
+    match verdicts.verdict(meta.seq) {
+        Some(Verdict::Rejected) => Ok(None),
+        Some(Verdict::Accepted { rejoined }) => {
+            // Accepted by the fold, so it decodes; its signature and
+            // subject were checked there.
+            Ok(keysync_schemas::decode::<Event>(&msg.payload)
+                .ok()
+                .map(|env| (env.body, rejoined)))
+        }
+        None => anyhow::bail!(
+            "the fold's verdict on event {} was not kept for the lifecycle mirror",
+            meta.seq
+        ),
     }
 }
 
@@ -564,20 +688,28 @@ fn judge(
     state.apply(meta, &event).ok().map(|_| (event, was_failed))
 }
 
-/// Signs and publishes one lifecycle message; returns its PubAck to come.
+/// Publishes one lifecycle message, signed by the cluster if `sign`;
+/// returns its PubAck to come.
 async fn send(
     js: &jetstream::Context,
     identity: &Identity,
     m: Mirrored,
+    sign: bool,
 ) -> anyhow::Result<futures::future::BoxFuture<'static, (Mirrored, Result<PublishAck, PublishError>)>>
 {
-    let mut h = keysync_security::signed_headers(
-        identity,
-        &Signer::Cluster,
-        &m.subject,
-        &m.msg_id,
-        &m.payload,
-    );
+    let mut h = if sign {
+        keysync_security::signed_headers(
+            identity,
+            &Signer::Cluster,
+            &m.subject,
+            &m.msg_id,
+            &m.payload,
+        )
+    } else {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::MSG_ID, m.msg_id.as_str());
+        h
+    };
     // The CloudEvents NATS binding: structured mode says so in content-type.
     h.insert("content-type", lifecycle::CONTENT_TYPE);
     let fut = js
@@ -587,10 +719,11 @@ async fn send(
 }
 
 /// One PubAck. A failure ends the run. A duplicate answer is checked: if
-/// what holds the id is ours, the fact was mirrored already (by the active
+/// what holds the id is ours (signed by the cluster, or these very bytes
+/// on this subject), the fact was mirrored already (by the active
 /// orchestrator before this one, within the duplicate window); if not, it
 /// is removed and the event published again, so a stray publish under one
-/// of our ids cannot suppress a fact.
+/// of our ids cannot suppress nor alter a fact.
 async fn settle(
     js: &jetstream::Context,
     lifecycle: &jetstream::stream::Stream,
@@ -604,7 +737,10 @@ async fn settle(
     }
     let cluster_key = identity.public_key();
     let ours = match lifecycle.direct_get(ack.sequence).await {
-        Ok(s) => cursor_of(&s.subject, &s.headers, &s.payload, &cluster_key).is_some(),
+        Ok(s) => {
+            (s.subject.as_str() == m.subject && s.payload[..] == m.payload[..])
+                || cursor_of(&s.subject, &s.headers, &s.payload, &cluster_key).is_some()
+        }
         Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => false,
         Err(e) => return Err(e.into()),
     };
@@ -618,7 +754,7 @@ async fn settle(
     );
     crate::streams::delete_message(js, &ack.stream, ack.sequence, false).await?;
     // The id is free once the message holding it is gone.
-    acks.push_back(send(js, identity, m).await?);
+    acks.push_back(send(js, identity, m, true).await?);
     Ok(())
 }
 
@@ -863,6 +999,34 @@ mod tests {
             cursor_of(&m.subject, &unsigned, &m.payload, &id.public_key()),
             None
         );
+    }
+
+    #[test]
+    fn an_unsigned_message_after_the_cursor_is_skipped_only_if_byte_identical() {
+        // Given the unsigned messages stored after the cursor: one of ours
+        // and a stray one under another of our ids,
+        let s = Subjects::default();
+        let ours =
+            mirrored(&s, meta(5), &created(KeyId::new()), false, Trace::default()).expect("m");
+        let next =
+            mirrored(&s, meta(6), &created(KeyId::new()), false, Trace::default()).expect("m");
+        let mut tail = Tail::default();
+        tail.keep(
+            ours.msg_id.clone(),
+            ours.subject.clone(),
+            Bytes::from(ours.payload.clone()),
+        );
+        tail.keep(
+            next.msg_id.clone(),
+            next.subject.clone(),
+            Bytes::from_static(b"{\"forged\":true}"),
+        );
+        // when the mirror comes to publish them again,
+        // then ours is stored already (once: a second copy is published),
+        assert!(tail.holds(&ours));
+        assert!(!tail.holds(&ours));
+        // and the stray one does not stand for the fact.
+        assert!(!tail.holds(&next));
     }
 
     #[test]

@@ -377,3 +377,100 @@ async fn the_auditor_role_reads_the_lifecycle_stream_under_the_secure_config() {
     );
     stack.shutdown().await;
 }
+
+/// A forged event (a `KeyCreated` under a signature the cluster key did
+/// not make) is refused by the fold, and the mirror, taking the fold's
+/// verdicts, never mirrors it: only the real `created` is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_event_is_never_mirrored() {
+    let stack = keysync_testkit::start_stack(3).await;
+    let client = stack.client().clone();
+    let subjects = client.subjects().clone();
+    let create = |on: &str| {
+        let client = client.clone();
+        let on = hsm(on);
+        async move {
+            client
+                .create_key(
+                    CreateKey::new(KeyType::P256)
+                        .on(Route::Hsm(on))
+                        .durability(Durability::Logged),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("create: {e}"))
+        }
+    };
+    // Given a real key and its signed KeyCreated,
+    let real = create("hsm-1").await;
+    let key_id = real.info.key_id;
+    let created_seq = real.created_seq.expect("a logged create has a sequence");
+    let js = jetstream::new(client.nats().clone());
+    let original = js
+        .get_stream(subjects.events_stream())
+        .await
+        .expect("events stream")
+        .direct_get(created_seq)
+        .await
+        .expect("the KeyCreated");
+    // when the same bytes are published again under a new id, signed by a
+    // key that is not the cluster's,
+    let forger = keysync_security::Identity::generate().expect("rng");
+    let subject = subjects.key_created(&key_id);
+    let h = keysync_security::signed_headers(
+        &forger,
+        &keysync_security::Signer::Cluster,
+        &subject,
+        "forged-created",
+        &original.payload,
+    );
+    let forged_seq = js
+        .publish_with_headers(subject, h, original.payload.clone())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored")
+        .sequence;
+    // and the mirror has gone past it (a key created after it is mirrored),
+    let later = create("hsm-2").await;
+    let later_created = subjects.lifecycle_key(&later.info.key_id.to_string(), "created");
+    let mirrored_later = wait_until(Duration::from_secs(30), || async {
+        !keysync_testkit::stored_messages(&client, &subjects.lifecycle_stream(), &later_created)
+            .await
+            .is_empty()
+    })
+    .await;
+    assert!(mirrored_later, "the mirror did not reach the later key");
+    assert!(
+        later.created_seq.expect("logged") > forged_seq,
+        "the forged event is before the later key in the log"
+    );
+    // then the forged fact is nowhere in the lifecycle stream, and the real
+    // key has its one `created`.
+    let all = keysync_testkit::stored_messages(
+        &client,
+        &subjects.lifecycle_stream(),
+        &subjects.lifecycle_all(),
+    )
+    .await;
+    let forged_id = format!("events-{forged_seq}");
+    let ids: Vec<String> = all
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
+            v["id"].as_str().expect("id").to_string()
+        })
+        .collect();
+    assert!(
+        !ids.contains(&forged_id),
+        "{forged_id} was mirrored: {ids:?}"
+    );
+    let created = keysync_testkit::stored_messages(
+        &client,
+        &subjects.lifecycle_stream(),
+        &subjects.lifecycle_key(&key_id.to_string(), "created"),
+    )
+    .await;
+    assert_eq!(created.len(), 1, "the real key's created, once");
+    let v: serde_json::Value = serde_json::from_slice(&created[0].payload).expect("json");
+    assert_eq!(v["id"], format!("events-{created_seq}"));
+}
