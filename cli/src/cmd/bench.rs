@@ -254,9 +254,6 @@ pub(super) async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::
         .map(|p| p.pid());
     let rss = pid.and_then(rss_bytes);
     let cpu = pid.and_then(super::bench_memory::cpu_seconds);
-    // What is left for keysync: the same stream read whole by a bare
-    // consumer, in the same run.
-    let (bare, bare_cpu) = bare_read(&client).await?;
 
     // The usual restart: from the latest (signed) snapshot plus the tail.
     // Let it snapshot, then restart it again.
@@ -279,6 +276,11 @@ pub(super) async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::
     stack.start_orchestrator().await?;
     wait_folded(&client, last, Duration::from_secs(900)).await?;
     let from_snapshot = t.elapsed().as_secs_f64();
+    // What is left for keysync: the same stream read whole by a bare
+    // consumer, in the same run, with no orchestrator running (an active
+    // one's auditor and lifecycle mirror read the stream too).
+    stack.kill_orchestrator();
+    let (bare, bare_cpu) = bare_read(&client).await?;
     stack.shutdown().await;
     Ok(json!({
         "events": n,
@@ -313,7 +315,12 @@ async fn bare_read(client: &Client) -> anyhow::Result<(f64, Option<f64>)> {
     let mut messages = consumer.messages().await?;
     while let Some(msg) = messages.next().await {
         let msg = msg?;
-        if msg.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence >= last {
+        if msg
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .stream_sequence
+            >= last
+        {
             break;
         }
     }
