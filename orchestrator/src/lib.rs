@@ -36,6 +36,7 @@ pub mod checkpoint;
 pub mod decide;
 pub mod duplicates;
 pub mod executor;
+pub mod feed;
 pub mod heartbeats;
 pub mod intake;
 pub mod inventory;
@@ -114,9 +115,6 @@ pub struct Config {
 /// Default most publishes in flight.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
 
-/// Most events taken from the consumer at once.
-const EVENT_BATCH: usize = 128;
-
 /// Event handling slower than this is logged.
 const SLOW_EVENT: Duration = Duration::from_millis(200);
 
@@ -165,8 +163,9 @@ struct Orchestrator {
     /// Foreign messages the auditor and the lease skipped, to be counted
     /// by the loop (it owns the counters).
     side_rejections: audit::Report,
-    /// The replay's runs vouched for by checkpoints read ahead.
-    replay: checkpoint::Replay<(jetstream::Message, EventMeta, u64)>,
+    /// Events folded vouched for by checkpoints read ahead (the feed
+    /// holds their runs and checks their chains).
+    vouched: u64,
     /// Places checkpoints in the log (and refuses mismatched ones).
     judge: checkpoint::Judge,
     /// The run this process chains, checkpointed while it is active.
@@ -267,9 +266,25 @@ pub async fn run(
             ..Default::default()
         })
         .await?;
-    // In batches of whatever is ready: a replay's signatures are checked
-    // in parallel before the batch is folded in order.
-    let mut messages = consumer.messages().await?.ready_chunks(EVENT_BATCH);
+    // Checkpoints stored before the replay's end: runs it checks with one
+    // signature each (decision 22).
+    let vouchers = read_vouchers(
+        &events,
+        &config.subjects,
+        &config.identity.public_key(),
+        state.last_seq(),
+        replay_until,
+    )
+    .await;
+    let replay = checkpoint::Replay::new(vouchers);
+    // This process chains what comes after the last run vouched for (or
+    // after its snapshot), so that once active it checkpoints the rest.
+    let chain = checkpoint::Chain::new(replay.last_through().unwrap_or(0).max(state.last_seq()));
+    // In batches of whatever is ready, read ahead, placed and held for
+    // their checkpoints on their own task (module `feed`): a replay's
+    // signatures are checked in parallel before the batch is folded in
+    // order.
+    let mut feed = feed::read_ahead(consumer.messages().await?, replay);
     let mut status_requests = nats
         .subscribe(config.subjects.orchestrator_status())
         .await?;
@@ -293,22 +308,8 @@ pub async fn run(
         &config.name,
         config.max_in_flight,
     );
-    // Checkpoints stored before the replay's end: runs it checks with one
-    // signature each (decision 22).
-    let vouchers = read_vouchers(
-        &events,
-        &config.subjects,
-        &config.identity.public_key(),
-        state.last_seq(),
-        replay_until,
-    )
-    .await;
-    let replay = checkpoint::Replay::new(vouchers);
-    // This process chains what comes after the last run vouched for (or
-    // after its snapshot), so that once active it checkpoints the rest.
-    let chain = checkpoint::Chain::new(replay.last_through().unwrap_or(0).max(state.last_seq()));
     let mut orch = Orchestrator {
-        replay,
+        vouched: 0,
         judge: checkpoint::Judge::default(),
         chain,
         checkpoint_rule: config.checkpoints,
@@ -406,15 +407,11 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                batch = messages.next() => {
+                ready = feed.recv() => {
                     let received = keysync_schemas::Timestamp::now().as_nanos();
-                    let batch = batch.ok_or_else(|| anyhow::anyhow!("event consumer ended"))?;
-                    let mut msgs = Vec::with_capacity(batch.len());
-                    for msg in batch {
-                        msgs.push(msg.map_err(|e| anyhow::anyhow!("event consumer failed: {e}"))?);
-                    }
+                    let ready = ready.ok_or_else(|| anyhow::anyhow!("event consumer ended"))??;
                     orch.executor.publisher.handling(Some(received));
-                    let folded = orch.on_events(msgs, started).await;
+                    let folded = orch.on_events(ready, started).await;
                     orch.executor.publisher.handling(None);
                     folded?;
                     orch.checkpoint_if_due().await?;
@@ -484,7 +481,7 @@ pub async fn run(
                 }
                 _ = stall_tick.tick() => {
                     // A run held whole for its checkpoint is progress too.
-                    let folded = orch.state.last_seq().max(orch.replay.last_held().unwrap_or(0));
+                    let folded = orch.state.last_seq().max(feed.last_held().unwrap_or(0));
                     if orch.progress.idle_since_last_check(folded) {
                         let stream_last = orch.events.info().await.map(|i| i.state.last_sequence).unwrap_or(0);
                         if stream_last > folded {
@@ -578,7 +575,8 @@ pub async fn run(
     if result.is_ok() && orch.active {
         lease.lock().await.release().await;
     }
-    drop(messages);
+    feed.stop();
+    drop(feed);
     if let Some(server) = metrics_server {
         server.abort();
     }
@@ -746,48 +744,22 @@ impl Orchestrator {
     }
 
     /// A batch from the event feed, folded in order.
-    async fn on_events(
-        &mut self,
-        msgs: Vec<jetstream::Message>,
-        started: Instant,
-    ) -> anyhow::Result<()> {
-        let result = self.fold_batch(msgs, started).await;
+    async fn on_events(&mut self, ready: feed::Ready, started: Instant) -> anyhow::Result<()> {
+        let result = self.fold_batch(ready, started).await;
         self.prom.levels(&self.state);
         result
     }
 
-    async fn fold_batch(
-        &mut self,
-        msgs: Vec<jetstream::Message>,
-        started: Instant,
-    ) -> anyhow::Result<()> {
-        // Runs a checkpoint covers are held until whole, then folded with
-        // their signatures vouched for (or checked, if the chain differs).
-        let mut ready = Vec::with_capacity(msgs.len());
-        if self.replay.is_done() {
-            for msg in msgs {
-                let (meta, pending) = intake::meta_of(&msg)?;
-                ready.push(((msg, meta, pending), checkpoint::Tag::Check));
-            }
-        } else {
-            for msg in msgs {
-                let (meta, pending) = intake::meta_of(&msg)?;
-                self.replay.push(
-                    meta.seq,
-                    pending,
-                    (msg, meta, pending),
-                    &mut ready,
-                    |seq, (m, _, _)| checkpoint::Stored {
-                        seq,
-                        subject: m.subject.as_str(),
-                        headers: m.headers.as_ref(),
-                        payload: &m.payload,
-                    },
-                );
-            }
-            for at in self.replay.take_mismatched() {
-                self.judge.mismatched(at);
-            }
+    async fn fold_batch(&mut self, ready: feed::Ready, started: Instant) -> anyhow::Result<()> {
+        // Runs a checkpoint covers were held by the feed until whole, and
+        // come with their signatures vouched for (or to be checked, if the
+        // chain differs: their checkpoints are marked mismatched first).
+        let feed::Ready {
+            events: ready,
+            mismatched,
+        } = ready;
+        for at in mismatched {
+            self.judge.mismatched(at);
         }
         // Only a replay's backlog is worth both cores: once caught up, the
         // other processes need them.
@@ -806,7 +778,10 @@ impl Orchestrator {
         for ((msg, meta, pending), tag) in ready {
             self.unfolded = pending;
             let verified = match tag {
-                checkpoint::Tag::Vouched => keysync_security::Verified::Vouched,
+                checkpoint::Tag::Vouched => {
+                    self.vouched += 1;
+                    keysync_security::Verified::Vouched
+                }
                 checkpoint::Tag::Check => verified.next().flatten().map_or(
                     keysync_security::Verified::No,
                     keysync_security::Verified::With,
@@ -820,7 +795,7 @@ impl Orchestrator {
                 tracing::info!(
                     events = self.state.last_seq(),
                     keys = self.state.key_count(),
-                    vouched_by_checkpoints = self.replay.vouched(),
+                    vouched_by_checkpoints = self.vouched,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "replay done"
                 );

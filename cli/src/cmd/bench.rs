@@ -276,6 +276,11 @@ pub(super) async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::
     stack.start_orchestrator().await?;
     wait_folded(&client, last, Duration::from_secs(900)).await?;
     let from_snapshot = t.elapsed().as_secs_f64();
+    // What is left for keysync: the same stream read whole by a bare
+    // consumer, in the same run, with no orchestrator running (an active
+    // one's auditor and lifecycle mirror read the stream too).
+    stack.kill_orchestrator();
+    let (bare, bare_cpu) = bare_read(&client).await?;
     stack.shutdown().await;
     Ok(json!({
         "events": n,
@@ -284,7 +289,46 @@ pub(super) async fn recovery(cli: &Cli, n: usize) -> anyhow::Result<serde_json::
         "seconds_from_snapshot": (from_snapshot * 100.0).round() / 100.0,
         "orchestrator_rss_mb": rss.map(|b| b / (1024 * 1024)),
         "orchestrator_cpu_us_per_event_full_replay": cpu.map(|c| (c * 1e6 / n as f64 * 10.0).round() / 10.0),
+        "seconds_bare_consumer": (bare * 100.0).round() / 100.0,
+        "bare_consumer_cpu_us_per_event": bare_cpu.map(|c| (c * 1e6 / n as f64 * 10.0).round() / 10.0),
     }))
+}
+
+/// The floor of a full replay: the events stream read whole, from its
+/// first event to its last, by a bare async-nats ordered pull consumer
+/// on the orchestrator's filter (what the orchestrator's replay reads),
+/// with no keysync code per message beyond counting it. Seconds, and the
+/// CPU this process spent meanwhile (the reader is the only thing it
+/// does then).
+async fn bare_read(client: &Client) -> anyhow::Result<(f64, Option<f64>)> {
+    let js = jetstream::new(client.nats().clone());
+    let mut events = js.get_stream(client.subjects().events_stream()).await?;
+    let last = events.info().await?.state.last_sequence;
+    let consumer = events
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: client.subjects().events_all(),
+            ..Default::default()
+        })
+        .await?;
+    let cpu_before = super::bench_memory::cpu_seconds(std::process::id());
+    let t = Instant::now();
+    let mut messages = consumer.messages().await?;
+    while let Some(msg) = messages.next().await {
+        let msg = msg?;
+        if msg
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .stream_sequence
+            >= last
+        {
+            break;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = super::bench_memory::cpu_seconds(std::process::id())
+        .zip(cpu_before)
+        .map(|(a, b)| a - b);
+    Ok((secs, cpu))
 }
 
 /// Sync latency and throughput at each cluster size.

@@ -280,6 +280,11 @@ pub(super) async fn only(
             r["orchestrator_rss_mb"],
             r["seconds_from_snapshot"]
         );
+        outln!(
+            "  recovery floor: the same stream read whole by a bare async-nats ordered consumer in {} s ({} µs of CPU an event)",
+            r["seconds_bare_consumer"],
+            r["bare_consumer_cpu_us_per_event"]
+        );
     }
     print(&doc["memory"])?;
     super::bench_cluster::print(&doc["cluster"])?;
