@@ -312,16 +312,20 @@ async fn bare_read(client: &Client) -> anyhow::Result<(f64, Option<f64>)> {
         .await?;
     let cpu_before = super::bench_memory::cpu_seconds(std::process::id());
     let t = Instant::now();
-    let mut messages = consumer.messages().await?;
-    while let Some(msg) = messages.next().await {
-        let msg = msg?;
-        if msg
-            .info()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .stream_sequence
-            >= last
-        {
-            break;
+    // Taken as the orchestrator's feed takes them, in ready batches of up
+    // to 128: one wake a batch, not one a message.
+    let mut batches = consumer.messages().await?.ready_chunks(128);
+    'read: while let Some(batch) = batches.next().await {
+        for msg in batch {
+            let msg = msg?;
+            if msg
+                .info()
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .stream_sequence
+                >= last
+            {
+                break 'read;
+            }
         }
     }
     let secs = t.elapsed().as_secs_f64();
