@@ -1019,11 +1019,7 @@ pub async fn run(cli: &Cli, args: &Args) -> anyhow::Result<()> {
     super::bench_memory::print_orchestrator(b)?;
     super::bench_memory::print(&doc["memory"])?;
     super::bench_cluster::print(&doc["cluster"])?;
-    let r = &doc["recovery"];
-    outln!(
-        "  recovery: orchestrator restart over {} events folded in {} s from the log alone ({} events/s, {} MB resident); {} s from its snapshot",
-        r["events"], r["seconds_full_replay"], r["events_per_s"], r["orchestrator_rss_mb"], r["seconds_from_snapshot"]
-    );
+    super::bench_memory::print_recovery(&doc["recovery"])?;
     let m = &doc["pkcs11_module"];
     if !m.is_null() {
         outln!(
