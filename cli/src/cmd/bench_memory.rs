@@ -289,6 +289,29 @@ pub(super) fn print_orchestrator(bootstrap: &serde_json::Value) -> std::io::Resu
     Ok(())
 }
 
+/// The recovery rows (full replay, from the snapshot, and the bare
+/// consumer's floor), if measured.
+pub(super) fn print_recovery(r: &serde_json::Value) -> anyhow::Result<()> {
+    if r.is_null() {
+        return Ok(());
+    }
+    outln!(
+        "  recovery: {} events folded in {} s from the log alone ({} events/s, {} µs of orchestrator CPU an event, {} MB resident); {} s from its snapshot",
+        r["events"],
+        r["seconds_full_replay"],
+        r["events_per_s"],
+        r["orchestrator_cpu_us_per_event_full_replay"],
+        r["orchestrator_rss_mb"],
+        r["seconds_from_snapshot"]
+    );
+    outln!(
+        "  recovery floor: the same stream read whole by a bare async-nats ordered consumer in {} s ({} µs of CPU an event)",
+        r["seconds_bare_consumer"],
+        r["bare_consumer_cpu_us_per_event"]
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,27 +347,4 @@ mod tests {
         assert_eq!(per_key(Some(3000), Some(1000), 10), Some(-200.0));
         assert_eq!(per_key(None, Some(1000), 10), None);
     }
-}
-
-/// The recovery rows (full replay, from the snapshot, and the bare
-/// consumer's floor), if measured.
-pub(super) fn print_recovery(r: &serde_json::Value) -> anyhow::Result<()> {
-    if r.is_null() {
-        return Ok(());
-    }
-    outln!(
-        "  recovery: {} events folded in {} s from the log alone ({} events/s, {} µs of orchestrator CPU an event, {} MB resident); {} s from its snapshot",
-        r["events"],
-        r["seconds_full_replay"],
-        r["events_per_s"],
-        r["orchestrator_cpu_us_per_event_full_replay"],
-        r["orchestrator_rss_mb"],
-        r["seconds_from_snapshot"]
-    );
-    outln!(
-        "  recovery floor: the same stream read whole by a bare async-nats ordered consumer in {} s ({} µs of CPU an event)",
-        r["seconds_bare_consumer"],
-        r["bare_consumer_cpu_us_per_event"]
-    );
-    Ok(())
 }
