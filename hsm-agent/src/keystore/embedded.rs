@@ -1188,15 +1188,7 @@ impl Keystore for EmbeddedKeystore {
             return Ok(());
         }
         self.with_db(|db| {
-            let mut txn = db.begin_write().map_err(|e| self.db_err(e))?;
-            // Without an fsync of its own: an entry forgotten here and lost
-            // in a crash is published again and recognised as ours (the
-            // outbox's contract), and the next create's or clone's commit,
-            // or closing the store, makes this durable. With one key at a
-            // time this fsync was one in three of an agent's, on the disk
-            // the other agents' applies wait on.
-            txn.set_durability(redb::Durability::None)
-                .map_err(storage)?;
+            let txn = db.begin_write().map_err(|e| self.db_err(e))?;
             {
                 let mut ob = txn.open_table(OUTBOX).map_err(|e| self.db_err(e))?;
                 for id in ids {
