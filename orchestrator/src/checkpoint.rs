@@ -299,7 +299,6 @@ pub struct Replay<T> {
     vouchers: std::collections::VecDeque<Voucher>,
     held: Vec<(u64, T)>,
     mismatched: Vec<u64>,
-    vouched: u64,
 }
 
 impl<T> Default for Replay<T> {
@@ -308,7 +307,6 @@ impl<T> Default for Replay<T> {
             vouchers: Default::default(),
             held: Vec::new(),
             mismatched: Vec::new(),
-            vouched: 0,
         }
     }
 }
@@ -347,11 +345,6 @@ impl<T> Replay<T> {
     /// a consumer that stopped delivering.
     pub fn last_held(&self) -> Option<u64> {
         self.held.last().map(|(s, _)| *s)
-    }
-
-    /// Events folded vouched for so far.
-    pub fn vouched(&self) -> u64 {
-        self.vouched
     }
 
     /// The next message, at `seq`, with `pending` more after it on the
@@ -411,7 +404,6 @@ impl<T> Replay<T> {
         let listed: HashSet<u64> = v.cp.rejected.iter().map(|(s, _)| *s).collect();
         for (seq, m) in held {
             let tag = if ok && !listed.contains(&seq) {
-                self.vouched += 1;
                 Tag::Vouched
             } else {
                 Tag::Check

@@ -891,14 +891,7 @@ impl Orchestrator {
                 return Ok(());
             }
         };
-        let rejoined = match &event {
-            Event::HsmJoined(j) => self
-                .state
-                .member_index(&j.hsm)
-                .and_then(|i| self.state.member_at(i))
-                .is_some_and(|m| !m.live),
-            _ => false,
-        };
+        let rejoined = self.state.is_rejoin(&event);
         let change = match self.state.apply(meta, &event) {
             Ok(change) => change,
             Err(rejection) => {

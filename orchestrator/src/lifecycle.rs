@@ -678,13 +678,7 @@ fn judge(
             return None;
         }
     };
-    let was_failed = match &event {
-        Event::HsmJoined(j) => state
-            .member_index(&j.hsm)
-            .and_then(|i| state.member_at(i))
-            .is_some_and(|m| !m.live),
-        _ => false,
-    };
+    let was_failed = state.is_rejoin(&event);
     state.apply(meta, &event).ok().map(|_| (event, was_failed))
 }
 

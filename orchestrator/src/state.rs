@@ -782,6 +782,19 @@ impl ClusterState {
         self.members.get(idx as usize)
     }
 
+    /// Whether `event` is an `HsmJoined` of a member this state says is
+    /// failed (the lifecycle stream calls that `hsm.recovered`): asked
+    /// before the event is applied.
+    pub fn is_rejoin(&self, event: &Event) -> bool {
+        match event {
+            Event::HsmJoined(j) => self
+                .member_index(&j.hsm)
+                .and_then(|i| self.member_at(i))
+                .is_some_and(|m| !m.live),
+            _ => false,
+        }
+    }
+
     /// One key (live or tombstone).
     pub fn key(&self, id: &KeyId) -> Option<&KeyState> {
         self.keys.get(id)
